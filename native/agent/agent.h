@@ -1,0 +1,181 @@
+/* clade guest agent: shared definitions. docs/protocol.md is the specification. */
+#ifndef CLADE_AGENT_H
+#define CLADE_AGENT_H
+
+#include <limits.h>
+#include <poll.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#define AGENT_VERSION "0.1.0"
+#define PROTO_VERSION 1
+
+#define HDR_LEN 16
+#define FRAME_MAX (1024u * 1024u)
+#define TOKEN_LEN 32
+#define TRUNCATED_MS 2000 /* a partial frame with no progress for this long is dropped */
+
+#define MAX_EXECS 64
+#define MAX_WRITES 16
+#define MAX_ARGV 4096
+#define MAX_ENV 4096
+#define OUT_CHUNK (64 * 1024)   /* largest STDOUT/STDERR frame */
+#define FILE_CHUNK (256 * 1024) /* largest FILE_DATA frame */
+#define SANDBOX_ID_MAX 255
+
+enum msg_type {
+	T_HELLO = 0x01,
+	T_EXEC = 0x02,
+	T_STDIN = 0x03,
+	T_SIGNAL = 0x04,
+	T_READ_FILE = 0x05,
+	T_WRITE_OPEN = 0x06,
+	T_WRITE_DATA = 0x07,
+	T_WRITE_CLOSE = 0x08,
+	T_LIST = 0x09,
+	T_STAT = 0x0a,
+	T_MKDIR = 0x0b,
+	T_REMOVE = 0x0c,
+	T_SHUTDOWN = 0x0d,
+	T_FORK_FIXUP = 0x0e,
+	T_OK = 0x80,
+	T_ERROR = 0x81,
+	T_STDOUT = 0x82,
+	T_STDERR = 0x83,
+	T_EXIT = 0x84,
+	T_FILE_DATA = 0x85,
+};
+
+enum tag {
+	F_ARGV = 1,
+	F_SHELL,
+	F_ENV,
+	F_CWD,
+	F_TIMEOUT_MS,
+	F_STDIN_OPEN,
+	F_PID,
+	F_EXIT_CODE,
+	F_SIGNAL,
+	F_TIMED_OUT,
+	F_TARGET,
+	F_PATH,
+	F_MODE,
+	F_SIZE,
+	F_TYPE,
+	F_MTIME_MS,
+	F_NAME,
+	F_ENTRY,
+	F_RECURSIVE,
+	F_CODE,
+	F_MESSAGE,
+	F_ERRNO,
+	F_PROTO_VERSION,
+	F_AGENT_VERSION,
+	F_SEED,
+	F_TIME_NS,
+	F_HOSTNAME,
+	F_SANDBOX_ID,
+	F_NEW_TOKEN,
+	F_TRUNCATED,
+	F_CREATED,
+	F_UPTIME_MS,
+	F_TAG_MAX = F_UPTIME_MS,
+};
+
+/* A decoded host request. Strings point into the frame buffer, NUL-terminated in place. */
+struct req {
+	uint8_t type;
+	uint32_t id;
+	const uint8_t *raw; /* body after the token (raw-byte messages) */
+	size_t raw_len;
+	bool has[F_TAG_MAX + 1];
+	const uint8_t *val[F_TAG_MAX + 1];
+	uint32_t len[F_TAG_MAX + 1];
+	uint64_t num[F_TAG_MAX + 1]; /* decoded u64 fields */
+	size_t argc, envc;
+	const char *argv[MAX_ARGV + 1];
+	const char *env[MAX_ENV + 1];
+};
+
+#define REQ_STR(r, tag) ((const char *)(r)->val[tag])
+
+/* Process-wide state. */
+struct agent {
+	bool pid1;        /* real guest init (else development mode on a given fd) */
+	int port_fd;      /* the byte stream to the host */
+	bool connected;   /* false while the host end is closed */
+	int sig_fd;       /* signalfd for SIGCHLD (and SIGTERM/SIGINT in development mode) */
+	int log_fd;       /* /dev/console as init, else stderr */
+	uint8_t token[TOKEN_LEN];
+	char sandbox_id[SANDBOX_ID_MAX + 1];
+	char default_cwd[PATH_MAX];
+};
+extern struct agent g;
+
+/* Outgoing field list, built in the shared output buffer. */
+struct body {
+	uint8_t *p;
+	size_t len;
+};
+
+/* main.c */
+void log_msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int64_t now_ms(void);
+
+/* wire.c */
+void parser_feed(const uint8_t *p, size_t n);
+int64_t parser_deadline(void);
+void parser_check_timeout(int64_t now);
+void parser_reset(void);
+void dispatch_frame(uint8_t type, uint32_t id, uint8_t *payload, size_t len); /* in main.c */
+bool req_parse(struct req *r, uint8_t *p, size_t n, char *why, size_t whylen);
+uint8_t *out_buffer(void); /* FRAME_MAX bytes for a body being built */
+void body_start(struct body *b);
+bool body_fits(const struct body *b, size_t value_len);
+void body_put(struct body *b, uint16_t tag, const void *v, size_t n);
+void body_u64(struct body *b, uint16_t tag, uint64_t v);
+void body_str(struct body *b, uint16_t tag, const char *s);
+size_t body_open(struct body *b, uint16_t tag);
+void body_close(struct body *b, size_t at);
+void send_frame(uint8_t type, uint32_t id, const void *body, size_t len);
+void send_body(uint8_t type, uint32_t id, const struct body *b);
+void send_ok_empty(uint32_t id);
+void send_error(uint32_t id, const char *code, int err, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+void send_errno(uint32_t id, int err, const char *what, const char *path);
+const char *errno_code(int err);
+
+/* exec.c */
+void exec_start(const struct req *r);
+void exec_stdin(const struct req *r);
+void exec_signal(const struct req *r);
+size_t exec_pollfds(struct pollfd *pfd, size_t max);
+void exec_handle_poll(const struct pollfd *pfd, size_t n);
+bool exec_reap(void);
+int64_t exec_deadline(void);
+void exec_check_timeouts(int64_t now);
+void exec_kill_all(int sig);
+
+/* files.c */
+bool path_resolve(const char *in, char out[PATH_MAX]);
+void file_read(const struct req *r);
+void file_write_open(const struct req *r);
+void file_write_data(const struct req *r);
+void file_write_close(const struct req *r);
+void file_list(const struct req *r);
+void file_stat(const struct req *r);
+void file_mkdir(const struct req *r);
+void file_remove(const struct req *r);
+void files_abort_writes(void);
+
+/* boot.c */
+void boot_pid1(void);
+void boot_fill_std_fds(void);
+int boot_open_port(void);
+void boot_credit_entropy(const uint8_t *seed, size_t len);
+void boot_power_off(void) __attribute__((noreturn));
+bool parse_token_hex(const char *hex, uint8_t out[TOKEN_LEN]);
+
+#endif

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Sets clade up on this machine, idempotently: the Debian packages it needs
+# (installed when run as root, otherwise printed as a command to run), npm
+# dependencies, the native programs, the TypeScript build, and the default
+# guest image (cached by content digest, so a second run is quick).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+command -v dpkg-deb >/dev/null || missing+=(dpkg)
+command -v gcc >/dev/null || missing+=(gcc)
+command -v make >/dev/null || missing+=(make)
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: clade needs these Debian packages; run:" >&2
+    echo "  sudo apt-get update && sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  echo "setup: installing npm dependencies"
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
+echo "setup: building native programs and TypeScript"
+make -s -C native/agent
+make -s -C native/kvm-probe
+npx tsc -p tsconfig.json
+
+node bin/clade.js image build

@@ -1,0 +1,435 @@
+import { connect, type Socket } from 'node:net';
+import { CladeError, errorMessage } from '../core/errors.js';
+import { MAX_PAYLOAD, MessageType, Tag, TOKEN_SIZE } from './constants.js';
+import { FieldReader, FieldWriter } from './fields.js';
+import { encodeHostFrame, FrameDecoder, type Frame } from './frame.js';
+
+/** Biggest chunk of file data sent in one WRITE_DATA frame (leaves room for the token). */
+const WRITE_CHUNK = 512 * 1024;
+
+export type ExecRequest = {
+  argv?: string[];
+  shell?: string;
+  env?: Record<string, string>;
+  cwd?: string;
+  timeoutMs?: number;
+  stdin?: boolean;
+};
+
+export type ExecExit = { exitCode: number; signal?: number; timedOut: boolean };
+
+export type ExecHandlers = {
+  onStdout?: (data: Buffer) => void;
+  onStderr?: (data: Buffer) => void;
+};
+
+/** A running command in the guest. */
+export type ExecHandle = {
+  id: number;
+  pid: number;
+  exited: Promise<ExecExit>;
+  writeStdin(data: Buffer | string): void;
+  closeStdin(): void;
+  signal(sig: number): Promise<void>;
+};
+
+export type FileEntry = { name: string; type: 'file' | 'dir' | 'symlink' | 'other'; size: number; mode: number; mtimeMs: number };
+
+type Pending = {
+  onFrame: (frame: Frame) => void;
+  onClose: (err: CladeError) => void;
+};
+
+/**
+ * The host end of one sandbox's agent channel: a unix socket that QEMU bridges to
+ * the guest's virtio-serial port. Requests are multiplexed by id; everything the
+ * guest sends is decoded with the protocol's size limits.
+ */
+export class AgentClient {
+  private socket?: Socket;
+  private readonly pending = new Map<number, Pending>();
+  private nextId = 1;
+  private closedError?: CladeError;
+  private token: Buffer;
+  /** Protocol violations seen from the guest; surfaced for diagnostics and tests. */
+  readonly violations: string[] = [];
+  private readonly decoder = new FrameDecoder({
+    frame: (f) => this.pending.get(f.id)?.onFrame(f),
+    violation: (kind, id, detail) => {
+      this.violations.push(`${kind}: ${detail}`);
+      const p = this.pending.get(id);
+      if (p && id !== 0) p.onClose(new CladeError('protocol_error', `the guest broke the agent protocol: ${detail}`));
+    },
+  });
+
+  constructor(token: Buffer) {
+    if (token.length !== TOKEN_SIZE) throw new CladeError('internal', 'agent token must be 32 bytes');
+    this.token = Buffer.from(token);
+  }
+
+  /** Connects to the socket QEMU serves, retrying while QEMU is still starting. */
+  async connect(path: string, deadline: number, isAlive: () => boolean = () => true): Promise<void> {
+    for (;;) {
+      try {
+        this.attach(await openSocket(path));
+        return;
+      } catch (err) {
+        if (!isAlive()) throw new CladeError('boot_failed', 'the VM process exited before its agent channel opened');
+        if (Date.now() > deadline) throw new CladeError('timeout', `could not connect to the agent socket ${path}: ${errorMessage(err)}`);
+        await sleep(5);
+      }
+    }
+  }
+
+  /**
+   * Moves the channel to another VM process of the same guest (after a fork the
+   * parent continues in a new process). Requests in flight stay pending: the
+   * guest's replies now come through the new socket.
+   */
+  async rebind(path: string, deadline: number): Promise<void> {
+    const old = this.socket;
+    this.socket = undefined;
+    old?.removeAllListeners('close');
+    old?.destroy();
+    await this.connect(path, deadline);
+  }
+
+  /** Where the next request id starts; a forked guest's agent may still use lower ones. */
+  get idCursor(): number {
+    return this.nextId;
+  }
+
+  set idCursor(next: number) {
+    this.nextId = Math.max(1, next);
+  }
+
+  /** Takes over a command started by an ancestor sandbox (the forked interpreter). */
+  adopt(id: number, handlers: ExecHandlers & { onExit?: (e: ExecExit) => void; onClose?: (e: CladeError) => void }): void {
+    this.pending.set(id, {
+      onFrame: (f) => {
+        if (f.type === MessageType.STDOUT) handlers.onStdout?.(f.payload);
+        else if (f.type === MessageType.STDERR) handlers.onStderr?.(f.payload);
+        else if (f.type === MessageType.EXIT) {
+          this.pending.delete(id);
+          const r = new FieldReader(f.payload);
+          handlers.onExit?.({ exitCode: r.i64(Tag.EXIT_CODE) ?? -1, timedOut: r.u64(Tag.TIMED_OUT) === 1 });
+        }
+      },
+      onClose: (err) => {
+        this.pending.delete(id);
+        handlers.onClose?.(err);
+      },
+    });
+  }
+
+  /** Sends data to a command's stdin by its exec id. */
+  async writeStdinTo(id: number, data: Buffer): Promise<void> {
+    for (let off = 0; off < data.length; off += WRITE_CHUNK) await this.send(MessageType.STDIN, id, data.subarray(off, off + WRITE_CHUNK));
+  }
+
+  private attach(socket: Socket): void {
+    this.socket = socket;
+    socket.on('data', (chunk: Buffer) => {
+      if (this.socket === socket) this.decoder.push(chunk);
+    });
+    socket.on('error', () => undefined);
+    socket.on('close', () => {
+      if (this.socket === socket) this.failAll(new CladeError('killed', 'the agent channel closed (the sandbox stopped)'));
+    });
+  }
+
+  /** Sends HELLO until the agent answers: the sandbox is ready when this resolves. */
+  async waitReady(deadline: number, isAlive: () => boolean = () => true): Promise<FieldReader> {
+    for (;;) {
+      if (!isAlive()) throw new CladeError('boot_failed', 'the VM exited before its agent answered');
+      const remaining = deadline - Date.now();
+      if (remaining <= 0) throw new CladeError('timeout', 'the guest agent did not answer before the boot timeout');
+      try {
+        return await this.request(MessageType.HELLO, undefined, Math.min(500, remaining));
+      } catch (err) {
+        if (err instanceof CladeError && err.code === 'timeout') continue;
+        throw err;
+      }
+    }
+  }
+
+  setToken(token: Buffer): void {
+    this.token = Buffer.from(token);
+  }
+
+  /** Sends one request and resolves with the fields of its OK reply. */
+  request(type: number, body?: FieldWriter, timeoutMs = 30_000): Promise<FieldReader> {
+    return new Promise((resolve, reject) => {
+      const id = this.allocId();
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new CladeError('timeout', `the agent did not answer within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.pending.set(id, {
+        onFrame: (f) => {
+          if (f.type !== MessageType.OK && f.type !== MessageType.ERROR) return;
+          clearTimeout(timer);
+          this.pending.delete(id);
+          settleReply(f, resolve, reject);
+        },
+        onClose: (err) => {
+          clearTimeout(timer);
+          this.pending.delete(id);
+          reject(err);
+        },
+      });
+      this.send(type, id, body?.toBuffer()).catch((err) => this.pending.get(id)?.onClose(asCladeError(err)));
+    });
+  }
+
+  async exec(req: ExecRequest, handlers: ExecHandlers = {}): Promise<ExecHandle> {
+    const body = new FieldWriter();
+    if (req.argv) for (const a of req.argv) body.str(Tag.ARGV, a);
+    else if (req.shell !== undefined) body.str(Tag.SHELL, req.shell);
+    else throw new CladeError('bad_request', 'exec needs a command');
+    for (const [k, v] of Object.entries(req.env ?? {})) {
+      if (k.length === 0 || k.includes('=')) throw new CladeError('bad_request', `invalid environment variable name ${JSON.stringify(k)}`);
+      body.str(Tag.ENV, `${k}=${v}`);
+    }
+    if (req.cwd !== undefined) body.str(Tag.CWD, req.cwd);
+    if (req.timeoutMs) body.u64(Tag.TIMEOUT_MS, Math.ceil(req.timeoutMs));
+    body.u64(Tag.STDIN_OPEN, req.stdin ? 1 : 0);
+
+    const id = this.allocId();
+    let resolveExit!: (e: ExecExit) => void;
+    let rejectExit!: (e: CladeError) => void;
+    const exited = new Promise<ExecExit>((res, rej) => ((resolveExit = res), (rejectExit = rej)));
+    exited.catch(() => undefined);
+    const started = new Promise<number>((resolveStart, rejectStart) => {
+      let pid: number | undefined;
+      this.pending.set(id, {
+        onFrame: (f) => {
+          switch (f.type) {
+            case MessageType.OK:
+              pid = new FieldReader(f.payload).u64(Tag.PID) ?? 0;
+              resolveStart(pid);
+              break;
+            case MessageType.ERROR:
+              this.pending.delete(id);
+              rejectStart(agentError(f.payload));
+              break;
+            case MessageType.STDOUT:
+              handlers.onStdout?.(f.payload);
+              break;
+            case MessageType.STDERR:
+              handlers.onStderr?.(f.payload);
+              break;
+            case MessageType.EXIT: {
+              this.pending.delete(id);
+              const r = new FieldReader(f.payload);
+              const signal = r.u64(Tag.SIGNAL);
+              resolveExit({ exitCode: r.i64(Tag.EXIT_CODE) ?? -1, timedOut: r.u64(Tag.TIMED_OUT) === 1, ...(signal ? { signal } : {}) });
+              break;
+            }
+          }
+        },
+        onClose: (err) => {
+          this.pending.delete(id);
+          if (pid === undefined) rejectStart(err);
+          rejectExit(err);
+        },
+      });
+    });
+    try {
+      await this.send(MessageType.EXEC, id, body.toBuffer());
+    } catch (err) {
+      this.pending.delete(id);
+      throw err;
+    }
+    const pid = await started;
+    return {
+      id,
+      pid,
+      exited,
+      writeStdin: (data) => {
+        const buf = typeof data === 'string' ? Buffer.from(data) : data;
+        for (let off = 0; off < buf.length; off += WRITE_CHUNK) {
+          void this.send(MessageType.STDIN, id, buf.subarray(off, off + WRITE_CHUNK)).catch(() => undefined);
+        }
+      },
+      closeStdin: () => void this.send(MessageType.STDIN, id, Buffer.alloc(0)).catch(() => undefined),
+      signal: async (sig) => {
+        await this.request(MessageType.SIGNAL, new FieldWriter().u64(Tag.TARGET, id).u64(Tag.SIGNAL, sig));
+      },
+    };
+  }
+
+  async readFile(path: string, onChunk?: (chunk: Buffer) => void): Promise<Buffer> {
+    const chunks: Buffer[] = [];
+    const id = this.allocId();
+    const done = new Promise<void>((resolve, reject) => {
+      this.pending.set(id, {
+        onFrame: (f) => {
+          if (f.type === MessageType.FILE_DATA) {
+            if (onChunk) onChunk(f.payload);
+            else chunks.push(f.payload);
+            return;
+          }
+          this.pending.delete(id);
+          settleReply(f, () => resolve(), reject);
+        },
+        onClose: (err) => {
+          this.pending.delete(id);
+          reject(err);
+        },
+      });
+    });
+    await this.send(MessageType.READ_FILE, id, new FieldWriter().str(Tag.PATH, path).toBuffer());
+    await done;
+    return Buffer.concat(chunks);
+  }
+
+  async writeFile(path: string, data: Buffer, mode?: number): Promise<number> {
+    const open = new FieldWriter().str(Tag.PATH, path);
+    if (mode !== undefined) open.u64(Tag.MODE, mode);
+    const id = this.allocId();
+    const reply = (timeoutMs: number) =>
+      new Promise<FieldReader>((resolve, reject) => {
+        const timer = setTimeout(() => {
+          this.pending.delete(id);
+          reject(new CladeError('timeout', `the agent did not answer within ${timeoutMs} ms`));
+        }, timeoutMs);
+        this.pending.set(id, {
+          onFrame: (f) => {
+            clearTimeout(timer);
+            this.pending.delete(id);
+            settleReply(f, resolve, reject);
+          },
+          onClose: (err) => {
+            clearTimeout(timer);
+            this.pending.delete(id);
+            reject(err);
+          },
+        });
+      });
+    const opened = reply(30_000);
+    await this.send(MessageType.WRITE_OPEN, id, open.toBuffer());
+    await opened;
+    for (let off = 0; off < data.length; off += WRITE_CHUNK) {
+      await this.send(MessageType.WRITE_DATA, id, data.subarray(off, off + WRITE_CHUNK));
+    }
+    const closed = reply(120_000);
+    await this.send(MessageType.WRITE_CLOSE, id);
+    return (await closed).u64(Tag.SIZE) ?? data.length;
+  }
+
+  async list(path: string): Promise<{ entries: FileEntry[]; truncated: boolean }> {
+    const r = await this.request(MessageType.LIST, new FieldWriter().str(Tag.PATH, path));
+    const entries = r.all(Tag.ENTRY).map((e) => toEntry(new FieldReader(e)));
+    return { entries, truncated: r.u64(Tag.TRUNCATED) === 1 };
+  }
+
+  async stat(path: string): Promise<FileEntry> {
+    return toEntry(await this.request(MessageType.STAT, new FieldWriter().str(Tag.PATH, path)));
+  }
+
+  async mkdir(path: string, mode?: number): Promise<boolean> {
+    const body = new FieldWriter().str(Tag.PATH, path);
+    if (mode !== undefined) body.u64(Tag.MODE, mode);
+    return (await this.request(MessageType.MKDIR, body)).u64(Tag.CREATED) === 1;
+  }
+
+  async remove(path: string, recursive = false): Promise<void> {
+    await this.request(MessageType.REMOVE, new FieldWriter().str(Tag.PATH, path).u64(Tag.RECURSIVE, recursive ? 1 : 0));
+  }
+
+  /** Sends raw bytes down the channel; tests use it to check the agent's defences. */
+  async sendRaw(bytes: Buffer): Promise<void> {
+    await this.write(bytes);
+  }
+
+  close(): void {
+    this.failAll(new CladeError('killed', 'the sandbox was killed'));
+    this.socket?.destroy();
+  }
+
+  private allocId(): number {
+    const id = this.nextId;
+    this.nextId = this.nextId >= 0xffff_fff0 ? 1 : this.nextId + 1;
+    return id;
+  }
+
+  private async send(type: number, id: number, body?: Buffer): Promise<void> {
+    await this.write(encodeHostFrame(type, id, this.token, body));
+  }
+
+  private write(bytes: Buffer): Promise<void> {
+    if (this.closedError) return Promise.reject(this.closedError);
+    const socket = this.socket;
+    if (!socket) return Promise.reject(new CladeError('unavailable', 'the agent channel is not connected'));
+    return new Promise((resolve, reject) => {
+      const ok = socket.write(bytes, (err) => (err ? reject(new CladeError('killed', `agent channel write failed: ${err.message}`)) : undefined));
+      if (ok) resolve();
+      else socket.once('drain', () => resolve());
+    });
+  }
+
+  private failAll(err: CladeError): void {
+    this.closedError ??= err;
+    for (const p of [...this.pending.values()]) p.onClose(err);
+    this.pending.clear();
+  }
+}
+
+function settleReply(f: Frame, resolve: (r: FieldReader) => void, reject: (e: CladeError) => void): void {
+  try {
+    if (f.type === MessageType.OK) resolve(new FieldReader(f.payload));
+    else if (f.type === MessageType.ERROR) reject(agentError(f.payload));
+    else reject(new CladeError('protocol_error', `agent sent message type ${f.type} where a reply was expected`));
+  } catch (err) {
+    reject(asCladeError(err));
+  }
+}
+
+/** Turns an ERROR frame into a CladeError that keeps the agent's code. */
+export function agentError(payload: Buffer): CladeError {
+  let r: FieldReader;
+  try {
+    r = new FieldReader(payload);
+  } catch {
+    return new CladeError('protocol_error', 'agent sent a malformed error reply');
+  }
+  const agentCode = (r.str(Tag.CODE) ?? 'io').slice(0, 64);
+  const message = (r.str(Tag.MESSAGE) ?? 'the agent reported an error').slice(0, 4096);
+  const code = agentCode === 'not_found' ? 'not_found' : agentCode === 'auth' ? 'auth' : agentCode === 'too_large' ? 'too_large' : 'agent_error';
+  return new CladeError(code, message, { agentCode });
+}
+
+const TYPE_NAMES = { 1: 'file', 2: 'dir', 3: 'symlink' } as const;
+
+function toEntry(r: FieldReader): FileEntry {
+  const t = r.u64(Tag.TYPE) ?? 4;
+  return {
+    name: r.str(Tag.NAME) ?? '',
+    type: TYPE_NAMES[t as 1 | 2 | 3] ?? 'other',
+    size: r.u64(Tag.SIZE) ?? 0,
+    mode: r.u64(Tag.MODE) ?? 0,
+    mtimeMs: r.u64(Tag.MTIME_MS) ?? 0,
+  };
+}
+
+function asCladeError(err: unknown): CladeError {
+  return err instanceof CladeError ? err : new CladeError('internal', errorMessage(err), { cause: err });
+}
+
+function openSocket(path: string): Promise<Socket> {
+  return new Promise((resolve, reject) => {
+    const s = connect(path);
+    s.once('connect', () => {
+      s.removeAllListeners('error');
+      resolve(s);
+    });
+    s.once('error', reject);
+  });
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+export { MAX_PAYLOAD };

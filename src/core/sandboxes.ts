@@ -1,0 +1,289 @@
+import { randomBytes } from 'node:crypto';
+import { existsSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { AgentClient } from '../agent-protocol/client.js';
+import { Tag } from '../agent-protocol/constants.js';
+import type { EngineName, MachineShape } from '../engines/engine.js';
+import { QemuEngine, type QemuVm } from '../engines/qemu/qemu-engine.js';
+import { resolveImage } from '../images/store.js';
+import { CladeError, errorMessage } from './errors.js';
+import { ensurePrivateDir, homePaths, memoryDir } from './home.js';
+import type { Snapshot } from './snapshots.js';
+
+export type StartOptions = {
+  image?: string;
+  memoryMiB?: number;
+  cpus?: number;
+  env?: Record<string, string>;
+  /** How long to wait for the guest agent to answer (default 90 s; TCG boots take seconds). */
+  bootTimeoutMs?: number;
+  engine?: EngineName;
+};
+
+export const DEFAULTS = { memoryMiB: 1024, cpus: 1, bootTimeoutMs: 90_000 } as const;
+const LIMITS = { memoryMiB: [256, 16384], cpus: [1, 64] } as const;
+
+export const engine = new QemuEngine();
+
+/**
+ * A sandbox as the host sees it: its current VM process, the authenticated
+ * channel to its agent, and what it was made from. A fork replaces the VM
+ * process under a sandbox (the parent continues in a new one), so `vm` changes
+ * while the sandbox's identity, token and agent channel stay.
+ */
+export class LiveSandbox {
+  private killing?: Promise<void>;
+  private generation = 0;
+  /** The frozen snapshot this sandbox's RAM maps copy-on-write, if any. */
+  base?: Snapshot;
+  /** Exec id of the persistent Python interpreter, once started. */
+  interpreterExecId?: number;
+
+  constructor(
+    readonly id: string,
+    public vm: QemuVm,
+    readonly agent: AgentClient,
+    public token: Buffer,
+    readonly shape: MachineShape,
+    readonly env: Record<string, string>,
+    readonly createdAt: Date,
+    readonly bootMs: number,
+    readonly parentId?: string,
+  ) {
+    this.watch(vm);
+  }
+
+  get alive(): boolean {
+    return this.vm.alive() && !this.killing;
+  }
+
+  /** A fresh directory for the next VM process of this sandbox. */
+  nextRunDir(): string {
+    return ensurePrivateDir(join(sandboxDir(this.id), `vm-${++this.generation}`));
+  }
+
+  /** Puts the sandbox on another VM process (after a fork or promotion) and retires the old one. */
+  async replaceVm(next: QemuVm, base: Snapshot | undefined): Promise<void> {
+    const old = this.vm;
+    const oldBase = this.base;
+    this.vm = next;
+    this.base = base;
+    base?.retain();
+    this.watch(next);
+    await this.agent.rebind(next.agentSocket, Date.now() + 10_000);
+    void old.kill().then(() => oldBase?.release());
+  }
+
+  kill(): Promise<void> {
+    this.killing ??= (async () => {
+      this.agent.close();
+      await this.vm.kill();
+      rmSync(sandboxDir(this.id), { recursive: true, force: true });
+      live.delete(this.id);
+      this.base?.release();
+      this.base = undefined;
+    })();
+    return this.killing;
+  }
+
+  /** If the current VM dies on its own (crash, guest poweroff), the sandbox ends. */
+  private watch(vm: QemuVm): void {
+    void vm.exited.then(() => {
+      if (this.vm === vm && !this.killing) void this.kill();
+    });
+  }
+}
+
+const live = new Map<string, LiveSandbox>();
+
+export function liveSandboxes(): LiveSandbox[] {
+  return [...live.values()];
+}
+
+export function getLive(id: string): LiveSandbox {
+  const sb = live.get(id);
+  if (!sb) throw new CladeError('not_found', `no running sandbox ${JSON.stringify(id)} in this process`);
+  return sb;
+}
+
+export function registerLive(sb: LiveSandbox): void {
+  live.set(sb.id, sb);
+}
+
+export function newSandboxId(): string {
+  return 'sb-' + randomBytes(6).toString('hex');
+}
+
+export function sandboxDir(id: string): string {
+  return join(homePaths.sandboxes(), id);
+}
+
+export function checkEngine(name: EngineName | undefined): void {
+  if (name === 'vmm') throw new CladeError('unavailable', 'the vmm engine is not available in this build; use engine "qemu"');
+}
+
+export function resolveShape(opts: StartOptions): MachineShape {
+  return {
+    image: resolveImage(opts.image ?? 'default'),
+    memoryMiB: checkRange('memoryMiB', opts.memoryMiB ?? DEFAULTS.memoryMiB, LIMITS.memoryMiB),
+    cpus: checkRange('cpus', opts.cpus ?? DEFAULTS.cpus, LIMITS.cpus),
+  };
+}
+
+/** Boots a sandbox and returns once its agent has answered over the authenticated channel. */
+export async function startSandbox(opts: StartOptions = {}): Promise<LiveSandbox> {
+  checkEngine(opts.engine);
+  const shape = resolveShape(opts);
+  const bootTimeoutMs = opts.bootTimeoutMs ?? DEFAULTS.bootTimeoutMs;
+  installExitCleanup();
+  reapOrphans();
+
+  const id = newSandboxId();
+  const runDir = ensurePrivateDir(join(sandboxDir(id), 'vm-0'));
+  const token = randomBytes(32);
+  const started = Date.now();
+  let vm: QemuVm | undefined;
+  const agent = new AgentClient(token);
+  try {
+    const memoryFile = join(ensurePrivateDir(memoryDir()), `${id}.mem`);
+    vm = await engine.boot({ id, ...shape, token, hostname: id, runDir, memoryFile });
+    const deadline = started + bootTimeoutMs;
+    const isAlive = () => vm!.alive();
+    await agent.connect(vm.agentSocket, deadline, isAlive);
+    const hello = await agent.waitReady(deadline, isAlive);
+    if (hello.u64(Tag.PROTO_VERSION) !== 1) throw new CladeError('protocol_error', `the guest agent speaks protocol ${hello.u64(Tag.PROTO_VERSION)}, expected 1; rebuild the image`);
+  } catch (err) {
+    const detail = vm?.diagnostics();
+    agent.close();
+    if (vm) await vm.kill();
+    rmSync(sandboxDir(id), { recursive: true, force: true });
+    const base = err instanceof CladeError ? err : new CladeError('boot_failed', errorMessage(err), { cause: err });
+    throw new CladeError(base.code, `sandbox ${id} did not start: ${base.message}${detail ? `\n${detail}` : ''}`, { cause: err });
+  }
+  const sandbox = new LiveSandbox(id, vm, agent, token, shape, { ...(opts.env ?? {}) }, new Date(started), Date.now() - started);
+  live.set(id, sandbox);
+  return sandbox;
+}
+
+function checkRange(name: string, value: number, [min, max]: readonly [number, number]): number {
+  if (!Number.isInteger(value) || value < min || value > max) throw new CladeError('bad_request', `${name} must be an integer from ${min} to ${max}, got ${value}`);
+  return value;
+}
+
+let cleanupInstalled = false;
+const exitHooks: (() => void)[] = [];
+
+/** Registers synchronous cleanup to run when the process exits (pools, snapshots). */
+export function onProcessExit(hook: () => void): void {
+  exitHooks.push(hook);
+}
+
+/**
+ * Embedded sandboxes belong to this process: when it exits, or is interrupted
+ * by Ctrl-C or SIGTERM, their VMs are killed and their files removed.
+ */
+export function installExitCleanup(): void {
+  if (cleanupInstalled) return;
+  cleanupInstalled = true;
+  process.on('exit', killAllSync);
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+    if (process.listenerCount(sig) > 0) continue;
+    process.once(sig, () => {
+      killAllSync();
+      process.kill(process.pid, sig);
+    });
+  }
+}
+
+export function killAllSync(): void {
+  for (const sb of live.values()) {
+    killPidQuietly(sb.vm.pid);
+    rmSync(sandboxDir(sb.id), { recursive: true, force: true });
+    if (sb.vm.memory.shared) rmSync(sb.vm.memory.file, { force: true });
+  }
+  live.clear();
+  for (const hook of exitHooks.splice(0)) hook();
+}
+
+export function killPidQuietly(pid: number): void {
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    // Already gone.
+  }
+}
+
+/**
+ * Removes what a process that died without cleaning up (SIGKILL, power loss)
+ * left behind: VM processes whose owner is gone, their directories and RAM files.
+ */
+export function reapOrphans(): { killed: number; removed: number } {
+  const dir = homePaths.sandboxes();
+  let killed = 0;
+  let removed = 0;
+  if (!existsSync(dir)) return { killed, removed };
+  for (const id of readdirSync(dir)) {
+    if (live.has(id)) continue;
+    const sbDir = join(dir, id);
+    const vms = readdirSync(sbDir).filter((d) => d.startsWith('vm-'));
+    const metas = vms.map((v) => readVmMeta(join(sbDir, v, 'vm.json'))).filter((m): m is VmMeta => m !== undefined);
+    if (metas.length === 0) {
+      if (Date.now() - statSync(sbDir).mtimeMs > 120_000) (rmSync(sbDir, { recursive: true, force: true }), removed++);
+      continue;
+    }
+    if (metas.some((m) => processAlive(m.ownerPid))) continue;
+    for (const m of metas) {
+      if (isOurVm(m.pid, id)) (killPidQuietly(m.pid), killed++);
+      if (m.memory?.shared) rmSync(m.memory.file, { force: true });
+    }
+    rmSync(sbDir, { recursive: true, force: true });
+    removed++;
+  }
+  reapMemoryFiles();
+  return { killed, removed };
+}
+
+type VmMeta = { pid: number; ownerPid: number; memory?: { file: string; shared: boolean } };
+
+function readVmMeta(path: string): VmMeta | undefined {
+  try {
+    return JSON.parse(readFileSync(path, 'utf8')) as VmMeta;
+  } catch {
+    return undefined;
+  }
+}
+
+/** RAM files are named <owner pid>-… or <sandbox id>.mem; remove those whose owner is gone. */
+function reapMemoryFiles(): void {
+  const dir = memoryDir();
+  if (!existsSync(dir)) return;
+  const inUse = new Set(liveSandboxes().map((s) => s.vm.memory.file));
+  for (const f of readdirSync(dir)) {
+    const path = join(dir, f);
+    if (inUse.has(path)) continue;
+    const owner = /^snap-(\d+)-/.exec(f);
+    if (owner && processAlive(Number(owner[1]))) continue;
+    const sb = /^(sb-[0-9a-f]+)\.mem$/.exec(f);
+    if (sb && existsSync(sandboxDir(sb[1]!))) continue;
+    if (Date.now() - statSync(path).mtimeMs < 120_000 && !owner) continue;
+    rmSync(path, { force: true });
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Checks the pid still is a VM we started for this sandbox (pids get reused). */
+function isOurVm(pid: number, id: string): boolean {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(`clade-${id}`);
+  } catch {
+    return false;
+  }
+}

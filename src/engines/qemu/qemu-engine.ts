@@ -1,0 +1,225 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { CladeError } from '../../core/errors.js';
+import type { BootSpec, Engine, MachineShape, SlotSpec, VmHandle } from '../engine.js';
+import { pickAccelerator, type Accelerator } from './accel.js';
+import { liveMigrate, loadState, saveDeviceState } from './migration.js';
+import { QmpClient } from './qmp.js';
+
+export const QEMU_BINARY = process.env.CLADE_QEMU ?? 'qemu-system-x86_64';
+/** TCG's translation cache per VM; QEMU's default reserves far more than a sandbox uses. */
+const TCG_TB_MIB = 64;
+const UNIX_PATH_MAX = 107;
+
+type Launch = {
+  id: string;
+  shape: MachineShape;
+  runDir: string;
+  memory: { file: string; shared: boolean };
+  /** Kernel command line additions; absent for VMs that will receive state instead of booting. */
+  boot?: { token: Buffer; hostname: string };
+};
+
+/**
+ * The portable engine: one QEMU process per sandbox, `-M microvm` with a
+ * virtio-serial port for the agent. KVM where the host runs Linux guests at
+ * hardware speed, TCG elsewhere.
+ *
+ * Forks: a VM's RAM is a file in tmpfs. To fork, the VM is stopped and its
+ * device state saved (RAM excluded, `x-ignore-shared`); the RAM file is then
+ * frozen as the snapshot's memory. Children, and the parent's own
+ * continuation, are QEMU processes that map that file privately (copy-on-write)
+ * and load the device state.
+ */
+export class QemuEngine implements Engine {
+  readonly name = 'qemu' as const;
+
+  async boot(spec: BootSpec): Promise<QemuVm> {
+    return launch({ id: spec.id, shape: spec, runDir: spec.runDir, memory: { file: spec.memoryFile, shared: true }, boot: { token: spec.token, hostname: spec.hostname } });
+  }
+
+  /** Starts a VM that waits (`-incoming defer`) to resume a snapshot whose RAM is `baseMemoryFile`. */
+  async startSlot(spec: SlotSpec): Promise<QemuVm> {
+    return launch({ id: spec.id, shape: spec, runDir: spec.runDir, memory: { file: spec.baseMemoryFile, shared: false } });
+  }
+
+  /** Stops a VM and returns its device state; its RAM file no longer changes. */
+  async freeze(vm: QemuVm): Promise<Buffer> {
+    if (!vm.memory.shared) throw new CladeError('internal', 'only a VM whose RAM is a shared file can be frozen; promote it first');
+    const qmp = await vm.qmp();
+    await qmp.execute('stop');
+    return saveDeviceState(qmp, join(vm.runDir, 'save.sock'));
+  }
+
+  /** Loads device state into a waiting slot and starts it. */
+  async activate(slot: QemuVm, state: Buffer): Promise<void> {
+    const qmp = await slot.qmp();
+    await loadState(qmp, join(slot.runDir, 'load.sock'), state, true);
+    await qmp.execute('cont');
+  }
+
+  /**
+   * Gives a VM whose RAM is a private copy-on-write mapping a shared RAM file of
+   * its own again, so it can be frozen: its whole RAM moves by live migration
+   * into a new QEMU process (a RAM copy; the guest pauses only at the end).
+   */
+  async promote(vm: QemuVm, memoryFile: string, runDir: string): Promise<QemuVm> {
+    const target = await launch({ id: vm.id, shape: vm.shape, runDir, memory: { file: memoryFile, shared: true } });
+    try {
+      await liveMigrate(await vm.qmp(), await target.qmp(), join(runDir, 'promote.sock'));
+      return target;
+    } catch (err) {
+      await target.kill();
+      throw err;
+    }
+  }
+
+  async resume(vm: QemuVm): Promise<void> {
+    await (await vm.qmp()).execute('cont');
+  }
+}
+
+async function launch(l: Launch): Promise<QemuVm> {
+  const accel = await pickAccelerator();
+  const files = { agent: join(l.runDir, 'agent.sock'), qmp: join(l.runDir, 'qmp.sock'), serial: join(l.runDir, 'serial.log') };
+  if (files.agent.length > UNIX_PATH_MAX) {
+    throw new CladeError('bad_request', `the clade home path is too long for unix sockets (${files.agent}); set CLADE_HOME to a shorter directory`);
+  }
+  const child = spawn(QEMU_BINARY, qemuArgs(l, accel, files), { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
+  const vm = new QemuVm(l, child, accel, files);
+  try {
+    await vm.started;
+  } catch (err) {
+    await vm.kill();
+    throw err;
+  }
+  return vm;
+}
+
+function qemuArgs(l: Launch, accel: Accelerator, files: { agent: string; qmp: string; serial: string }): string[] {
+  const cmdline = ['console=ttyS0', 'quiet', 'panic=-1', 'mitigations=off', 'random.trust_cpu=on', 'i8042.noaux'];
+  if (l.boot) cmdline.push(`clade.token=${l.boot.token.toString('hex')}`, `clade.id=${l.id}`, `clade.hostname=${l.boot.hostname}`);
+  return [
+    '-name', `clade-${l.id}`,
+    '-M', 'microvm,pcie=on,rtc=on,memory-backend=ram',
+    '-object', `memory-backend-file,id=ram,size=${l.shape.memoryMiB}M,mem-path=${l.memory.file},share=${l.memory.shared ? 'on' : 'off'}`,
+    ...(accel === 'kvm' ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', `tcg,tb-size=${TCG_TB_MIB}`, '-cpu', 'max']),
+    '-smp', String(l.shape.cpus),
+    '-m', `${l.shape.memoryMiB}M`,
+    '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
+    '-sandbox', 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny',
+    '-chardev', `file,id=serial,path=${files.serial},append=on`,
+    '-serial', 'chardev:serial',
+    '-kernel', l.shape.image.kernel,
+    '-initrd', l.shape.image.initramfs,
+    '-append', cmdline.join(' '),
+    '-device', 'virtio-serial-pci,id=vs',
+    '-chardev', `socket,id=agent,path=${files.agent},server=on,wait=off`,
+    '-device', 'virtserialport,bus=vs.0,chardev=agent,name=org.clade.agent',
+    '-qmp', `unix:${files.qmp},server=on,wait=off`,
+    ...(l.boot ? [] : ['-incoming', 'defer']),
+  ];
+}
+
+export class QemuVm implements VmHandle {
+  readonly id: string;
+  readonly pid: number;
+  readonly agentSocket: string;
+  readonly accelerator: string;
+  readonly shape: MachineShape;
+  readonly runDir: string;
+  readonly exited: Promise<{ code: number | null; signal: string | null }>;
+  readonly started: Promise<void>;
+  memory: { file: string; shared: boolean };
+  private running = true;
+  private stderrTail = '';
+  private qmpClient?: Promise<QmpClient>;
+
+  constructor(
+    l: Launch,
+    child: ChildProcess,
+    accel: Accelerator,
+    private readonly files: { agent: string; qmp: string; serial: string },
+  ) {
+    this.id = l.id;
+    this.shape = l.shape;
+    this.runDir = l.runDir;
+    this.memory = { ...l.memory };
+    this.agentSocket = files.agent;
+    this.accelerator = accel;
+    this.pid = child.pid ?? -1;
+    child.stderr?.on('data', (d: Buffer) => {
+      this.stderrTail = (this.stderrTail + d.toString('utf8')).slice(-4096);
+    });
+    this.exited = new Promise((resolve) => {
+      child.once('exit', (code, signal) => {
+        this.running = false;
+        resolve({ code, signal });
+      });
+    });
+    this.started = new Promise((resolve, reject) => {
+      child.once('spawn', () => {
+        writeFileSync(join(l.runDir, 'vm.json'), JSON.stringify({ engine: 'qemu', pid: this.pid, ownerPid: process.pid, accelerator: accel, memory: this.memory }) + '\n');
+        resolve();
+      });
+      child.once('error', (err) => {
+        this.running = false;
+        const hint = (err as NodeJS.ErrnoException).code === 'ENOENT' ? `${QEMU_BINARY} is not installed: run \`sudo apt-get install qemu-system-x86\` (or \`clade doctor\`)` : err.message;
+        reject(new CladeError('unavailable', hint));
+      });
+    });
+  }
+
+  alive(): boolean {
+    return this.running;
+  }
+
+  /** The QMP control connection, opened on first use (QEMU creates the socket while starting). */
+  qmp(): Promise<QmpClient> {
+    this.qmpClient ??= (async () => {
+      const deadline = Date.now() + 10_000;
+      for (;;) {
+        try {
+          return await QmpClient.connect(this.files.qmp);
+        } catch (err) {
+          if (!this.running) throw new CladeError('boot_failed', `QEMU exited while starting: ${this.diagnostics()}`);
+          if (Date.now() > deadline) throw new CladeError('timeout', `QEMU control socket did not open: ${(err as Error).message}`);
+          await new Promise((r) => setTimeout(r, 5));
+        }
+      }
+    })();
+    return this.qmpClient;
+  }
+
+  /** Hands the RAM file to a snapshot: killing this VM will no longer delete it. */
+  releaseMemoryFile(): string {
+    const file = this.memory.file;
+    this.memory = { file, shared: false };
+    return file;
+  }
+
+  diagnostics(): string {
+    let serial = '';
+    try {
+      if (existsSync(this.files.serial)) serial = readFileSync(this.files.serial, 'utf8').slice(-2048);
+    } catch {
+      // The log may already be gone.
+    }
+    return [serial.trim() && `console:\n${serial.trim()}`, this.stderrTail.trim() && `qemu:\n${this.stderrTail.trim()}`].filter(Boolean).join('\n');
+  }
+
+  async kill(): Promise<void> {
+    if (this.running) {
+      try {
+        process.kill(this.pid, 'SIGKILL');
+      } catch {
+        // Already gone.
+      }
+      await this.exited;
+    }
+    void this.qmpClient?.then((q) => q.close()).catch(() => undefined);
+    rmSync(this.runDir, { recursive: true, force: true });
+    if (this.memory.shared) rmSync(this.memory.file, { force: true });
+  }
+}

@@ -1,0 +1,216 @@
+import { execFile } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { chmodSync, copyFileSync, cpSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { CladeError } from '../core/errors.js';
+import { ensurePrivateDir, homePaths } from '../core/home.js';
+import { agentBinaryPath, packageRoot } from '../core/paths.js';
+import { noProgress, type ProgressFn } from '../core/progress.js';
+import { AptUniverse, type DebPackage } from './apt.js';
+import { writeCpio } from './cpio.js';
+import { imageDir, type ImageManifest, readManifest, setRef, validateName } from './store.js';
+
+const run = promisify(execFile);
+
+/** Bump when the way an image is assembled changes, so old cache entries stop matching. */
+const RECIPE_VERSION = 1;
+const KERNEL_PATTERN = '^linux-image-6\\.12\\..*-cloud-amd64$';
+const ROOTFS_PACKAGES = ['busybox-static', 'bash', 'coreutils', 'python3', 'python3-numpy'];
+/** Files in the rootfs no sandbox needs; dropping them keeps the initramfs (and boot) small. */
+const PRUNE = ['usr/share/doc', 'usr/share/man', 'usr/share/info', 'usr/share/locale', 'usr/share/lintian', 'usr/share/bash-completion', 'var/cache/debconf'];
+
+export type BuildOptions = { name?: string; progress?: ProgressFn; force?: boolean };
+export type BuildResult = { manifest: ImageManifest; cached: boolean; seconds: number };
+
+/**
+ * Builds the default guest image: the newest Debian 6.12 cloud kernel and an
+ * initramfs of busybox, bash, python3 and numpy with their dependency closure,
+ * with the clade agent as /init. The image is named by a digest of everything
+ * that goes into it, so building twice with the same inputs is a cache hit.
+ */
+export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> {
+  const started = Date.now();
+  const progress = opts.progress ?? noProgress;
+  const name = opts.name ?? 'default';
+  validateName(name);
+  const apt = new AptUniverse();
+
+  progress({ phase: 'resolve', message: 'updating Debian package lists' });
+  await apt.update();
+  const kernelPkg = await apt.newest(KERNEL_PATTERN);
+  const packages = await apt.closure(ROOTFS_PACKAGES);
+  const [kernel] = await apt.closure([kernelPkg]).then((all) => all.filter((p) => p.name === kernelPkg));
+  if (!kernel) throw new CladeError('not_found', `apt could not resolve ${kernelPkg}`);
+  await ensureAgentBuilt(progress);
+  const agent = readFileSync(agentBinaryPath());
+  const guestFiles = guestFileSet();
+  const digest = imageDigest(kernel, packages, agent, guestFiles);
+  progress({ phase: 'resolve', message: `${packages.length} packages + ${kernel.name}, image ${digest.slice(0, 12)}` });
+
+  const existing = readManifest(digest);
+  if (existing && !opts.force) {
+    setRef(name, digest);
+    return { manifest: existing, cached: true, seconds: (Date.now() - started) / 1000 };
+  }
+
+  progress({ phase: 'download', message: `downloading ${packages.length + 1} packages (cached ones are reused)` });
+  await apt.download(packages.map((p) => `${p.name}=${p.version}`), true);
+  await apt.download([`${kernel.name}=${kernel.version}`], false);
+
+  const work = join(ensurePrivateDir(homePaths.tmp()), `build-${digest.slice(0, 12)}-${process.pid}`);
+  rmSync(work, { recursive: true, force: true });
+  const root = join(work, 'root');
+  mkdirSync(root, { recursive: true });
+  try {
+    let n = 0;
+    for (const p of packages) {
+      await run('dpkg-deb', ['-x', join(apt.archives, p.file), root]);
+      progress({ phase: 'unpack', message: p.name, done: ++n, total: packages.length });
+    }
+    const kernelDir = join(work, 'kernel');
+    await run('dpkg-deb', ['-x', join(apt.archives, kernel.file), kernelDir]);
+    progress({ phase: 'assemble', message: 'merging /usr, linking BLAS, installing the agent' });
+    await assembleRootfs(root, agent, guestFiles);
+    await precompilePython(root, progress);
+
+    const staging = `${imageDir(digest)}.partial-${process.pid}`;
+    rmSync(staging, { recursive: true, force: true });
+    mkdirSync(staging, { recursive: true });
+    const vmlinuz = readdirSync(join(kernelDir, 'boot')).find((f) => f.startsWith('vmlinuz-'));
+    if (!vmlinuz) throw new CladeError('not_found', `${kernel.file} holds no vmlinuz`);
+    copyFileSync(join(kernelDir, 'boot', vmlinuz), join(staging, 'vmlinuz'));
+    progress({ phase: 'pack', message: 'writing initramfs' });
+    const cpio = writeCpio(root, join(staging, 'initramfs.cpio'), (files) => progress({ phase: 'pack', message: `${files} files` }));
+    const manifest: ImageManifest = {
+      digest,
+      name,
+      createdAt: new Date().toISOString(),
+      kernel: { package: kernel.name, version: kernel.version, release: vmlinuz.slice('vmlinuz-'.length) },
+      packages: packages.map((p) => `${p.name}=${p.version}`),
+      agentSha256: sha256(agent),
+      initramfsBytes: cpio.bytes,
+      kernelBytes: lstatSync(join(staging, 'vmlinuz')).size,
+      files: cpio.files,
+      recipe: RECIPE_VERSION,
+    };
+    writeFileSync(join(staging, 'image.json'), JSON.stringify(manifest, null, 2) + '\n');
+    rmSync(imageDir(digest), { recursive: true, force: true });
+    renameSync(staging, imageDir(digest));
+    setRef(name, digest);
+    return { manifest, cached: false, seconds: (Date.now() - started) / 1000 };
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+async function ensureAgentBuilt(progress: ProgressFn): Promise<void> {
+  progress({ phase: 'agent', message: 'building the guest agent' });
+  try {
+    await run('make', ['-s', '-C', join(packageRoot(), 'native', 'agent')]);
+  } catch (err) {
+    if (!existsSync(agentBinaryPath())) throw new CladeError('unavailable', `could not build the guest agent (needs gcc, make and static glibc): ${(err as Error).message}`);
+  }
+}
+
+/** Extra files placed in the guest, from src/images/guest. */
+function guestFileSet(): Map<string, Buffer> {
+  const dir = join(packageRoot(), 'src', 'images', 'guest');
+  const files = new Map<string, Buffer>();
+  if (!existsSync(dir)) return files;
+  const walk = (rel: string) => {
+    for (const name of readdirSync(join(dir, rel)).sort()) {
+      const r = rel ? `${rel}/${name}` : name;
+      if (lstatSync(join(dir, r)).isDirectory()) walk(r);
+      else files.set(r, readFileSync(join(dir, r)));
+    }
+  };
+  walk('');
+  return files;
+}
+
+function imageDigest(kernel: DebPackage, packages: DebPackage[], agent: Buffer, guestFiles: Map<string, Buffer>): string {
+  const h = createHash('sha256');
+  h.update(`recipe ${RECIPE_VERSION}\nkernel ${kernel.file}\n`);
+  for (const p of packages) h.update(`deb ${p.file}\n`);
+  h.update(`agent ${sha256(agent)}\n`);
+  for (const [path, data] of guestFiles) h.update(`file ${path} ${sha256(data)}\n`);
+  return h.digest('hex');
+}
+
+async function assembleRootfs(root: string, agent: Buffer, guestFiles: Map<string, Buffer>): Promise<void> {
+  // Debian bookworm packages still ship /bin, /lib...; a merged /usr is what the
+  // distribution installs, and what its binaries' paths assume.
+  for (const d of ['bin', 'sbin', 'lib', 'lib64']) {
+    const top = join(root, d);
+    if (existsSync(top) && !lstatSync(top).isSymbolicLink()) {
+      cpSync(top, join(root, 'usr', d), { recursive: true, verbatimSymlinks: true });
+      rmSync(top, { recursive: true });
+    }
+    if (!existsSync(join(root, 'usr', d))) mkdirSync(join(root, 'usr', d), { recursive: true });
+    symlinkSync(`usr/${d}`, top);
+  }
+  for (const p of PRUNE) rmSync(join(root, p), { recursive: true, force: true });
+  // update-alternatives makes these links in maintainer scripts, which unpacking does not run.
+  const multiarch = join(root, 'usr/lib/x86_64-linux-gnu');
+  for (const [link, target] of [
+    ['libblas.so.3', 'blas/libblas.so.3'],
+    ['liblapack.so.3', 'lapack/liblapack.so.3'],
+  ] as const) {
+    if (!existsSync(join(multiarch, link))) symlinkSync(target, join(multiarch, link));
+  }
+  if (!existsSync(join(root, 'usr/bin/sh'))) symlinkSync('bash', join(root, 'usr/bin/sh'));
+  await linkBusyboxApplets(root);
+  for (const d of ['proc', 'sys', 'dev', 'tmp', 'run', 'root', 'etc', 'var/tmp', 'usr/lib/clade']) mkdirSync(join(root, d), { recursive: true });
+  chmodSync(join(root, 'tmp'), 0o1777);
+  chmodSync(join(root, 'root'), 0o700);
+  writeFileSync(join(root, 'etc/passwd'), 'root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n');
+  writeFileSync(join(root, 'etc/group'), 'root:x:0:\nnogroup:x:65534:\n');
+  writeFileSync(join(root, 'etc/hosts'), '127.0.0.1 localhost\n::1 localhost\n');
+  writeFileSync(join(root, 'etc/hostname'), 'clade\n');
+  rmSync(join(root, 'init'), { force: true });
+  writeFileSync(join(root, 'init'), agent, { mode: 0o755 });
+  for (const [path, data] of guestFiles) {
+    const dest = join(root, 'usr/lib/clade', path);
+    mkdirSync(join(dest, '..'), { recursive: true });
+    writeFileSync(dest, data, { mode: 0o644 });
+  }
+}
+
+/** Gives the guest the busybox tools Debian's closure lacks (ps, ip, vi...), without shadowing real ones. */
+async function linkBusyboxApplets(root: string): Promise<void> {
+  const { stdout } = await run(join(root, 'usr/bin/busybox'), ['--list']);
+  for (const applet of stdout.split('\n').filter((a) => a && a !== 'init' && a !== 'linuxrc')) {
+    const candidates = ['usr/bin', 'usr/sbin', 'usr/local/bin'].map((d) => join(root, d, applet));
+    if (candidates.some((c) => existsSync(c))) continue;
+    symlinkSync('busybox', join(root, 'usr/bin', applet));
+  }
+}
+
+/**
+ * Debian ships no .pyc files, so every cold `import numpy` in a guest would
+ * compile thousands of modules under emulation. Compile them now when the host
+ * Python has the guest's bytecode format; unchecked-hash pycs stay valid
+ * whatever timestamps the files get.
+ */
+async function precompilePython(root: string, progress: ProgressFn): Promise<void> {
+  const guestPy = readdirSync(join(root, 'usr/lib')).find((d) => /^python3\.\d+$/.test(d));
+  if (!guestPy) return;
+  try {
+    const { stdout } = await run('python3', ['-c', 'import sys; print(f"python{sys.version_info[0]}.{sys.version_info[1]}")']);
+    if (stdout.trim() !== guestPy) {
+      progress({ phase: 'assemble', message: `host python is ${stdout.trim()}, guest is ${guestPy}: skipping bytecode precompilation` });
+      return;
+    }
+    progress({ phase: 'assemble', message: 'precompiling Python bytecode' });
+    const dirs = [join(root, 'usr/lib', guestPy), join(root, 'usr/lib/python3/dist-packages')].filter((d) => existsSync(d));
+    await run('python3', ['-m', 'compileall', '-q', '-j', '0', '--invalidation-mode', 'unchecked-hash', '-s', root, '-p', '/', ...dirs], { maxBuffer: 64 << 20 }).catch(() => undefined);
+  } catch {
+    // No usable host python: the guest compiles on first import instead.
+  }
+}
+
+function sha256(data: Buffer): string {
+  return createHash('sha256').update(data).digest('hex');
+}
+

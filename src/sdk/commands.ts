@@ -1,0 +1,147 @@
+import type { ExecExit, ExecHandle } from '../agent-protocol/client.js';
+import { CladeError } from '../core/errors.js';
+import type { LiveSandbox } from '../core/sandboxes.js';
+
+export type CommandResult = {
+  exitCode: number;
+  stdout: string;
+  stderr: string;
+  /** Set when the command was killed because it ran past `timeoutMs`. */
+  timedOut?: boolean;
+  /** The signal that ended the command, if one did. */
+  signal?: number;
+};
+
+export type CommandOptions = {
+  onStdout?: (data: string) => void;
+  onStderr?: (data: string) => void;
+  cwd?: string;
+  envs?: Record<string, string>;
+  /** Kill the command after this long (default 60 s; 0 = never). */
+  timeoutMs?: number;
+  /** Data for the command's stdin; with `background`, `stdin: true` keeps it open for `sendStdin`. */
+  stdin?: string | Uint8Array | boolean;
+  background?: boolean;
+};
+
+const DEFAULT_TIMEOUT_MS = 60_000;
+/** Output kept in a CommandResult; the streaming callbacks see all of it. */
+const MAX_CAPTURE = 64 * 1024 * 1024;
+
+/** A command running in the background. */
+export class CommandHandle {
+  private readonly result: Promise<CommandResult>;
+
+  constructor(
+    private readonly handle: ExecHandle,
+    private readonly capture: { stdout: () => string; stderr: () => string },
+  ) {
+    this.result = handle.exited.then((exit: ExecExit) => ({
+      exitCode: exit.exitCode,
+      stdout: capture.stdout(),
+      stderr: capture.stderr(),
+      ...(exit.timedOut ? { timedOut: true } : {}),
+      ...(exit.signal ? { signal: exit.signal } : {}),
+    }));
+    this.result.catch(() => undefined);
+  }
+
+  /** Output so far. */
+  get stdout(): string {
+    return this.capture.stdout();
+  }
+
+  get stderr(): string {
+    return this.capture.stderr();
+  }
+
+  get pid(): number {
+    return this.handle.pid;
+  }
+
+  /** Waits for the command to end and returns its result. */
+  wait(): Promise<CommandResult> {
+    return this.result;
+  }
+
+  sendStdin(data: string | Uint8Array): void {
+    this.handle.writeStdin(Buffer.from(data));
+  }
+
+  closeStdin(): void {
+    this.handle.closeStdin();
+  }
+
+  /** Sends SIGKILL to the command's process group; resolves false if it had already ended. */
+  async kill(signal = 9): Promise<boolean> {
+    try {
+      await this.handle.signal(signal);
+      return true;
+    } catch (err) {
+      if (err instanceof CladeError && err.code === 'not_found') return false;
+      throw err;
+    }
+  }
+}
+
+export class Commands {
+  constructor(private readonly live: LiveSandbox) {}
+
+  /**
+   * Runs a command: a string goes to `/bin/sh -c`, an array is an argv run
+   * directly. Resolves with the exit code and output; a non-zero exit code is a
+   * result, not an error. With `background: true`, resolves with a handle once
+   * the command has started.
+   */
+  run(cmd: string | string[], opts: CommandOptions & { background: true }): Promise<CommandHandle>;
+  run(cmd: string | string[], opts?: CommandOptions & { background?: false }): Promise<CommandResult>;
+  async run(cmd: string | string[], opts: CommandOptions = {}): Promise<CommandResult | CommandHandle> {
+    if (!this.live.alive) throw new CladeError('killed', `sandbox ${this.live.id} is not running`);
+    if (Array.isArray(cmd) ? cmd.length === 0 : cmd.trim() === '') throw new CladeError('bad_request', 'the command is empty');
+    const out = new Capture(opts.onStdout);
+    const err = new Capture(opts.onStderr);
+    const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    const keepStdin = opts.stdin !== undefined && opts.stdin !== false;
+    const handle = await this.live.agent.exec(
+      {
+        ...(Array.isArray(cmd) ? { argv: cmd } : { shell: cmd }),
+        env: { ...this.live.env, ...(opts.envs ?? {}) },
+        ...(opts.cwd !== undefined ? { cwd: opts.cwd } : {}),
+        timeoutMs,
+        stdin: keepStdin,
+      },
+      { onStdout: (d) => out.push(d), onStderr: (d) => err.push(d) },
+    );
+    if (typeof opts.stdin === 'string' || opts.stdin instanceof Uint8Array) {
+      handle.writeStdin(Buffer.from(opts.stdin));
+      handle.closeStdin();
+    }
+    const cmdHandle = new CommandHandle(handle, { stdout: () => out.text(), stderr: () => err.text() });
+    if (opts.background) return cmdHandle;
+    return cmdHandle.wait();
+  }
+}
+
+/** Collects a stream's output (bounded) and decodes UTF-8 across chunk boundaries. */
+class Capture {
+  private readonly chunks: Buffer[] = [];
+  private bytes = 0;
+  private readonly decoder = new TextDecoder('utf-8');
+
+  constructor(private readonly onData?: (s: string) => void) {}
+
+  push(d: Buffer): void {
+    if (this.bytes < MAX_CAPTURE) {
+      this.chunks.push(d);
+      this.bytes += d.length;
+    }
+    if (this.onData) {
+      const text = this.decoder.decode(d, { stream: true });
+      if (text) this.onData(text);
+    }
+  }
+
+  text(): string {
+    return Buffer.concat(this.chunks).toString('utf8');
+  }
+}

@@ -1,0 +1,45 @@
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { sandboxDirs } from '../helpers/leaks.js';
+
+const MAIN = join(import.meta.dirname, '../../src/cli/main.ts');
+
+function clade(args: string[]) {
+  const r = spawnSync(process.execPath, ['--import', 'tsx', MAIN, ...args], { encoding: 'utf8', timeout: 170_000 });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+describe('clade CLI', () => {
+  it('run prints the output and exits with the command code', () => {
+    const before = sandboxDirs().length;
+    const r = clade(['run', '--', 'sh', '-c', 'echo from-guest; echo oops >&2; exit 7']);
+    expect(r.stdout).toBe('from-guest\n');
+    expect(r.stderr).toContain('oops');
+    expect(r.code).toBe(7);
+    expect(sandboxDirs().length).toBe(before);
+  });
+
+  it('run --json gives a machine-readable result', () => {
+    const r = clade(['--json', 'run', '-e', 'X=42', '--', 'echo $X']);
+    expect(r.code).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ exitCode: 0, stdout: '42\n', sandboxId: expect.stringMatching(/^sb-/) });
+  });
+
+  it('errors are clear, and JSON with --json', () => {
+    const r = clade(['run', '--image', 'nope', '--', 'true']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/unknown image "nope"/);
+    const j = clade(['--json', 'run', '--image', 'nope', '--', 'true']);
+    expect(JSON.parse(j.stdout)).toMatchObject({ error: { code: 'not_found' } });
+  });
+
+  it('image ls and doctor speak JSON', () => {
+    const ls = JSON.parse(clade(['--json', 'image', 'ls']).stdout) as { names: string[]; sizeBytes: number }[];
+    expect(ls.some((i) => i.names.includes('default') && i.sizeBytes > 50e6)).toBe(true);
+    const doc = clade(['--json', 'doctor']);
+    const report = JSON.parse(doc.stdout) as { checks: { name: string; status: string }[] };
+    expect(report.checks.map((c) => c.name)).toEqual(expect.arrayContaining(['qemu', 'kvm', 'memory', 'disk', 'image']));
+    expect(report.checks.find((c) => c.name === 'qemu')!.status).toBe('pass');
+  });
+});

@@ -1,0 +1,36 @@
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { homePaths, memoryDir } from '../../src/core/home.js';
+
+/** Pids of VM processes started for this sandbox id (found by their -name). */
+export function vmPids(id: string): number[] {
+  const pids: number[] = [];
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const argv = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
+      if (argv.includes(`clade-${id}`)) pids.push(Number(entry));
+    } catch {
+      // Exited while we looked.
+    }
+  }
+  return pids;
+}
+
+/** True if nothing of the sandbox remains: no VM process, no run directory. */
+export function leftNothing(id: string): boolean {
+  return vmPids(id).length === 0 && !existsSync(join(homePaths.sandboxes(), id)) && !existsSync(join(memoryDir(), `${id}.mem`));
+}
+
+export function sandboxDirs(): string[] {
+  return existsSync(homePaths.sandboxes()) ? readdirSync(homePaths.sandboxes()) : [];
+}
+
+export async function waitFor(cond: () => boolean, timeoutMs = 10_000): Promise<boolean> {
+  const end = Date.now() + timeoutMs;
+  while (Date.now() < end) {
+    if (cond()) return true;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return cond();
+}
