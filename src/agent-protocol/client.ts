@@ -122,6 +122,18 @@ export class AgentClient {
     });
   }
 
+  /** Resolves once everything written to the channel has left this process. */
+  async drained(): Promise<void> {
+    const s = this.socket;
+    if (!s || s.writableLength === 0) return;
+    await new Promise<void>((resolve) => s.once('drain', () => resolve()));
+  }
+
+  /** Signals a command's process group by its exec id. */
+  async signalExec(id: number, sig: number): Promise<void> {
+    await this.request(MessageType.SIGNAL, new FieldWriter().u64(Tag.TARGET, id).u64(Tag.SIGNAL, sig));
+  }
+
   /** Sends data to a command's stdin by its exec id. */
   async writeStdinTo(id: number, data: Buffer): Promise<void> {
     for (let off = 0; off < data.length; off += WRITE_CHUNK) await this.send(MessageType.STDIN, id, data.subarray(off, off + WRITE_CHUNK));

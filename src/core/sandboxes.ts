@@ -8,6 +8,7 @@ import { QemuEngine, type QemuVm } from '../engines/qemu/qemu-engine.js';
 import { resolveImage } from '../images/store.js';
 import { CladeError, errorMessage } from './errors.js';
 import { ensurePrivateDir, homePaths, memoryDir } from './home.js';
+import type { InterpreterSession } from './interpreter.js';
 import type { Snapshot } from './snapshots.js';
 
 export type StartOptions = {
@@ -38,6 +39,7 @@ export class LiveSandbox {
   base?: Snapshot;
   /** Exec id of the persistent Python interpreter, once started. */
   interpreterExecId?: number;
+  interpreter?: InterpreterSession;
 
   constructor(
     readonly id: string,

@@ -1,8 +1,13 @@
 import type { EngineName } from '../engines/engine.js';
 import { CladeError } from '../core/errors.js';
-import { type LiveSandbox, startSandbox } from '../core/sandboxes.js';
+import { acquireSlots, ensureFreezable, forkSandbox, freezeAndContinue, resumeChildren, type ForkTimings } from '../core/fork.js';
+import { runCode, type CodeResult, type RunCodeOptions } from '../core/interpreter.js';
+import { ensurePool } from '../core/pool.js';
+import { checkEngine, getLive, type LiveSandbox, startSandbox } from '../core/sandboxes.js';
+import { loadSnapshot, persistSnapshot, readSnapshotMeta, snapshotDir, type SnapshotMeta } from '../core/snapshots.js';
 import { Commands } from './commands.js';
 import { Files } from './files.js';
+import { existsSync } from 'node:fs';
 
 export type SandboxCreateOptions = {
   /** Image name or digest (default: "default", made by `clade image build`). */
@@ -20,29 +25,41 @@ export type SandboxCreateOptions = {
 
 export type SandboxInfo = {
   sandboxId: string;
+  parentId?: string;
   image: string;
   engine: EngineName;
   accelerator: string;
   pid: number;
   startedAt: Date;
+  /** Boot (or, for a fork, resume) time until the agent answered, ms. */
   bootMs: number;
+  /** The persistent snapshot this sandbox descends from, if any. */
+  snapshotTag?: string;
 };
+
+/** A child that could not be created; the other children of the same fork are unaffected. */
+export type ForkFailure = CladeError;
 
 /**
  * A running Linux microVM. Create one with `Sandbox.create()`, drive it with
- * `commands` and `files`, and end it with `kill()` or `await using`.
+ * `commands`, `files` and `runCode`, branch it with `fork`, and end it with
+ * `kill()` or `await using`.
  */
 export class Sandbox implements AsyncDisposable {
   readonly sandboxId: string;
   readonly commands: Commands;
   readonly files: Files;
+  /** Timings of this sandbox's last fork. */
+  lastForkTimings?: ForkTimings;
   private lifetimeTimer?: NodeJS.Timeout;
+  private snapshotTag?: string;
 
-  private constructor(private readonly live: LiveSandbox, timeoutMs?: number) {
+  private constructor(private readonly live: LiveSandbox, opts: { timeoutMs?: number; snapshotTag?: string } = {}) {
     this.sandboxId = live.id;
     this.commands = new Commands(live);
     this.files = new Files(live);
-    if (timeoutMs) this.setTimeout(timeoutMs);
+    if (opts.snapshotTag) this.snapshotTag = opts.snapshotTag;
+    if (opts.timeoutMs) this.setTimeout(opts.timeoutMs);
   }
 
   static async create(opts: SandboxCreateOptions = {}): Promise<Sandbox> {
@@ -50,7 +67,83 @@ export class Sandbox implements AsyncDisposable {
       throw new CladeError('bad_request', `timeoutMs must be a non-negative number of milliseconds, got ${opts.timeoutMs}`);
     }
     const live = await startSandbox(opts);
-    return new Sandbox(live, opts.timeoutMs);
+    return new Sandbox(live, opts.timeoutMs ? { timeoutMs: opts.timeoutMs } : {});
+  }
+
+  /**
+   * Starts `count` sandboxes from a persistent snapshot (see `snapshot()`).
+   * The snapshot's files are checked against their SHA-256 first. Each entry is
+   * a running sandbox or the error that kept that one from starting.
+   */
+  static async fromSnapshot(tag: string, opts: { count?: number; env?: Record<string, string>; engine?: EngineName } = {}): Promise<(Sandbox | ForkFailure)[]> {
+    checkEngine(opts.engine);
+    const count = opts.count ?? 1;
+    if (!Number.isInteger(count) || count < 1 || count > 1000) throw new CladeError('bad_request', `count must be an integer from 1 to 1000, got ${count}`);
+    const snap = loadSnapshot(tag);
+    snap.retain();
+    try {
+      const { slots, errors } = await acquireSlots(snap, snap.memoryFile, count);
+      const kids = await resumeChildren(snap, slots, opts.env ?? {}, undefined);
+      return [...kids.map((k) => (k instanceof CladeError ? k : new Sandbox(k, { snapshotTag: tag }))), ...errors];
+    } finally {
+      snap.release();
+    }
+  }
+
+  /** Keeps `size` VM processes pre-started for a persistent snapshot, so starts from it only load state. */
+  static async warmPool(tag: string, size: number): Promise<void> {
+    if (!Number.isInteger(size) || size < 0 || size > 1000) throw new CladeError('bad_request', `pool size must be an integer from 0 to 1000, got ${size}`);
+    const snap = loadSnapshot(tag);
+    await ensurePool(snap.memoryFile, snap.shape, size).whenFull();
+  }
+
+  /**
+   * Forks this running sandbox into `count` children that resume from its exact
+   * state (processes, memory, files), each isolated and already warm. The
+   * parent keeps running. Each entry is a running child or the error that kept
+   * that child from starting.
+   */
+  async fork(count = 1): Promise<(Sandbox | ForkFailure)[]> {
+    const outcome = await forkSandbox(this.live, count);
+    this.lastForkTimings = outcome.timings;
+    return outcome.children.map((c) => (c instanceof CladeError ? c : new Sandbox(c, this.snapshotTag ? { snapshotTag: this.snapshotTag } : {})));
+  }
+
+  /** Pre-starts `size` VM processes for this sandbox's next fork and waits until they are ready. */
+  async prewarmForks(size: number): Promise<void> {
+    if (!Number.isInteger(size) || size < 0 || size > 1000) throw new CladeError('bad_request', `pool size must be an integer from 0 to 1000, got ${size}`);
+    if (!this.live.vm.memory.shared) {
+      // A fork's parent maps its RAM copy-on-write; give it its own file first (a RAM copy).
+      await ensureFreezable(this.live);
+    }
+    await ensurePool(this.live.vm.memory.file, this.live.shape, size).whenFull();
+  }
+
+  /**
+   * Writes this sandbox's state to the clade home as snapshot `tag` (memory,
+   * device state, JSON metadata with SHA-256 of each file and the parent tag).
+   * The sandbox pauses only briefly and keeps running.
+   */
+  async snapshot(opts: { tag: string }): Promise<SnapshotMeta> {
+    const dir = snapshotDir(opts.tag);
+    if (existsSync(dir)) throw new CladeError('conflict', `snapshot ${opts.tag} already exists; pick another tag or delete it with \`clade snapshot rm ${opts.tag}\``);
+    const { snapshot } = await freezeAndContinue(this.live, async () => ({ slots: [], warm: 0 }), 0);
+    try {
+      const meta = persistSnapshot(snapshot, opts.tag, this.sandboxId, this.snapshotTag ?? null);
+      this.snapshotTag = opts.tag;
+      return meta;
+    } finally {
+      snapshot.release();
+    }
+  }
+
+  /**
+   * Runs Python code in a persistent interpreter inside the sandbox: state is
+   * kept between calls and forked with the sandbox. Returns the value of the
+   * last expression (repr), the output, and the exception if one was raised.
+   */
+  runCode(code: string, opts: RunCodeOptions = {}): Promise<CodeResult> {
+    return runCode(this.live, code, opts);
   }
 
   /** Kills the sandbox `timeoutMs` from now (replacing any earlier deadline). */
@@ -67,12 +160,14 @@ export class Sandbox implements AsyncDisposable {
   getInfo(): SandboxInfo {
     return {
       sandboxId: this.sandboxId,
+      ...(this.live.parentId ? { parentId: this.live.parentId } : {}),
       image: this.live.shape.image.manifest.digest,
       engine: 'qemu',
       accelerator: this.live.vm.accelerator,
       pid: this.live.vm.pid,
       startedAt: this.live.createdAt,
       bootMs: this.live.bootMs,
+      ...(this.snapshotTag ? { snapshotTag: this.snapshotTag } : {}),
     };
   }
 
@@ -85,4 +180,12 @@ export class Sandbox implements AsyncDisposable {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.kill();
   }
+
+  /** The live sandbox behind an id, for tools that hold ids (the CLI, the daemon). */
+  static connectLocal(id: string): Sandbox {
+    return new Sandbox(getLive(id));
+  }
 }
+
+export { readSnapshotMeta };
+export type { CodeResult, RunCodeOptions, ForkTimings, SnapshotMeta };

@@ -1,0 +1,167 @@
+import { randomBytes } from 'node:crypto';
+import { renameSync } from 'node:fs';
+import { join } from 'node:path';
+import { AgentClient } from '../agent-protocol/client.js';
+import { MessageType, Tag } from '../agent-protocol/constants.js';
+import { FieldWriter } from '../agent-protocol/fields.js';
+import type { QemuVm } from '../engines/qemu/qemu-engine.js';
+import { CladeError, errorMessage } from './errors.js';
+import { ensurePrivateDir, memoryDir } from './home.js';
+import { closePool, mapLimited, poolFor, startSlot } from './pool.js';
+import { engine, LiveSandbox, registerLive, sandboxDir } from './sandboxes.js';
+import { Snapshot, transientMemoryPath } from './snapshots.js';
+import { reseedInterpreter } from './interpreter.js';
+import { rmSync } from 'node:fs';
+
+export const MAX_FORK_COUNT = 1000;
+/** Children resumed at once; each activation is a short burst of QEMU work. */
+const ACTIVATE_CONCURRENCY = 16;
+
+export type ForkTimings = {
+  /** Parent stopped → parent running again in its new process, ms. */
+  parentPauseMs: number;
+  /** Promotion of a copy-on-write parent to its own RAM file (a RAM copy), ms; 0 if not needed. */
+  promoteMs: number;
+  /** Slots taken warm from a pool, and started for this fork. */
+  warmSlots: number;
+  coldSlots: number;
+};
+
+export type ForkOutcome = { children: (LiveSandbox | CladeError)[]; timings: ForkTimings; snapshot: Snapshot };
+
+/** Makes sure the sandbox's RAM is a shared file it owns, so it can be frozen. */
+export async function ensureFreezable(sb: LiveSandbox): Promise<number> {
+  if (sb.vm.memory.shared) return 0;
+  const t0 = performance.now();
+  const file = join(ensurePrivateDir(memoryDir()), `${sb.id}.mem`);
+  const next = await engine.promote(sb.vm, file, sb.nextRunDir());
+  await sb.replaceVm(next, undefined);
+  return performance.now() - t0;
+}
+
+/**
+ * Freezes a running sandbox into a snapshot and resumes it at once in a new VM
+ * process that maps the frozen RAM copy-on-write. `slots` are started before
+ * the pause, so the parent is stopped only to save ~50 KB of device state and
+ * load it into its continuation.
+ */
+export async function freezeAndContinue(sb: LiveSandbox, childSlots: (n: number) => Promise<{ slots: QemuVm[]; warm: number }>, count: number) {
+  if (!sb.alive) throw new CladeError('killed', `sandbox ${sb.id} is not running`);
+  const promoteMs = await ensureFreezable(sb);
+  const parentFile = sb.vm.memory.file;
+  const [continuation, kids] = await Promise.all([
+    engine.startSlot({ id: sb.id, ...sb.shape, runDir: sb.nextRunDir(), baseMemoryFile: parentFile }).then(async (vm) => (await vm.qmp(), vm)),
+    childSlots(count),
+  ]);
+  await sb.agent.drained();
+  const t0 = performance.now();
+  let snapshot: Snapshot;
+  try {
+    const state = await engine.freeze(sb.vm);
+    const frozenFile = transientMemoryPath();
+    renameSync(parentFile, frozenFile);
+    sb.vm.releaseMemoryFile();
+    snapshot = new Snapshot(`fork-${sb.id}-${Date.now()}`, frozenFile, state, sb.shape, {
+      token: sb.token,
+      nextId: sb.agent.idCursor + 1000,
+      ...(sb.interpreterExecId ? { interpreterExecId: sb.interpreterExecId } : {}),
+    });
+    snapshot.retain(); // held by this fork until every child is resumed
+    await engine.activate(continuation, state);
+  } catch (err) {
+    await Promise.all([continuation.kill(), ...kids.slots.map((k) => k.kill())]);
+    // The parent's RAM file is untouched if we failed before resuming anyone: let it run again.
+    if (sb.vm.alive()) await engine.resume(sb.vm).catch(() => undefined);
+    throw new CladeError('internal', `fork of ${sb.id} failed while the parent was paused: ${errorMessage(err)}`, { cause: err });
+  }
+  // The device state is the parent's; the continuation is the parent, so its request ids carry on.
+  sb.agent.idCursor = snapshot.agent.nextId;
+  await sb.replaceVm(continuation, snapshot);
+  const parentPauseMs = performance.now() - t0;
+  void closePool(parentFile);
+  return { snapshot, kids, parentPauseMs, promoteMs };
+}
+
+/** Takes warm slots for `memoryFile` from its pool and starts the rest. */
+export async function acquireSlots(sb: { shape: LiveSandbox['shape'] }, memoryFile: string, n: number): Promise<{ slots: QemuVm[]; warm: number; errors: CladeError[] }> {
+  const warm = poolFor(memoryFile)?.take(n) ?? [];
+  const missing = n - warm.length;
+  const started = await mapLimited(Array.from({ length: missing }), 8, () => startSlot(sb.shape, memoryFile));
+  const slots = [...warm];
+  const errors: CladeError[] = [];
+  for (const r of started) {
+    if (r.status === 'fulfilled') slots.push(r.value);
+    else errors.push(asCladeError(r.reason, 'could not start a VM for a child'));
+  }
+  return { slots, warm: warm.length, errors };
+}
+
+/** Forks a running sandbox into `count` children; failures are reported per child. */
+export async function forkSandbox(parent: LiveSandbox, count: number): Promise<ForkOutcome> {
+  if (!Number.isInteger(count) || count < 1 || count > MAX_FORK_COUNT) throw new CladeError('bad_request', `fork count must be an integer from 1 to ${MAX_FORK_COUNT}, got ${count}`);
+  let slotErrors: CladeError[] = [];
+  let warmSlots = 0;
+  const { snapshot, kids, parentPauseMs, promoteMs } = await freezeAndContinue(
+    parent,
+    async (n) => {
+      const r = await acquireSlots(parent, parent.vm.memory.file, n);
+      slotErrors = r.errors;
+      warmSlots = r.warm;
+      return r;
+    },
+    count,
+  );
+  const children = await resumeChildren(snapshot, kids.slots, parent.env, parent.id);
+  snapshot.release();
+  return { children: [...children, ...slotErrors], snapshot, timings: { parentPauseMs, promoteMs, warmSlots, coldSlots: kids.slots.length - warmSlots } };
+}
+
+/** Loads the snapshot into each slot and turns it into a new machine. */
+export async function resumeChildren(snapshot: Snapshot, slots: QemuVm[], env: Record<string, string>, parentId: string | undefined): Promise<(LiveSandbox | CladeError)[]> {
+  const results = await mapLimited(slots, ACTIVATE_CONCURRENCY, (slot) => resumeChild(snapshot, slot, env, parentId));
+  return results.map((r) => (r.status === 'fulfilled' ? r.value : asCladeError(r.reason, 'child did not resume')));
+}
+
+async function resumeChild(snapshot: Snapshot, slot: QemuVm, env: Record<string, string>, parentId: string | undefined): Promise<LiveSandbox> {
+  const t0 = performance.now();
+  const agent = new AgentClient(snapshot.agent.token);
+  agent.idCursor = snapshot.agent.nextId;
+  try {
+    await engine.activate(slot, snapshot.state);
+    await agent.connect(slot.agentSocket, Date.now() + 10_000, () => slot.alive());
+    const token = await becomeNewMachine(agent, slot.id);
+    const child = new LiveSandbox(slot.id, slot, agent, token, snapshot.shape, { ...env }, new Date(), performance.now() - t0, parentId);
+    child.base = snapshot;
+    snapshot.retain();
+    registerLive(child);
+    if (snapshot.agent.interpreterExecId) await reseedInterpreter(child, snapshot.agent.interpreterExecId);
+    return child;
+  } catch (err) {
+    agent.close();
+    await slot.kill();
+    rmSync(sandboxDir(slot.id), { recursive: true, force: true });
+    throw err;
+  }
+}
+
+/**
+ * The after-fork fixup, before any user command: fresh kernel entropy, the
+ * host's wall clock, its own hostname and sandbox id, and a new token (the
+ * request itself is authenticated with the parent's, which then stops working).
+ */
+async function becomeNewMachine(agent: AgentClient, id: string): Promise<Buffer> {
+  const token = randomBytes(32);
+  const body = new FieldWriter()
+    .bytes(Tag.SEED, randomBytes(64))
+    .u64(Tag.TIME_NS, BigInt(Date.now()) * 1_000_000n + BigInt(Math.floor((performance.now() % 1) * 1e6)))
+    .str(Tag.HOSTNAME, id)
+    .str(Tag.SANDBOX_ID, id)
+    .bytes(Tag.NEW_TOKEN, token);
+  await agent.request(MessageType.FORK_FIXUP, body, 10_000);
+  agent.setToken(token);
+  return token;
+}
+
+function asCladeError(err: unknown, what: string): CladeError {
+  return err instanceof CladeError ? err : new CladeError('internal', `${what}: ${errorMessage(err)}`, { cause: err });
+}
