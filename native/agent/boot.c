@@ -203,6 +203,13 @@ void boot_credit_entropy(const uint8_t *seed, size_t len)
 		if (w != (ssize_t)len)
 			log_msg("seeding /dev/urandom failed");
 	}
+	/*
+	 * Mixing in entropy only feeds the input pool; the kernel's CRNG, which
+	 * every sibling inherited in the same state, is reseeded from it only
+	 * later. Force the reseed now, before any process reads random bytes.
+	 */
+	if (ioctl(fd, RNDRESEEDCRNG, 0) < 0)
+		log_msg("RNDRESEEDCRNG: %s", strerror(errno));
 	free(info);
 	close(fd);
 }

@@ -34,3 +34,11 @@ export async function waitFor(cond: () => boolean, timeoutMs = 10_000): Promise<
   }
   return cond();
 }
+
+/** What remains of a sandbox, for failure messages. */
+export function remains(id: string): string[] {
+  const left: string[] = vmPids(id).map((p) => `pid ${p}`);
+  if (existsSync(join(homePaths.sandboxes(), id))) left.push(`dir ${join(homePaths.sandboxes(), id)}`);
+  if (existsSync(join(memoryDir(), `${id}.mem`))) left.push(`ram ${join(memoryDir(), `${id}.mem`)}`);
+  return left;
+}
