@@ -134,7 +134,8 @@ function hashFile(path: string): string {
 export function persistSnapshot(snap: Snapshot, tag: string, sandboxId: string, parent: string | null): SnapshotMeta {
   const dir = snapshotDir(tag);
   if (existsSync(dir)) throw new CladeError('conflict', `snapshot ${tag} already exists; pick another tag or delete it with \`clade snapshot rm ${tag}\``);
-  if (parent && !existsSync(join(snapshotDir(parent), 'snapshot.json'))) throw new CladeError('not_found', `parent snapshot ${parent} no longer exists`);
+  // A deleted ancestor ends the recorded lineage; the new snapshot is complete on its own.
+  if (parent && !existsSync(join(snapshotDir(parent), 'snapshot.json'))) parent = null;
   ensurePrivateDir(homePaths.snapshots());
   const staging = `${dir}.partial-${process.pid}`;
   rmSync(staging, { recursive: true, force: true });
