@@ -276,13 +276,13 @@ static void __attribute__((noreturn)) serve(void)
 {
 	static struct pollfd pfd[2 + 3 * MAX_EXECS];
 	for (;;) {
+		bool was_connected = g.connected; /* any write below may lose the host */
 		pfd[0] = (struct pollfd){.fd = g.connected ? g.port_fd : -1, .events = POLLIN};
 		pfd[1] = (struct pollfd){.fd = g.sig_fd, .events = POLLIN};
 		size_t nexec = exec_pollfds(pfd + 2, sizeof pfd / sizeof pfd[0] - 2);
 		if (poll(pfd, 2 + nexec, poll_timeout(now_ms())) < 0 && errno != EINTR)
 			fatal("poll");
 		exec_handle_poll(pfd + 2, nexec);
-		bool was_connected = g.connected;
 		if (pfd[0].revents)
 			read_port();
 		bool term = false;

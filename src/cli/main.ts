@@ -1,7 +1,10 @@
 import { Command, Option } from 'commander';
 import { benchBoot } from '../bench/boot.js';
+import { benchFork } from '../bench/fork.js';
 import { buildImage } from '../images/build.js';
 import { listImages, removeImage } from '../images/store.js';
+import { CladeError } from '../core/errors.js';
+import { listSnapshots, removeSnapshot, verifySnapshot } from '../core/snapshots.js';
 import { Sandbox } from '../sdk/sandbox.js';
 import { runDemo } from './demo.js';
 import { runChecks } from './doctor.js';
@@ -91,15 +94,16 @@ export function buildProgram(): Command {
     .description('boot a sandbox, run one command, print its output, exit with its code, clean up')
     .argument('<command...>', 'the command and its arguments (put them after --)')
     .option('--image <image>', 'image name or digest', 'default')
+    .option('--from-snapshot <tag>', 'resume a persistent snapshot instead of booting')
     .option('--memory <mib>', 'guest memory in MiB', (v) => parseInt(v, 10))
     .option('--cpus <n>', 'virtual CPUs', (v) => parseInt(v, 10))
     .option('--timeout <ms>', 'kill the command after this many ms (0 = never)', (v) => parseInt(v, 10), 0)
     .addOption(new Option('-e, --env <KEY=VALUE...>', 'environment variables').default([]))
     .action(
-      action(async (argv: string[], opts: { image: string; memory?: number; cpus?: number; timeout: number; env: string[] }, cmd: Command) => {
+      action(async (argv: string[], opts: { image: string; fromSnapshot?: string; memory?: number; cpus?: number; timeout: number; env: string[] }, cmd: Command) => {
         const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
-        const env = Object.fromEntries(opts.env.map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]));
-        await using sb = await Sandbox.create({ image: opts.image, ...(opts.memory ? { memoryMiB: opts.memory } : {}), ...(opts.cpus ? { cpus: opts.cpus } : {}), env });
+        const env = parseEnv(opts.env);
+        await using sb = opts.fromSnapshot ? await startOne(opts.fromSnapshot, env) : await Sandbox.create({ image: opts.image, ...(opts.memory ? { memoryMiB: opts.memory } : {}), ...(opts.cpus ? { cpus: opts.cpus } : {}), env });
         const command = argv.length === 1 ? argv[0]! : argv;
         const r = await sb.commands.run(command, {
           timeoutMs: opts.timeout,
@@ -107,6 +111,65 @@ export function buildProgram(): Command {
         });
         if (json) emit(true, { sandboxId: sb.sandboxId, ...r }, () => '');
         return r.exitCode;
+      }),
+    );
+
+
+  const snapshot = program.command('snapshot').description('persistent snapshots of warm sandboxes');
+  snapshot
+    .command('create <tag>')
+    .description('boot (or resume a snapshot), warm up with commands and Python code, and save the state as <tag>')
+    .option('--from-snapshot <tag>', 'start from this snapshot instead of booting the image')
+    .option('--image <image>', 'image name or digest', 'default')
+    .addOption(new Option('--run <command...>', 'shell commands to run first (in order)').default([]))
+    .addOption(new Option('--code <python...>', 'Python code for the persistent interpreter (in order)').default([]))
+    .action(
+      action(async (tag: string, opts: { fromSnapshot?: string; image: string; run: string[]; code: string[] }, cmd: Command) => {
+        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+        await using sb = opts.fromSnapshot ? await startOne(opts.fromSnapshot, {}) : await Sandbox.create({ image: opts.image });
+        for (const c of opts.run) {
+          const r = await sb.commands.run(c, { timeoutMs: 0 });
+          if (r.exitCode !== 0) throw new CladeError('bad_request', `warm-up command failed with exit code ${r.exitCode}: ${c}\n${r.stderr}`);
+        }
+        for (const c of opts.code) {
+          const r = await sb.runCode(c, { timeoutMs: 0 });
+          if (r.error) throw new CladeError('bad_request', `warm-up code raised ${r.error.name}: ${r.error.value}`);
+        }
+        const meta = await sb.snapshot({ tag });
+        emit(json, meta, () => `snapshot ${tag}: ${mib(meta.files['memory.raw'].bytes)} RAM image, parent ${meta.parent ?? '-'}`);
+      }),
+    );
+  snapshot
+    .command('ls')
+    .description('list persistent snapshots')
+    .action(
+      action(async (_opts: unknown, cmd: Command) => {
+        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+        const all = listSnapshots();
+        emit(json, all.map(({ agent: _secret, ...m }) => m), () =>
+          all.length === 0 ? 'no snapshots; make one with `clade snapshot create <tag>`' : table([['TAG', 'PARENT', 'IMAGE', 'MEMORY', 'CREATED'], ...all.map((m) => [m.tag, m.parent ?? '-', m.image.slice(0, 12), `${m.memoryMiB} MiB`, m.createdAt])]),
+        );
+      }),
+    );
+  snapshot
+    .command('inspect <tag>')
+    .description('show a snapshot and check its files against their hashes')
+    .action(
+      action(async (tag: string, _opts: unknown, cmd: Command) => {
+        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+        const { agent: _secret, ...meta } = verifySnapshot(tag);
+        emit(json, { ...meta, verified: true }, () => JSON.stringify({ ...meta, verified: true }, null, 2));
+      }),
+    );
+  snapshot
+    .command('rm <tag>')
+    .description('delete a snapshot (with --cascade, also the snapshots made from it)')
+    .option('--cascade', 'also delete descendants')
+    .action(
+      action(async (tag: string, opts: { cascade?: boolean }, cmd: Command) => {
+        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+        const removed = removeSnapshot(tag, { cascade: Boolean(opts.cascade) });
+        emit(json, { removed }, () => `removed ${removed.join(', ')}`);
       }),
     );
 
@@ -138,7 +201,56 @@ export function buildProgram(): Command {
         );
       }),
     );
+  bench
+    .command('fork')
+    .description('fork vs cold boot vs snapshot restore, to the first runCode result in the guest')
+    .option('-n, --runs <n>', 'repetitions', (v) => parseInt(v, 10), 5)
+    .option('--fanout <n>', 'children forked at once', (v) => parseInt(v, 10), 100)
+    .option('--depth <n>', 'deepest nested fork measured', (v) => parseInt(v, 10), 10)
+    .action(
+      action(async (opts: { runs: number; fanout: number; depth: number }, cmd: Command) => {
+        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+        const r = await benchFork({ ...opts, log: (l) => !json && process.stderr.write(l + '\n') });
+        const names: Record<string, string> = {
+          coldBootToNumpyResultMs: '(a) cold boot + import numpy -> result',
+          snapshotRestoreToResultMs: 'restore persistent snapshot -> result',
+          fork1ToResultMs: '(b) fork 1 child (cold slot) -> result',
+          fork1WarmToResultMs: '(b) fork 1 child (warm slot) -> result',
+          fanoutAllResultsMs: `(c) fork ${r.fanout} (no pool) -> all results`,
+          fanoutWarmAllResultsMs: `(c) fork ${r.fanout} (pool of ${r.fanout}) -> all results`,
+          parentPauseMs: '(e) parent pause per fork',
+          depth1Ms: '(f) fork at depth 1 -> result',
+          depth5Ms: '(f) fork at depth 5 -> result',
+          depth10Ms: '(f) fork at depth 10 -> result',
+        };
+        const rows = Object.entries(r.metrics).map(([k, s]) => [names[k] ?? k, s.median.toFixed(1), s.p90.toFixed(1), String(s.n)]);
+        emit(json, r, () =>
+          [
+            `fork benchmark, ${r.runs} runs, accelerator ${r.accelerator}`,
+            table([['METRIC (ms)', 'MEDIAN', 'P90', 'N'], ...rows]),
+            `(d) per child of ${r.fanout}: PSS median ${r.memory.childPssMiB.median.toFixed(1)} MiB, private ${r.memory.childPrivateMiB.median.toFixed(1)} MiB; host memory used by all ${r.fanout}: ${r.memory.hostUsedByFanoutMiB.toFixed(0)} MiB`,
+            `JSON: ${r.jsonPath}`,
+          ].join('\n'),
+        );
+      }),
+    );
   return program;
+}
+
+function parseEnv(pairs: string[]): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const kv of pairs) {
+    const eq = kv.indexOf('=');
+    if (eq <= 0) throw new CladeError('bad_request', `environment variables are KEY=VALUE, got ${JSON.stringify(kv)}`);
+    env[kv.slice(0, eq)] = kv.slice(eq + 1);
+  }
+  return env;
+}
+
+async function startOne(tag: string, env: Record<string, string>): Promise<Sandbox> {
+  const [sb] = await Sandbox.fromSnapshot(tag, { env });
+  if (!sb || sb instanceof CladeError) throw sb ?? new CladeError('internal', 'no sandbox started');
+  return sb;
 }
 
 export async function main(argv: string[]): Promise<void> {

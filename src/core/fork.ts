@@ -49,10 +49,7 @@ export async function freezeAndContinue(sb: LiveSandbox, childSlots: (n: number)
   if (!sb.alive) throw new CladeError('killed', `sandbox ${sb.id} is not running`);
   const promoteMs = await ensureFreezable(sb);
   const parentFile = sb.vm.memory.file;
-  const [continuation, kids] = await Promise.all([
-    engine.startSlot({ id: sb.id, ...sb.shape, runDir: sb.nextRunDir(), baseMemoryFile: parentFile }).then(async (vm) => (await vm.qmp(), vm)),
-    childSlots(count),
-  ]);
+  const [continuation, kids] = await Promise.all([takeContinuation(sb), childSlots(count)]);
   await sb.agent.drained();
   const t0 = performance.now();
   let snapshot: Snapshot;
@@ -80,6 +77,26 @@ export async function freezeAndContinue(sb: LiveSandbox, childSlots: (n: number)
   const parentPauseMs = performance.now() - t0;
   void closePool(parentFile);
   return { snapshot, kids, parentPauseMs, promoteMs };
+}
+
+/**
+ * The VM process the parent continues in after a fork: pre-started by
+ * prewarmForks() when possible, else started now (before the pause).
+ */
+async function takeContinuation(sb: LiveSandbox): Promise<QemuVm> {
+  const warm = sb.takeWarmContinuation();
+  if (warm) {
+    const vm = await warm.catch(() => undefined);
+    if (vm?.alive() && vm.memory.file === sb.vm.memory.file) return vm;
+    await vm?.kill();
+  }
+  return startContinuation(sb);
+}
+
+export async function startContinuation(sb: LiveSandbox): Promise<QemuVm> {
+  const vm = await engine.startSlot({ id: sb.id, ...sb.shape, runDir: sb.nextRunDir(), baseMemoryFile: sb.vm.memory.file });
+  await vm.qmp();
+  return vm;
 }
 
 /** Takes warm slots for `memoryFile` from its pool and starts the rest. */
@@ -134,7 +151,8 @@ async function resumeChild(snapshot: Snapshot, slot: QemuVm, env: Record<string,
     child.base = snapshot;
     snapshot.retain();
     registerLive(child);
-    if (snapshot.agent.interpreterExecId) await reseedInterpreter(child, snapshot.agent.interpreterExecId);
+    // Queued ahead of any runCode the caller sends next; no need to wait for it here.
+    if (snapshot.agent.interpreterExecId) void reseedInterpreter(child, snapshot.agent.interpreterExecId).catch(() => undefined);
     return child;
   } catch (err) {
     agent.close();

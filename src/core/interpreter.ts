@@ -183,5 +183,5 @@ export async function reseedInterpreter(sb: LiveSandbox, execId: number): Promis
   sb.agent.adopt(execId, { onStdout: session.onStdout, onStderr: session.onStderr, onExit: session.onEnd, onClose: session.onEnd });
   sb.interpreter = session;
   sb.interpreterExecId = execId;
-  await session.send({ reseed: randomBytes(16).toString('hex') }, { timeoutMs: 10_000 });
+  await session.send({ reseed: randomBytes(16).toString('hex') }, { timeoutMs: 30_000 });
 }

@@ -40,6 +40,8 @@ export class LiveSandbox {
   /** Exec id of the persistent Python interpreter, once started. */
   interpreterExecId?: number;
   interpreter?: InterpreterSession;
+  /** A VM process pre-started for the parent's side of the next fork. */
+  private warmContinuation?: Promise<QemuVm>;
 
   constructor(
     readonly id: string,
@@ -58,6 +60,30 @@ export class LiveSandbox {
   get alive(): boolean {
     return this.vm.alive() && !this.killing;
   }
+
+  setWarmContinuation(vm: Promise<QemuVm>): void {
+    void this.warmContinuation?.then((old) => old.kill()).catch(() => undefined);
+    this.warmContinuation = vm;
+    vm.then((v) => (this.warmPid = v.pid)).catch(() => undefined);
+  }
+
+  takeWarmContinuation(): Promise<QemuVm> | undefined {
+    const vm = this.warmContinuation;
+    this.warmContinuation = undefined;
+    this.warmPid = undefined;
+    return vm;
+  }
+
+  async warmContinuationReady(): Promise<void> {
+    await this.warmContinuation?.catch(() => undefined);
+  }
+
+  hasWarmContinuation(): boolean {
+    return this.warmContinuation !== undefined;
+  }
+
+  /** Pid of the pre-started continuation, for synchronous cleanup at exit. */
+  warmPid?: number;
 
   /** A fresh directory for the next VM process of this sandbox. */
   nextRunDir(): string {
@@ -79,6 +105,7 @@ export class LiveSandbox {
   kill(): Promise<void> {
     this.killing ??= (async () => {
       this.agent.close();
+      await this.takeWarmContinuation()?.then((vm) => vm.kill()).catch(() => undefined);
       await this.vm.kill();
       rmSync(sandboxDir(this.id), { recursive: true, force: true });
       live.delete(this.id);
@@ -200,6 +227,7 @@ export function installExitCleanup(): void {
 export function killAllSync(): void {
   for (const sb of live.values()) {
     killPidQuietly(sb.vm.pid);
+    if (sb.warmPid) killPidQuietly(sb.warmPid);
     rmSync(sandboxDir(sb.id), { recursive: true, force: true });
     if (sb.vm.memory.shared) rmSync(sb.vm.memory.file, { force: true });
   }

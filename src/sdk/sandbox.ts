@@ -1,6 +1,6 @@
 import type { EngineName } from '../engines/engine.js';
 import { CladeError } from '../core/errors.js';
-import { acquireSlots, ensureFreezable, forkSandbox, freezeAndContinue, resumeChildren, type ForkTimings } from '../core/fork.js';
+import { acquireSlots, ensureFreezable, forkSandbox, freezeAndContinue, resumeChildren, startContinuation, type ForkTimings } from '../core/fork.js';
 import { runCode, type CodeResult, type RunCodeOptions } from '../core/interpreter.js';
 import { ensurePool } from '../core/pool.js';
 import { checkEngine, getLive, type LiveSandbox, startSandbox } from '../core/sandboxes.js';
@@ -116,7 +116,9 @@ export class Sandbox implements AsyncDisposable {
       // A fork's parent maps its RAM copy-on-write; give it its own file first (a RAM copy).
       await ensureFreezable(this.live);
     }
-    await ensurePool(this.live.vm.memory.file, this.live.shape, size).whenFull();
+    const pool = ensurePool(this.live.vm.memory.file, this.live.shape, size);
+    if (size > 0 && !this.live.hasWarmContinuation()) this.live.setWarmContinuation(startContinuation(this.live));
+    await Promise.all([pool.whenFull(), this.live.warmContinuationReady()]);
   }
 
   /**
