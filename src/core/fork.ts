@@ -50,6 +50,8 @@ export async function freezeAndContinue(sb: LiveSandbox, childSlots: (n: number)
   const promoteMs = await ensureFreezable(sb);
   const parentFile = sb.vm.memory.file;
   const [continuation, kids] = await Promise.all([takeContinuation(sb), childSlots(count)]);
+  // No VM may open the parent's RAM file by name once it is frozen and renamed.
+  await closePool(parentFile);
   await sb.agent.drained();
   const t0 = performance.now();
   let snapshot: Snapshot;
@@ -75,7 +77,6 @@ export async function freezeAndContinue(sb: LiveSandbox, childSlots: (n: number)
   sb.agent.idCursor = snapshot.agent.nextId;
   await sb.replaceVm(continuation, snapshot);
   const parentPauseMs = performance.now() - t0;
-  void closePool(parentFile);
   return { snapshot, kids, parentPauseMs, promoteMs };
 }
 

@@ -48,13 +48,20 @@ export async function mapLimited<T, R>(items: T[], limit: number, fn: (item: T, 
 export class SlotPool {
   private readonly ready: QemuVm[] = [];
   private starting = 0;
+  private inFlight: Promise<unknown> = Promise.resolve();
   private closed = false;
   private readonly waiters: (() => void)[] = [];
 
+  /**
+   * @param refillOnTake refill after slots are taken: right for a persistent
+   * snapshot, whose RAM file never changes; a live sandbox's file is frozen and
+   * renamed by the fork that takes the slots, so its pool must not start more.
+   */
   constructor(
     readonly memoryFile: string,
     readonly shape: MachineShape,
     private size: number,
+    private readonly refillOnTake: boolean,
   ) {
     installExitCleanup();
     onProcessExit(() => this.killSync());
@@ -77,7 +84,7 @@ export class SlotPool {
   /** Takes up to n ready slots (fewer if the pool is short; the caller starts the rest). */
   take(n: number): QemuVm[] {
     const taken = this.ready.splice(0, n).filter((vm) => vm.alive());
-    this.refill();
+    if (this.refillOnTake) this.refill();
     return taken;
   }
 
@@ -90,7 +97,7 @@ export class SlotPool {
     const missing = this.size - this.ready.length - this.starting;
     if (this.closed || missing <= 0) return;
     this.starting += missing;
-    void mapLimited(Array.from({ length: missing }), START_CONCURRENCY, async () => {
+    const batch = mapLimited(Array.from({ length: missing }), START_CONCURRENCY, async () => {
       try {
         const vm = await startSlot(this.shape, this.memoryFile);
         if (this.closed) await vm.kill();
@@ -100,11 +107,14 @@ export class SlotPool {
         for (const w of this.waiters.splice(0)) w();
       }
     });
+    this.inFlight = Promise.all([this.inFlight, batch]);
   }
 
+  /** Kills every slot, including those still starting (so none opens the RAM file after this). */
   async close(): Promise<void> {
     this.closed = true;
     for (const w of this.waiters.splice(0)) w();
+    await this.inFlight;
     await Promise.all(this.ready.splice(0).map((vm) => vm.kill().then(() => rmSync(sandboxDir(vm.id), { recursive: true, force: true }))));
   }
 
@@ -122,10 +132,10 @@ export function poolFor(memoryFile: string): SlotPool | undefined {
   return pools.get(memoryFile);
 }
 
-export function ensurePool(memoryFile: string, shape: MachineShape, size: number): SlotPool {
+export function ensurePool(memoryFile: string, shape: MachineShape, size: number, refillOnTake: boolean): SlotPool {
   let pool = pools.get(memoryFile);
   if (!pool) {
-    pool = new SlotPool(memoryFile, shape, size);
+    pool = new SlotPool(memoryFile, shape, size, refillOnTake);
     pools.set(memoryFile, pool);
   }
   pool.resize(size);

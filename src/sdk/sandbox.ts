@@ -94,7 +94,7 @@ export class Sandbox implements AsyncDisposable {
   static async warmPool(tag: string, size: number): Promise<void> {
     if (!Number.isInteger(size) || size < 0 || size > 1000) throw new CladeError('bad_request', `pool size must be an integer from 0 to 1000, got ${size}`);
     const snap = loadSnapshot(tag);
-    await ensurePool(snap.memoryFile, snap.shape, size).whenFull();
+    await ensurePool(snap.memoryFile, snap.shape, size, true).whenFull();
   }
 
   /**
@@ -116,7 +116,7 @@ export class Sandbox implements AsyncDisposable {
       // A fork's parent maps its RAM copy-on-write; give it its own file first (a RAM copy).
       await ensureFreezable(this.live);
     }
-    const pool = ensurePool(this.live.vm.memory.file, this.live.shape, size);
+    const pool = ensurePool(this.live.vm.memory.file, this.live.shape, size, false);
     if (size > 0 && !this.live.hasWarmContinuation()) this.live.setWarmContinuation(startContinuation(this.live));
     await Promise.all([pool.whenFull(), this.live.warmContinuationReady()]);
   }

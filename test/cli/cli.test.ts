@@ -12,12 +12,13 @@ function clade(args: string[]) {
 
 describe('clade CLI', () => {
   it('run prints the output and exits with the command code', () => {
-    const before = sandboxDirs().length;
+    const before = new Set(sandboxDirs());
     const r = clade(['run', '--', 'sh', '-c', 'echo from-guest; echo oops >&2; exit 7']);
     expect(r.stdout).toBe('from-guest\n');
     expect(r.stderr).toContain('oops');
     expect(r.code).toBe(7);
-    expect(sandboxDirs().length).toBe(before);
+    // No directory is left that was not there before (other processes' may be reaped meanwhile).
+    expect(sandboxDirs().filter((d) => !before.has(d))).toEqual([]);
   });
 
   it('run --json gives a machine-readable result', () => {
@@ -41,5 +42,25 @@ describe('clade CLI', () => {
     const report = JSON.parse(doc.stdout) as { checks: { name: string; status: string }[] };
     expect(report.checks.map((c) => c.name)).toEqual(expect.arrayContaining(['qemu', 'kvm', 'memory', 'disk', 'image']));
     expect(report.checks.find((c) => c.name === 'qemu')!.status).toBe('pass');
+  });
+
+  it('snapshot create, run --from-snapshot, inspect, ls and rm', () => {
+    const tag = `cli-test-${process.pid}`;
+    const made = clade(['--json', 'snapshot', 'create', tag, '--run', 'echo warm > /root/w', '--code', 'import numpy']);
+    expect(made.code).toBe(0);
+    expect(JSON.parse(made.stdout)).toMatchObject({ tag, parent: null });
+    try {
+      const r = clade(['run', '--from-snapshot', tag, '--', 'cat', '/root/w']);
+      expect(r.stdout).toBe('warm\n');
+      expect(r.code).toBe(0);
+      const inspect = JSON.parse(clade(['--json', 'snapshot', 'inspect', tag]).stdout);
+      expect(inspect).toMatchObject({ tag, verified: true });
+      expect(inspect.agent).toBeUndefined(); // the agent token is not printed
+      const ls = JSON.parse(clade(['--json', 'snapshot', 'ls']).stdout) as { tag: string }[];
+      expect(ls.map((m) => m.tag)).toContain(tag);
+    } finally {
+      expect(clade(['snapshot', 'rm', tag]).code).toBe(0);
+    }
+    expect(JSON.parse(clade(['--json', 'snapshot', 'inspect', tag]).stdout)).toMatchObject({ error: { code: 'not_found' } });
   });
 });
