@@ -85,7 +85,7 @@ static void __attribute__((noreturn)) child_fail(int rep_fd, enum stage stage)
 {
 	struct spawn_fail f = {stage, errno};
 	ssize_t w = write(rep_fd, &f, sizeof f);
-	(void)w; /* the parent then sees a successful start and an exit code of 127 */
+	(void)w; /* if even this fails, the parent sees a start and then exit code 127 */
 	_exit(127);
 }
 

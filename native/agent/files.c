@@ -9,7 +9,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define RM_MAX_DEPTH 512 /* each level holds an open directory */
+#define RM_MAX_DEPTH 512 /* each level holds an open directory and a stack frame */
+#define ERR_TOO_DEEP (-1)
 #define TMP_BASE_MAX 200 /* keeps the temporary name under NAME_MAX */
 
 /* ---- paths ---- */
@@ -411,7 +412,7 @@ void file_mkdir(const struct req *r)
 static int remove_tree_at(int dirfd, const char *name, int depth)
 {
 	if (depth > RM_MAX_DEPTH)
-		return ENAMETOOLONG;
+		return ERR_TOO_DEEP;
 	int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 	if (fd < 0)
 		return errno;
@@ -473,9 +474,10 @@ void file_remove(const struct req *r)
 		err = remove_tree(path);
 	else
 		err = rmdir(path) < 0 ? errno : 0;
-	if (err) {
+	if (err == ERR_TOO_DEEP)
+		send_error(r->id, "io", 0, "cannot remove %s: more than %d nested directories", path, RM_MAX_DEPTH);
+	else if (err)
 		send_errno(r->id, err, "cannot remove", path);
-		return;
-	}
-	send_ok_empty(r->id);
+	else
+		send_ok_empty(r->id);
 }

@@ -16,7 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define RECONNECT_POLL_MS 100 /* a closed virtio port cannot be polled for reopening */
+#define RECONNECT_POLL_MS 1000 /* fallback: the port raises SIGIO when the host end reopens */
 #define SHUTDOWN_GRACE_MS 1000
 
 struct agent g = {.port_fd = -1, .sig_fd = -1, .log_fd = 2};
@@ -112,12 +112,14 @@ static void do_fork_fixup(const struct req *r)
 	send_ok_empty(r->id);
 }
 
-static void drain_signalfd(bool *term)
+/* True if SIGTERM or SIGINT came. SIGCHLD means reap; SIGIO only has to wake poll. */
+static bool drain_signalfd(void)
 {
 	struct signalfd_siginfo si;
+	bool term = false;
 	while (read(g.sig_fd, &si, sizeof si) == (ssize_t)sizeof si)
-		if (si.ssi_signo != SIGCHLD)
-			*term = true;
+		term |= si.ssi_signo == SIGTERM || si.ssi_signo == SIGINT;
+	return term;
 }
 
 /* Reaps (sending EXITs) until no child is left or ms have passed; true if some remain. */
@@ -130,8 +132,7 @@ static bool wait_children(int64_t ms)
 			return true;
 		struct pollfd p = {.fd = g.sig_fd, .events = POLLIN};
 		poll(&p, 1, (int)left);
-		bool term = false;
-		drain_signalfd(&term);
+		drain_signalfd();
 	}
 	return false;
 }
@@ -241,6 +242,27 @@ static void read_port(void)
 		g.connected = false; /* EOF: the host end closed */
 }
 
+/*
+ * A virtio port polls as POLLHUP for as long as the host end is closed, so it
+ * is left out of poll then; with O_ASYNC the driver sends SIGIO when the host
+ * end opens (and on every input, hence only while disconnected).
+ */
+static void port_async(bool on)
+{
+	int fl = fcntl(g.port_fd, F_GETFL);
+	fcntl(g.port_fd, F_SETFL, on ? fl | O_ASYNC : fl & ~O_ASYNC);
+}
+
+static void check_reconnect(void)
+{
+	struct pollfd p = {.fd = g.port_fd, .events = POLLIN};
+	if (poll(&p, 1, 0) >= 0 && !(p.revents & (POLLHUP | POLLERR | POLLNVAL))) {
+		g.connected = true;
+		port_async(false);
+		log_msg("host connected");
+	}
+}
+
 static void host_lost(void)
 {
 	log_msg("host disconnected");
@@ -248,16 +270,8 @@ static void host_lost(void)
 	files_abort_writes();
 	if (!g.pid1)
 		leave();
-}
-
-/* The virtio port reports POLLHUP while the host end is closed; it cannot signal reopening. */
-static void check_reconnect(void)
-{
-	struct pollfd p = {.fd = g.port_fd, .events = POLLIN};
-	if (poll(&p, 1, 0) >= 0 && !(p.revents & (POLLHUP | POLLERR | POLLNVAL))) {
-		g.connected = true;
-		log_msg("host connected");
-	}
+	port_async(true);
+	check_reconnect(); /* it may have reopened before O_ASYNC was set */
 }
 
 static int64_t earliest(int64_t a, int64_t b) { return a < 0 ? b : (b < 0 || a < b) ? a : b; }
@@ -287,7 +301,7 @@ static void __attribute__((noreturn)) serve(void)
 			read_port();
 		bool term = false;
 		if (pfd[1].revents) {
-			drain_signalfd(&term);
+			term = drain_signalfd();
 			exec_reap();
 		}
 		int64_t now = now_ms();
@@ -311,6 +325,7 @@ static void setup_signals(void)
 	sigaddset(&set, SIGCHLD);
 	sigaddset(&set, SIGTERM);
 	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGIO);
 	if (sigprocmask(SIG_BLOCK, &set, NULL) < 0)
 		fatal("sigprocmask");
 	g.sig_fd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
@@ -405,7 +420,10 @@ int main(int argc, char **argv)
 	if (g.pid1)
 		g.port_fd = boot_open_port();
 	log_msg("serving (%s mode)", g.pid1 ? "init" : "development");
-	if (g.pid1)
+	if (g.pid1) {
+		fcntl(g.port_fd, F_SETOWN, getpid());
+		port_async(true);
 		check_reconnect();
+	}
 	serve();
 }

@@ -365,7 +365,7 @@ void send_frame(uint8_t type, uint32_t id, const void *body, size_t len)
 	put_le32(hdr + 12, (uint32_t)len);
 	struct iovec iov[2] = {{hdr, HDR_LEN}, {(void *)body, len}};
 	if (!write_iov(iov, 2)) {
-		log_msg("host channel lost while writing (%s)", strerror(errno));
+		log_msg("host channel lost while writing");
 		g.connected = false;
 	}
 }

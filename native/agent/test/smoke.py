@@ -113,6 +113,11 @@ class Agent:
         except (EOFError, OSError):
             self.closed.set()
 
+    def close(self):
+        # shutdown() first: close() alone does not end a recv() blocked in the reader thread.
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
     def alloc(self):
         self.next_id += 1
         return self.next_id
