@@ -26,7 +26,8 @@ fi
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   echo "setup: installing npm dependencies"
-  npm ci --no-audit --no-fund --loglevel=error
+  # npm ci rejects lockfiles that lack other platforms' optional packages; install keeps the locked versions.
+  npm install --no-audit --no-fund --loglevel=error
 fi
 
 echo "setup: building native programs and TypeScript"
