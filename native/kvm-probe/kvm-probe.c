@@ -16,20 +16,31 @@
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
+#include <x86intrin.h>
 
 #define ITERATIONS 200000u
 /* Hardware virtualization runs this loop at well under 10 ns per iteration; emulation needs microseconds. */
 #define USABLE_NS_PER_ITERATION 50.0
 
-static int report(int usable, double ns, const char *reason) {
-    printf("{\"usable\":%s,\"nsPerIteration\":%.3f,\"reason\":\"%s\"}\n", usable ? "true" : "false", ns, reason);
-    return 0;
-}
-
 static double now_ns(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_MONOTONIC_RAW, &ts);
     return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
+/* TSC ticks per millisecond, measured over ~20 ms of wall time. */
+static long tsc_khz(void) {
+    double t0 = now_ns();
+    unsigned long long c0 = __rdtsc();
+    nanosleep(&(struct timespec){.tv_nsec = 20 * 1000 * 1000}, NULL);
+    double t1 = now_ns();
+    unsigned long long c1 = __rdtsc();
+    return (long)((double)(c1 - c0) / ((t1 - t0) / 1e6));
+}
+
+static int report(int usable, double ns, const char *reason) {
+    printf("{\"usable\":%s,\"nsPerIteration\":%.3f,\"reason\":\"%s\",\"tscKhz\":%ld}\n", usable ? "true" : "false", ns, reason, tsc_khz());
+    return 0;
 }
 
 int main(void) {

@@ -25,46 +25,97 @@ type Request = {
   nonce: string;
   stdout: string;
   stderr: string;
+  /** The result JSON, once the stdout marker has arrived. */
+  result?: string;
+  /** Whether the stderr marker has arrived: all of the request's stderr is in. */
+  stderrDone: boolean;
   opts: RunCodeOptions;
   resolve: (r: CodeResult) => void;
   reject: (e: CladeError) => void;
 };
 
 /**
+ * Splits one output stream of the interpreter into the user's text and the
+ * end-of-request marker `\x1eclade:<nonce>:<payload>\n`, holding back a tail
+ * that could be the start of a marker split across chunks.
+ */
+class MarkerScanner {
+  private buf = '';
+  private readonly decoder = new TextDecoder();
+
+  constructor(
+    private readonly onText: (text: string) => void,
+    private readonly onMarker: (nonce: string, payload: string) => void,
+    private readonly nonce: () => string | undefined,
+  ) {}
+
+  push(chunk: Buffer): void {
+    this.buf += this.decoder.decode(chunk, { stream: true });
+    for (;;) {
+      const nonce = this.nonce();
+      if (nonce === undefined) {
+        this.buf = '';
+        return;
+      }
+      const marker = `\x1eclade:${nonce}:`;
+      const at = this.buf.indexOf(marker);
+      if (at < 0) {
+        const cut = this.buf.lastIndexOf('\x1e');
+        const keep = cut >= 0 && marker.startsWith(this.buf.slice(cut)) ? cut : this.buf.length;
+        this.text(this.buf.slice(0, keep));
+        this.buf = this.buf.slice(keep);
+        return;
+      }
+      this.text(this.buf.slice(0, at));
+      const nl = this.buf.indexOf('\n', at);
+      if (nl < 0) {
+        this.buf = this.buf.slice(at);
+        return;
+      }
+      const payload = this.buf.slice(at + marker.length, nl);
+      this.buf = this.buf.slice(nl + 1);
+      this.onMarker(nonce, payload);
+    }
+  }
+
+  private text(t: string): void {
+    if (t) this.onText(t);
+  }
+}
+
+/**
  * The host side of a sandbox's persistent Python process: one request at a
  * time over its stdin, user output streamed back, each request ended by a
- * marker line carrying a per-request nonce and the JSON result.
+ * marker line on stdout (carrying the JSON result) and one on stderr. Both
+ * are awaited, so all of a request's output has arrived when it resolves.
  */
 export class InterpreterSession {
-  private buf = '';
   private current?: Request;
   private queue: Promise<unknown> = Promise.resolve();
-  private readonly decoder = new TextDecoder();
-  private readonly errDecoder = new TextDecoder();
   private nextId = 1;
+  private readonly out = new MarkerScanner(
+    (t) => this.append('stdout', t),
+    (nonce, payload) => this.marked(nonce, 'stdout', payload),
+    () => this.current?.nonce,
+  );
+  private readonly err = new MarkerScanner(
+    (t) => this.append('stderr', t),
+    (nonce) => this.marked(nonce, 'stderr', ''),
+    () => this.current?.nonce,
+  );
 
   constructor(
     private readonly sb: LiveSandbox,
     readonly execId: number,
   ) {}
 
-  onStdout = (chunk: Buffer): void => {
-    this.buf += this.decoder.decode(chunk, { stream: true });
-    this.scan();
-  };
-
-  onStderr = (chunk: Buffer): void => {
-    const text = this.errDecoder.decode(chunk, { stream: true });
-    const req = this.current;
-    if (!req || !text) return;
-    if (req.stderr.length < MAX_CAPTURE) req.stderr += text;
-    req.opts.onStderr?.(text);
-  };
+  onStdout = (chunk: Buffer): void => this.out.push(chunk);
+  onStderr = (chunk: Buffer): void => this.err.push(chunk);
 
   onEnd = (): void => {
+    this.detach();
     this.current?.reject(new CladeError('killed', 'the Python interpreter exited; its state is lost (it restarts on the next runCode)'));
     this.current = undefined;
-    if (this.sb.interpreter === this) this.sb.interpreter = undefined;
   };
 
   /** Runs requests one after another, as the interpreter does. */
@@ -83,6 +134,7 @@ export class InterpreterSession {
         nonce,
         stdout: '',
         stderr: '',
+        stderrDone: false,
         opts,
         resolve: (r) => (clearTimeout(timer), resolve(r)),
         reject: (e) => (clearTimeout(timer), reject(e)),
@@ -92,58 +144,39 @@ export class InterpreterSession {
     });
   }
 
+  /** Kills the interpreter: Python cannot be interrupted reliably from outside, and a fresh one is started on demand. */
   private async interrupt(why: string): Promise<void> {
     const req = this.current;
     this.current = undefined;
+    this.detach();
     req?.reject(new CladeError('timeout', `${why}; the interpreter was restarted and its state is lost`));
     await this.sb.agent.signalExec(this.execId, 9).catch(() => undefined);
-    if (this.sb.interpreter === this) this.sb.interpreter = undefined;
   }
 
-  private scan(): void {
-    for (;;) {
-      const req = this.current;
-      if (!req) {
-        this.buf = '';
-        return;
-      }
-      const marker = `\x1eclade:${req.nonce}:`;
-      const at = this.buf.indexOf(marker);
-      if (at >= 0) {
-        const nl = this.buf.indexOf('\n', at);
-        this.emit(req, this.buf.slice(0, at));
-        if (nl < 0) {
-          this.buf = this.buf.slice(at);
-          return;
-        }
-        const json = this.buf.slice(at + marker.length, nl);
-        this.buf = this.buf.slice(nl + 1);
-        this.current = undefined;
-        this.finish(req, json);
-        continue;
-      }
-      // Hold back what could be the start of the marker.
-      const cut = this.buf.lastIndexOf('\x1e');
-      if (cut >= 0 && marker.startsWith(this.buf.slice(cut))) {
-        this.emit(req, this.buf.slice(0, cut));
-        this.buf = this.buf.slice(cut);
-      } else {
-        this.emit(req, this.buf);
-        this.buf = '';
-      }
-      return;
+  /** Stops routing new runCode calls here; the next one starts a fresh interpreter. */
+  private detach(): void {
+    if (this.sb.interpreter === this) {
+      this.sb.interpreter = undefined;
+      this.sb.interpreterExecId = undefined;
     }
   }
 
-  private emit(req: Request, text: string): void {
-    if (!text) return;
-    if (req.stdout.length < MAX_CAPTURE) req.stdout += text;
-    req.opts.onStdout?.(text);
+  private append(stream: 'stdout' | 'stderr', text: string): void {
+    const req = this.current;
+    if (!req) return;
+    if (req[stream].length < MAX_CAPTURE) req[stream] += text;
+    (stream === 'stdout' ? req.opts.onStdout : req.opts.onStderr)?.(text);
   }
 
-  private finish(req: Request, json: string): void {
+  private marked(nonce: string, stream: 'stdout' | 'stderr', payload: string): void {
+    const req = this.current;
+    if (!req || req.nonce !== nonce) return;
+    if (stream === 'stdout') req.result = payload;
+    else req.stderrDone = true;
+    if (req.result === undefined || !req.stderrDone) return;
+    this.current = undefined;
     try {
-      const r = JSON.parse(json) as { value?: string | null; error?: CodeResult['error'] };
+      const r = JSON.parse(req.result) as { value?: string | null; error?: CodeResult['error'] };
       req.resolve({ stdout: req.stdout, stderr: req.stderr, ...(r.value != null ? { value: r.value } : {}), ...(r.error ? { error: r.error } : {}) });
     } catch {
       req.reject(new CladeError('protocol_error', 'the interpreter sent a malformed result'));
@@ -153,13 +186,12 @@ export class InterpreterSession {
 
 async function startInterpreter(sb: LiveSandbox): Promise<InterpreterSession> {
   let session: InterpreterSession | undefined;
-  const early: Buffer[] = [];
+  // Nothing is asked of the interpreter before it exists, so output before then is only noise.
   const handle = await sb.agent.exec(
     { argv: INTERPRETER, stdin: true, env: { ...sb.env, PYTHONUNBUFFERED: '1' } },
-    { onStdout: (d) => (session ? session.onStdout(d) : early.push(d)), onStderr: (d) => session?.onStderr(d) },
+    { onStdout: (d) => session?.onStdout(d), onStderr: (d) => session?.onStderr(d) },
   );
   session = new InterpreterSession(sb, handle.id);
-  for (const d of early) session.onStdout(d);
   void handle.exited.then(session.onEnd, session.onEnd);
   sb.interpreter = session;
   sb.interpreterExecId = handle.id;

@@ -89,6 +89,38 @@ describe('commands', () => {
   });
 });
 
+describe('runCode', () => {
+  it('keeps state between calls and returns the last expression', async () => {
+    expect((await sb.runCode('a = 20\nb = 22')).value).toBeUndefined();
+    expect((await sb.runCode('a + b')).value).toBe('42');
+    expect((await sb.runCode('"text"')).value).toBe("'text'");
+  });
+
+  it('streams output and captures stderr', async () => {
+    const chunks: string[] = [];
+    const r = await sb.runCode('import sys, time\nfor i in range(3):\n    print("p", i); time.sleep(0.2)\nprint("warn", file=sys.stderr)', { onStdout: (d) => chunks.push(d) });
+    expect(r.stdout).toBe('p 0\np 1\np 2\n');
+    expect(r.stderr).toBe('warn\n');
+    expect(chunks.length).toBeGreaterThanOrEqual(2);
+  });
+
+  it('reports exceptions with a traceback and keeps the interpreter', async () => {
+    const r = await sb.runCode('kept = 1\n1 / 0');
+    expect(r.error).toMatchObject({ name: 'ZeroDivisionError', traceback: expect.stringContaining('ZeroDivisionError') });
+    expect((await sb.runCode('kept')).value).toBe('1');
+  });
+
+  it('interrupts code past its timeout and starts a fresh interpreter next time', async () => {
+    await expect(sb.runCode('import time\ntime.sleep(30)', { timeoutMs: 500 })).rejects.toMatchObject({ code: 'timeout' });
+    const r = await sb.runCode('"kept" in dir()');
+    expect(r.value).toBe('False');
+  });
+
+  it('refuses other languages', async () => {
+    await expect(sb.runCode('1', { language: 'ruby' as 'python' })).rejects.toMatchObject({ code: 'bad_request' });
+  });
+});
+
 describe('files', () => {
   it('writes and reads back a 10 MiB binary file byte for byte', async () => {
     const data = randomBytes(10 * 1024 * 1024);

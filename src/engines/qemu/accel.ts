@@ -6,7 +6,7 @@ import { packageRoot } from '../../core/paths.js';
 
 const run = promisify(execFile);
 
-export type KvmProbe = { usable: boolean; nsPerIteration: number; reason: string };
+export type KvmProbe = { usable: boolean; nsPerIteration: number; reason: string; tscKhz?: number };
 export type Accelerator = 'kvm' | 'tcg';
 
 let cached: Promise<KvmProbe> | undefined;
@@ -18,7 +18,6 @@ let cached: Promise<KvmProbe> | undefined;
  */
 export function probeKvm(): Promise<KvmProbe> {
   cached ??= (async () => {
-    if (process.env.CLADE_ACCEL === 'tcg') return { usable: false, nsPerIteration: 0, reason: 'CLADE_ACCEL=tcg forces emulation' };
     const probe = join(packageRoot(), 'native', 'kvm-probe', 'build', 'kvm-probe');
     if (!existsSync(probe)) {
       try {
@@ -29,7 +28,9 @@ export function probeKvm(): Promise<KvmProbe> {
     }
     try {
       const { stdout } = await run(probe, [], { timeout: 10_000 });
-      return JSON.parse(stdout) as KvmProbe;
+      const result = JSON.parse(stdout) as KvmProbe;
+      if (process.env.CLADE_ACCEL === 'tcg') return { ...result, usable: false, reason: 'CLADE_ACCEL=tcg forces emulation' };
+      return result;
     } catch (err) {
       return { usable: false, nsPerIteration: 0, reason: `kvm-probe failed: ${(err as Error).message}` };
     }

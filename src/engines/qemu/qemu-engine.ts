@@ -3,7 +3,7 @@ import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { CladeError } from '../../core/errors.js';
 import type { BootSpec, Engine, MachineShape, SlotSpec, VmHandle } from '../engine.js';
-import { pickAccelerator, type Accelerator } from './accel.js';
+import { pickAccelerator, probeKvm, type Accelerator } from './accel.js';
 import { liveMigrate, loadState, saveDeviceState } from './migration.js';
 import { QmpClient } from './qmp.js';
 
@@ -86,7 +86,8 @@ async function launch(l: Launch): Promise<QemuVm> {
   if (files.agent.length > UNIX_PATH_MAX) {
     throw new CladeError('bad_request', `the clade home path is too long for unix sockets (${files.agent}); set CLADE_HOME to a shorter directory`);
   }
-  const child = spawn(QEMU_BINARY, qemuArgs(l, accel, files), { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
+  const tscKhz = accel === 'tcg' ? (await probeKvm()).tscKhz : undefined;
+  const child = spawn(QEMU_BINARY, qemuArgs(l, accel, files, tscKhz), { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
   const vm = new QemuVm(l, child, accel, files);
   try {
     await vm.started;
@@ -97,8 +98,11 @@ async function launch(l: Launch): Promise<QemuVm> {
   return vm;
 }
 
-function qemuArgs(l: Launch, accel: Accelerator, files: { agent: string; qmp: string; serial: string }): string[] {
+function qemuArgs(l: Launch, accel: Accelerator, files: { agent: string; qmp: string; serial: string }, tscKhz?: number): string[] {
   const cmdline = ['console=ttyS0', 'quiet', 'panic=-1', 'mitigations=off', 'random.trust_cpu=on', 'i8042.noaux'];
+  // Under emulation the guest reads the host TSC; its own PIT calibration fails
+  // when the host is busy and the kernel then hangs without a clocksource.
+  if (tscKhz && tscKhz > 0) cmdline.push(`tsc_early_khz=${tscKhz}`, 'tsc=reliable');
   if (l.boot) cmdline.push(`clade.token=${l.boot.token.toString('hex')}`, `clade.id=${l.id}`, `clade.hostname=${l.boot.hostname}`);
   return [
     '-name', `clade-${l.id}`,

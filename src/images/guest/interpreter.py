@@ -6,7 +6,9 @@ namespace; {"id": n, "nonce": "...", "reseed": "<hex>"} reseeds `random` and
 `numpy.random` (sent after every fork). User output goes to stdout/stderr as it
 is produced. Each request ends with one line on stdout:
     \\x1eclade:<nonce>:<json>\\n
-where json is {"id", "value"?, "error"?: {"name", "value", "traceback"}}.
+where json is {"id", "value"?, "error"?: {"name", "value", "traceback"}}, and
+one line on stderr, \\x1eclade:<nonce>:end\\n, so the host knows it has all
+of the request's output on both streams.
 """
 import ast
 import json
@@ -21,7 +23,10 @@ def finish(req, **result):
     sys.stdout.flush()
     sys.stderr.flush()
     payload = json.dumps({"id": req.get("id"), **result})
-    sys.__stdout__.write("\x1eclade:%s:%s\n" % (req.get("nonce", ""), payload))
+    nonce = req.get("nonce", "")
+    sys.__stderr__.write("\x1eclade:%s:end\n" % nonce)
+    sys.__stderr__.flush()
+    sys.__stdout__.write("\x1eclade:%s:%s\n" % (nonce, payload))
     sys.__stdout__.flush()
 
 
