@@ -3,6 +3,7 @@ import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'nod
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { memoryDir } from '../../src/core/home.js';
 import { reapOrphans } from '../../src/core/sandboxes.js';
 import { writeCpio } from '../../src/images/cpio.js';
 import { resolveImage } from '../../src/images/store.js';
@@ -79,6 +80,7 @@ describe('sandbox lifecycle', () => {
       expect(Date.now() - t0).toBeLessThan(20_000);
       const id = /sandbox (sb-[0-9a-f]+)/.exec((err as Error).message)![1]!;
       expect(leftNothing(id)).toBe(true);
+      rmSync(memoryDir(), { recursive: true, force: true }); // this throwaway home's RAM directory
     } finally {
       process.env.CLADE_HOME = saved;
       if (saved === undefined) delete process.env.CLADE_HOME;
