@@ -1,6 +1,7 @@
 import { Command, Option } from 'commander';
 import { benchBoot } from '../bench/boot.js';
 import { benchFork } from '../bench/fork.js';
+import { benchLoad, type LoadMode } from '../bench/load.js';
 import { buildImage } from '../images/build.js';
 import { listImages, removeImage } from '../images/store.js';
 import { CladeError } from '../core/errors.js';
@@ -8,6 +9,8 @@ import { listSnapshots, removeSnapshot, verifySnapshot } from '../core/snapshots
 import { Sandbox } from '../sdk/sandbox.js';
 import { runDemo } from './demo.js';
 import { runChecks } from './doctor.js';
+import { runServe, serveCommand } from './serve.js';
+import { findDaemon, forkAction, psAction, runViaDaemon, snapshotSandboxAction } from './daemon-commands.js';
 import { emit, mib, progressPrinter, reportError, table } from './output.js';
 
 const VERSION = '0.1.0';
@@ -91,7 +94,7 @@ export function buildProgram(): Command {
 
   program
     .command('run')
-    .description('boot a sandbox, run one command, print its output, exit with its code, clean up')
+    .description('boot a sandbox, run one command, print its output, exit with its code, clean up (through the daemon if one runs)')
     .argument('<command...>', 'the command and its arguments (put them after --)')
     .option('--image <image>', 'image name or digest', 'default')
     .option('--from-snapshot <tag>', 'resume a persistent snapshot instead of booting')
@@ -103,6 +106,11 @@ export function buildProgram(): Command {
       action(async (argv: string[], opts: { image: string; fromSnapshot?: string; memory?: number; cpus?: number; timeout: number; env: string[] }, cmd: Command) => {
         const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
         const env = parseEnv(opts.env);
+        const daemon = await findDaemon();
+        if (daemon) {
+          const create = { image: opts.image, ...(opts.memory ? { memoryMiB: opts.memory } : {}), ...(opts.cpus ? { cpus: opts.cpus } : {}) };
+          return runViaDaemon(daemon, { argv, ...(opts.fromSnapshot ? { fromSnapshot: opts.fromSnapshot } : {}), create, env, timeoutMs: opts.timeout, json });
+        }
         await using sb = opts.fromSnapshot ? await startOne(opts.fromSnapshot, env) : await Sandbox.create({ image: opts.image, ...(opts.memory ? { memoryMiB: opts.memory } : {}), ...(opts.cpus ? { cpus: opts.cpus } : {}), env });
         const command = argv.length === 1 ? argv[0]! : argv;
         const r = await sb.commands.run(command, {
@@ -115,7 +123,22 @@ export function buildProgram(): Command {
     );
 
 
-  const snapshot = program.command('snapshot').description('persistent snapshots of warm sandboxes');
+  program
+    .command('ps')
+    .description('list the daemon\'s sandboxes (needs `clade serve`)')
+    .action(action(psAction));
+  program
+    .command('fork <sandbox>')
+    .description('fork a daemon sandbox into N running children (needs `clade serve`)')
+    .option('-n, --count <n>', 'children', (v) => parseInt(v, 10), 1)
+    .action(action(forkAction));
+
+  const snapshot = program
+    .command('snapshot')
+    .description('persistent snapshots of warm sandboxes; `clade snapshot <sandbox> --tag T` saves a daemon sandbox')
+    .argument('[sandbox]', 'a sandbox of the running daemon to save (needs `clade serve`)')
+    .option('--tag <tag>', 'tag for the snapshot of <sandbox>')
+    .action(action(snapshotSandboxAction));
   snapshot
     .command('create <tag>')
     .description('boot (or resume a snapshot), warm up with commands and Python code, and save the state as <tag>')
@@ -172,6 +195,8 @@ export function buildProgram(): Command {
         emit(json, { removed }, () => `removed ${removed.join(', ')}`);
       }),
     );
+
+  program.addCommand(serveCommand().action(action(runServe)));
 
   program
     .command('demo')
@@ -234,7 +259,40 @@ export function buildProgram(): Command {
         );
       }),
     );
+  bench
+    .command('load')
+    .description('concurrent clients against the running daemon (unix socket or loopback only): take a sandbox, exec, delete')
+    .option('--clients <n>', 'concurrent clients', (v) => parseInt(v, 10), 50)
+    .option('--seconds <n>', 'how long to run', (v) => parseInt(v, 10), 30)
+    .addOption(new Option('--mode <mode>', 'how each client gets its sandbox').choices(['fork', 'create']).default('fork'))
+    .action(
+      action(async (opts: { clients: number; seconds: number; mode: LoadMode }, cmd: Command) => {
+        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+        const client = await localDaemonForLoad();
+        const r = await benchLoad({ client, ...opts });
+        const row = (name: string, s: { n: number; median: number; p90: number; max: number }) => [name, String(s.n), s.median.toFixed(0), s.p90.toFixed(0), s.max.toFixed(0)];
+        emit(json, r, () =>
+          [
+            `load: ${r.clients} clients, ${r.seconds} s, mode ${r.mode}: ${r.iterations} iterations, errors ${JSON.stringify(r.errors)}`,
+            table([['PHASE (ms)', 'N', 'MEDIAN', 'P90', 'MAX'], ...(['acquire', 'exec', 'delete', 'iteration'] as const).map((p) => row(p, r.latencyMs[p]))]),
+            `JSON: ${r.jsonPath}`,
+          ].join('\n'),
+        );
+        return Object.keys(r.errors).length > 0 ? 1 : 0;
+      }),
+    );
   return program;
+}
+
+/** The load benchmark only targets a daemon on this machine. */
+async function localDaemonForLoad() {
+  const address = process.env.CLADE_DAEMON;
+  if (address && !/^unix:\/\/|^http:\/\/(127\.0\.0\.1|localhost|\[::1\])(:|\/|$)/.test(address)) {
+    throw new CladeError('bad_request', `clade bench load only runs against a daemon on this machine (unix socket or loopback), not ${address}`);
+  }
+  const client = await findDaemon();
+  if (!client) throw new CladeError('unavailable', 'no daemon answers; start one with `clade serve`');
+  return client;
 }
 
 function parseEnv(pairs: string[]): Record<string, string> {

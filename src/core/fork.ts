@@ -30,7 +30,11 @@ export type ForkTimings = {
 export type ForkOutcome = { children: (LiveSandbox | CladeError)[]; timings: ForkTimings; snapshot: Snapshot };
 
 /** Makes sure the sandbox's RAM is a shared file it owns, so it can be frozen. */
-export async function ensureFreezable(sb: LiveSandbox): Promise<number> {
+export function ensureFreezable(sb: LiveSandbox): Promise<number> {
+  return sb.exclusive(() => promoteUnlessShared(sb));
+}
+
+async function promoteUnlessShared(sb: LiveSandbox): Promise<number> {
   if (sb.vm.memory.shared) return 0;
   const t0 = performance.now();
   const file = join(ensurePrivateDir(memoryDir()), `${sb.id}.mem`);
@@ -45,9 +49,13 @@ export async function ensureFreezable(sb: LiveSandbox): Promise<number> {
  * the pause, so the parent is stopped only to save ~50 KB of device state and
  * load it into its continuation.
  */
-export async function freezeAndContinue(sb: LiveSandbox, childSlots: (n: number) => Promise<{ slots: QemuVm[]; warm: number }>, count: number) {
+export function freezeAndContinue(sb: LiveSandbox, childSlots: (n: number) => Promise<{ slots: QemuVm[]; warm: number }>, count: number) {
+  return sb.exclusive(() => freezeAndContinueNow(sb, childSlots, count));
+}
+
+async function freezeAndContinueNow(sb: LiveSandbox, childSlots: (n: number) => Promise<{ slots: QemuVm[]; warm: number }>, count: number) {
   if (!sb.alive) throw new CladeError('killed', `sandbox ${sb.id} is not running`);
-  const promoteMs = await ensureFreezable(sb);
+  const promoteMs = await promoteUnlessShared(sb);
   const parentFile = sb.vm.memory.file;
   const [continuation, kids] = await Promise.all([takeContinuation(sb), childSlots(count)]);
   // No VM may open the parent's RAM file by name once it is frozen and renamed.

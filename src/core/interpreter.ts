@@ -211,9 +211,15 @@ export async function runCode(sb: LiveSandbox, code: string, opts: RunCodeOption
  * and reseed `random` and `numpy.random`, so siblings draw different numbers.
  */
 export async function reseedInterpreter(sb: LiveSandbox, execId: number): Promise<void> {
+  const session = attachInterpreter(sb, execId);
+  await session.send({ reseed: randomBytes(16).toString('hex') }, { timeoutMs: 30_000 });
+}
+
+/** Attaches to an interpreter process already running in the guest (forked, or left by a previous daemon). */
+export function attachInterpreter(sb: LiveSandbox, execId: number): InterpreterSession {
   const session = new InterpreterSession(sb, execId);
   sb.agent.adopt(execId, { onStdout: session.onStdout, onStderr: session.onStderr, onExit: session.onEnd, onClose: session.onEnd });
   sb.interpreter = session;
   sb.interpreterExecId = execId;
-  await session.send({ reseed: randomBytes(16).toString('hex') }, { timeoutMs: 30_000 });
+  return session;
 }

@@ -147,3 +147,10 @@ export async function closePool(memoryFile: string): Promise<void> {
   pools.delete(memoryFile);
   await pool?.close();
 }
+
+/** VM processes waiting in all pools, for monitoring. */
+export function pooledSlots(): number {
+  let n = 0;
+  for (const pool of pools.values()) n += pool.available;
+  return n;
+}

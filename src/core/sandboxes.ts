@@ -4,11 +4,11 @@ import { join } from 'node:path';
 import { AgentClient } from '../agent-protocol/client.js';
 import { Tag } from '../agent-protocol/constants.js';
 import type { EngineName, MachineShape } from '../engines/engine.js';
-import { QemuEngine, type QemuVm } from '../engines/qemu/qemu-engine.js';
+import { isSandboxVm, QemuEngine, QemuVm, type AdoptableVm } from '../engines/qemu/qemu-engine.js';
 import { resolveImage } from '../images/store.js';
 import { CladeError, errorMessage } from './errors.js';
 import { ensurePrivateDir, homePaths, memoryDir } from './home.js';
-import type { InterpreterSession } from './interpreter.js';
+import { attachInterpreter, type InterpreterSession } from './interpreter.js';
 import type { Snapshot } from './snapshots.js';
 
 export type StartOptions = {
@@ -84,6 +84,24 @@ export class LiveSandbox {
 
   /** Pid of the pre-started continuation, for synchronous cleanup at exit. */
   warmPid?: number;
+
+  private exclusiveTail: Promise<unknown> = Promise.resolve();
+
+  /**
+   * Runs operations that replace this sandbox's VM process (fork, snapshot,
+   * promotion) one at a time: two at once would freeze and rename the same RAM
+   * file twice and lose the parent.
+   */
+  exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.exclusiveTail.then(fn);
+    this.exclusiveTail = run.catch(() => undefined);
+    return run;
+  }
+
+  /** After adoption: the next VM process must not reuse the run directory of the current one. */
+  continueRunDirsAfter(generation: number): void {
+    this.generation = Math.max(this.generation, generation);
+  }
 
   /** A fresh directory for the next VM process of this sandbox. */
   nextRunDir(): string {
@@ -194,6 +212,44 @@ export async function startSandbox(opts: StartOptions = {}): Promise<LiveSandbox
   return sandbox;
 }
 
+export type AdoptSpec = {
+  vm: AdoptableVm;
+  token: Buffer;
+  env: Record<string, string>;
+  createdAt: Date;
+  parentId?: string;
+  interpreterExecId?: number;
+  /** Request ids at or above this are unused by the guest's agent. */
+  agentIdCursor: number;
+  /** The number in the current run directory's name (vm-<n>). */
+  runGeneration: number;
+};
+
+/**
+ * Takes over a sandbox whose VM another clade process started and left running
+ * (a daemon that was killed): reconnects to its agent, which must answer HELLO
+ * with the sandbox's token. Throws if it does not; the caller decides what to remove.
+ */
+export async function adoptSandbox(spec: AdoptSpec): Promise<LiveSandbox> {
+  const vm = QemuVm.adopt(spec.vm);
+  const agent = new AgentClient(spec.token);
+  agent.idCursor = spec.agentIdCursor;
+  const deadline = Date.now() + 10_000;
+  try {
+    await agent.connect(vm.agentSocket, deadline, () => vm.alive());
+    await agent.waitReady(deadline, () => vm.alive());
+    await vm.qmp(); // QEMU accepts a new control client once the old owner's is gone
+  } catch (err) {
+    agent.close();
+    throw err;
+  }
+  const sb = new LiveSandbox(spec.vm.id, vm, agent, spec.token, spec.vm.shape, spec.env, spec.createdAt, 0, spec.parentId);
+  sb.continueRunDirsAfter(spec.runGeneration);
+  live.set(sb.id, sb);
+  if (spec.interpreterExecId) attachInterpreter(sb, spec.interpreterExecId);
+  return sb;
+}
+
 function checkRange(name: string, value: number, [min, max]: readonly [number, number]): number {
   if (!Number.isInteger(value) || value < min || value > max) throw new CladeError('bad_request', `${name} must be an integer from ${min} to ${max}, got ${value}`);
   return value;
@@ -222,6 +278,18 @@ export function installExitCleanup(): void {
       process.kill(process.pid, sig);
     });
   }
+}
+
+/**
+ * For a daemon: its sandboxes outlive it (the next daemon adopts them), so at
+ * exit only VMs that no sandbox runs in (warm slots) are killed.
+ */
+export function keepSandboxesOnExit(): void {
+  cleanupInstalled = true;
+  process.on('exit', () => {
+    for (const sb of live.values()) if (sb.warmPid) killPidQuietly(sb.warmPid);
+    for (const hook of exitHooks.splice(0)) hook();
+  });
 }
 
 export function killAllSync(): void {
@@ -263,7 +331,7 @@ export function reapOrphans(): { killed: number; removed: number } {
     }
     if (metas.some((m) => processAlive(m.ownerPid))) continue;
     for (const m of metas) {
-      if (isOurVm(m.pid, id)) (killPidQuietly(m.pid), killed++);
+      if (isSandboxVm(m.pid, id)) (killPidQuietly(m.pid), killed++);
       if (m.memory?.shared) rmSync(m.memory.file, { force: true });
     }
     rmSync(sbDir, { recursive: true, force: true });
@@ -306,14 +374,5 @@ function processAlive(pid: number): boolean {
     return true;
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-/** Checks the pid still is a VM we started for this sandbox (pids get reused). */
-function isOurVm(pid: number, id: string): boolean {
-  try {
-    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(`clade-${id}`);
-  } catch {
-    return false;
   }
 }

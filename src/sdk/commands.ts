@@ -84,8 +84,13 @@ export class CommandHandle {
   }
 }
 
+/** How commands reach a sandbox: its agent in this process, or a daemon over HTTP. */
+export interface CommandRunner {
+  run(cmd: string | string[], opts: CommandOptions): Promise<CommandResult | CommandHandle>;
+}
+
 export class Commands {
-  constructor(private readonly live: LiveSandbox) {}
+  constructor(private readonly runner: CommandRunner) {}
 
   /**
    * Runs a command: a string goes to `/bin/sh -c`, an array is an argv run
@@ -96,8 +101,17 @@ export class Commands {
   run(cmd: string | string[], opts: CommandOptions & { background: true }): Promise<CommandHandle>;
   run(cmd: string | string[], opts?: CommandOptions & { background?: false }): Promise<CommandResult>;
   async run(cmd: string | string[], opts: CommandOptions = {}): Promise<CommandResult | CommandHandle> {
-    if (!this.live.alive) throw new CladeError('killed', `sandbox ${this.live.id} is not running`);
     if (Array.isArray(cmd) ? cmd.length === 0 : cmd.trim() === '') throw new CladeError('bad_request', 'the command is empty');
+    return this.runner.run(cmd, opts);
+  }
+}
+
+/** Commands through the sandbox's agent, in this process. */
+export class AgentCommands implements CommandRunner {
+  constructor(private readonly live: LiveSandbox) {}
+
+  async run(cmd: string | string[], opts: CommandOptions): Promise<CommandResult | CommandHandle> {
+    if (!this.live.alive) throw new CladeError('killed', `sandbox ${this.live.id} is not running`);
     const out = new Capture(opts.onStdout);
     const err = new Capture(opts.onStderr);
     const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;

@@ -1,7 +1,6 @@
 import { posix } from 'node:path';
 import type { FileEntry } from '../agent-protocol/client.js';
 import { CladeError } from '../core/errors.js';
-import type { LiveSandbox } from '../core/sandboxes.js';
 
 export type EntryInfo = {
   name: string;
@@ -16,14 +15,24 @@ export type WriteInfo = { name: string; path: string; type: 'file' };
 
 const HOME = '/root';
 
+/** The file operations of a sandbox's agent; a daemon client provides the same over HTTP. */
+export type FileOps = {
+  readFile(path: string): Promise<Buffer>;
+  writeFile(path: string, data: Buffer, mode?: number): Promise<unknown>;
+  list(path: string): Promise<{ entries: FileEntry[] }>;
+  stat(path: string): Promise<FileEntry>;
+  mkdir(path: string): Promise<boolean>;
+  remove(path: string, recursive: boolean): Promise<void>;
+};
+
 /** Files inside the sandbox. Relative paths are taken from /root. */
 export class Files {
-  constructor(private readonly live: LiveSandbox) {}
+  constructor(private readonly ops: FileOps) {}
 
   read(path: string, opts?: { format?: 'text' }): Promise<string>;
   read(path: string, opts: { format: 'bytes' }): Promise<Uint8Array>;
   async read(path: string, opts: { format?: 'text' | 'bytes' } = {}): Promise<string | Uint8Array> {
-    const data = await this.live.agent.readFile(guestPath(path));
+    const data = await this.ops.readFile(guestPath(path));
     return opts.format === 'bytes' ? new Uint8Array(data.buffer, data.byteOffset, data.length) : data.toString('utf8');
   }
 
@@ -31,24 +40,24 @@ export class Files {
   async write(path: string, data: string | Uint8Array | ArrayBuffer, opts: { mode?: number } = {}): Promise<WriteInfo> {
     const full = guestPath(path);
     const buf = typeof data === 'string' ? Buffer.from(data, 'utf8') : data instanceof ArrayBuffer ? Buffer.from(data) : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-    await this.live.agent.writeFile(full, buf, opts.mode);
+    await this.ops.writeFile(full, buf, opts.mode);
     return { name: posix.basename(full), path: full, type: 'file' };
   }
 
   async list(path: string): Promise<EntryInfo[]> {
     const dir = guestPath(path);
-    const { entries } = await this.live.agent.list(dir);
+    const { entries } = await this.ops.list(dir);
     return entries.map((e) => toInfo(e, posix.join(dir, e.name))).sort((a, b) => a.name.localeCompare(b.name));
   }
 
   async getInfo(path: string): Promise<EntryInfo> {
     const full = guestPath(path);
-    return toInfo(await this.live.agent.stat(full), full);
+    return toInfo(await this.ops.stat(full), full);
   }
 
   async exists(path: string): Promise<boolean> {
     try {
-      await this.live.agent.stat(guestPath(path));
+      await this.ops.stat(guestPath(path));
       return true;
     } catch (err) {
       if (err instanceof CladeError && err.code === 'not_found') return false;
@@ -58,12 +67,12 @@ export class Files {
 
   /** Creates a directory and its parents; resolves false if it already existed. */
   makeDir(path: string): Promise<boolean> {
-    return this.live.agent.mkdir(guestPath(path));
+    return this.ops.mkdir(guestPath(path));
   }
 
   /** Removes a file, or a directory with everything in it. */
   async remove(path: string): Promise<void> {
-    await this.live.agent.remove(guestPath(path), true);
+    await this.ops.remove(guestPath(path), true);
   }
 }
 

@@ -5,8 +5,9 @@ import { runCode, type CodeResult, type RunCodeOptions } from '../core/interpret
 import { ensurePool } from '../core/pool.js';
 import { checkEngine, getLive, type LiveSandbox, startSandbox } from '../core/sandboxes.js';
 import { loadSnapshot, persistSnapshot, readSnapshotMeta, snapshotDir, type SnapshotMeta } from '../core/snapshots.js';
-import { Commands } from './commands.js';
+import { AgentCommands, Commands } from './commands.js';
 import { Files } from './files.js';
+import { daemonClient, RemoteSandbox, type DaemonOptions } from './remote.js';
 import { existsSync } from 'node:fs';
 
 export type SandboxCreateOptions = {
@@ -21,7 +22,7 @@ export type SandboxCreateOptions = {
   /** How long to wait for the guest to boot and its agent to answer. */
   bootTimeoutMs?: number;
   engine?: EngineName;
-};
+} & DaemonOptions;
 
 export type SandboxInfo = {
   sandboxId: string;
@@ -53,18 +54,40 @@ export class Sandbox implements AsyncDisposable {
   lastForkTimings?: ForkTimings;
   private lifetimeTimer?: NodeJS.Timeout;
   private snapshotTag?: string;
+  /** Exactly one of these: the sandbox runs in this process, or in a daemon. */
+  private readonly live?: LiveSandbox;
+  private readonly remote?: RemoteSandbox;
 
-  private constructor(private readonly live: LiveSandbox, opts: { timeoutMs?: number; snapshotTag?: string } = {}) {
-    this.sandboxId = live.id;
-    this.commands = new Commands(live);
-    this.files = new Files(live);
+  private constructor(impl: LiveSandbox | RemoteSandbox, opts: { timeoutMs?: number; snapshotTag?: string } = {}) {
+    this.sandboxId = impl.id;
+    if (impl instanceof RemoteSandbox) {
+      this.remote = impl;
+      this.commands = new Commands(impl.commands);
+      this.files = new Files(impl.files);
+    } else {
+      this.live = impl;
+      this.commands = new Commands(new AgentCommands(impl));
+      this.files = new Files(impl.agent);
+    }
     if (opts.snapshotTag) this.snapshotTag = opts.snapshotTag;
     if (opts.timeoutMs) this.setTimeout(opts.timeoutMs);
+  }
+
+  /** The sandbox in this process; what only exists there says so when the sandbox runs in a daemon. */
+  private local(feature: string): LiveSandbox {
+    if (!this.live) throw new CladeError('unavailable', `${feature} is not available for a sandbox that runs in a daemon`);
+    return this.live;
   }
 
   static async create(opts: SandboxCreateOptions = {}): Promise<Sandbox> {
     if (opts.timeoutMs !== undefined && (!Number.isFinite(opts.timeoutMs) || opts.timeoutMs < 0)) {
       throw new CladeError('bad_request', `timeoutMs must be a non-negative number of milliseconds, got ${opts.timeoutMs}`);
+    }
+    const client = daemonClient(opts);
+    if (client) {
+      const { daemon: _d, token: _t, bootTimeoutMs: _b, engine, ...body } = opts;
+      checkEngine(engine);
+      return new Sandbox(await RemoteSandbox.create(client, body)); // the daemon keeps the lifetime
     }
     const live = await startSandbox(opts);
     return new Sandbox(live, opts.timeoutMs ? { timeoutMs: opts.timeoutMs } : {});
@@ -75,10 +98,15 @@ export class Sandbox implements AsyncDisposable {
    * The snapshot's files are checked against their SHA-256 first. Each entry is
    * a running sandbox or the error that kept that one from starting.
    */
-  static async fromSnapshot(tag: string, opts: { count?: number; env?: Record<string, string>; engine?: EngineName } = {}): Promise<(Sandbox | ForkFailure)[]> {
+  static async fromSnapshot(tag: string, opts: { count?: number; env?: Record<string, string>; engine?: EngineName } & DaemonOptions = {}): Promise<(Sandbox | ForkFailure)[]> {
     checkEngine(opts.engine);
     const count = opts.count ?? 1;
     if (!Number.isInteger(count) || count < 1 || count > 1000) throw new CladeError('bad_request', `count must be an integer from 1 to 1000, got ${count}`);
+    const client = daemonClient(opts);
+    if (client) {
+      const kids = await RemoteSandbox.start(client, tag, { count, ...(opts.env ? { env: opts.env } : {}) });
+      return kids.map((k) => (k instanceof CladeError ? k : new Sandbox(k, { snapshotTag: tag })));
+    }
     const snap = loadSnapshot(tag);
     snap.retain();
     try {
@@ -104,7 +132,8 @@ export class Sandbox implements AsyncDisposable {
    * that child from starting.
    */
   async fork(count = 1): Promise<(Sandbox | ForkFailure)[]> {
-    const outcome = await forkSandbox(this.live, count);
+    if (this.remote) return (await this.remote.fork(count)).map((c) => (c instanceof CladeError ? c : new Sandbox(c)));
+    const outcome = await forkSandbox(this.local('fork'), count);
     this.lastForkTimings = outcome.timings;
     return outcome.children.map((c) => (c instanceof CladeError ? c : new Sandbox(c, this.snapshotTag ? { snapshotTag: this.snapshotTag } : {})));
   }
@@ -112,13 +141,14 @@ export class Sandbox implements AsyncDisposable {
   /** Pre-starts `size` VM processes for this sandbox's next fork and waits until they are ready. */
   async prewarmForks(size: number): Promise<void> {
     if (!Number.isInteger(size) || size < 0 || size > 1000) throw new CladeError('bad_request', `pool size must be an integer from 0 to 1000, got ${size}`);
-    if (!this.live.vm.memory.shared) {
+    const live = this.local('prewarmForks');
+    if (!live.vm.memory.shared) {
       // A fork's parent maps its RAM copy-on-write; give it its own file first (a RAM copy).
-      await ensureFreezable(this.live);
+      await ensureFreezable(live);
     }
-    const pool = ensurePool(this.live.vm.memory.file, this.live.shape, size, false);
-    if (size > 0 && !this.live.hasWarmContinuation()) this.live.setWarmContinuation(startContinuation(this.live));
-    await Promise.all([pool.whenFull(), this.live.warmContinuationReady()]);
+    const pool = ensurePool(live.vm.memory.file, live.shape, size, false);
+    if (size > 0 && !live.hasWarmContinuation()) live.setWarmContinuation(startContinuation(live));
+    await Promise.all([pool.whenFull(), live.warmContinuationReady()]);
   }
 
   /**
@@ -126,10 +156,15 @@ export class Sandbox implements AsyncDisposable {
    * device state, JSON metadata with SHA-256 of each file and the parent tag).
    * The sandbox pauses only briefly and keeps running.
    */
-  async snapshot(opts: { tag: string }): Promise<SnapshotMeta> {
+  async snapshot(opts: { tag: string }): Promise<SnapshotInfo> {
+    if (this.remote) {
+      const meta = await this.remote.snapshot(opts.tag);
+      this.snapshotTag = opts.tag;
+      return meta;
+    }
     const dir = snapshotDir(opts.tag);
     if (existsSync(dir)) throw new CladeError('conflict', `snapshot ${opts.tag} already exists; pick another tag or delete it with \`clade snapshot rm ${opts.tag}\``);
-    const { snapshot } = await freezeAndContinue(this.live, async () => ({ slots: [], warm: 0 }), 0);
+    const { snapshot } = await freezeAndContinue(this.local('snapshot'), async () => ({ slots: [], warm: 0 }), 0);
     try {
       const meta = persistSnapshot(snapshot, opts.tag, this.sandboxId, this.snapshotTag ?? null);
       this.snapshotTag = opts.tag;
@@ -145,42 +180,70 @@ export class Sandbox implements AsyncDisposable {
    * last expression (repr), the output, and the exception if one was raised.
    */
   runCode(code: string, opts: RunCodeOptions = {}): Promise<CodeResult> {
-    return runCode(this.live, code, opts);
+    if (this.remote) return this.remote.runCode(code, opts);
+    return runCode(this.local('runCode'), code, opts);
   }
 
   /** Kills the sandbox `timeoutMs` from now (replacing any earlier deadline). */
   setTimeout(timeoutMs: number): void {
+    this.local('setTimeout (the daemon keeps the lifetime given at create)');
     clearTimeout(this.lifetimeTimer);
     this.lifetimeTimer = setTimeout(() => void this.kill(), timeoutMs);
     this.lifetimeTimer.unref();
   }
 
   async isRunning(): Promise<boolean> {
-    return this.live.alive;
+    return this.remote ? this.remote.isRunning() : this.local('isRunning').alive;
   }
 
   getInfo(): SandboxInfo {
+    if (this.remote) return this.remoteInfo(this.remote);
+    const live = this.local('getInfo');
     return {
       sandboxId: this.sandboxId,
-      ...(this.live.parentId ? { parentId: this.live.parentId } : {}),
-      image: this.live.shape.image.manifest.digest,
+      ...(live.parentId ? { parentId: live.parentId } : {}),
+      image: live.shape.image.manifest.digest,
       engine: 'qemu',
-      accelerator: this.live.vm.accelerator,
-      pid: this.live.vm.pid,
-      startedAt: this.live.createdAt,
-      bootMs: this.live.bootMs,
+      accelerator: live.vm.accelerator,
+      pid: live.vm.pid,
+      startedAt: live.createdAt,
+      bootMs: live.bootMs,
       ...(this.snapshotTag ? { snapshotTag: this.snapshotTag } : {}),
+    };
+  }
+
+  /** As the daemon described the sandbox when this handle was made (boot time is not reported: 0). */
+  private remoteInfo(remote: RemoteSandbox): SandboxInfo {
+    const v = remote.view;
+    const snapshotTag = this.snapshotTag ?? v.snapshotTag;
+    return {
+      sandboxId: v.sandboxId,
+      ...(v.parentId ? { parentId: v.parentId } : {}),
+      image: v.image,
+      engine: 'qemu',
+      accelerator: v.accelerator,
+      pid: v.pid,
+      startedAt: new Date(v.startedAt),
+      bootMs: 0,
+      ...(snapshotTag ? { snapshotTag } : {}),
     };
   }
 
   /** Stops the VM and removes everything it left on the host. Safe to call twice. */
   async kill(): Promise<void> {
     clearTimeout(this.lifetimeTimer);
-    await this.live.kill();
+    await (this.remote ?? this.local('kill')).kill();
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
     await this.kill();
+  }
+
+  /** A handle on a sandbox a daemon runs (the options, or CLADE_DAEMON, name the daemon). */
+  static async connect(sandboxId: string, opts: DaemonOptions = {}): Promise<Sandbox> {
+    const client = daemonClient(opts);
+    if (!client) throw new CladeError('bad_request', 'Sandbox.connect needs a daemon: pass { daemon: "unix:///path/daemon.sock" } or set CLADE_DAEMON; in this process use the Sandbox you created');
+    return new Sandbox(await RemoteSandbox.connect(client, sandboxId));
   }
 
   /** The live sandbox behind an id, for tools that hold ids (the CLI, the daemon). */
@@ -190,4 +253,6 @@ export class Sandbox implements AsyncDisposable {
 }
 
 export { readSnapshotMeta };
+/** A snapshot's metadata as callers see it (the agent token stays with the host). */
+export type SnapshotInfo = Omit<SnapshotMeta, 'agent'>;
 export type { CodeResult, RunCodeOptions, ForkTimings, SnapshotMeta };

@@ -114,6 +114,13 @@ describe('fork', () => {
     expect((await kids[1]!.runCode('secret_number')).value).toBe('1234');
   });
 
+  it('runs concurrent forks of one parent one after another, all succeeding', async () => {
+    const [x, y] = await Promise.all([parent.fork(1), parent.fork(1)]);
+    const kids = ok([...x!, ...y!]);
+    for (const k of kids) expect((await k.runCode('secret_number')).value).toBe('1234');
+    expect((await parent.commands.run('cat /root/state.txt')).stdout).toBe('before-fork');
+  });
+
   it('refuses bad counts', async () => {
     await expect(parent.fork(0)).rejects.toMatchObject({ code: 'bad_request' });
     await expect(parent.fork(1001)).rejects.toMatchObject({ code: 'bad_request' });

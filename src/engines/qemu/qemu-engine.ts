@@ -80,15 +80,19 @@ export class QemuEngine implements Engine {
   }
 }
 
+function runFiles(runDir: string) {
+  return { agent: join(runDir, 'agent.sock'), qmp: join(runDir, 'qmp.sock'), serial: join(runDir, 'serial.log') };
+}
+
 async function launch(l: Launch): Promise<QemuVm> {
   const accel = await pickAccelerator();
-  const files = { agent: join(l.runDir, 'agent.sock'), qmp: join(l.runDir, 'qmp.sock'), serial: join(l.runDir, 'serial.log') };
+  const files = runFiles(l.runDir);
   if (files.agent.length > UNIX_PATH_MAX) {
     throw new CladeError('bad_request', `the clade home path is too long for unix sockets (${files.agent}); set CLADE_HOME to a shorter directory`);
   }
   const tscKhz = accel === 'tcg' ? (await probeKvm()).tscKhz : undefined;
   const child = spawn(QEMU_BINARY, qemuArgs(l, accel, files, tscKhz), { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
-  const vm = new QemuVm(l, child, accel, files);
+  const vm = new QemuVm(l, spawnedProcess(child), accel, files);
   try {
     await vm.started;
   } catch (err) {
@@ -96,6 +100,69 @@ async function launch(l: Launch): Promise<QemuVm> {
     throw err;
   }
   return vm;
+}
+
+type Exit = { code: number | null; signal: string | null };
+
+/** How a QemuVm follows its process: a child it spawned, or a process it adopted by pid. */
+type VmProcess = {
+  pid: number;
+  started: Promise<void>;
+  exited: Promise<Exit>;
+  stderr?: NodeJS.ReadableStream;
+  /** Called when QEMU closes the QMP connection, which it does as it exits. */
+  onQmpClosed?: () => void;
+};
+
+function spawnedProcess(child: ChildProcess): VmProcess {
+  return {
+    pid: child.pid ?? -1,
+    stderr: child.stderr ?? undefined,
+    exited: new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal }))),
+    started: new Promise((resolve, reject) => {
+      child.once('spawn', () => resolve());
+      child.once('error', (err) => {
+        const hint = (err as NodeJS.ErrnoException).code === 'ENOENT' ? `${QEMU_BINARY} is not installed: run \`sudo apt-get install qemu-system-x86\` (or \`clade doctor\`)` : err.message;
+        reject(new CladeError('unavailable', hint));
+      });
+    }),
+  };
+}
+
+/** True while `pid` is the QEMU process started for sandbox `id` (pids get reused). */
+export function isSandboxVm(pid: number, id: string): boolean {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(`clade-${id}`);
+  } catch {
+    return false;
+  }
+}
+
+/** What is needed to take over a VM another process started (a restarted daemon). */
+export type AdoptableVm = {
+  id: string;
+  pid: number;
+  shape: MachineShape;
+  runDir: string;
+  memory: { file: string; shared: boolean };
+  accelerator: Accelerator;
+};
+
+/** An adopted process is not our child: its exit shows as its QMP socket closing, or its pid going. */
+function adoptedProcess(pid: number, id: string): VmProcess {
+  let check: () => void = () => undefined;
+  const exited = new Promise<Exit>((resolve) => {
+    check = () => {
+      if (isSandboxVm(pid, id)) return;
+      clearInterval(poll);
+      resolve({ code: null, signal: null });
+    };
+    const poll = setInterval(check, 1000);
+    poll.unref();
+  });
+  // QEMU closes QMP a moment before its /proc entry goes; look again shortly after. This timer is
+  // not unref'd: it keeps a process that is waiting for the VM to die (kill, shutdown) from exiting first.
+  return { pid, exited, started: Promise.resolve(), onQmpClosed: () => void setTimeout(check, 50) };
 }
 
 function qemuArgs(l: Launch, accel: Accelerator, files: { agent: string; qmp: string; serial: string }, tscKhz?: number): string[] {
@@ -130,7 +197,7 @@ export class QemuVm implements VmHandle {
   readonly id: string;
   readonly pid: number;
   readonly agentSocket: string;
-  readonly accelerator: string;
+  readonly accelerator: Accelerator;
   readonly shape: MachineShape;
   readonly runDir: string;
   readonly exited: Promise<{ code: number | null; signal: string | null }>;
@@ -142,7 +209,7 @@ export class QemuVm implements VmHandle {
 
   constructor(
     l: Launch,
-    child: ChildProcess,
+    private readonly proc: VmProcess,
     accel: Accelerator,
     private readonly files: { agent: string; qmp: string; serial: string },
   ) {
@@ -152,27 +219,36 @@ export class QemuVm implements VmHandle {
     this.memory = { ...l.memory };
     this.agentSocket = files.agent;
     this.accelerator = accel;
-    this.pid = child.pid ?? -1;
-    child.stderr?.on('data', (d: Buffer) => {
+    this.pid = proc.pid;
+    proc.stderr?.on('data', (d: Buffer) => {
       this.stderrTail = (this.stderrTail + d.toString('utf8')).slice(-4096);
     });
-    this.exited = new Promise((resolve) => {
-      child.once('exit', (code, signal) => {
-        this.running = false;
-        resolve({ code, signal });
-      });
+    this.exited = proc.exited.then((exit) => {
+      this.running = false;
+      return exit;
     });
-    this.started = new Promise((resolve, reject) => {
-      child.once('spawn', () => {
-        writeFileSync(join(l.runDir, 'vm.json'), JSON.stringify({ engine: 'qemu', pid: this.pid, ownerPid: process.pid, accelerator: accel, memory: this.memory }) + '\n');
-        resolve();
-      });
-      child.once('error', (err) => {
+    this.started = proc.started.then(
+      () => this.recordOwner(),
+      (err: unknown) => {
         this.running = false;
-        const hint = (err as NodeJS.ErrnoException).code === 'ENOENT' ? `${QEMU_BINARY} is not installed: run \`sudo apt-get install qemu-system-x86\` (or \`clade doctor\`)` : err.message;
-        reject(new CladeError('unavailable', hint));
-      });
-    });
+        throw err;
+      },
+    );
+  }
+
+  /**
+   * Takes over a running VM that another clade process started (a daemon
+   * restarted after SIGKILL): this process becomes its owner, so reapers leave it alone.
+   */
+  static adopt(a: AdoptableVm): QemuVm {
+    const vm = new QemuVm({ id: a.id, shape: a.shape, runDir: a.runDir, memory: a.memory }, adoptedProcess(a.pid, a.id), a.accelerator, runFiles(a.runDir));
+    vm.recordOwner();
+    return vm;
+  }
+
+  /** vm.json names the process that owns the VM; reapOrphans kills VMs whose owner is gone. */
+  recordOwner(): void {
+    writeFileSync(join(this.runDir, 'vm.json'), JSON.stringify({ engine: 'qemu', pid: this.pid, ownerPid: process.pid, accelerator: this.accelerator, memory: this.memory }) + '\n');
   }
 
   alive(): boolean {
@@ -185,7 +261,9 @@ export class QemuVm implements VmHandle {
       const deadline = Date.now() + 10_000;
       for (;;) {
         try {
-          return await QmpClient.connect(this.files.qmp);
+          const client = await QmpClient.connect(this.files.qmp);
+          void client.closed.then(() => this.proc.onQmpClosed?.());
+          return client;
         } catch (err) {
           if (!this.running) throw new CladeError('boot_failed', `QEMU exited while starting: ${this.diagnostics()}`);
           if (Date.now() > deadline) throw new CladeError('timeout', `QEMU control socket did not open: ${(err as Error).message}`);

@@ -16,6 +16,9 @@ export class QmpClient {
   private nextId = 1;
   private readonly waiting = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
   private readonly listeners = new Set<(event: string, data: unknown) => void>();
+  private markClosed!: () => void;
+  /** Resolves when the connection ends; QEMU closing it unasked means the process is exiting. */
+  readonly closed = new Promise<void>((resolve) => (this.markClosed = resolve));
 
   static async connect(path: string): Promise<QmpClient> {
     const c = new QmpClient();
@@ -29,6 +32,7 @@ export class QmpClient {
     c.socket.on('close', () => {
       for (const w of c.waiting.values()) w.reject(new CladeError('killed', 'QEMU closed its control socket'));
       c.waiting.clear();
+      c.markClosed();
     });
     await c.execute('qmp_capabilities');
     return c;

@@ -1,0 +1,233 @@
+import { rmSync } from 'node:fs';
+import { CladeError, errorMessage } from '../core/errors.js';
+import { adoptSandbox, getLive, killPidQuietly, liveSandboxes, sandboxDir } from '../core/sandboxes.js';
+import { isSandboxVm } from '../engines/qemu/qemu-engine.js';
+import { resolveImage } from '../images/store.js';
+import { Sandbox } from '../sdk/sandbox.js';
+import { recordOf, type SandboxRecord, type StateStore } from './state.js';
+
+/** A request id jump after adoption: ids the dead daemon used after its last record write stay unused. */
+const ID_CURSOR_SKIP = 1 << 24;
+const SWEEP_MS = 1000;
+/** Forks or snapshots of one sandbox that may wait for the one running; more are refused. */
+const MAX_WAITING_PER_SANDBOX = 32;
+
+type Entry = { sandbox: Sandbox; expiresAt: number | null; snapshotTag?: string; fingerprint: string };
+
+export type SandboxView = {
+  sandboxId: string;
+  parentId?: string;
+  snapshotTag?: string;
+  image: string;
+  memoryMiB: number;
+  cpus: number;
+  accelerator: string;
+  pid: number;
+  startedAt: string;
+  expiresAt: string | null;
+};
+
+export type Logger = { info: (obj: object, msg: string) => void; warn: (obj: object, msg: string) => void };
+
+/**
+ * The daemon's sandboxes: a cap on how many may exist (reserved before a boot
+ * or fork starts, so concurrent requests cannot overshoot it), their
+ * lifetimes, and their records on disk, kept in step with the VMs.
+ */
+export class SandboxRegistry {
+  private readonly entries = new Map<string, Entry>();
+  private reserved = 0;
+  private sweeper?: NodeJS.Timeout;
+  private readonly locks = new Map<string, { tail: Promise<unknown>; waiting: number }>();
+
+  constructor(
+    private readonly store: StateStore,
+    private readonly maxSandboxes: number,
+    private readonly log: Logger,
+  ) {}
+
+  get size(): number {
+    return this.entries.size;
+  }
+
+  /** Holds room for `n` new sandboxes; call the returned function when they are added or failed. */
+  reserve(n: number): () => void {
+    if (this.entries.size + this.reserved + n > this.maxSandboxes) {
+      throw new CladeError('unavailable', `this daemon runs at most ${this.maxSandboxes} sandboxes (${this.entries.size} running, ${this.reserved} starting); delete some or restart \`clade serve\` with a larger --max-sandboxes`);
+    }
+    this.reserved += n;
+    let released = false;
+    return () => {
+      if (!released) this.reserved -= n;
+      released = true;
+    };
+  }
+
+  /**
+   * Runs forks and snapshots of one sandbox one after another: each freezes the
+   * sandbox and moves it to a new VM process, which two at once would tear apart.
+   */
+  async exclusive<T>(id: string, fn: () => Promise<T>): Promise<T> {
+    const lock = this.locks.get(id) ?? { tail: Promise.resolve(), waiting: 0 };
+    if (lock.waiting >= MAX_WAITING_PER_SANDBOX) throw new CladeError('unavailable', `${lock.waiting} forks or snapshots of ${id} are already queued; retry when some have finished`);
+    lock.waiting++;
+    this.locks.set(id, lock);
+    const run = lock.tail.then(fn);
+    lock.tail = run.catch(() => undefined);
+    try {
+      return await run;
+    } finally {
+      if (--lock.waiting === 0) this.locks.delete(id);
+    }
+  }
+
+  add(sandbox: Sandbox, timeoutMs: number, snapshotTag?: string): SandboxView {
+    const entry: Entry = { sandbox, expiresAt: timeoutMs > 0 ? Date.now() + timeoutMs : null, fingerprint: '', ...(snapshotTag ? { snapshotTag } : {}) };
+    this.entries.set(sandbox.sandboxId, entry);
+    this.persist(sandbox.sandboxId);
+    return this.view(sandbox.sandboxId);
+  }
+
+  get(id: string): Sandbox {
+    const entry = this.entries.get(id);
+    if (!entry) throw new CladeError('not_found', `no sandbox ${JSON.stringify(id)} in this daemon; list them with GET /v1/sandboxes (or \`clade ps\`)`);
+    return entry.sandbox;
+  }
+
+  view(id: string): SandboxView {
+    const entry = this.entries.get(id);
+    if (!entry) throw new CladeError('not_found', `no sandbox ${JSON.stringify(id)} in this daemon`);
+    const live = getLive(id);
+    return {
+      sandboxId: id,
+      ...(live.parentId ? { parentId: live.parentId } : {}),
+      ...(entry.snapshotTag ? { snapshotTag: entry.snapshotTag } : {}),
+      image: live.shape.image.manifest.digest,
+      memoryMiB: live.shape.memoryMiB,
+      cpus: live.shape.cpus,
+      accelerator: live.vm.accelerator,
+      pid: live.vm.pid,
+      startedAt: live.createdAt.toISOString(),
+      expiresAt: entry.expiresAt === null ? null : new Date(entry.expiresAt).toISOString(),
+    };
+  }
+
+  list(filter: { parentId?: string; snapshotTag?: string }): SandboxView[] {
+    return [...this.entries.keys()]
+      .filter((id) => getLiveOrUndefined(id) !== undefined)
+      .map((id) => this.view(id))
+      .filter((v) => (filter.parentId === undefined || v.parentId === filter.parentId) && (filter.snapshotTag === undefined || v.snapshotTag === filter.snapshotTag));
+  }
+
+  setSnapshotTag(id: string, tag: string): void {
+    const entry = this.entries.get(id);
+    if (entry) entry.snapshotTag = tag;
+    this.persist(id);
+  }
+
+  async remove(id: string): Promise<void> {
+    const sandbox = this.get(id);
+    this.entries.delete(id);
+    this.store.remove(id);
+    await sandbox.kill();
+  }
+
+  /** Writes the record again if what a restarted daemon needs has changed (a fork moves the VM). */
+  persist(id: string): void {
+    const entry = this.entries.get(id);
+    const live = getLiveOrUndefined(id);
+    if (!entry || !live) return;
+    const rec = recordOf(live, { expiresAt: entry.expiresAt, ...(entry.snapshotTag ? { snapshotTag: entry.snapshotTag } : {}) });
+    const fingerprint = `${rec.pid}:${rec.runDir}:${rec.interpreterExecId ?? 0}:${rec.memory.file}`;
+    if (fingerprint === entry.fingerprint) return;
+    this.store.save(rec);
+    entry.fingerprint = fingerprint;
+  }
+
+  /** Kills expired sandboxes, forgets those whose VM ended on its own, and keeps records current. */
+  startSweeping(): void {
+    this.sweeper = setInterval(() => void this.sweep(), SWEEP_MS);
+    this.sweeper.unref();
+  }
+
+  private async sweep(): Promise<void> {
+    const now = Date.now();
+    for (const [id, entry] of this.entries) {
+      if (!getLiveOrUndefined(id)) {
+        this.entries.delete(id);
+        this.store.remove(id);
+        this.log.info({ sandboxId: id }, 'sandbox ended on its own; record removed');
+      } else if (entry.expiresAt !== null && entry.expiresAt <= now) {
+        this.log.info({ sandboxId: id }, 'sandbox lifetime is over; killing it');
+        await this.remove(id).catch(() => undefined);
+      } else {
+        this.persist(id);
+      }
+    }
+  }
+
+  /** Saves every record one last time; the VMs keep running for the next daemon. */
+  detachAll(): void {
+    clearInterval(this.sweeper);
+    for (const id of this.entries.keys()) {
+      this.entries.get(id)!.fingerprint = '';
+      this.persist(id);
+    }
+  }
+
+  async killAll(): Promise<void> {
+    clearInterval(this.sweeper);
+    await Promise.all([...this.entries.keys()].map((id) => this.remove(id).catch(() => undefined)));
+  }
+
+  /**
+   * Takes over the sandboxes a previous daemon left running; drops the records
+   * of those whose VM is gone or does not answer with its token.
+   */
+  async adoptAll(): Promise<{ adopted: string[]; dropped: string[] }> {
+    const adopted: string[] = [];
+    const dropped: string[] = [];
+    for (const rec of this.store.loadAll()) {
+      try {
+        await this.adoptOne(rec);
+        adopted.push(rec.id);
+      } catch (err) {
+        this.log.warn({ sandboxId: rec.id, err: errorMessage(err) }, 'could not adopt sandbox; removing it');
+        this.discard(rec);
+        dropped.push(rec.id);
+      }
+    }
+    return { adopted, dropped };
+  }
+
+  private async adoptOne(rec: SandboxRecord): Promise<void> {
+    if (rec.expiresAt !== null && rec.expiresAt <= Date.now()) throw new CladeError('timeout', 'its lifetime ended while no daemon ran');
+    if (!isSandboxVm(rec.pid, rec.id)) throw new CladeError('killed', 'its VM process is gone');
+    const image = resolveImage(rec.shape.imageDigest);
+    const live = await adoptSandbox({
+      vm: { id: rec.id, pid: rec.pid, runDir: rec.runDir, memory: rec.memory, accelerator: rec.accelerator, shape: { image, memoryMiB: rec.shape.memoryMiB, cpus: rec.shape.cpus } },
+      token: Buffer.from(rec.tokenHex, 'hex'),
+      env: rec.env,
+      createdAt: new Date(rec.createdAt),
+      ...(rec.parentId ? { parentId: rec.parentId } : {}),
+      ...(rec.interpreterExecId ? { interpreterExecId: rec.interpreterExecId } : {}),
+      agentIdCursor: (rec.agentIdCursor + ID_CURSOR_SKIP) % 2 ** 32,
+      runGeneration: Number(/vm-(\d+)$/.exec(rec.runDir)?.[1] ?? 0),
+    });
+    const entry: Entry = { sandbox: Sandbox.connectLocal(live.id), expiresAt: rec.expiresAt, fingerprint: '', ...(rec.snapshotTag ? { snapshotTag: rec.snapshotTag } : {}) };
+    this.entries.set(rec.id, entry);
+    this.persist(rec.id);
+  }
+
+  private discard(rec: SandboxRecord): void {
+    if (isSandboxVm(rec.pid, rec.id)) killPidQuietly(rec.pid);
+    getLiveOrUndefined(rec.id)?.kill().catch(() => undefined);
+    rmSync(sandboxDir(rec.id), { recursive: true, force: true });
+    if (rec.memory.shared) rmSync(rec.memory.file, { force: true });
+    this.store.remove(rec.id);
+  }
+}
+
+function getLiveOrUndefined(id: string) {
+  return liveSandboxes().find((s) => s.id === id && s.alive);
+}

@@ -1,0 +1,120 @@
+import { PassThrough } from 'node:stream';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { CladeError } from '../../core/errors.js';
+import type { CommandOptions } from '../../sdk/commands.js';
+import { Sandbox } from '../../sdk/sandbox.js';
+import type { DaemonContext } from '../context.js';
+import { toErrorBody } from '../errors.js';
+import { ChildResults, CodeBody, CodeResult, CreateBody, ExecBody, ExecQuery, ExecResult, ForkBody, IdParams, ListQuery, SandboxSchema, SnapshotBody, SnapshotSchema } from '../schemas.js';
+import { Type } from '@sinclair/typebox';
+import { publicSnapshot } from './snapshots.js';
+
+type ExecOptions = Omit<CommandOptions, 'background'>;
+type IdReq = { Params: { id: string } };
+
+export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
+  const { registry, metrics } = ctx;
+
+  app.post('/v1/sandboxes', { schema: { tags: ['sandboxes'], summary: 'boot a sandbox', body: CreateBody, response: { 201: SandboxSchema } } }, async (req, reply) => {
+    const body = req.body as CreateBody;
+    const release = registry.reserve(1);
+    try {
+      const { timeoutMs, ...opts } = body;
+      const sandbox = await metrics.time('create', () => Sandbox.create(opts));
+      return reply.status(201).send(registry.add(sandbox, timeoutMs ?? ctx.defaultTimeoutMs));
+    } finally {
+      release();
+    }
+  });
+
+  app.get('/v1/sandboxes', { schema: { tags: ['sandboxes'], summary: 'list sandboxes', querystring: ListQuery, response: { 200: Type.Array(SandboxSchema) } } }, async (req) => {
+    return registry.list(req.query as { parentId?: string; snapshotTag?: string });
+  });
+
+  app.get<IdReq>('/v1/sandboxes/:id', { schema: { tags: ['sandboxes'], summary: 'describe a sandbox', params: IdParams, response: { 200: SandboxSchema } } }, async (req) => {
+    registry.get(req.params.id);
+    return registry.view(req.params.id);
+  });
+
+  app.delete<IdReq>('/v1/sandboxes/:id', { schema: { tags: ['sandboxes'], summary: 'kill a sandbox and remove its files', params: IdParams } }, async (req, reply) => {
+    await registry.remove(req.params.id);
+    return reply.status(204).send();
+  });
+
+  app.post<IdReq>(
+    '/v1/sandboxes/:id/exec',
+    { schema: { tags: ['sandboxes'], summary: 'run a command (NDJSON stream with ?stream=1 or Accept: application/x-ndjson)', params: IdParams, querystring: ExecQuery, body: ExecBody, response: { 200: ExecResult } } },
+    async (req, reply) => {
+      const sandbox = registry.get(req.params.id);
+      const body = req.body as ExecBody;
+      const opts: ExecOptions = { ...(body.envs ? { envs: body.envs } : {}), ...(body.cwd ? { cwd: body.cwd } : {}), ...(body.timeoutMs !== undefined ? { timeoutMs: body.timeoutMs } : {}), ...(body.stdin !== undefined ? { stdin: body.stdin } : {}) };
+      if (wantsStream(req)) return streamExec(sandbox, body.cmd, opts, reply, ctx);
+      return metrics.time('exec', () => sandbox.commands.run(body.cmd, opts));
+    },
+  );
+
+  app.post<IdReq>('/v1/sandboxes/:id/code', { schema: { tags: ['sandboxes'], summary: 'run Python in the persistent interpreter', params: IdParams, body: CodeBody, response: { 200: CodeResult } } }, async (req) => {
+    const sandbox = registry.get(req.params.id);
+    const body = req.body as { code: string; timeoutMs?: number };
+    const result = await metrics.time('code', () => sandbox.runCode(body.code, body.timeoutMs !== undefined ? { timeoutMs: body.timeoutMs } : {}));
+    registry.persist(sandbox.sandboxId); // the first call starts the interpreter, which a restarted daemon must find
+    return result;
+  });
+
+  app.post<IdReq>('/v1/sandboxes/:id/fork', { schema: { tags: ['sandboxes'], summary: 'fork into count running children', params: IdParams, body: ForkBody, response: { 200: ChildResults } } }, async (req) => {
+    const parent = registry.get(req.params.id);
+    const body = req.body as { count?: number; timeoutMs?: number };
+    const count = body.count ?? 1;
+    const release = registry.reserve(count);
+    try {
+      const kids = await registry.exclusive(parent.sandboxId, () => ctx.forkGate.run(() => metrics.time('fork', () => parent.fork(count))));
+      registry.persist(parent.sandboxId); // the parent continues in a new VM process
+      return kids.map((k) => childResult(k, (sb) => registry.add(sb, body.timeoutMs ?? ctx.defaultTimeoutMs).sandboxId));
+    } finally {
+      release();
+    }
+  });
+
+  app.post<IdReq>('/v1/sandboxes/:id/snapshot', { schema: { tags: ['sandboxes'], summary: 'save the running state as a persistent snapshot', params: IdParams, body: SnapshotBody, response: { 201: SnapshotSchema } } }, async (req, reply) => {
+    const sandbox = registry.get(req.params.id);
+    const { tag } = req.body as { tag: string };
+    const meta = await registry.exclusive(sandbox.sandboxId, () => ctx.forkGate.run(() => metrics.time('snapshot', () => sandbox.snapshot({ tag }))));
+    registry.setSnapshotTag(sandbox.sandboxId, tag);
+    return reply.status(201).send(publicSnapshot(meta));
+  });
+}
+
+export function childResult(kid: Sandbox | CladeError, add: (sb: Sandbox) => string): { sandboxId: string } | { error: { code: string; message: string } } {
+  if (kid instanceof CladeError) return { error: toErrorBody(kid).body };
+  return { sandboxId: add(kid) };
+}
+
+function wantsStream(req: FastifyRequest): boolean {
+  return (req.query as { stream?: string }).stream === '1' || (req.headers.accept ?? '').includes('application/x-ndjson');
+}
+
+/**
+ * Streams a command as NDJSON: `{"stdout":…}` and `{"stderr":…}` lines as the
+ * guest produces output, then `{"exit":{…}}` (or `{"error":{…}}`). A client
+ * that hangs up kills the command, so nothing runs on unattended.
+ */
+async function streamExec(sandbox: Sandbox, cmd: string | string[], opts: ExecOptions, reply: FastifyReply, ctx: DaemonContext): Promise<FastifyReply> {
+  const out = new PassThrough();
+  const line = (o: object) => out.write(JSON.stringify(o) + '\n');
+  const handle = await sandbox.commands.run(cmd, { ...opts, background: true, onStdout: (d) => line({ stdout: d }), onStderr: (d) => line({ stderr: d }) });
+  let finished = false;
+  reply.raw.once('close', () => {
+    if (!finished) void handle.kill().catch(() => undefined);
+  });
+  void ctx.metrics
+    .time('exec', () => handle.wait())
+    .then(
+      (r) => line({ exit: { exitCode: r.exitCode, ...(r.timedOut ? { timedOut: true } : {}), ...(r.signal ? { signal: r.signal } : {}) } }),
+      (err: unknown) => line({ error: toErrorBody(err).body }),
+    )
+    .finally(() => {
+      finished = true;
+      out.end();
+    });
+  return reply.header('content-type', 'application/x-ndjson').header('cache-control', 'no-store').send(out);
+}

@@ -1,0 +1,49 @@
+import type { FastifyInstance } from 'fastify';
+import { Type } from '@sinclair/typebox';
+import { listSnapshots, readSnapshotMeta, removeSnapshot, verifySnapshot, type SnapshotMeta } from '../../core/snapshots.js';
+import { Sandbox } from '../../sdk/sandbox.js';
+import type { DaemonContext } from '../context.js';
+import { ChildResults, DeleteSnapshotQuery, SnapshotSchema, StartBody, TagParams } from '../schemas.js';
+import { childResult } from './sandboxes.js';
+
+type TagReq = { Params: { tag: string } };
+
+/** A snapshot's metadata without the agent token, which only the host may hold. */
+export function publicSnapshot(meta: Omit<SnapshotMeta, 'agent'> & { agent?: unknown }): Omit<SnapshotMeta, 'agent'> {
+  const { agent: _secret, ...rest } = meta;
+  return rest;
+}
+
+export function snapshotRoutes(app: FastifyInstance, ctx: DaemonContext): void {
+  app.get('/v1/snapshots', { schema: { tags: ['snapshots'], summary: 'list persistent snapshots', response: { 200: Type.Array(SnapshotSchema) } } }, async () => listSnapshots().map(publicSnapshot));
+
+  app.get<TagReq>('/v1/snapshots/:tag', { schema: { tags: ['snapshots'], summary: 'show a snapshot after checking its files against their SHA-256', params: TagParams, response: { 200: SnapshotSchema } } }, async (req) => ({
+    ...publicSnapshot(verifySnapshot(req.params.tag)),
+    verified: true,
+  }));
+
+  app.delete<TagReq & { Querystring: { cascade?: string } }>(
+    '/v1/snapshots/:tag',
+    { schema: { tags: ['snapshots'], summary: 'delete a snapshot (cascade=1: also those made from it)', params: TagParams, querystring: DeleteSnapshotQuery, response: { 200: Type.Object({ removed: Type.Array(Type.String()) }) } } },
+    async (req) => {
+      readSnapshotMeta(req.params.tag); // 404 before anything else
+      return { removed: removeSnapshot(req.params.tag, { cascade: req.query.cascade === '1' }) };
+    },
+  );
+
+  app.post<TagReq & { Body: StartBody }>(
+    '/v1/snapshots/:tag/start',
+    { schema: { tags: ['snapshots'], summary: 'start count sandboxes from a snapshot', params: TagParams, body: StartBody, response: { 200: ChildResults } } },
+    async (req) => {
+      const { count = 1, env, timeoutMs } = req.body;
+      readSnapshotMeta(req.params.tag);
+      const release = ctx.registry.reserve(count);
+      try {
+        const kids = await ctx.forkGate.run(() => ctx.metrics.time('start', () => Sandbox.fromSnapshot(req.params.tag, { count, ...(env ? { env } : {}) })));
+        return kids.map((k) => childResult(k, (sb) => ctx.registry.add(sb, timeoutMs ?? ctx.defaultTimeoutMs, req.params.tag).sandboxId));
+      } finally {
+        release();
+      }
+    },
+  );
+}

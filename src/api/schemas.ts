@@ -1,0 +1,117 @@
+import { Type, type Static } from '@sinclair/typebox';
+
+/** Every request body and answer of the HTTP API; also the source of docs/openapi.json. */
+
+export const ErrorSchema = Type.Object({ code: Type.String(), message: Type.String() });
+
+const Env = Type.Record(Type.String({ maxLength: 1024 }), Type.String({ maxLength: 65536 }), { description: 'environment variables' });
+const Id = Type.String({ minLength: 1, maxLength: 64 });
+const Tag = Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' });
+/** A sandbox's lifetime in ms; 0 = until deleted. */
+const Lifetime = Type.Integer({ minimum: 0, maximum: 7 * 24 * 3600_000, description: 'lifetime in ms from now; 0 = until deleted' });
+const Count = Type.Integer({ minimum: 1, maximum: 1000 });
+
+export const IdParams = Type.Object({ id: Id });
+export const TagParams = Type.Object({ tag: Tag });
+
+export const CreateBody = Type.Object(
+  {
+    image: Type.Optional(Type.String({ minLength: 1, maxLength: 128 })),
+    memoryMiB: Type.Optional(Type.Integer({ minimum: 256, maximum: 16384 })),
+    cpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),
+    env: Type.Optional(Env),
+    timeoutMs: Type.Optional(Lifetime),
+  },
+  { additionalProperties: false },
+);
+export type CreateBody = Static<typeof CreateBody>;
+
+export const SandboxSchema = Type.Object(
+  {
+    sandboxId: Type.String(),
+    parentId: Type.Optional(Type.String()),
+    snapshotTag: Type.Optional(Type.String()),
+    image: Type.String(),
+    memoryMiB: Type.Integer(),
+    cpus: Type.Integer(),
+    accelerator: Type.String(),
+    pid: Type.Integer(),
+    startedAt: Type.String(),
+    expiresAt: Type.Union([Type.String(), Type.Null()]),
+  },
+);
+
+export const ListQuery = Type.Object({ parentId: Type.Optional(Type.String()), snapshotTag: Type.Optional(Type.String()) }, { additionalProperties: false });
+
+export const ExecBody = Type.Object(
+  {
+    cmd: Type.Union([Type.String({ minLength: 1, maxLength: 1 << 20 }), Type.Array(Type.String({ maxLength: 1 << 20 }), { minItems: 1, maxItems: 4096 })]),
+    envs: Type.Optional(Env),
+    cwd: Type.Optional(Type.String({ minLength: 1, maxLength: 4095 })),
+    timeoutMs: Type.Optional(Type.Integer({ minimum: 0, maximum: 24 * 3600_000, description: 'kill the command after this long; 0 = never (default 60000)' })),
+    stdin: Type.Optional(Type.String()),
+  },
+  { additionalProperties: false },
+);
+export type ExecBody = Static<typeof ExecBody>;
+
+export const ExecQuery = Type.Object({ stream: Type.Optional(Type.Union([Type.Literal('0'), Type.Literal('1')])) });
+
+export const ExecResult = Type.Object({
+  exitCode: Type.Integer(),
+  stdout: Type.String(),
+  stderr: Type.String(),
+  timedOut: Type.Optional(Type.Boolean()),
+  signal: Type.Optional(Type.Integer()),
+});
+
+export const PathQuery = Type.Object({ path: Type.String({ minLength: 1, maxLength: 4095 }) }, { additionalProperties: false });
+export const MkdirBody = Type.Object({ path: Type.String({ minLength: 1, maxLength: 4095 }) }, { additionalProperties: false });
+
+export const EntrySchema = Type.Object({
+  name: Type.String(),
+  path: Type.String(),
+  type: Type.Union([Type.Literal('file'), Type.Literal('dir'), Type.Literal('symlink'), Type.Literal('other')]),
+  size: Type.Number(),
+  mode: Type.Integer(),
+  modifiedTime: Type.String(),
+});
+
+export const ForkBody = Type.Object({ count: Type.Optional(Count), timeoutMs: Type.Optional(Lifetime) }, { additionalProperties: false });
+export const StartBody = Type.Object({ count: Type.Optional(Count), env: Type.Optional(Env), timeoutMs: Type.Optional(Lifetime) }, { additionalProperties: false });
+export type StartBody = Static<typeof StartBody>;
+
+/** Per child: its id, or the error that kept it from starting (the others are unaffected). */
+export const ChildResults = Type.Array(
+  Type.Union([Type.Object({ sandboxId: Type.String() }), Type.Object({ error: Type.Object({ code: Type.String(), message: Type.String() }) })]),
+);
+
+export const CodeBody = Type.Object({ code: Type.String({ maxLength: 4 << 20 }), timeoutMs: Type.Optional(Type.Integer({ minimum: 0, maximum: 24 * 3600_000 })) }, { additionalProperties: false });
+export const CodeResult = Type.Object({
+  value: Type.Optional(Type.String()),
+  stdout: Type.String(),
+  stderr: Type.String(),
+  error: Type.Optional(Type.Object({ name: Type.String(), value: Type.String(), traceback: Type.String() })),
+});
+
+export const SnapshotBody = Type.Object({ tag: Tag }, { additionalProperties: false });
+export const DeleteSnapshotQuery = Type.Object({ cascade: Type.Optional(Type.Union([Type.Literal('0'), Type.Literal('1')])) });
+
+export const SnapshotSchema = Type.Object(
+  {
+    format: Type.Integer(),
+    tag: Type.String(),
+    parent: Type.Union([Type.String(), Type.Null()]),
+    createdAt: Type.String(),
+    sandboxId: Type.String(),
+    engine: Type.String(),
+    image: Type.String(),
+    memoryMiB: Type.Integer(),
+    cpus: Type.Integer(),
+    files: Type.Record(Type.String(), Type.Object({ sha256: Type.String(), bytes: Type.Number() })),
+    verified: Type.Optional(Type.Boolean()),
+  },
+);
+
+export const Health = Type.Object({ ok: Type.Boolean(), sandboxes: Type.Integer(), pid: Type.Integer(), uptimeS: Type.Number() });
+export const Version = Type.Object({ version: Type.String(), api: Type.Literal('v1') });

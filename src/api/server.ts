@@ -1,0 +1,162 @@
+import { randomUUID } from 'node:crypto';
+import { chmodSync, existsSync, rmSync } from 'node:fs';
+import { request } from 'node:http';
+import { join } from 'node:path';
+import fastifySwagger from '@fastify/swagger';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import { pino, type Logger } from 'pino';
+import { CladeError } from '../core/errors.js';
+import { cladeHome, ensurePrivateDir } from '../core/home.js';
+import { pooledSlots } from '../core/pool.js';
+import { keepSandboxesOnExit, reapOrphans } from '../core/sandboxes.js';
+import { bearerMatches, loadOrCreateToken } from './auth.js';
+import { ConcurrencyGate, type DaemonContext } from './context.js';
+import { errorHandler } from './errors.js';
+import { Metrics } from './metrics.js';
+import { SandboxRegistry } from './registry.js';
+import { fileRoutes } from './routes/files.js';
+import { sandboxRoutes } from './routes/sandboxes.js';
+import { snapshotRoutes } from './routes/snapshots.js';
+import { systemRoutes } from './routes/system.js';
+import { StateStore } from './state.js';
+
+export const API_VERSION = '0.1.0';
+/** JSON bodies (commands, code, stdin) are bounded; file uploads have their own larger limit. */
+export const JSON_BODY_LIMIT = 8 * 1024 * 1024;
+/** How long a SIGTERM waits for requests in flight (long commands, streams) before cutting them. */
+const SHUTDOWN_GRACE_MS = 10_000;
+
+export const daemonPaths = {
+  socket: () => join(cladeHome(), 'daemon.sock'),
+  token: () => join(cladeHome(), 'daemon.token'),
+  state: () => join(cladeHome(), 'daemon'),
+};
+
+export type ServeOptions = {
+  socketPath: string;
+  /** TCP listener (bearer token required), e.g. { host: '127.0.0.1', port: 7070 }. */
+  tcp?: { host: string; port: number };
+  tokenFile: string;
+  stateDir: string;
+  maxSandboxes: number;
+  maxConcurrentForks: number;
+  defaultTimeoutMs: number;
+  /** Kill every sandbox on shutdown instead of leaving them for the next daemon. */
+  stopOnExit: boolean;
+  logLevel: string;
+};
+
+export type Daemon = {
+  socketPath: string;
+  tcpPort?: number;
+  adopted: string[];
+  close(): Promise<void>;
+};
+
+/** Builds one listener's app; the unix one trusts its socket's file mode, the TCP one wants the token. */
+export async function buildApp(ctx: DaemonContext, log: Logger, auth?: { token: string }): Promise<FastifyInstance> {
+  const app: FastifyInstance = Fastify({
+    loggerInstance: log as FastifyBaseLogger,
+    bodyLimit: JSON_BODY_LIMIT,
+    genReqId: (req) => {
+      const given = req.headers['x-request-id'];
+      return typeof given === 'string' && /^[A-Za-z0-9._-]{1,64}$/.test(given) ? given : randomUUID();
+    },
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false } },
+  });
+  await app.register(fastifySwagger, {
+    openapi: {
+      info: { title: 'clade daemon', version: API_VERSION, description: 'Linux microVM sandboxes that fork copy-on-write. See docs/api.md.' },
+      components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer', description: 'required on TCP listeners; the unix socket needs none' } } },
+    },
+  });
+  app.setErrorHandler(errorHandler);
+  app.setNotFoundHandler((req, reply) => void reply.status(404).send({ code: 'not_found', message: `no route ${req.method} ${req.url.split('?')[0]}; see /v1/openapi.json` }));
+  app.addHook('onSend', async (req, reply) => void reply.header('x-request-id', req.id));
+  if (auth) {
+    app.addHook('onRequest', async (req, reply) => {
+      if (!bearerMatches(req.headers.authorization, auth.token)) {
+        return reply.status(401).send({ code: 'auth', message: 'missing or wrong bearer token: send `Authorization: Bearer <token>` with the token from the daemon\'s token file' });
+      }
+    });
+  }
+  systemRoutes(app, ctx);
+  sandboxRoutes(app, ctx);
+  fileRoutes(app, ctx);
+  snapshotRoutes(app, ctx);
+  await app.ready();
+  return app;
+}
+
+/**
+ * Starts the daemon: adopts the sandboxes a previous daemon left running,
+ * removes what nobody owns any more, then listens. Sandboxes outlive the
+ * daemon unless `stopOnExit` is set.
+ */
+export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
+  const log = pino({ level: opts.logLevel, base: { pid: process.pid } });
+  // The daemon runs its sandboxes itself; CLADE_DAEMON would make the SDK send them back to a daemon.
+  delete process.env.CLADE_DAEMON;
+  keepSandboxesOnExit();
+  const store = new StateStore(ensurePrivateDir(opts.stateDir));
+  const registry = new SandboxRegistry(store, opts.maxSandboxes, log);
+  const ctx: DaemonContext = {
+    registry,
+    metrics: new Metrics(() => registry.size, pooledSlots),
+    forkGate: new ConcurrencyGate(opts.maxConcurrentForks, 'forks, snapshots or snapshot starts'),
+    defaultTimeoutMs: opts.defaultTimeoutMs,
+    startedAt: Date.now(),
+    version: API_VERSION,
+  };
+  await claimSocket(opts.socketPath);
+  const { adopted, dropped } = await registry.adoptAll();
+  const reaped = reapOrphans();
+  log.info({ adopted, dropped, reaped }, 'state recovered');
+  registry.startSweeping();
+
+  const apps: FastifyInstance[] = [];
+  const unixApp = await buildApp(ctx, log);
+  await unixApp.listen({ path: opts.socketPath });
+  chmodSync(opts.socketPath, 0o600);
+  apps.push(unixApp);
+  let tcpPort: number | undefined;
+  if (opts.tcp) {
+    const tcpApp = await buildApp(ctx, log, { token: loadOrCreateToken(opts.tokenFile) });
+    await tcpApp.listen({ host: opts.tcp.host, port: opts.tcp.port });
+    tcpPort = (tcpApp.server.address() as { port: number }).port;
+    apps.push(tcpApp);
+  }
+  log.info({ socket: opts.socketPath, tcpPort, adopted: adopted.length }, 'clade daemon listening');
+
+  let closing: Promise<void> | undefined;
+  const close = () =>
+    (closing ??= (async () => {
+      log.info({ stopOnExit: opts.stopOnExit }, 'shutting down');
+      const cut = setTimeout(() => apps.forEach((a) => a.server.closeAllConnections()), SHUTDOWN_GRACE_MS);
+      await Promise.all(apps.map((a) => a.close()));
+      clearTimeout(cut);
+      if (opts.stopOnExit) await registry.killAll();
+      else registry.detachAll();
+      rmSync(opts.socketPath, { force: true });
+    })());
+  return { socketPath: opts.socketPath, ...(tcpPort !== undefined ? { tcpPort } : {}), adopted, close };
+}
+
+/** Refuses to start over a live daemon; removes the socket a dead one left behind. */
+async function claimSocket(path: string): Promise<void> {
+  if (!existsSync(path)) return;
+  if (await socketAnswers(path)) throw new CladeError('conflict', `a clade daemon already listens on ${path}; stop it first, or pass --socket to use another path`);
+  rmSync(path, { force: true });
+}
+
+export function socketAnswers(path: string, timeoutMs = 1000): Promise<boolean> {
+  return new Promise((resolve) => {
+    const req = request({ socketPath: path, path: '/v1/health', timeout: timeoutMs }, (res) => {
+      res.resume();
+      resolve(res.statusCode === 200);
+    });
+    req.on('error', () => resolve(false));
+    req.on('timeout', () => (req.destroy(), resolve(false)));
+    req.end();
+  });
+}

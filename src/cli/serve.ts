@@ -1,0 +1,70 @@
+import { Command, Option } from 'commander';
+import { CladeError } from '../core/errors.js';
+import { daemonPaths, startDaemon } from '../api/server.js';
+
+const DEFAULT_SANDBOX_LIFETIME_MS = 30 * 60_000;
+
+type ServeFlags = {
+  socket: string;
+  listen?: string;
+  tokenFile: string;
+  stateDir: string;
+  maxSandboxes: number;
+  maxConcurrentForks: number;
+  sandboxTimeout: number;
+  stopOnExit?: boolean;
+  logLevel: string;
+};
+
+export function serveCommand(): Command {
+  return new Command('serve')
+    .description('run the clade daemon: the HTTP API (docs/api.md) on a unix socket, and optionally on TCP with a bearer token')
+    .addOption(new Option('--socket <path>', 'unix socket to listen on (mode 0600; no token needed)').default(daemonPaths.socket(), '$CLADE_HOME/daemon.sock'))
+    .option('--listen <host:port>', 'also listen on TCP; every request must then carry the bearer token')
+    .addOption(new Option('--token-file <path>', 'bearer token for TCP, created (mode 0600) if missing').default(daemonPaths.token(), '$CLADE_HOME/daemon.token'))
+    .addOption(new Option('--state-dir <dir>', 'where sandbox records are kept so a restarted daemon re-adopts running sandboxes').default(daemonPaths.state(), '$CLADE_HOME/daemon'))
+    .option('--max-sandboxes <n>', 'most sandboxes this daemon runs at once; more gets 503', positiveInt, 200)
+    .option('--max-concurrent-forks <n>', 'forks, snapshots and snapshot starts at once; more gets 503', positiveInt, 4)
+    .option('--sandbox-timeout <ms>', 'lifetime of a sandbox whose request sets no timeoutMs (0 = until deleted)', nonNegativeInt, DEFAULT_SANDBOX_LIFETIME_MS)
+    .option('--stop-on-exit', 'kill every sandbox on SIGTERM/SIGINT (default: leave them running for the next daemon to adopt)')
+    .option('--log-level <level>', 'pino log level (JSON logs on stdout)', 'info');
+}
+
+/** Runs until SIGTERM or SIGINT, then shuts down gracefully. */
+export async function runServe(flags: ServeFlags): Promise<void> {
+  const daemon = await startDaemon({
+    socketPath: flags.socket,
+    ...(flags.listen ? { tcp: parseListen(flags.listen) } : {}),
+    tokenFile: flags.tokenFile,
+    stateDir: flags.stateDir,
+    maxSandboxes: flags.maxSandboxes,
+    maxConcurrentForks: flags.maxConcurrentForks,
+    defaultTimeoutMs: flags.sandboxTimeout,
+    stopOnExit: Boolean(flags.stopOnExit),
+    logLevel: flags.logLevel,
+  });
+  await new Promise<void>((resolve) => {
+    for (const sig of ['SIGTERM', 'SIGINT'] as const) process.once(sig, () => void daemon.close().then(resolve, resolve));
+  });
+  // Sandboxes left running for the next daemon still hold agent and QMP connections open.
+  process.exit(0);
+}
+
+function parseListen(v: string): { host: string; port: number } {
+  const m = /^(.+):(\d{1,5})$/.exec(v);
+  const port = Number(m?.[2]);
+  if (!m || port > 65535) throw new CladeError('bad_request', `--listen wants host:port (e.g. 127.0.0.1:7070), got ${JSON.stringify(v)}`);
+  return { host: m[1]!.replace(/^\[(.*)\]$/, '$1'), port };
+}
+
+function positiveInt(v: string): number {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1) throw new CladeError('bad_request', `expected a positive integer, got ${JSON.stringify(v)}`);
+  return n;
+}
+
+function nonNegativeInt(v: string): number {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0) throw new CladeError('bad_request', `expected a non-negative integer, got ${JSON.stringify(v)}`);
+  return n;
+}

@@ -1,0 +1,213 @@
+import { request } from 'node:http';
+import { existsSync, readdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { spawnSync } from 'node:child_process';
+import { CladeError } from '../../src/core/errors.js';
+import { Sandbox } from '../../src/sdk/index.js';
+import { TestDaemon } from '../helpers/daemon.js';
+import { leftNothing, remains, vmPids, waitFor } from '../helpers/leaks.js';
+
+const MAIN = join(import.meta.dirname, '../../src/cli/main.ts');
+
+type View = { sandboxId: string; parentId?: string; pid: number };
+type Child = { sandboxId: string } | { error: { code: string; message: string } };
+type Exec = { exitCode: number; stdout: string; stderr: string };
+
+/** The error a call was rejected with, as a CladeError. */
+async function failure(p: Promise<unknown>): Promise<CladeError> {
+  const err = await p.then(() => undefined, (e: unknown) => e);
+  expect(err).toBeInstanceOf(CladeError);
+  return err as CladeError;
+}
+
+/** Raw status of a request, for bodies the typed client would never send. */
+function rawStatus(socketPath: string, method: string, path: string, body: Buffer | string, contentType = 'application/json'): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const req = request({ socketPath, method, path, headers: { 'content-type': contentType } }, (res) => {
+      res.resume();
+      resolve(res.statusCode ?? 0);
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+describe('clade serve (HTTP API, real VMs)', () => {
+  // max-sandboxes 3: the parent and two forked children fill it.
+  const daemon = new TestDaemon(['--max-sandboxes', '3', '--stop-on-exit']);
+  const created = new Set<string>();
+  let parent: View;
+
+  beforeAll(async () => {
+    await daemon.start();
+    parent = await daemon.client().json<View>('POST', '/v1/sandboxes', { env: { MODE: 'api' }, timeoutMs: 600_000 });
+    created.add(parent.sandboxId);
+  });
+
+  afterAll(async () => {
+    try {
+      await daemon.stop('SIGTERM'); // --stop-on-exit: every sandbox is killed
+      for (const id of created) expect(await waitFor(() => leftNothing(id)), `left behind: ${remains(id).join(', ')}`).toBe(true);
+      expect(existsSync(daemon.socket)).toBe(false);
+      expect(readdirSync(join(daemon.stateDir, 'sandboxes'))).toEqual([]);
+    } finally {
+      rmSync(daemon.dir, { recursive: true, force: true });
+    }
+  });
+
+  it('rejects malformed, oversized and out-of-range bodies; unknown ids are 404', async () => {
+    const c = daemon.client();
+    expect(await rawStatus(daemon.socket, 'POST', '/v1/sandboxes', '{not json')).toBe(400);
+    expect(await rawStatus(daemon.socket, 'POST', '/v1/sandboxes', JSON.stringify({ image: 'x'.repeat(9 << 20) }))).toBe(413);
+    expect((await failure(c.json('POST', '/v1/sandboxes', { memoryMiB: 'lots' }))).code).toBe('bad_request');
+    expect((await failure(c.json('POST', '/v1/sandboxes', { unknownField: 1 }))).code).toBe('bad_request');
+    expect((await failure(c.json('POST', `/v1/sandboxes/${parent.sandboxId}/fork`, { count: 1001 }))).code).toBe('bad_request');
+    expect((await failure(c.json('GET', '/v1/sandboxes/sb-000000000000'))).code).toBe('not_found');
+    expect((await failure(c.json('POST', '/v1/sandboxes/sb-000000000000/exec', { cmd: 'true' }))).code).toBe('not_found');
+    expect((await failure(c.json('GET', '/v1/snapshots/no-such-tag'))).code).toBe('not_found');
+  });
+
+  it('TCP requires the bearer token: 401 without it or with a wrong one', async () => {
+    expect((await failure(daemon.tcpClient().json('GET', '/v1/health'))).code).toBe('auth');
+    expect((await failure(daemon.tcpClient('0'.repeat(64)).json('GET', '/v1/health'))).code).toBe('auth');
+    expect(await daemon.tcpClient(daemon.token()).json('GET', '/v1/health')).toMatchObject({ ok: true });
+  });
+
+  it('lifecycle over HTTP: exec, files, runCode, list, describe', async () => {
+    const c = daemon.client();
+    const id = parent.sandboxId;
+    const r = await c.json<Exec>('POST', `/v1/sandboxes/${id}/exec`, { cmd: 'echo $MODE $X; cat; echo err >&2; exit 3', envs: { X: 'y' }, stdin: 'from-stdin\n' });
+    expect(r).toMatchObject({ exitCode: 3, stdout: 'api y\nfrom-stdin\n', stderr: 'err\n' });
+    expect(await c.json<Exec>('POST', `/v1/sandboxes/${id}/exec`, { cmd: ['pwd'], cwd: '/tmp' })).toMatchObject({ stdout: '/tmp\n' });
+
+    const bytes = Buffer.from([0, 1, 2, 255]);
+    await c.json('PUT', `/v1/sandboxes/${id}/files?path=/root/d/x.bin`, bytes);
+    expect(await c.bytes('GET', `/v1/sandboxes/${id}/files?path=/root/d/x.bin`)).toEqual(bytes);
+    expect(await c.json('GET', `/v1/sandboxes/${id}/files/stat?path=/root/d/x.bin`)).toMatchObject({ type: 'file', size: 4 });
+    expect(await c.json('POST', `/v1/sandboxes/${id}/files/mkdir`, { path: '/root/d/sub' })).toEqual({ created: true });
+    expect((await c.json<{ name: string }[]>('GET', `/v1/sandboxes/${id}/files/list?path=/root/d`)).map((e) => e.name)).toEqual(['sub', 'x.bin']);
+    await c.json('DELETE', `/v1/sandboxes/${id}/files?path=/root/d`);
+    expect((await failure(c.json('GET', `/v1/sandboxes/${id}/files/stat?path=/root/d`))).code).toBe('not_found');
+
+    expect(await c.json('POST', `/v1/sandboxes/${id}/code`, { code: 'counter = 41\ncounter' })).toMatchObject({ value: '41' });
+    expect((await c.json<View[]>('GET', '/v1/sandboxes')).map((s) => s.sandboxId)).toContain(id);
+    expect(await c.json('GET', `/v1/sandboxes/${id}`)).toMatchObject({ sandboxId: id, pid: expect.any(Number) });
+  });
+
+  it('streams exec output as NDJSON before the command ends', async () => {
+    const lines: { at: number; line: Record<string, unknown> }[] = [];
+    const t0 = Date.now();
+    await daemon.client().ndjson('POST', `/v1/sandboxes/${parent.sandboxId}/exec?stream=1`, { cmd: 'echo first; sleep 2; echo second >&2; exit 4' }, (line) => lines.push({ at: Date.now() - t0, line }));
+    expect(lines.map((l) => l.line)).toEqual([{ stdout: 'first\n' }, { stderr: 'second\n' }, { exit: { exitCode: 4 } }]);
+    expect(lines[2]!.at - lines[0]!.at).toBeGreaterThan(1500);
+  });
+
+  it('forks through the API with per-child results, and enforces --max-sandboxes with 503', async () => {
+    const c = daemon.client();
+    const kids = await c.json<Child[]>('POST', `/v1/sandboxes/${parent.sandboxId}/fork`, { count: 2 });
+    expect(kids).toHaveLength(2);
+    const ids = kids.map((k) => ('sandboxId' in k ? k.sandboxId : JSON.stringify(k.error)));
+    ids.forEach((id) => created.add(id));
+    for (const id of ids) {
+      expect(await c.json('POST', `/v1/sandboxes/${id}/code`, { code: 'counter + 1' })).toMatchObject({ value: '42' });
+      expect(await c.json<Exec>('POST', `/v1/sandboxes/${id}/exec`, { cmd: 'hostname' })).toMatchObject({ stdout: `${id}\n` });
+    }
+    expect((await c.json<View[]>(`GET`, `/v1/sandboxes?parentId=${parent.sandboxId}`)).map((s) => s.sandboxId).sort()).toEqual([...ids].sort());
+
+    const full = await failure(c.json('POST', '/v1/sandboxes', {}));
+    expect(full.code).toBe('unavailable');
+    expect(full.message).toMatch(/at most 3 sandboxes/);
+    expect((await failure(c.json('POST', `/v1/sandboxes/${parent.sandboxId}/fork`, { count: 1 }))).code).toBe('unavailable');
+
+    for (const id of ids) await c.json('DELETE', `/v1/sandboxes/${id}`);
+    for (const id of ids) expect(await waitFor(() => leftNothing(id)), `left behind: ${remains(id).join(', ')}`).toBe(true);
+    expect((await failure(c.json('GET', `/v1/sandboxes/${ids[0]}`))).code).toBe('not_found');
+  });
+
+  it('snapshots through the API, starts from the snapshot (whose lifetime then ends it), never shows the agent token', async () => {
+    const c = daemon.client();
+    const tag = `api-test-${process.pid}`;
+    try {
+      expect(await c.json('POST', `/v1/sandboxes/${parent.sandboxId}/snapshot`, { tag })).toMatchObject({ tag, sandboxId: parent.sandboxId });
+      expect((await failure(c.json('POST', `/v1/sandboxes/${parent.sandboxId}/snapshot`, { tag }))).code).toBe('conflict');
+      const inspected = await c.json<Record<string, unknown>>('GET', `/v1/snapshots/${tag}`);
+      expect(inspected).toMatchObject({ tag, verified: true });
+      expect(inspected.agent).toBeUndefined();
+      const [started] = await c.json<Child[]>('POST', `/v1/snapshots/${tag}/start`, { count: 1, timeoutMs: 4000 });
+      expect(started).toHaveProperty('sandboxId');
+      const id = (started as { sandboxId: string }).sandboxId;
+      created.add(id);
+      expect(await c.json('POST', `/v1/sandboxes/${id}/code`, { code: 'counter' })).toMatchObject({ value: '41' });
+      expect((await c.json<View[]>('GET', `/v1/sandboxes?snapshotTag=${tag}`)).map((s) => s.sandboxId)).toContain(id);
+      // Its lifetime (timeoutMs) ends it without a DELETE.
+      expect(await waitFor(() => leftNothing(id), 15_000), `left behind: ${remains(id).join(', ')}`).toBe(true);
+      expect((await failure(c.json('GET', `/v1/sandboxes/${id}`))).code).toBe('not_found');
+    } finally {
+      await c.json('DELETE', `/v1/snapshots/${tag}`).catch(() => undefined);
+    }
+    expect((await failure(c.json('GET', `/v1/snapshots/${tag}`))).code).toBe('not_found');
+  });
+
+  it('the SDK drives a daemon sandbox with the same API and error codes', async () => {
+    const daemonUrl = `unix://${daemon.socket}`;
+    const sb = await Sandbox.connect(parent.sandboxId, { daemon: daemonUrl });
+    const chunks: string[] = [];
+    expect(await sb.commands.run('echo a; sleep 1; echo b', { onStdout: (d) => chunks.push(d) })).toMatchObject({ exitCode: 0, stdout: 'a\nb\n' });
+    expect(chunks).toEqual(['a\n', 'b\n']);
+    await sb.files.write('/root/remote.txt', 'hi');
+    expect(await sb.files.read('/root/remote.txt')).toBe('hi');
+    expect(await sb.files.exists('/root/nope')).toBe(false);
+    expect((await sb.runCode('counter')).value).toBe('41');
+    await expect(sb.commands.run('true', { background: true })).rejects.toMatchObject({ code: 'unavailable' });
+    await expect(Sandbox.connect('sb-000000000000', { daemon: daemonUrl })).rejects.toMatchObject({ code: 'not_found' });
+
+    // Two forks of one sandbox at once: the daemon runs them one after the other.
+    const kids = (await Promise.all([sb.fork(1), sb.fork(1)])).flat();
+    for (const kid of kids) {
+      expect(kid).toBeInstanceOf(Sandbox);
+      const child = kid as Sandbox;
+      created.add(child.sandboxId);
+      expect(child.getInfo()).toMatchObject({ parentId: parent.sandboxId });
+      expect((await child.commands.run('hostname')).stdout).toBe(`${child.sandboxId}\n`);
+      await child.kill();
+      expect(await child.isRunning()).toBe(false);
+    }
+    expect((await sb.commands.run('echo parent-ok')).stdout).toBe('parent-ok\n');
+  });
+
+  it('the CLI lists, forks and runs through the daemon', () => {
+    const env = { ...process.env, CLADE_DAEMON: `unix://${daemon.socket}` };
+    const cli = (args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', MAIN, '--json', ...args], { encoding: 'utf8', env, timeout: 120_000 });
+    expect((JSON.parse(cli(['ps']).stdout) as View[]).map((s) => s.sandboxId)).toContain(parent.sandboxId);
+    const forked = cli(['fork', parent.sandboxId, '-n', '1']);
+    expect(forked.status).toBe(0);
+    const [kid] = JSON.parse(forked.stdout) as { sandboxId: string }[];
+    created.add(kid!.sandboxId);
+    expect(spawnSync(process.execPath, ['--import', 'tsx', MAIN, 'ps'], { encoding: 'utf8', env }).stdout).toContain(kid!.sandboxId);
+    const run = spawnSync(process.execPath, ['--import', 'tsx', MAIN, 'run', '--', 'sh', '-c', 'echo via-daemon; exit 3'], { encoding: 'utf8', env, timeout: 120_000 });
+    expect(run.stdout).toBe('via-daemon\n');
+    expect(run.status).toBe(3);
+    const noDaemon = spawnSync(process.execPath, ['--import', 'tsx', MAIN, 'ps'], { encoding: 'utf8', env: { ...process.env, CLADE_HOME: daemon.dir } });
+    expect(noDaemon.status).toBe(1);
+    expect(noDaemon.stderr).toMatch(/start one with `clade serve`/);
+    return daemon.client().json('DELETE', `/v1/sandboxes/${kid!.sandboxId}`);
+  });
+
+  it('a SIGKILLed daemon restarts and adopts its running sandbox; a VM whose record is gone is removed', async () => {
+    const c = daemon.client();
+    const orphan = await c.json<View>('POST', '/v1/sandboxes', {});
+    created.add(orphan.sandboxId);
+    await daemon.stop('SIGKILL');
+    expect(vmPids(parent.sandboxId)).toHaveLength(1); // the VM outlives its daemon
+    rmSync(join(daemon.stateDir, 'sandboxes', `${orphan.sandboxId}.json`));
+
+    await daemon.start();
+    const after = daemon.client();
+    expect((await after.json<View[]>('GET', '/v1/sandboxes')).map((s) => s.sandboxId)).toEqual([parent.sandboxId]);
+    expect(await waitFor(() => leftNothing(orphan.sandboxId)), `left behind: ${remains(orphan.sandboxId).join(', ')}`).toBe(true);
+    // The same VM, with its processes and the interpreter's state.
+    expect(await after.json<Exec>('POST', `/v1/sandboxes/${parent.sandboxId}/exec`, { cmd: 'echo $MODE' })).toMatchObject({ exitCode: 0, stdout: 'api\n' });
+    expect(await after.json('POST', `/v1/sandboxes/${parent.sandboxId}/code`, { code: 'counter' })).toMatchObject({ value: '41' });
+  });
+});

@@ -1,0 +1,65 @@
+import { mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { bearerMatches, loadOrCreateToken } from '../../src/api/auth.js';
+import { errorFromAnswer, parseDaemonAddress } from '../../src/api/client.js';
+import { STATUS_OF, toErrorBody } from '../../src/api/errors.js';
+import { StateStore, type SandboxRecord } from '../../src/api/state.js';
+import { CladeError } from '../../src/core/errors.js';
+
+function scratch(): string {
+  return mkdtempSync(join(tmpdir(), 'clade-unit-'));
+}
+
+describe('daemon building blocks (no VMs)', () => {
+  it('records are written mode 0600, replaced whole, and half-written temp files are dropped', () => {
+    const dir = scratch();
+    try {
+      const store = new StateStore(dir);
+      const rec = { id: 'sb-000000000001', pid: 1, tokenHex: 'ab'.repeat(32) } as SandboxRecord;
+      store.save(rec);
+      store.save({ ...rec, pid: 2 });
+      writeFileSync(join(dir, 'sandboxes', '.sb-000000000002.json.99.tmp'), '{"half');
+      writeFileSync(join(dir, 'sandboxes', 'sb-000000000003.json'), '{"broken');
+      expect(store.loadAll()).toEqual([{ ...rec, pid: 2 }]);
+      expect(readdirSync(join(dir, 'sandboxes'))).toEqual(['sb-000000000001.json']);
+      expect(statSync(join(dir, 'sandboxes', 'sb-000000000001.json')).mode & 0o777).toBe(0o600);
+      expect(statSync(join(dir, 'sandboxes')).mode & 0o777).toBe(0o700);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('the token is made once, mode 0600, and only the exact bearer matches', () => {
+    const dir = scratch();
+    try {
+      const path = join(dir, 'token');
+      const token = loadOrCreateToken(path);
+      expect(loadOrCreateToken(path)).toBe(token);
+      expect(statSync(path).mode & 0o777).toBe(0o600);
+      expect(bearerMatches(`Bearer ${token}`, token)).toBe(true);
+      for (const wrong of [undefined, '', 'Bearer ', `Bearer ${token}x`, `bearer ${token}`, token]) expect(bearerMatches(wrong, token)).toBe(false);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('error codes map to statuses and come back as the same CladeError', () => {
+    expect(toErrorBody(new CladeError('not_found', 'gone'))).toEqual({ status: 404, body: { code: 'not_found', message: 'gone' } });
+    expect(toErrorBody(new CladeError('unavailable', 'full')).status).toBe(503);
+    expect(toErrorBody(new Error('boom')).status).toBe(500);
+    for (const code of Object.keys(STATUS_OF)) {
+      const back = errorFromAnswer(STATUS_OF[code as keyof typeof STATUS_OF], Buffer.from(JSON.stringify({ code, message: 'm' })));
+      expect(back).toMatchObject({ code, message: 'm' });
+    }
+    expect(errorFromAnswer(502, Buffer.from('<html>'))).toMatchObject({ code: 'internal' });
+  });
+
+  it('daemon addresses are unix:// or http://', () => {
+    expect(parseDaemonAddress('unix:///run/clade.sock')).toEqual({ socketPath: '/run/clade.sock' });
+    expect(parseDaemonAddress('http://127.0.0.1:7070')).toEqual({ host: '127.0.0.1', port: 7070 });
+    expect(() => parseDaemonAddress('https://x')).toThrow(/only unix/);
+    expect(() => parseDaemonAddress('nope')).toThrow(CladeError);
+  });
+});
