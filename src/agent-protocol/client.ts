@@ -171,8 +171,15 @@ export class AgentClient {
 
   /** Sends one request and resolves with the fields of its OK reply. */
   request(type: number, body?: FieldWriter, timeoutMs = 30_000): Promise<FieldReader> {
+    const id = this.allocId();
+    const reply = this.awaitReply(id, timeoutMs);
+    this.send(type, id, body?.toBuffer()).catch((err) => this.pending.get(id)?.onClose(asCladeError(err)));
+    return reply;
+  }
+
+  /** Waits for the OK or ERROR that answers request `id`. */
+  private awaitReply(id: number, timeoutMs: number): Promise<FieldReader> {
     return new Promise((resolve, reject) => {
-      const id = this.allocId();
       const timer = setTimeout(() => {
         this.pending.delete(id);
         reject(new CladeError('timeout', `the agent did not answer within ${timeoutMs} ms`));
@@ -190,7 +197,6 @@ export class AgentClient {
           reject(err);
         },
       });
-      this.send(type, id, body?.toBuffer()).catch((err) => this.pending.get(id)?.onClose(asCladeError(err)));
     });
   }
 
@@ -300,32 +306,13 @@ export class AgentClient {
     const open = new FieldWriter().str(Tag.PATH, path);
     if (mode !== undefined) open.u64(Tag.MODE, mode);
     const id = this.allocId();
-    const reply = (timeoutMs: number) =>
-      new Promise<FieldReader>((resolve, reject) => {
-        const timer = setTimeout(() => {
-          this.pending.delete(id);
-          reject(new CladeError('timeout', `the agent did not answer within ${timeoutMs} ms`));
-        }, timeoutMs);
-        this.pending.set(id, {
-          onFrame: (f) => {
-            clearTimeout(timer);
-            this.pending.delete(id);
-            settleReply(f, resolve, reject);
-          },
-          onClose: (err) => {
-            clearTimeout(timer);
-            this.pending.delete(id);
-            reject(err);
-          },
-        });
-      });
-    const opened = reply(30_000);
+    const opened = this.awaitReply(id, 30_000);
     await this.send(MessageType.WRITE_OPEN, id, open.toBuffer());
     await opened;
     for (let off = 0; off < data.length; off += WRITE_CHUNK) {
       await this.send(MessageType.WRITE_DATA, id, data.subarray(off, off + WRITE_CHUNK));
     }
-    const closed = reply(120_000);
+    const closed = this.awaitReply(id, 120_000);
     await this.send(MessageType.WRITE_CLOSE, id);
     return (await closed).u64(Tag.SIZE) ?? data.length;
   }

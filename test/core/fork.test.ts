@@ -6,7 +6,7 @@ import { encodeHostFrame } from '../../src/agent-protocol/frame.js';
 import { memoryDir } from '../../src/core/home.js';
 import { getLive } from '../../src/core/sandboxes.js';
 import { CladeError, Sandbox } from '../../src/sdk/index.js';
-import { remains, vmPids } from '../helpers/leaks.js';
+import { okAndTracked, remains, vmPids } from '../helpers/leaks.js';
 
 // One warm parent for the whole file: numpy imported in its interpreter, a
 // file written, a process running. Every test forks from it.
@@ -14,14 +14,7 @@ let parent: Sandbox;
 let sleeperPid: string;
 const everyone: Sandbox[] = [];
 
-function ok(results: (Sandbox | CladeError)[]): Sandbox[] {
-  const kids = results.map((r) => {
-    if (r instanceof CladeError) throw r;
-    return r;
-  });
-  everyone.push(...kids);
-  return kids;
-}
+const ok = (results: (Sandbox | CladeError)[]) => okAndTracked(results, everyone);
 
 beforeAll(async () => {
   parent = await Sandbox.create();

@@ -4,21 +4,14 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { listSnapshots, removeSnapshot, snapshotDir } from '../../src/core/snapshots.js';
 import { CladeError, Sandbox } from '../../src/sdk/index.js';
-import { remains } from '../helpers/leaks.js';
+import { okAndTracked, remains } from '../helpers/leaks.js';
 
 const run = randomBytes(3).toString('hex');
 const tag = (name: string) => `test-${run}-${name}`;
 let warm: Sandbox;
 const everyone: Sandbox[] = [];
 
-function ok(results: (Sandbox | CladeError)[]): Sandbox[] {
-  const kids = results.map((r) => {
-    if (r instanceof CladeError) throw r;
-    return r;
-  });
-  everyone.push(...kids);
-  return kids;
-}
+const ok = (results: (Sandbox | CladeError)[]) => okAndTracked(results, everyone);
 
 beforeAll(async () => {
   warm = await Sandbox.create();

@@ -1,6 +1,7 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { homePaths, memoryDir } from '../../src/core/home.js';
+import { CladeError, type Sandbox } from '../../src/sdk/index.js';
 
 /** Pids of VM processes started for this sandbox id (found by their -name). */
 export function vmPids(id: string): number[] {
@@ -41,4 +42,14 @@ export function remains(id: string): string[] {
   if (existsSync(join(homePaths.sandboxes(), id))) left.push(`dir ${join(homePaths.sandboxes(), id)}`);
   if (existsSync(join(memoryDir(), `${id}.mem`))) left.push(`ram ${join(memoryDir(), `${id}.mem`)}`);
   return left;
+}
+
+/** Unwraps a fork's per-child results (throwing the first error) and tracks the sandboxes for cleanup. */
+export function okAndTracked(results: (Sandbox | CladeError)[], tracked: Sandbox[]): Sandbox[] {
+  const kids = results.map((r) => {
+    if (r instanceof CladeError) throw r;
+    return r;
+  });
+  tracked.push(...kids);
+  return kids;
 }
