@@ -11,8 +11,35 @@ export class ConcurrencyGate {
     private readonly what: string,
   ) {}
 
+  private readonly byKey = new Map<string, number>();
+
+  /**
+   * Like run(), but calls with the same key share one place: concurrent forks
+   * of one parent are merged into a single fork by the core, so they are one
+   * operation, not many.
+   */
+  async runKeyed<T>(key: string, fn: () => Promise<T>): Promise<T> {
+    const sharing = this.byKey.get(key) ?? 0;
+    if (sharing === 0 && this.active >= this.max) throw this.refusal();
+    if (sharing === 0) this.active++;
+    this.byKey.set(key, sharing + 1);
+    try {
+      return await fn();
+    } finally {
+      const left = this.byKey.get(key)! - 1;
+      if (left === 0) {
+        this.byKey.delete(key);
+        this.active--;
+      } else this.byKey.set(key, left);
+    }
+  }
+
+  private refusal(): CladeError {
+    return new CladeError('unavailable', `${this.active} ${this.what} are already running (limit ${this.max}); retry shortly, or restart \`clade serve\` with a larger --max-concurrent-forks`);
+  }
+
   async run<T>(fn: () => Promise<T>): Promise<T> {
-    if (this.active >= this.max) throw new CladeError('unavailable', `${this.active} ${this.what} are already running (limit ${this.max}); retry shortly, or restart \`clade serve\` with a larger --max-concurrent-forks`);
+    if (this.active >= this.max) throw this.refusal();
     this.active++;
     try {
       return await fn();

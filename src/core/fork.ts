@@ -49,15 +49,15 @@ async function promoteUnlessShared(sb: LiveSandbox): Promise<number> {
  * the pause, so the parent is stopped only to save ~50 KB of device state and
  * load it into its continuation.
  */
-export function freezeAndContinue(sb: LiveSandbox, childSlots: (n: number) => Promise<{ slots: QemuVm[]; warm: number }>, count: number) {
-  return sb.exclusive(() => freezeAndContinueNow(sb, childSlots, count));
+export function freezeAndContinue(sb: LiveSandbox, childSlots: () => Promise<{ slots: QemuVm[]; warm: number }>) {
+  return sb.exclusive(() => freezeAndContinueNow(sb, childSlots));
 }
 
-async function freezeAndContinueNow(sb: LiveSandbox, childSlots: (n: number) => Promise<{ slots: QemuVm[]; warm: number }>, count: number) {
+async function freezeAndContinueNow(sb: LiveSandbox, childSlots: () => Promise<{ slots: QemuVm[]; warm: number }>) {
   if (!sb.alive) throw new CladeError('killed', `sandbox ${sb.id} is not running`);
   const promoteMs = await promoteUnlessShared(sb);
   const parentFile = sb.vm.memory.file;
-  const [continuation, kids] = await Promise.all([takeContinuation(sb), childSlots(count)]);
+  const [continuation, kids] = await Promise.all([takeContinuation(sb), childSlots()]);
   // No VM may open the parent's RAM file by name once it is frozen and renamed.
   await closePool(parentFile);
   await sb.agent.drained();
@@ -122,24 +122,69 @@ export async function acquireSlots(sb: { shape: LiveSandbox['shape'] }, memoryFi
   return { slots, warm: warm.length, errors };
 }
 
-/** Forks a running sandbox into `count` children; failures are reported per child. */
-export async function forkSandbox(parent: LiveSandbox, count: number): Promise<ForkOutcome> {
+type ForkWaiter = { count: number; resolve: (o: ForkOutcome) => void; reject: (e: unknown) => void };
+
+/** Fork requests for a parent that have not yet reached its freeze: they are served by one fork. */
+const openBatches = new WeakMap<LiveSandbox, ForkWaiter[]>();
+
+/**
+ * Forks a running sandbox into `count` children; failures are reported per
+ * child. Forks of one parent run one after another, and requests that arrive
+ * while one is under way are merged into the next: one pause serves them all.
+ */
+export function forkSandbox(parent: LiveSandbox, count: number): Promise<ForkOutcome> {
   if (!Number.isInteger(count) || count < 1 || count > MAX_FORK_COUNT) throw new CladeError('bad_request', `fork count must be an integer from 1 to ${MAX_FORK_COUNT}, got ${count}`);
+  return new Promise<ForkOutcome>((resolve, reject) => {
+    const open = openBatches.get(parent);
+    if (open && total(open) + count <= MAX_FORK_COUNT) {
+      open.push({ count, resolve, reject });
+      return;
+    }
+    const batch = [{ count, resolve, reject }];
+    openBatches.set(parent, batch);
+    forkBatch(parent, batch).then(
+      (outcome) => splitOutcome(outcome, batch),
+      (err: unknown) => batch.forEach((w) => w.reject(err)),
+    );
+  });
+}
+
+function total(batch: ForkWaiter[]): number {
+  return batch.reduce((n, w) => n + w.count, 0);
+}
+
+async function forkBatch(parent: LiveSandbox, batch: ForkWaiter[]): Promise<ForkOutcome> {
   let slotErrors: CladeError[] = [];
   let warmSlots = 0;
-  const { snapshot, kids, parentPauseMs, promoteMs } = await freezeAndContinue(
-    parent,
-    async (n) => {
-      const r = await acquireSlots(parent, parent.vm.memory.file, n);
-      slotErrors = r.errors;
-      warmSlots = r.warm;
-      return r;
-    },
-    count,
-  );
-  const children = await resumeChildren(snapshot, kids.slots, parent.env, parent.id);
-  snapshot.release();
-  return { children: [...children, ...slotErrors], snapshot, timings: { parentPauseMs, promoteMs, warmSlots, coldSlots: kids.slots.length - warmSlots } };
+  const closeBatch = () => {
+    if (openBatches.get(parent) === batch) openBatches.delete(parent);
+  };
+  try {
+    const { snapshot, kids, parentPauseMs, promoteMs } = await freezeAndContinue(
+      parent,
+      async () => {
+        closeBatch(); // from here on the count is fixed; later requests wait for the next fork
+        const r = await acquireSlots(parent, parent.vm.memory.file, total(batch));
+        slotErrors = r.errors;
+        warmSlots = r.warm;
+        return r;
+      },
+    );
+    const children = await resumeChildren(snapshot, kids.slots, parent.env, parent.id);
+    snapshot.release();
+    return { children: [...children, ...slotErrors], snapshot, timings: { parentPauseMs, promoteMs, warmSlots, coldSlots: kids.slots.length - warmSlots } };
+  } finally {
+    closeBatch();
+  }
+}
+
+/** Gives each merged request its own share of the children, in request order. */
+function splitOutcome(outcome: ForkOutcome, batch: ForkWaiter[]): void {
+  let next = 0;
+  for (const w of batch) {
+    w.resolve({ ...outcome, children: outcome.children.slice(next, next + w.count) });
+    next += w.count;
+  }
 }
 
 /** Loads the snapshot into each slot and turns it into a new machine. */

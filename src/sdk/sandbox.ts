@@ -164,7 +164,7 @@ export class Sandbox implements AsyncDisposable {
     }
     const dir = snapshotDir(opts.tag);
     if (existsSync(dir)) throw new CladeError('conflict', `snapshot ${opts.tag} already exists; pick another tag or delete it with \`clade snapshot rm ${opts.tag}\``);
-    const { snapshot } = await freezeAndContinue(this.local('snapshot'), async () => ({ slots: [], warm: 0 }), 0);
+    const { snapshot } = await freezeAndContinue(this.local('snapshot'), async () => ({ slots: [], warm: 0 }));
     try {
       const meta = persistSnapshot(snapshot, opts.tag, this.sandboxId, this.snapshotTag ?? null);
       this.snapshotTag = opts.tag;

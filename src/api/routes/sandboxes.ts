@@ -67,7 +67,8 @@ export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
     const count = body.count ?? 1;
     const release = registry.reserve(count);
     try {
-      const kids = await registry.exclusive(parent.sandboxId, () => ctx.forkGate.run(() => metrics.time('fork', () => parent.fork(count))));
+      // The core runs forks of one parent one after another and merges those that wait.
+      const kids = await ctx.forkGate.runKeyed(parent.sandboxId, () => metrics.time('fork', () => parent.fork(count)));
       registry.persist(parent.sandboxId); // the parent continues in a new VM process
       return kids.map((k) => childResult(k, (sb) => registry.add(sb, body.timeoutMs ?? ctx.defaultTimeoutMs).sandboxId));
     } finally {
