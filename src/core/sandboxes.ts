@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, rmdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { AgentClient } from '../agent-protocol/client.js';
 import { Tag } from '../agent-protocol/constants.js';
@@ -289,6 +289,7 @@ export function keepSandboxesOnExit(): void {
   process.on('exit', () => {
     for (const sb of live.values()) if (sb.warmPid) killPidQuietly(sb.warmPid);
     for (const hook of exitHooks.splice(0)) hook();
+    removeMemoryDirIfEmpty();
   });
 }
 
@@ -301,6 +302,16 @@ export function killAllSync(): void {
   }
   live.clear();
   for (const hook of exitHooks.splice(0)) hook();
+  removeMemoryDirIfEmpty();
+}
+
+/** The tmpfs directory for RAM files goes away with the last file in it. */
+function removeMemoryDirIfEmpty(): void {
+  try {
+    rmdirSync(memoryDir());
+  } catch {
+    // Still in use by another clade process, or already gone.
+  }
 }
 
 export function killPidQuietly(pid: number): void {
