@@ -1,7 +1,8 @@
+import { CladeError } from '../core/errors.js';
 import { Sandbox } from '../sdk/sandbox.js';
 import { emit } from './output.js';
 
-/** The quick-start demo: boot a sandbox and show commands, streaming and files. */
+/** The quick-start demo: boot a sandbox, show commands, streaming and files, then warm it up and fork it. */
 export async function runDemo(json: boolean): Promise<void> {
   const say = (s: string) => !json && process.stdout.write(s + '\n');
   const t0 = performance.now();
@@ -11,7 +12,7 @@ export async function runDemo(json: boolean): Promise<void> {
   const bootMs = performance.now() - t0;
   say(`sandbox ${sb.sandboxId} ready in ${bootMs.toFixed(0)} ms (accelerator: ${info.accelerator})`);
 
-  const uname = await sb.commands.run('uname -sr && cat /proc/cpuinfo | grep -c ^processor');
+  const uname = await sb.commands.run('uname -sr');
   say(`$ uname -sr\n${uname.stdout.trim()}`);
 
   say('$ for i in 1 2 3; do echo tick $i; sleep 0.3; done   (streamed as it runs)');
@@ -28,6 +29,26 @@ export async function runDemo(json: boolean): Promise<void> {
 
   const failing = await sb.commands.run('exit 3');
   say(`a failing command is a result, not an error: exitCode=${failing.exitCode}`);
-  say(`killing ${sb.sandboxId}; nothing is left behind.`);
-  emit(json, { sandboxId: sb.sandboxId, accelerator: info.accelerator, bootMs, numpyMs, numpy: numpy.stdout.trim(), uname: uname.stdout.trim() }, () => '');
+  say('\nwarming up: `import numpy` in the persistent interpreter, then forking 3 children...');
+  await sb.runCode('import numpy as np, random\nweights = np.arange(4.0)');
+  const f0 = performance.now();
+  const kids = await sb.fork(3);
+  const forkMs = performance.now() - f0;
+  say(`forked 3 children in ${forkMs.toFixed(0)} ms (parent paused ${sb.lastForkTimings!.parentPauseMs.toFixed(1)} ms)`);
+  const children: { sandboxId: string; firstResultMs: number; value?: string }[] = [];
+  for (const kid of kids) {
+    if (kid instanceof CladeError) {
+      say(`  a child failed: ${kid.message}`);
+      continue;
+    }
+    await using child = kid;
+    const c0 = performance.now();
+    const r = await child.runCode('(weights.sum(), random.randint(0, 999))');
+    const host = await child.commands.run('hostname');
+    const ms = performance.now() - c0;
+    children.push({ sandboxId: child.sandboxId, firstResultMs: ms, ...(r.value ? { value: r.value } : {}) });
+    say(`  ${host.stdout.trim()}: (weights.sum(), random.randint) = ${r.value}   numpy already imported, own RNG (${ms.toFixed(0)} ms)`);
+  }
+  say(`killing ${sb.sandboxId} and its children; nothing is left behind.`);
+  emit(json, { sandboxId: sb.sandboxId, accelerator: info.accelerator, bootMs, numpyMs, numpy: numpy.stdout.trim(), uname: uname.stdout.trim(), forkMs, children }, () => '');
 }

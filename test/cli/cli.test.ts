@@ -63,4 +63,13 @@ describe('clade CLI', () => {
     }
     expect(JSON.parse(clade(['--json', 'snapshot', 'inspect', tag]).stdout)).toMatchObject({ error: { code: 'not_found' } });
   });
+
+  it('demo boots, forks and reports as JSON', () => {
+    const r = clade(['--json', 'demo']);
+    expect(r.code).toBe(0);
+    const out = JSON.parse(r.stdout) as { numpy: string; children: { value: string }[] };
+    expect(out.numpy).toBe('[1.0, 3.0]');
+    expect(out.children).toHaveLength(3);
+    for (const c of out.children) expect(c.value).toMatch(/^\(6\.0, \d+\)$/);
+  });
 });
