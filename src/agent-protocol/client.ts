@@ -1,6 +1,6 @@
 import { connect, type Socket } from 'node:net';
 import { CladeError, errorMessage } from '../core/errors.js';
-import { MAX_PAYLOAD, MessageType, Tag, TOKEN_SIZE } from './constants.js';
+import { MessageType, Tag, TOKEN_SIZE } from './constants.js';
 import { FieldReader, FieldWriter } from './fields.js';
 import { encodeHostFrame, FrameDecoder, type Frame } from './frame.js';
 
@@ -431,4 +431,3 @@ export function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
-export { MAX_PAYLOAD };

@@ -1,4 +1,5 @@
 import { Type, type Static } from '@sinclair/typebox';
+import { MAX_FORK_COUNT } from '../core/fork.js';
 
 /** Every request body and answer of the HTTP API; also the source of docs/openapi.json. */
 
@@ -9,7 +10,7 @@ const Id = Type.String({ minLength: 1, maxLength: 64 });
 const Tag = Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' });
 /** A sandbox's lifetime in ms; 0 = until deleted. */
 const Lifetime = Type.Integer({ minimum: 0, maximum: 7 * 24 * 3600_000, description: 'lifetime in ms from now; 0 = until deleted' });
-const Count = Type.Integer({ minimum: 1, maximum: 1000 });
+const Count = Type.Integer({ minimum: 1, maximum: MAX_FORK_COUNT });
 
 export const IdParams = Type.Object({ id: Id });
 export const TagParams = Type.Object({ tag: Tag });

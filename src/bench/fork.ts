@@ -95,23 +95,16 @@ export async function benchFork(opts: ForkBenchOptions): Promise<ForkBenchResult
     }
 
     log('(b, e) fork 1 child → its first result; parent pause');
-    for (let i = 0; i < opts.runs; i++) {
-      await parent.prewarmForks(0);
-      const t0 = performance.now();
-      const [kid] = ok(await parent.fork(1));
-      await probe(kid!);
-      raw.fork1ToResultMs!.push(performance.now() - t0);
-      raw.parentPauseMs!.push(parent.lastForkTimings!.parentPauseMs);
-      await kid!.kill();
-    }
-    for (let i = 0; i < opts.runs; i++) {
-      await parent.prewarmForks(1);
-      const t0 = performance.now();
-      const [kid] = ok(await parent.fork(1));
-      await probe(kid!);
-      raw.fork1WarmToResultMs!.push(performance.now() - t0);
-      raw.parentPauseMs!.push(parent.lastForkTimings!.parentPauseMs);
-      await kid!.kill();
+    for (const warm of [false, true]) {
+      for (let i = 0; i < opts.runs; i++) {
+        await parent.prewarmForks(warm ? 1 : 0);
+        const t0 = performance.now();
+        const [kid] = ok(await parent.fork(1));
+        await probe(kid!);
+        (warm ? raw.fork1WarmToResultMs! : raw.fork1ToResultMs!).push(performance.now() - t0);
+        raw.parentPauseMs!.push(parent.lastForkTimings!.parentPauseMs);
+        await kid!.kill();
+      }
     }
     await parent.prewarmForks(0);
 
@@ -119,8 +112,7 @@ export async function benchFork(opts: ForkBenchOptions): Promise<ForkBenchResult
     for (const warm of [false, true]) {
       for (let i = 0; i < opts.runs; i++) {
         const before = hostUsedBytes();
-        if (warm) await parent.prewarmForks(opts.fanout);
-        else await parent.prewarmForks(0);
+        await parent.prewarmForks(warm ? opts.fanout : 0);
         const t0 = performance.now();
         const kids = ok(await parent.fork(opts.fanout));
         await Promise.all(kids.map((k) => probe(k)));

@@ -1,4 +1,3 @@
-import { Command } from 'commander';
 import { DaemonClient, parseDaemonAddress } from '../api/client.js';
 import { daemonPaths, socketAnswers } from '../api/server.js';
 import type { SandboxView } from '../api/registry.js';
@@ -22,29 +21,25 @@ async function requireDaemon(what: string): Promise<DaemonClient> {
   return client;
 }
 
-function jsonOf(cmd: Command): boolean {
-  return Boolean(cmd.optsWithGlobals<{ json?: boolean }>().json);
-}
-
-export async function psAction(_opts: unknown, cmd: Command): Promise<void> {
+export async function psAction(json: boolean): Promise<void> {
   const list = await (await requireDaemon('ps')).json<SandboxView[]>('GET', '/v1/sandboxes');
-  emit(jsonOf(cmd), list, () =>
+  emit(json, list, () =>
     list.length === 0
       ? 'no sandboxes; create one with `clade run` or POST /v1/sandboxes'
       : table([['SANDBOX', 'PARENT', 'SNAPSHOT', 'MEMORY', 'PID', 'STARTED', 'EXPIRES'], ...list.map((s) => [s.sandboxId, s.parentId ?? '-', s.snapshotTag ?? '-', `${s.memoryMiB} MiB`, String(s.pid), s.startedAt, s.expiresAt ?? 'never'])]),
   );
 }
 
-export async function forkAction(id: string, opts: { count: number }, cmd: Command): Promise<number> {
+export async function forkAction(json: boolean, id: string, opts: { count: number }): Promise<number> {
   const kids = await (await requireDaemon('fork')).json<ChildResult[]>('POST', `/v1/sandboxes/${encodeURIComponent(id)}/fork`, { count: opts.count });
-  emit(jsonOf(cmd), kids, () => kids.map((k) => ('sandboxId' in k ? k.sandboxId : `error: ${k.error.code}: ${k.error.message}`)).join('\n'));
+  emit(json, kids, () => kids.map((k) => ('sandboxId' in k ? k.sandboxId : `error: ${k.error.code}: ${k.error.message}`)).join('\n'));
   return kids.some((k) => 'error' in k) ? 1 : 0;
 }
 
-export async function snapshotSandboxAction(id: string | undefined, opts: { tag?: string }, cmd: Command): Promise<void> {
+export async function snapshotSandboxAction(json: boolean, id: string | undefined, opts: { tag?: string }): Promise<void> {
   if (!id || !opts.tag) throw new CladeError('bad_request', 'usage: clade snapshot <sandbox-id> --tag <tag> (or a subcommand: create, ls, inspect, rm)');
   const meta = await (await requireDaemon('snapshot')).json<Omit<SnapshotMeta, 'agent'>>('POST', `/v1/sandboxes/${encodeURIComponent(id)}/snapshot`, { tag: opts.tag });
-  emit(jsonOf(cmd), meta, () => `snapshot ${meta.tag} of ${id}, parent ${meta.parent ?? '-'}`);
+  emit(json, meta, () => `snapshot ${meta.tag} of ${id}, parent ${meta.parent ?? '-'}`);
 }
 
 export type RunRequest = { argv: string[]; fromSnapshot?: string; create: Record<string, unknown>; env: Record<string, string>; timeoutMs: number; json: boolean };

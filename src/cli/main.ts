@@ -15,15 +15,16 @@ import { emit, mib, progressPrinter, reportError, table } from './output.js';
 
 const VERSION = '0.1.0';
 
-type JsonOpt = { json?: boolean };
-
-/** Wraps an action so errors print cleanly (and as JSON with --json) and set the exit code. */
-function action<A extends unknown[]>(fn: (...args: A) => Promise<number | void>) {
-  return async (...args: A) => {
+/**
+ * Wraps an action: it gets the global --json flag first, then commander's
+ * arguments; errors print cleanly (as JSON with --json) and set the exit code.
+ */
+function action<A extends unknown[]>(fn: (json: boolean, ...args: A) => Promise<number | void>) {
+  return async (...args: unknown[]) => {
     const cmd = args[args.length - 1] as Command;
-    const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+    const json = Boolean(cmd.optsWithGlobals<{ json?: boolean }>().json);
     try {
-      const code = await fn(...args);
+      const code = await fn(json, ...(args as A));
       process.exitCode = code ?? 0;
     } catch (err) {
       process.exitCode = reportError(err, json);
@@ -41,8 +42,7 @@ export function buildProgram(): Command {
     .command('doctor')
     .description('check that this host can run sandboxes, and how fast')
     .action(
-      action(async (_opts: unknown, cmd: Command) => {
-        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+      action(async (json: boolean) => {
         const checks = await runChecks();
         const failed = checks.some((c) => c.status === 'fail');
         emit(json, { ok: !failed, checks }, () =>
@@ -59,8 +59,7 @@ export function buildProgram(): Command {
     .option('--name <name>', 'name to give the image', 'default')
     .option('--force', 'rebuild even if an identical image exists')
     .action(
-      action(async (opts: { name: string; force?: boolean }, cmd: Command) => {
-        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+      action(async (json: boolean, opts: { name: string; force?: boolean }) => {
         const r = await buildImage({ name: opts.name, force: Boolean(opts.force), progress: progressPrinter(json) });
         emit(json, { ...r.manifest, cached: r.cached, seconds: r.seconds }, () =>
           `${r.cached ? 'cached' : 'built'} image ${r.manifest.digest.slice(0, 12)} "${opts.name}" in ${r.seconds.toFixed(1)} s: kernel ${r.manifest.kernel.release}, initramfs ${mib(r.manifest.initramfsBytes)}, ${r.manifest.packages.length} packages`,
@@ -71,8 +70,7 @@ export function buildProgram(): Command {
     .command('ls')
     .description('list images with size and digest')
     .action(
-      action(async (_opts: unknown, cmd: Command) => {
-        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+      action(async (json: boolean) => {
         const images = listImages();
         emit(json, images, () =>
           images.length === 0
@@ -85,8 +83,7 @@ export function buildProgram(): Command {
     .command('rm <image>')
     .description('remove an image (by name or digest prefix)')
     .action(
-      action(async (ref: string, _opts: unknown, cmd: Command) => {
-        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+      action(async (json: boolean, ref: string) => {
         const r = removeImage(ref);
         emit(json, { removed: r.digest, names: r.names }, () => `removed image ${r.digest.slice(0, 12)}${r.names.length ? ` (${r.names.join(', ')})` : ''}`);
       }),
@@ -103,8 +100,7 @@ export function buildProgram(): Command {
     .option('--timeout <ms>', 'kill the command after this many ms (0 = never)', (v) => parseInt(v, 10), 0)
     .addOption(new Option('-e, --env <KEY=VALUE...>', 'environment variables').default([]))
     .action(
-      action(async (argv: string[], opts: { image: string; fromSnapshot?: string; memory?: number; cpus?: number; timeout: number; env: string[] }, cmd: Command) => {
-        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+      action(async (json: boolean, argv: string[], opts: { image: string; fromSnapshot?: string; memory?: number; cpus?: number; timeout: number; env: string[] }) => {
         const env = parseEnv(opts.env);
         const daemon = await findDaemon();
         if (daemon) {
@@ -147,8 +143,7 @@ export function buildProgram(): Command {
     .addOption(new Option('--run <command...>', 'shell commands to run first (in order)').default([]))
     .addOption(new Option('--code <python...>', 'Python code for the persistent interpreter (in order)').default([]))
     .action(
-      action(async (tag: string, opts: { fromSnapshot?: string; image: string; run: string[]; code: string[] }, cmd: Command) => {
-        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+      action(async (json: boolean, tag: string, opts: { fromSnapshot?: string; image: string; run: string[]; code: string[] }) => {
         await using sb = opts.fromSnapshot ? await startOne(opts.fromSnapshot, {}) : await Sandbox.create({ image: opts.image });
         for (const c of opts.run) {
           const r = await sb.commands.run(c, { timeoutMs: 0 });
@@ -166,8 +161,7 @@ export function buildProgram(): Command {
     .command('ls')
     .description('list persistent snapshots')
     .action(
-      action(async (_opts: unknown, cmd: Command) => {
-        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+      action(async (json: boolean) => {
         const all = listSnapshots();
         emit(json, all.map(({ agent: _secret, ...m }) => m), () =>
           all.length === 0 ? 'no snapshots; make one with `clade snapshot create <tag>`' : table([['TAG', 'PARENT', 'IMAGE', 'MEMORY', 'CREATED'], ...all.map((m) => [m.tag, m.parent ?? '-', m.image.slice(0, 12), `${m.memoryMiB} MiB`, m.createdAt])]),
@@ -178,8 +172,7 @@ export function buildProgram(): Command {
     .command('inspect <tag>')
     .description('show a snapshot and check its files against their hashes')
     .action(
-      action(async (tag: string, _opts: unknown, cmd: Command) => {
-        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+      action(async (json: boolean, tag: string) => {
         const { agent: _secret, ...meta } = verifySnapshot(tag);
         emit(json, { ...meta, verified: true }, () => JSON.stringify({ ...meta, verified: true }, null, 2));
       }),
@@ -189,21 +182,20 @@ export function buildProgram(): Command {
     .description('delete a snapshot (with --cascade, also the snapshots made from it)')
     .option('--cascade', 'also delete descendants')
     .action(
-      action(async (tag: string, opts: { cascade?: boolean }, cmd: Command) => {
-        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+      action(async (json: boolean, tag: string, opts: { cascade?: boolean }) => {
         const removed = removeSnapshot(tag, { cascade: Boolean(opts.cascade) });
         emit(json, { removed }, () => `removed ${removed.join(', ')}`);
       }),
     );
 
-  program.addCommand(serveCommand().action(action(runServe)));
+  program.addCommand(serveCommand().action(action((_json, flags: Parameters<typeof runServe>[0]) => runServe(flags))));
 
   program
     .command('demo')
     .description('boot a sandbox and show what clade does')
     .action(
-      action(async (_opts: unknown, cmd: Command) => {
-        await runDemo(Boolean(cmd.optsWithGlobals<JsonOpt>().json));
+      action(async (json: boolean) => {
+        await runDemo(json);
       }),
     );
 
@@ -213,8 +205,7 @@ export function buildProgram(): Command {
     .description('cold boot to the first command result inside the guest')
     .option('-n, --runs <n>', 'repetitions', (v) => parseInt(v, 10), 5)
     .action(
-      action(async (opts: { runs: number }, cmd: Command) => {
-        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+      action(async (json: boolean, opts: { runs: number }) => {
         const r = await benchBoot(opts.runs, (i, ms) => !json && process.stderr.write(`run ${i + 1}/${opts.runs}: ${ms.toFixed(0)} ms\n`));
         const row = (name: string, s: { median: number; p90: number }) => [name, s.median.toFixed(0), s.p90.toFixed(0)];
         emit(json, r, () =>
@@ -233,8 +224,7 @@ export function buildProgram(): Command {
     .option('--fanout <n>', 'children forked at once', (v) => parseInt(v, 10), 100)
     .option('--depth <n>', 'deepest nested fork measured', (v) => parseInt(v, 10), 10)
     .action(
-      action(async (opts: { runs: number; fanout: number; depth: number }, cmd: Command) => {
-        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+      action(async (json: boolean, opts: { runs: number; fanout: number; depth: number }) => {
         const r = await benchFork({ ...opts, log: (l) => !json && process.stderr.write(l + '\n') });
         const names: Record<string, string> = {
           coldBootToNumpyResultMs: '(a) cold boot + import numpy -> result',
@@ -266,8 +256,7 @@ export function buildProgram(): Command {
     .option('--seconds <n>', 'how long to run', (v) => parseInt(v, 10), 30)
     .addOption(new Option('--mode <mode>', 'how each client gets its sandbox').choices(['fork', 'create']).default('fork'))
     .action(
-      action(async (opts: { clients: number; seconds: number; mode: LoadMode }, cmd: Command) => {
-        const json = Boolean(cmd.optsWithGlobals<JsonOpt>().json);
+      action(async (json: boolean, opts: { clients: number; seconds: number; mode: LoadMode }) => {
         const client = await localDaemonForLoad();
         const r = await benchLoad({ client, ...opts });
         const row = (name: string, s: { n: number; median: number; p90: number; max: number }) => [name, String(s.n), s.median.toFixed(0), s.p90.toFixed(0), s.max.toFixed(0)];

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { renameSync } from 'node:fs';
+import { renameSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { AgentClient } from '../agent-protocol/client.js';
 import { MessageType, Tag } from '../agent-protocol/constants.js';
@@ -7,11 +7,10 @@ import { FieldWriter } from '../agent-protocol/fields.js';
 import type { QemuVm } from '../engines/qemu/qemu-engine.js';
 import { CladeError, errorMessage } from './errors.js';
 import { ensurePrivateDir, memoryDir } from './home.js';
-import { closePool, mapLimited, poolFor, startSlot } from './pool.js';
+import { closePool, mapLimited, poolFor, START_CONCURRENCY, startSlot } from './pool.js';
 import { engine, LiveSandbox, registerLive, sandboxDir } from './sandboxes.js';
 import { Snapshot, transientMemoryPath } from './snapshots.js';
 import { reseedInterpreter } from './interpreter.js';
-import { rmSync } from 'node:fs';
 
 export const MAX_FORK_COUNT = 1000;
 /** Children resumed at once; each activation is a short burst of QEMU work. */
@@ -62,25 +61,31 @@ async function freezeAndContinueNow(sb: LiveSandbox, childSlots: () => Promise<{
   await closePool(parentFile);
   await sb.agent.drained();
   const t0 = performance.now();
+  const frozenFile = transientMemoryPath();
+  let renamed = false;
   let snapshot: Snapshot;
   try {
     const state = await engine.freeze(sb.vm);
-    const frozenFile = transientMemoryPath();
     renameSync(parentFile, frozenFile);
+    renamed = true;
     sb.vm.releaseMemoryFile();
     snapshot = new Snapshot(`fork-${sb.id}-${Date.now()}`, frozenFile, state, sb.shape, {
       token: sb.token,
       nextId: sb.agent.idCursor + 1000,
       ...(sb.interpreterExecId ? { interpreterExecId: sb.interpreterExecId } : {}),
     });
-    snapshot.retain(); // held by this fork until every child is resumed
     await engine.activate(continuation, state);
   } catch (err) {
     await Promise.all([continuation.kill(), ...kids.slots.map((k) => k.kill())]);
-    // The parent's RAM file is untouched if we failed before resuming anyone: let it run again.
+    // Nobody has resumed from the RAM file yet, so the parent may own it and run on it again.
+    if (renamed) {
+      renameSync(frozenFile, parentFile);
+      sb.vm.reclaimMemoryFile(parentFile);
+    }
     if (sb.vm.alive()) await engine.resume(sb.vm).catch(() => undefined);
     throw new CladeError('internal', `fork of ${sb.id} failed while the parent was paused: ${errorMessage(err)}`, { cause: err });
   }
+  snapshot.retain(); // held by this fork until every child is resumed
   // The device state is the parent's; the continuation is the parent, so its request ids carry on.
   sb.agent.idCursor = snapshot.agent.nextId;
   await sb.replaceVm(continuation, snapshot);
@@ -112,7 +117,7 @@ export async function startContinuation(sb: LiveSandbox): Promise<QemuVm> {
 export async function acquireSlots(sb: { shape: LiveSandbox['shape'] }, memoryFile: string, n: number): Promise<{ slots: QemuVm[]; warm: number; errors: CladeError[] }> {
   const warm = poolFor(memoryFile)?.take(n) ?? [];
   const missing = n - warm.length;
-  const started = await mapLimited(Array.from({ length: missing }), 8, () => startSlot(sb.shape, memoryFile));
+  const started = await mapLimited(Array.from({ length: missing }), START_CONCURRENCY, () => startSlot(sb.shape, memoryFile));
   const slots = [...warm];
   const errors: CladeError[] = [];
   for (const r of started) {

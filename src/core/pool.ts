@@ -6,7 +6,7 @@ import { engine, installExitCleanup, killPidQuietly, newSandboxId, onProcessExit
 import { rmSync } from 'node:fs';
 
 /** Slots started at once; each QEMU start is CPU-bound, so more would only queue on the cores. */
-const START_CONCURRENCY = 8;
+export const START_CONCURRENCY = 8;
 
 /** Starts one VM that waits to resume a snapshot whose RAM is `memoryFile`; its id becomes the new sandbox's id. */
 export async function startSlot(shape: MachineShape, memoryFile: string): Promise<QemuVm> {

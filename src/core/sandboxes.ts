@@ -42,6 +42,9 @@ export class LiveSandbox {
   interpreter?: InterpreterSession;
   /** A VM process pre-started for the parent's side of the next fork. */
   private warmContinuation?: Promise<QemuVm>;
+  /** Pid of the pre-started continuation, for synchronous cleanup at exit. */
+  warmPid?: number;
+  private exclusiveTail: Promise<unknown> = Promise.resolve();
 
   constructor(
     readonly id: string,
@@ -81,11 +84,6 @@ export class LiveSandbox {
   hasWarmContinuation(): boolean {
     return this.warmContinuation !== undefined;
   }
-
-  /** Pid of the pre-started continuation, for synchronous cleanup at exit. */
-  warmPid?: number;
-
-  private exclusiveTail: Promise<unknown> = Promise.resolve();
 
   /**
    * Runs operations that replace this sandbox's VM process (fork, snapshot,
@@ -322,6 +320,9 @@ export function killPidQuietly(pid: number): void {
   }
 }
 
+/** A run directory or RAM file this young, with no owner recorded yet, may belong to a VM still starting. */
+const STARTING_GRACE_MS = 120_000;
+
 /**
  * Removes what a process that died without cleaning up (SIGKILL, power loss)
  * left behind: VM processes whose owner is gone, their directories and RAM files.
@@ -337,7 +338,7 @@ export function reapOrphans(): { killed: number; removed: number } {
     const vms = readdirSync(sbDir).filter((d) => d.startsWith('vm-'));
     const metas = vms.map((v) => readVmMeta(join(sbDir, v, 'vm.json'))).filter((m): m is VmMeta => m !== undefined);
     if (metas.length === 0) {
-      if (Date.now() - statSync(sbDir).mtimeMs > 120_000) (rmSync(sbDir, { recursive: true, force: true }), removed++);
+      if (Date.now() - statSync(sbDir).mtimeMs > STARTING_GRACE_MS) (rmSync(sbDir, { recursive: true, force: true }), removed++);
       continue;
     }
     if (metas.some((m) => processAlive(m.ownerPid))) continue;
@@ -374,7 +375,7 @@ function reapMemoryFiles(): void {
     if (owner && processAlive(Number(owner[1]))) continue;
     const sb = /^(sb-[0-9a-f]+)\.mem$/.exec(f);
     if (sb && existsSync(sandboxDir(sb[1]!))) continue;
-    if (Date.now() - statSync(path).mtimeMs < 120_000 && !owner) continue;
+    if (Date.now() - statSync(path).mtimeMs < STARTING_GRACE_MS && !owner) continue;
     rmSync(path, { force: true });
   }
 }

@@ -130,10 +130,15 @@ function hashFile(path: string): string {
   return hash.digest('hex');
 }
 
+/** Refuses a tag that is invalid or already taken, before any work is done for it. */
+export function assertTagFree(tag: string): void {
+  if (existsSync(snapshotDir(tag))) throw new CladeError('conflict', `snapshot ${tag} already exists; pick another tag or delete it with \`clade snapshot rm ${tag}\``);
+}
+
 /** Writes a frozen snapshot to the clade home under `tag`. */
 export function persistSnapshot(snap: Snapshot, tag: string, sandboxId: string, parent: string | null): SnapshotMeta {
+  assertTagFree(tag);
   const dir = snapshotDir(tag);
-  if (existsSync(dir)) throw new CladeError('conflict', `snapshot ${tag} already exists; pick another tag or delete it with \`clade snapshot rm ${tag}\``);
   // A deleted ancestor ends the recorded lineage; the new snapshot is complete on its own.
   if (parent && !existsSync(join(snapshotDir(parent), 'snapshot.json'))) parent = null;
   ensurePrivateDir(homePaths.snapshots());

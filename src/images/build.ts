@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { CladeError } from '../core/errors.js';
 import { ensurePrivateDir, homePaths } from '../core/home.js';
-import { agentBinaryPath, packageRoot } from '../core/paths.js';
+import { agentBinaryPath, guestFilesDir, packageRoot } from '../core/paths.js';
 import { noProgress, type ProgressFn } from '../core/progress.js';
 import { AptUniverse, type DebPackage } from './apt.js';
 import { writeCpio } from './cpio.js';
@@ -115,7 +115,7 @@ async function ensureAgentBuilt(progress: ProgressFn): Promise<void> {
 
 /** Extra files placed in the guest, from src/images/guest. */
 function guestFileSet(): Map<string, Buffer> {
-  const dir = join(packageRoot(), 'src', 'images', 'guest');
+  const dir = guestFilesDir();
   const files = new Map<string, Buffer>();
   if (!existsSync(dir)) return files;
   const walk = (rel: string) => {

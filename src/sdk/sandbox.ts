@@ -1,14 +1,13 @@
 import type { EngineName } from '../engines/engine.js';
 import { CladeError } from '../core/errors.js';
-import { acquireSlots, ensureFreezable, forkSandbox, freezeAndContinue, resumeChildren, startContinuation, type ForkTimings } from '../core/fork.js';
+import { acquireSlots, ensureFreezable, forkSandbox, freezeAndContinue, MAX_FORK_COUNT, resumeChildren, startContinuation, type ForkTimings } from '../core/fork.js';
 import { runCode, type CodeResult, type RunCodeOptions } from '../core/interpreter.js';
 import { ensurePool } from '../core/pool.js';
 import { checkEngine, getLive, type LiveSandbox, startSandbox } from '../core/sandboxes.js';
-import { loadSnapshot, persistSnapshot, readSnapshotMeta, snapshotDir, type SnapshotMeta } from '../core/snapshots.js';
+import { assertTagFree, loadSnapshot, persistSnapshot, type SnapshotMeta } from '../core/snapshots.js';
 import { AgentCommands, Commands } from './commands.js';
 import { Files } from './files.js';
 import { daemonClient, RemoteSandbox, type DaemonOptions } from './remote.js';
-import { existsSync } from 'node:fs';
 
 export type SandboxCreateOptions = {
   /** Image name or digest (default: "default", made by `clade image build`). */
@@ -101,7 +100,7 @@ export class Sandbox implements AsyncDisposable {
   static async fromSnapshot(tag: string, opts: { count?: number; env?: Record<string, string>; engine?: EngineName } & DaemonOptions = {}): Promise<(Sandbox | ForkFailure)[]> {
     checkEngine(opts.engine);
     const count = opts.count ?? 1;
-    if (!Number.isInteger(count) || count < 1 || count > 1000) throw new CladeError('bad_request', `count must be an integer from 1 to 1000, got ${count}`);
+    checkCount('count', count, 1);
     const client = daemonClient(opts);
     if (client) {
       const kids = await RemoteSandbox.start(client, tag, { count, ...(opts.env ? { env: opts.env } : {}) });
@@ -120,7 +119,7 @@ export class Sandbox implements AsyncDisposable {
 
   /** Keeps `size` VM processes pre-started for a persistent snapshot, so starts from it only load state. */
   static async warmPool(tag: string, size: number): Promise<void> {
-    if (!Number.isInteger(size) || size < 0 || size > 1000) throw new CladeError('bad_request', `pool size must be an integer from 0 to 1000, got ${size}`);
+    checkCount('pool size', size, 0);
     const snap = loadSnapshot(tag);
     await ensurePool(snap.memoryFile, snap.shape, size, true).whenFull();
   }
@@ -140,12 +139,10 @@ export class Sandbox implements AsyncDisposable {
 
   /** Pre-starts `size` VM processes for this sandbox's next fork and waits until they are ready. */
   async prewarmForks(size: number): Promise<void> {
-    if (!Number.isInteger(size) || size < 0 || size > 1000) throw new CladeError('bad_request', `pool size must be an integer from 0 to 1000, got ${size}`);
+    checkCount('pool size', size, 0);
     const live = this.local('prewarmForks');
-    if (!live.vm.memory.shared) {
-      // A fork's parent maps its RAM copy-on-write; give it its own file first (a RAM copy).
-      await ensureFreezable(live);
-    }
+    // A fork's parent maps its RAM copy-on-write; the slots need a file of its own (a RAM copy, once).
+    await ensureFreezable(live);
     const pool = ensurePool(live.vm.memory.file, live.shape, size, false);
     if (size > 0 && !live.hasWarmContinuation()) live.setWarmContinuation(startContinuation(live));
     await Promise.all([pool.whenFull(), live.warmContinuationReady()]);
@@ -162,8 +159,7 @@ export class Sandbox implements AsyncDisposable {
       this.snapshotTag = opts.tag;
       return meta;
     }
-    const dir = snapshotDir(opts.tag);
-    if (existsSync(dir)) throw new CladeError('conflict', `snapshot ${opts.tag} already exists; pick another tag or delete it with \`clade snapshot rm ${opts.tag}\``);
+    assertTagFree(opts.tag); // before pausing the sandbox for nothing
     const { snapshot } = await freezeAndContinue(this.local('snapshot'), async () => ({ slots: [], warm: 0 }));
     try {
       const meta = persistSnapshot(snapshot, opts.tag, this.sandboxId, this.snapshotTag ?? null);
@@ -252,7 +248,11 @@ export class Sandbox implements AsyncDisposable {
   }
 }
 
-export { readSnapshotMeta };
 /** A snapshot's metadata as callers see it (the agent token stays with the host). */
 export type SnapshotInfo = Omit<SnapshotMeta, 'agent'>;
 export type { CodeResult, RunCodeOptions, ForkTimings, SnapshotMeta };
+
+/** Counts of children or slots share the fork limit. */
+function checkCount(name: string, value: number, min: number): void {
+  if (!Number.isInteger(value) || value < min || value > MAX_FORK_COUNT) throw new CladeError('bad_request', `${name} must be an integer from ${min} to ${MAX_FORK_COUNT}, got ${value}`);
+}

@@ -1,21 +1,15 @@
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { homePaths, memoryDir } from '../../src/core/home.js';
+import { isSandboxVm } from '../../src/engines/qemu/qemu-engine.js';
 import { CladeError, type Sandbox } from '../../src/sdk/index.js';
 
 /** Pids of VM processes started for this sandbox id (found by their -name). */
 export function vmPids(id: string): number[] {
-  const pids: number[] = [];
-  for (const entry of readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    try {
-      const argv = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
-      if (argv.includes(`clade-${id}`)) pids.push(Number(entry));
-    } catch {
-      // Exited while we looked.
-    }
-  }
-  return pids;
+  return readdirSync('/proc')
+    .filter((entry) => /^\d+$/.test(entry))
+    .map(Number)
+    .filter((pid) => isSandboxVm(pid, id));
 }
 
 /** True if nothing of the sandbox remains: no VM process, no run directory. */

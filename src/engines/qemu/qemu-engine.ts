@@ -281,6 +281,11 @@ export class QemuVm implements VmHandle {
     return file;
   }
 
+  /** Takes the RAM file back (at `file`) after a fork that failed before anyone else mapped it. */
+  reclaimMemoryFile(file: string): void {
+    this.memory = { file, shared: true };
+  }
+
   diagnostics(): string {
     let serial = '';
     try {
