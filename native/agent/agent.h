@@ -81,7 +81,8 @@ enum tag {
 	F_TRUNCATED,
 	F_CREATED,
 	F_UPTIME_MS,
-	F_TAG_MAX = F_UPTIME_MS,
+	F_LAST_ID,
+	F_TAG_MAX = F_LAST_ID,
 };
 
 /* A decoded host request. Strings point into the frame buffer, NUL-terminated in place. */
@@ -111,6 +112,9 @@ struct agent {
 	uint8_t token[TOKEN_LEN];
 	char sandbox_id[SANDBOX_ID_MAX + 1];
 	char default_cwd[PATH_MAX];
+	uint32_t newest_id;        /* newest authenticated request id (serial order) */
+	uint32_t newest_before;    /* newest_id as it was before the request being handled */
+	bool seen_any;
 };
 extern struct agent g;
 

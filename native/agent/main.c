@@ -62,6 +62,8 @@ static void do_hello(const struct req *r)
 	body_str(&b, F_AGENT_VERSION, AGENT_VERSION);
 	body_u64(&b, F_UPTIME_MS, (uint64_t)up.tv_sec * 1000 + (uint64_t)up.tv_nsec / 1000000);
 	body_str(&b, F_SANDBOX_ID, g.sandbox_id);
+	/* A host that takes over this channel (a restarted daemon) continues its ids after this one. */
+	body_u64(&b, F_LAST_ID, g.newest_before);
 	send_body(T_OK, r->id, &b);
 }
 
@@ -202,6 +204,18 @@ static bool token_ok(const uint8_t *t)
 	return diff == 0;
 }
 
+/*
+ * Ids are compared in serial-number order, so the newest survives wrap-around;
+ * STDIN and WRITE_DATA frames reuse an older id and do not move it back.
+ */
+static void note_request_id(uint32_t id)
+{
+	g.newest_before = g.newest_id;
+	if (!g.seen_any || (int32_t)(id - g.newest_id) > 0)
+		g.newest_id = id;
+	g.seen_any = true;
+}
+
 static struct req req; /* large (argv/env tables), so not on the stack */
 
 void dispatch_frame(uint8_t type, uint32_t id, uint8_t *payload, size_t len)
@@ -210,6 +224,7 @@ void dispatch_frame(uint8_t type, uint32_t id, uint8_t *payload, size_t len)
 		send_error(id, "auth", 0, "bad or missing token");
 		return;
 	}
+	note_request_id(id);
 	const struct handler *h = NULL;
 	for (size_t i = 0; i < sizeof handlers / sizeof handlers[0]; i++)
 		if (handlers[i].type == type)

@@ -103,6 +103,17 @@ export class AgentClient {
     this.nextId = Math.max(1, next);
   }
 
+  /**
+   * Moves the id cursor past the newest id the agent has seen, so a client
+   * that takes over a channel (a restarted daemon) never reuses the id of a
+   * command its predecessor left running. Ids compare in serial-number order.
+   */
+  private continueAfter(lastSeen: number | undefined): void {
+    if (lastSeen === undefined) return;
+    const next = lastSeen + 1 >= 0xffff_fff0 ? 1 : lastSeen + 1;
+    if (((next - this.nextId) | 0) > 0) this.nextId = next;
+  }
+
   /** Takes over a command started by an ancestor sandbox (the forked interpreter). */
   adopt(id: number, handlers: ExecHandlers & { onExit?: (e: ExecExit) => void; onClose?: (e: CladeError) => void }): void {
     this.pending.set(id, {
@@ -157,7 +168,9 @@ export class AgentClient {
       const remaining = deadline - Date.now();
       if (remaining <= 0) throw new CladeError('timeout', 'the guest agent did not answer before the boot timeout');
       try {
-        return await this.request(MessageType.HELLO, undefined, Math.min(500, remaining));
+        const hello = await this.request(MessageType.HELLO, undefined, Math.min(500, remaining));
+        this.continueAfter(hello.u64(Tag.LAST_ID));
+        return hello;
       } catch (err) {
         if (err instanceof CladeError && err.code === 'timeout') continue;
         throw err;

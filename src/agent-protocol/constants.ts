@@ -62,6 +62,7 @@ export const Tag = {
   TRUNCATED: 30,
   CREATED: 31,
   UPTIME_MS: 32,
+  LAST_ID: 33,
 } as const;
 export type Tag = (typeof Tag)[keyof typeof Tag];
 

@@ -4,10 +4,9 @@ import { adoptSandbox, getLive, killPidQuietly, liveSandboxes, sandboxDir } from
 import { isSandboxVm } from '../engines/qemu/qemu-engine.js';
 import { resolveImage } from '../images/store.js';
 import { Sandbox } from '../sdk/sandbox.js';
+import { CommandTable } from './commands.js';
 import { recordOf, type SandboxRecord, type StateStore } from './state.js';
 
-/** A request id jump after adoption: ids the dead daemon used after its last record write stay unused. */
-const ID_CURSOR_SKIP = 1 << 24;
 const SWEEP_MS = 1000;
 /** Forks or snapshots of one sandbox that may wait for the one running; more are refused. */
 const MAX_WAITING_PER_SANDBOX = 32;
@@ -39,6 +38,8 @@ export class SandboxRegistry {
   private reserved = 0;
   private sweeper?: NodeJS.Timeout;
   private readonly locks = new Map<string, { tail: Promise<unknown>; waiting: number }>();
+  /** Background commands of these sandboxes, started through the API. */
+  readonly commands = new CommandTable();
 
   constructor(
     private readonly store: StateStore,
@@ -119,6 +120,15 @@ export class SandboxRegistry {
       .filter((v) => (filter.parentId === undefined || v.parentId === filter.parentId) && (filter.snapshotTag === undefined || v.snapshotTag === filter.snapshotTag));
   }
 
+  /** Sets a new lifetime, from now (0: until deleted); kept across daemon restarts like the first. */
+  setLifetime(id: string, timeoutMs: number): SandboxView {
+    const entry = this.entries.get(id);
+    if (!entry) throw new CladeError('not_found', `no sandbox ${JSON.stringify(id)} in this daemon`);
+    entry.expiresAt = timeoutMs > 0 ? Date.now() + timeoutMs : null;
+    this.persist(id);
+    return this.view(id);
+  }
+
   setSnapshotTag(id: string, tag: string): void {
     const entry = this.entries.get(id);
     if (entry) entry.snapshotTag = tag;
@@ -128,6 +138,7 @@ export class SandboxRegistry {
   async remove(id: string): Promise<void> {
     const sandbox = this.get(id);
     this.entries.delete(id);
+    this.commands.dropSandbox(id);
     this.store.remove(id);
     await sandbox.kill();
   }
@@ -138,7 +149,7 @@ export class SandboxRegistry {
     const live = getLiveOrUndefined(id);
     if (!entry || !live) return;
     const rec = recordOf(live, { expiresAt: entry.expiresAt, ...(entry.snapshotTag ? { snapshotTag: entry.snapshotTag } : {}) });
-    const fingerprint = `${rec.pid}:${rec.runDir}:${rec.interpreterExecId ?? 0}:${rec.memory.file}`;
+    const fingerprint = `${rec.pid}:${rec.runDir}:${rec.interpreterExecId ?? 0}:${rec.memory.file}:${rec.expiresAt}:${rec.snapshotTag ?? ''}`;
     if (fingerprint === entry.fingerprint) return;
     this.store.save(rec);
     entry.fingerprint = fingerprint;
@@ -155,6 +166,7 @@ export class SandboxRegistry {
     for (const [id, entry] of this.entries) {
       if (!getLiveOrUndefined(id)) {
         this.entries.delete(id);
+        this.commands.dropSandbox(id);
         this.store.remove(id);
         this.log.info({ sandboxId: id }, 'sandbox ended on its own; record removed');
       } else if (entry.expiresAt !== null && entry.expiresAt <= now) {
@@ -211,7 +223,7 @@ export class SandboxRegistry {
       createdAt: new Date(rec.createdAt),
       ...(rec.parentId ? { parentId: rec.parentId } : {}),
       ...(rec.interpreterExecId ? { interpreterExecId: rec.interpreterExecId } : {}),
-      agentIdCursor: (rec.agentIdCursor + ID_CURSOR_SKIP) % 2 ** 32,
+      agentIdCursor: rec.agentIdCursor, // the agent's HELLO then moves it past every id the dead daemon used
       runGeneration: Number(/vm-(\d+)$/.exec(rec.runDir)?.[1] ?? 0),
     });
     const entry: Entry = { sandbox: Sandbox.connectLocal(live.id), expiresAt: rec.expiresAt, fingerprint: '', ...(rec.snapshotTag ? { snapshotTag: rec.snapshotTag } : {}) };

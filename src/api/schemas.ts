@@ -50,13 +50,32 @@ export const ExecBody = Type.Object(
     envs: Type.Optional(Env),
     cwd: Type.Optional(Type.String({ minLength: 1, maxLength: 4095 })),
     timeoutMs: Type.Optional(Type.Integer({ minimum: 0, maximum: 24 * 3600_000, description: 'kill the command after this long; 0 = never (default 60000)' })),
-    stdin: Type.Optional(Type.String()),
+    stdin: Type.Optional(Type.Union([Type.String(), Type.Boolean()], { description: 'data for stdin; with background, true keeps stdin open for POST …/commands/{commandId}/stdin' })),
+    background: Type.Optional(Type.Boolean({ description: 'start the command and answer at once with its commandId; read its output from …/commands/{commandId}/output' })),
   },
   { additionalProperties: false },
 );
 export type ExecBody = Static<typeof ExecBody>;
 
-export const ExecQuery = Type.Object({ stream: Type.Optional(Type.Union([Type.Literal('0'), Type.Literal('1')])) });
+const ExitSchema = Type.Object({ exitCode: Type.Integer(), timedOut: Type.Optional(Type.Boolean()), signal: Type.Optional(Type.Integer()) });
+export const CommandSchema = Type.Object({
+  commandId: Type.String(),
+  pid: Type.Integer(),
+  cmd: Type.Union([Type.String(), Type.Array(Type.String())]),
+  startedAt: Type.String(),
+  running: Type.Boolean(),
+  exit: Type.Optional(ExitSchema),
+});
+export const CommandParams = Type.Object({ id: Id, commandId: Type.String({ minLength: 1, maxLength: 64 }) });
+export const StdinBody = Type.Object(
+  { data: Type.Optional(Type.String({ maxLength: 4 << 20 })), close: Type.Optional(Type.Boolean({ description: 'close stdin after writing data' })) },
+  { additionalProperties: false },
+);
+export const SignalBody = Type.Object({ signal: Type.Optional(Type.Integer({ minimum: 1, maximum: 64, description: 'default 9 (SIGKILL)' })) }, { additionalProperties: false });
+export const PatchSandboxBody = Type.Object({ timeoutMs: Lifetime }, { additionalProperties: false });
+export const PrewarmBody = Type.Object({ size: Type.Integer({ minimum: 0, maximum: MAX_FORK_COUNT }) }, { additionalProperties: false });
+
+export const StreamQuery = Type.Object({ stream: Type.Optional(Type.Union([Type.Literal('0'), Type.Literal('1')])) });
 
 export const ExecResult = Type.Object({
   exitCode: Type.Integer(),

@@ -14,6 +14,7 @@ import { ConcurrencyGate, type DaemonContext } from './context.js';
 import { errorHandler } from './errors.js';
 import { Metrics } from './metrics.js';
 import { SandboxRegistry } from './registry.js';
+import { commandRoutes } from './routes/commands.js';
 import { fileRoutes } from './routes/files.js';
 import { sandboxRoutes } from './routes/sandboxes.js';
 import { snapshotRoutes } from './routes/snapshots.js';
@@ -82,6 +83,7 @@ export async function buildApp(ctx: DaemonContext, log: Logger, auth?: { token: 
   }
   systemRoutes(app, ctx);
   sandboxRoutes(app, ctx);
+  commandRoutes(app, ctx);
   fileRoutes(app, ctx);
   snapshotRoutes(app, ctx);
   await app.ready();

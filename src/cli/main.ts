@@ -134,7 +134,12 @@ export function buildProgram(): Command {
     .description('persistent snapshots of warm sandboxes; `clade snapshot <sandbox> --tag T` saves a daemon sandbox')
     .argument('[sandbox]', 'a sandbox of the running daemon to save (needs `clade serve`)')
     .option('--tag <tag>', 'tag for the snapshot of <sandbox>')
-    .action(action(snapshotSandboxAction));
+    .action(
+      action(async (json: boolean, id: string | undefined, opts: { tag?: string }) => {
+        if (id === undefined && opts.tag === undefined) return void snapshot.outputHelp(); // bare `clade snapshot`
+        await snapshotSandboxAction(json, id, opts);
+      }),
+    );
   snapshot
     .command('create <tag>')
     .description('boot (or resume a snapshot), warm up with commands and Python code, and save the state as <tag>')

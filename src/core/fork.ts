@@ -71,7 +71,7 @@ async function freezeAndContinueNow(sb: LiveSandbox, childSlots: () => Promise<{
     sb.vm.releaseMemoryFile();
     snapshot = new Snapshot(`fork-${sb.id}-${Date.now()}`, frozenFile, state, sb.shape, {
       token: sb.token,
-      nextId: sb.agent.idCursor + 1000,
+      nextId: sb.agent.idCursor, // read after the freeze: every id the frozen guest can have seen is below it
       ...(sb.interpreterExecId ? { interpreterExecId: sb.interpreterExecId } : {}),
     });
     await engine.activate(continuation, state);

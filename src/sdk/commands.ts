@@ -28,8 +28,24 @@ const DEFAULT_TIMEOUT_MS = 60_000;
 /** Output kept in a CommandResult; the streaming callbacks see all of it. */
 const MAX_CAPTURE = 64 * 1024 * 1024;
 
-/** A command running in the background. */
-export class CommandHandle {
+/** A command running in the background, in this process's sandbox or in a daemon's. */
+export interface CommandHandle {
+  /** The command's process id in the guest. */
+  readonly pid: number;
+  /** Output so far. */
+  readonly stdout: string;
+  readonly stderr: string;
+  /** Waits for the command to end and returns its result. */
+  wait(): Promise<CommandResult>;
+  /** Writes to the command's stdin (started with `stdin: true`). */
+  sendStdin(data: string | Uint8Array): Promise<void>;
+  closeStdin(): Promise<void>;
+  /** Signals the command's process group (default SIGKILL); resolves false if it had already ended. */
+  kill(signal?: number): Promise<boolean>;
+}
+
+/** A background command of a sandbox in this process, through its agent. */
+class AgentCommandHandle implements CommandHandle {
   private readonly result: Promise<CommandResult>;
 
   constructor(
@@ -64,15 +80,14 @@ export class CommandHandle {
     return this.result;
   }
 
-  sendStdin(data: string | Uint8Array): void {
+  async sendStdin(data: string | Uint8Array): Promise<void> {
     this.handle.writeStdin(Buffer.from(data));
   }
 
-  closeStdin(): void {
+  async closeStdin(): Promise<void> {
     this.handle.closeStdin();
   }
 
-  /** Sends SIGKILL to the command's process group; resolves false if it had already ended. */
   async kill(signal = 9): Promise<boolean> {
     try {
       await this.handle.signal(signal);
@@ -130,7 +145,7 @@ export class AgentCommands implements CommandRunner {
       handle.writeStdin(Buffer.from(opts.stdin));
       handle.closeStdin();
     }
-    const cmdHandle = new CommandHandle(handle, { stdout: () => out.text(), stderr: () => err.text() });
+    const cmdHandle = new AgentCommandHandle(handle, { stdout: () => out.text(), stderr: () => err.text() });
     if (opts.background) return cmdHandle;
     return cmdHandle.wait();
   }

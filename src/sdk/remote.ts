@@ -4,7 +4,7 @@ import type { FileEntry } from '../agent-protocol/client.js';
 import { CladeError, type CladeErrorCode } from '../core/errors.js';
 import type { CodeResult, RunCodeOptions } from '../core/interpreter.js';
 import type { SnapshotMeta } from '../core/snapshots.js';
-import type { CommandOptions, CommandResult, CommandRunner } from './commands.js';
+import type { CommandHandle, CommandOptions, CommandResult, CommandRunner } from './commands.js';
 import type { FileOps } from './files.js';
 
 export type DaemonOptions = {
@@ -69,12 +69,29 @@ export class RemoteSandbox {
     return this.client.json('POST', this.path('/snapshot'), { tag });
   }
 
-  /** The daemon runs the code in one request, so output reaches the callbacks when it ends. */
+  /** With output callbacks, the daemon streams the output as the code prints it. */
   async runCode(code: string, opts: RunCodeOptions): Promise<CodeResult> {
-    const r = await this.client.json<CodeResult>('POST', this.path('/code'), { code, ...(opts.timeoutMs !== undefined ? { timeoutMs: opts.timeoutMs } : {}) });
-    if (r.stdout) opts.onStdout?.(r.stdout);
-    if (r.stderr) opts.onStderr?.(r.stderr);
-    return r;
+    const body = { code, ...(opts.timeoutMs !== undefined ? { timeoutMs: opts.timeoutMs } : {}) };
+    if (!opts.onStdout && !opts.onStderr) return this.client.json<CodeResult>('POST', this.path('/code'), body);
+    let result: CodeResult | undefined;
+    let failure: CladeError | undefined;
+    await this.client.ndjson('POST', this.path('/code'), body, (line) => {
+      if (typeof line.stdout === 'string') opts.onStdout?.(line.stdout);
+      else if (typeof line.stderr === 'string') opts.onStderr?.(line.stderr);
+      else if (line.result) result = line.result as CodeResult;
+      else if (line.error) failure = wireError(line.error);
+    });
+    if (failure) throw failure;
+    if (!result) throw new CladeError('unavailable', 'the daemon ended the runCode stream before the code finished (was it stopped?)');
+    return result;
+  }
+
+  async setTimeout(timeoutMs: number): Promise<void> {
+    await this.client.json('PATCH', this.path(), { timeoutMs });
+  }
+
+  async prewarmForks(size: number): Promise<void> {
+    await this.client.json('POST', this.path('/prewarm'), { size });
   }
 
   async isRunning(): Promise<boolean> {
@@ -90,10 +107,17 @@ export class RemoteSandbox {
     });
   }
 
-  private async run(cmd: string | string[], opts: CommandOptions): Promise<CommandResult> {
-    if (opts.background) throw new CladeError('unavailable', 'background commands are not available through the daemon; run the command in the foreground (onStdout/onStderr still stream)');
-    if (opts.stdin !== undefined && typeof opts.stdin !== 'string') throw new CladeError('bad_request', 'through the daemon, stdin must be a string');
-    const body = { cmd, ...(opts.envs ? { envs: opts.envs } : {}), ...(opts.cwd ? { cwd: opts.cwd } : {}), ...(opts.timeoutMs !== undefined ? { timeoutMs: opts.timeoutMs } : {}), ...(opts.stdin !== undefined ? { stdin: opts.stdin } : {}) };
+  private async run(cmd: string | string[], opts: CommandOptions): Promise<CommandResult | CommandHandle> {
+    if (opts.stdin instanceof Uint8Array) throw new CladeError('bad_request', 'through the daemon, stdin must be a string (or true, with background, to keep it open)');
+    if (opts.stdin === true && !opts.background) throw new CladeError('bad_request', 'stdin: true keeps stdin open for sendStdin, which needs background: true');
+    const body = {
+      cmd,
+      ...(opts.envs ? { envs: opts.envs } : {}),
+      ...(opts.cwd ? { cwd: opts.cwd } : {}),
+      ...(opts.timeoutMs !== undefined ? { timeoutMs: opts.timeoutMs } : {}),
+      ...(opts.stdin !== undefined && opts.stdin !== false ? { stdin: opts.stdin } : {}),
+    };
+    if (opts.background) return RemoteCommandHandle.start(this.client, this.path(), body, opts);
     if (!opts.onStdout && !opts.onStderr) return this.client.json<CommandResult>('POST', this.path('/exec'), body);
     return this.streamed(body, opts);
   }
@@ -108,7 +132,7 @@ export class RemoteSandbox {
       if (typeof line.stdout === 'string') (stdout += line.stdout, opts.onStdout?.(line.stdout));
       else if (typeof line.stderr === 'string') (stderr += line.stderr, opts.onStderr?.(line.stderr));
       else if (line.exit) exit = line.exit as typeof exit;
-      else if (line.error) failure = new CladeError((line.error as { code: CladeErrorCode }).code, (line.error as { message: string }).message);
+      else if (line.error) failure = wireError(line.error);
     });
     if (failure) throw failure;
     if (!exit) throw new CladeError('unavailable', 'the daemon ended the command stream before the command ended (was it stopped?)');
@@ -123,6 +147,81 @@ export class RemoteSandbox {
     return Promise.all(
       results.map(async (r) => ('error' in r ? new CladeError(r.error.code, r.error.message) : RemoteSandbox.connect(client, r.sandboxId))),
     );
+  }
+}
+
+function wireError(e: unknown): CladeError {
+  const { code, message } = e as { code: CladeErrorCode; message: string };
+  return new CladeError(code, message);
+}
+
+type CommandView = { commandId: string; pid: number };
+
+/**
+ * A background command the daemon runs: it keeps running (and its output is
+ * kept) whatever happens to this process. The handle follows its output
+ * stream, so `stdout`, `stderr` and the callbacks are current.
+ */
+class RemoteCommandHandle implements CommandHandle {
+  private out = '';
+  private err = '';
+  private readonly result: Promise<CommandResult>;
+
+  private constructor(
+    private readonly client: DaemonClient,
+    private readonly base: string,
+    private readonly view: CommandView,
+    opts: CommandOptions,
+  ) {
+    this.result = this.follow(opts);
+    this.result.catch(() => undefined);
+  }
+
+  static async start(client: DaemonClient, sandboxPath: string, body: object, opts: CommandOptions): Promise<RemoteCommandHandle> {
+    const view = await client.json<CommandView>('POST', `${sandboxPath}/exec`, { ...body, background: true });
+    return new RemoteCommandHandle(client, `${sandboxPath}/commands/${encodeURIComponent(view.commandId)}`, view, opts);
+  }
+
+  get pid(): number {
+    return this.view.pid;
+  }
+
+  get stdout(): string {
+    return this.out;
+  }
+
+  get stderr(): string {
+    return this.err;
+  }
+
+  wait(): Promise<CommandResult> {
+    return this.result;
+  }
+
+  async sendStdin(data: string | Uint8Array): Promise<void> {
+    await this.client.json('POST', `${this.base}/stdin`, { data: typeof data === 'string' ? data : Buffer.from(data).toString('utf8') });
+  }
+
+  async closeStdin(): Promise<void> {
+    await this.client.json('POST', `${this.base}/stdin`, { close: true });
+  }
+
+  async kill(signal = 9): Promise<boolean> {
+    return (await this.client.json<{ delivered: boolean }>('POST', `${this.base}/signal`, { signal })).delivered;
+  }
+
+  private async follow(opts: CommandOptions): Promise<CommandResult> {
+    let exit: Omit<CommandResult, 'stdout' | 'stderr'> | undefined;
+    let failure: CladeError | undefined;
+    await this.client.ndjson('GET', `${this.base}/output`, undefined, (line) => {
+      if (typeof line.stdout === 'string') (this.out += line.stdout, opts.onStdout?.(line.stdout));
+      else if (typeof line.stderr === 'string') (this.err += line.stderr, opts.onStderr?.(line.stderr));
+      else if (line.exit) exit = line.exit as typeof exit;
+      else if (line.error) failure = wireError(line.error);
+    });
+    if (failure) throw failure;
+    if (!exit) throw new CladeError('unavailable', 'the daemon ended the output stream before the command ended (was it stopped?)');
+    return { ...exit, stdout: this.out, stderr: this.err };
   }
 }
 

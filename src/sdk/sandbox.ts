@@ -69,7 +69,7 @@ export class Sandbox implements AsyncDisposable {
       this.files = new Files(impl.agent);
     }
     if (opts.snapshotTag) this.snapshotTag = opts.snapshotTag;
-    if (opts.timeoutMs) this.setTimeout(opts.timeoutMs);
+    if (opts.timeoutMs) this.armLifetime(opts.timeoutMs);
   }
 
   /** The sandbox in this process; what only exists there says so when the sandbox runs in a daemon. */
@@ -140,6 +140,7 @@ export class Sandbox implements AsyncDisposable {
   /** Pre-starts `size` VM processes for this sandbox's next fork and waits until they are ready. */
   async prewarmForks(size: number): Promise<void> {
     checkCount('pool size', size, 0);
+    if (this.remote) return this.remote.prewarmForks(size);
     const live = this.local('prewarmForks');
     // A fork's parent maps its RAM copy-on-write; the slots need a file of its own (a RAM copy, once).
     await ensureFreezable(live);
@@ -180,10 +181,19 @@ export class Sandbox implements AsyncDisposable {
     return runCode(this.local('runCode'), code, opts);
   }
 
-  /** Kills the sandbox `timeoutMs` from now (replacing any earlier deadline). */
-  setTimeout(timeoutMs: number): void {
-    this.local('setTimeout (the daemon keeps the lifetime given at create)');
+  /**
+   * Kills the sandbox `timeoutMs` from now, replacing any earlier deadline
+   * (0: no deadline). A daemon keeps the deadline across its restarts.
+   */
+  async setTimeout(timeoutMs: number): Promise<void> {
+    if (!Number.isInteger(timeoutMs) || timeoutMs < 0) throw new CladeError('bad_request', `timeoutMs must be a non-negative integer of milliseconds, got ${timeoutMs}`);
+    if (this.remote) return this.remote.setTimeout(timeoutMs);
+    this.armLifetime(timeoutMs);
+  }
+
+  private armLifetime(timeoutMs: number): void {
     clearTimeout(this.lifetimeTimer);
+    if (timeoutMs === 0) return;
     this.lifetimeTimer = setTimeout(() => void this.kill(), timeoutMs);
     this.lifetimeTimer.unref();
   }

@@ -159,8 +159,25 @@ describe('clade serve (HTTP API, real VMs)', () => {
     expect(await sb.files.read('/root/remote.txt')).toBe('hi');
     expect(await sb.files.exists('/root/nope')).toBe(false);
     expect((await sb.runCode('counter')).value).toBe('41');
-    await expect(sb.commands.run('true', { background: true })).rejects.toMatchObject({ code: 'unavailable' });
     await expect(Sandbox.connect('sb-000000000000', { daemon: daemonUrl })).rejects.toMatchObject({ code: 'not_found' });
+
+    // runCode output streams while the code runs.
+    const printed: { at: number; text: string }[] = [];
+    const t0 = Date.now();
+    const code = await sb.runCode('import time\nprint("early", flush=True)\ntime.sleep(1.5)\nprint("late")\n7', { onStdout: (text) => printed.push({ at: Date.now() - t0, text }) });
+    expect(code).toMatchObject({ value: '7', stdout: 'early\nlate\n' });
+    expect(printed[0]!.text).toMatch(/^early/); // print() may write the newline separately
+    expect(Date.now() - t0 - printed[0]!.at).toBeGreaterThan(1000);
+
+    // A new lifetime, counted from now, through the daemon.
+    await sb.setTimeout(123_000);
+    const expires = Date.parse((await daemon.client().json<{ expiresAt: string }>('GET', `/v1/sandboxes/${sb.sandboxId}`)).expiresAt);
+    expect(Math.abs(expires - (Date.now() + 123_000))).toBeLessThan(5000);
+    await sb.setTimeout(600_000);
+    await expect(sb.setTimeout(-1)).rejects.toMatchObject({ code: 'bad_request' });
+
+    // Pre-started slots for the forks below, as in embedded mode.
+    await sb.prewarmForks(1);
 
     // Two forks of one sandbox at once: the daemon runs them one after the other.
     const kids = (await Promise.all([sb.fork(1), sb.fork(1)])).flat();
@@ -174,6 +191,35 @@ describe('clade serve (HTTP API, real VMs)', () => {
       expect(await child.isRunning()).toBe(false);
     }
     expect((await sb.commands.run('echo parent-ok')).stdout).toBe('parent-ok\n');
+  });
+
+  it('background commands through the daemon: stdin, output while running, kill, reattach', async () => {
+    const sb = await Sandbox.connect(parent.sandboxId, { daemon: `unix://${daemon.socket}` });
+    const seen: string[] = [];
+    const cat = await sb.commands.run('cat; echo done >&2', { background: true, stdin: true, onStdout: (d) => seen.push(d) });
+    expect(cat.pid).toBeGreaterThan(1);
+    await cat.sendStdin('ping\n');
+    expect(await waitFor(() => cat.stdout === 'ping\n', 10_000)).toBe(true);
+    expect(seen).toEqual(['ping\n']);
+    await cat.closeStdin();
+    expect(await cat.wait()).toMatchObject({ exitCode: 0, stdout: 'ping\n', stderr: 'done\n' });
+
+    const sleeper = await sb.commands.run('sleep 300', { background: true });
+    expect(await sleeper.kill()).toBe(true);
+    expect((await sleeper.wait()).exitCode).not.toBe(0);
+    expect(await sleeper.kill()).toBe(false);
+
+    // Another client attaches after the end and gets the whole output again.
+    const c = daemon.client();
+    const listed = await c.json<{ commandId: string; running: boolean; exit?: { exitCode: number } }[]>('GET', `/v1/sandboxes/${parent.sandboxId}/commands`);
+    expect(listed.length).toBeGreaterThanOrEqual(2);
+    expect(listed.every((cmd) => !cmd.running)).toBe(true);
+    const replay: Record<string, unknown>[] = [];
+    await c.ndjson('GET', `/v1/sandboxes/${parent.sandboxId}/commands/${listed[0]!.commandId}/output`, undefined, (line) => replay.push(line));
+    expect(replay).toEqual([{ stdout: 'ping\n' }, { stderr: 'done\n' }, { exit: { exitCode: 0 } }]);
+    await c.json('DELETE', `/v1/sandboxes/${parent.sandboxId}/commands/${listed[0]!.commandId}`);
+    expect((await failure(c.json('GET', `/v1/sandboxes/${parent.sandboxId}/commands/${listed[0]!.commandId}`))).code).toBe('not_found');
+    expect((await failure(c.json('POST', `/v1/sandboxes/${parent.sandboxId}/exec`, { cmd: 'cat', stdin: true }))).code).toBe('bad_request');
   });
 
   it('the CLI lists, forks and runs through the daemon', () => {
@@ -194,18 +240,23 @@ describe('clade serve (HTTP API, real VMs)', () => {
     return daemon.client().json('DELETE', `/v1/sandboxes/${kid!.sandboxId}`);
   });
 
-  it('a SIGKILLed daemon restarts and adopts its running sandbox; a VM whose record is gone is removed', async () => {
+  it('a SIGKILLed daemon restarts and adopts its running sandbox; lifetimes survive; a VM whose record is gone is removed', async () => {
     const c = daemon.client();
-    const orphan = await c.json<View>('POST', '/v1/sandboxes', {});
+    const [orphan, shortLived] = await Promise.all([c.json<View>('POST', '/v1/sandboxes', {}), c.json<View & { expiresAt: string }>('POST', '/v1/sandboxes', { timeoutMs: 12_000 })]);
     created.add(orphan.sandboxId);
+    created.add(shortLived.sandboxId);
+    const lifetime = await c.json<{ expiresAt: string }>('PATCH', `/v1/sandboxes/${parent.sandboxId}`, { timeoutMs: 500_000 });
     await daemon.stop('SIGKILL');
     expect(vmPids(parent.sandboxId)).toHaveLength(1); // the VM outlives its daemon
     rmSync(join(daemon.stateDir, 'sandboxes', `${orphan.sandboxId}.json`));
+    // The short lifetime ends while no daemon runs: the next one must not adopt it.
+    await new Promise((r) => setTimeout(r, Math.max(0, Date.parse(shortLived.expiresAt) - Date.now() + 200)));
 
     await daemon.start();
     const after = daemon.client();
     expect((await after.json<View[]>('GET', '/v1/sandboxes')).map((s) => s.sandboxId)).toEqual([parent.sandboxId]);
-    expect(await waitFor(() => leftNothing(orphan.sandboxId)), `left behind: ${remains(orphan.sandboxId).join(', ')}`).toBe(true);
+    expect(await after.json('GET', `/v1/sandboxes/${parent.sandboxId}`)).toMatchObject({ expiresAt: lifetime.expiresAt });
+    for (const gone of [orphan.sandboxId, shortLived.sandboxId]) expect(await waitFor(() => leftNothing(gone)), `left behind: ${remains(gone).join(', ')}`).toBe(true);
     // The same VM, with its processes and the interpreter's state.
     expect(await after.json<Exec>('POST', `/v1/sandboxes/${parent.sandboxId}/exec`, { cmd: 'echo $MODE' })).toMatchObject({ exitCode: 0, stdout: 'api\n' });
     expect(await after.json('POST', `/v1/sandboxes/${parent.sandboxId}/code`, { code: 'counter' })).toMatchObject({ value: '41' });

@@ -68,7 +68,7 @@ describe('commands', () => {
   it('runs in the background, takes stdin and can be killed', async () => {
     const h = await sb.commands.run('cat', { background: true, stdin: true });
     expect(h.pid).toBeGreaterThan(1);
-    h.sendStdin('ping\n');
+    await h.sendStdin('ping\n');
     await new Promise((r) => setTimeout(r, 300));
     expect(h.stdout).toBe('ping\n');
     expect(await h.kill()).toBe(true);

@@ -25,7 +25,7 @@ OK, ERROR, STDOUT, STDERR, EXIT, FILE_DATA = range(0x80, 0x86)
 
 (ARGV, SHELL, ENV, CWD, TIMEOUT_MS, STDIN_OPEN, PID, EXIT_CODE, SIG, TIMED_OUT, TARGET, PATH, MODE,
  SIZE, TYPE, MTIME_MS, NAME, ENTRY, RECURSIVE, CODE, MESSAGE, ERRNO, PROTO_VERSION, AGENT_VERSION,
- SEED, TIME_NS, HOSTNAME, SANDBOX_ID, NEW_TOKEN, TRUNCATED, CREATED, UPTIME_MS) = range(1, 33)
+ SEED, TIME_NS, HOSTNAME, SANDBOX_ID, NEW_TOKEN, TRUNCATED, CREATED, UPTIME_MS, LAST_ID) = range(1, 34)
 
 
 def field(tag, value):
@@ -193,6 +193,18 @@ def t_hello(a, ctx):
     r = expect_ok(a.request(HELLO))
     assert r.u64(PROTO_VERSION) == 1 and r.str(AGENT_VERSION) == "0.1.0", r.fields
     assert r.u64(UPTIME_MS) >= 0 and r.str(SANDBOX_ID) == ctx["id"], r.fields
+
+
+def t_hello_last_id(a, ctx):
+    """HELLO reports the newest id seen before it, so a new host can continue after it."""
+    a.next_id += 5000
+    expect_ok(a.request(STAT, fields((PATH, "/"))))
+    newest = a.next_id
+    a.send(STDIN, newest - 4000)  # an old exec's id (unknown here): must not move LAST_ID back
+    fid = newest - 3000  # a host that lost count sends HELLO with a stale id
+    a.send(HELLO, fid)
+    r = expect_ok(a.next(fid, 15))
+    assert r.u64(LAST_ID) == newest, (r.fields, newest)
 
 
 def t_exec_exit_code(a, ctx):
@@ -460,7 +472,7 @@ def orphans_alive():
     return alive
 
 
-CHECKS = [t_hello, t_exec_exit_code, t_streams, t_stdin_cat, t_env_cwd, t_timeout, t_timeout_group,
+CHECKS = [t_hello, t_hello_last_id, t_exec_exit_code, t_streams, t_stdin_cat, t_env_cwd, t_timeout, t_timeout_group,
           t_not_found, t_signal, t_busy, t_big_file, t_fs_ops, t_symlink_remove, t_protected, t_auth,
           t_malformed, t_too_large, t_bad_magic, t_truncated, t_fork_fixup, t_orphans]
 

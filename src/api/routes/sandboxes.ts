@@ -1,13 +1,14 @@
-import { PassThrough } from 'node:stream';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { CladeError } from '../../core/errors.js';
 import type { CommandOptions } from '../../sdk/commands.js';
+import type { RunCodeOptions } from '../../core/interpreter.js';
 import { Sandbox } from '../../sdk/sandbox.js';
 import type { DaemonContext } from '../context.js';
 import { toErrorBody } from '../errors.js';
-import { ChildResults, CodeBody, CodeResult, CreateBody, ExecBody, ExecQuery, ExecResult, ForkBody, IdParams, ListQuery, SandboxSchema, SnapshotBody, SnapshotSchema } from '../schemas.js';
+import { ChildResults, CodeBody, CodeResult, CommandSchema, CreateBody, ExecBody, ExecResult, ForkBody, IdParams, ListQuery, PatchSandboxBody, PrewarmBody, SandboxSchema, SnapshotBody, SnapshotSchema, StreamQuery } from '../schemas.js';
 import { Type } from '@sinclair/typebox';
 import { publicSnapshot } from './snapshots.js';
+import { ndjsonReply, startBackground } from './commands.js';
 
 type ExecOptions = Omit<CommandOptions, 'background'>;
 type IdReq = { Params: { id: string } };
@@ -41,24 +42,55 @@ export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
     return reply.status(204).send();
   });
 
+  app.patch<IdReq>('/v1/sandboxes/:id', { schema: { tags: ['sandboxes'], summary: 'set a new lifetime, counted from now', params: IdParams, body: PatchSandboxBody, response: { 200: SandboxSchema } } }, async (req) => {
+    registry.get(req.params.id);
+    return registry.setLifetime(req.params.id, (req.body as { timeoutMs: number }).timeoutMs);
+  });
+
   app.post<IdReq>(
     '/v1/sandboxes/:id/exec',
-    { schema: { tags: ['sandboxes'], summary: 'run a command (NDJSON stream with ?stream=1 or Accept: application/x-ndjson)', params: IdParams, querystring: ExecQuery, body: ExecBody, response: { 200: ExecResult } } },
+    {
+      schema: {
+        tags: ['sandboxes'],
+        summary: 'run a command: JSON result, NDJSON stream (?stream=1 or Accept: application/x-ndjson), or background (201 with a commandId)',
+        params: IdParams,
+        querystring: StreamQuery,
+        body: ExecBody,
+        response: { 200: ExecResult, 201: CommandSchema },
+      },
+    },
     async (req, reply) => {
       const sandbox = registry.get(req.params.id);
       const body = req.body as ExecBody;
       const opts: ExecOptions = { ...(body.envs ? { envs: body.envs } : {}), ...(body.cwd ? { cwd: body.cwd } : {}), ...(body.timeoutMs !== undefined ? { timeoutMs: body.timeoutMs } : {}), ...(body.stdin !== undefined ? { stdin: body.stdin } : {}) };
+      if (body.background) return reply.status(201).send(await startBackground(sandbox, body.cmd, opts, ctx));
+      if (typeof body.stdin === 'boolean') throw new CladeError('bad_request', 'stdin: true (keep stdin open) needs background: true; send the data as a string instead');
       if (wantsStream(req)) return streamExec(sandbox, body.cmd, opts, reply, ctx);
       return metrics.time('exec', () => sandbox.commands.run(body.cmd, opts));
     },
   );
 
-  app.post<IdReq>('/v1/sandboxes/:id/code', { schema: { tags: ['sandboxes'], summary: 'run Python in the persistent interpreter', params: IdParams, body: CodeBody, response: { 200: CodeResult } } }, async (req) => {
+  app.post<IdReq>(
+    '/v1/sandboxes/:id/code',
+    { schema: { tags: ['sandboxes'], summary: 'run Python in the persistent interpreter (NDJSON stream of output, then the result, with ?stream=1)', params: IdParams, querystring: StreamQuery, body: CodeBody, response: { 200: CodeResult } } },
+    async (req, reply) => {
+      const sandbox = registry.get(req.params.id);
+      const body = req.body as { code: string; timeoutMs?: number };
+      const opts = body.timeoutMs !== undefined ? { timeoutMs: body.timeoutMs } : {};
+      // The first call starts the interpreter, which a restarted daemon must find.
+      const run = (more: RunCodeOptions) => metrics.time('code', () => sandbox.runCode(body.code, { ...opts, ...more })).finally(() => registry.persist(sandbox.sandboxId));
+      if (!wantsStream(req)) return run({});
+      return ndjsonReply(reply, (line) => run({ onStdout: (d) => line({ stdout: d }), onStderr: (d) => line({ stderr: d }) }).then((result) => ({ result })));
+    },
+  );
+
+  app.post<IdReq>('/v1/sandboxes/:id/prewarm', { schema: { tags: ['sandboxes'], summary: 'pre-start VM processes for the next forks of this sandbox', params: IdParams, body: PrewarmBody, response: { 200: Type.Object({ size: Type.Integer() }) } } }, async (req) => {
     const sandbox = registry.get(req.params.id);
-    const body = req.body as { code: string; timeoutMs?: number };
-    const result = await metrics.time('code', () => sandbox.runCode(body.code, body.timeoutMs !== undefined ? { timeoutMs: body.timeoutMs } : {}));
-    registry.persist(sandbox.sandboxId); // the first call starts the interpreter, which a restarted daemon must find
-    return result;
+    const { size } = req.body as { size: number };
+    // A first prewarm may move the sandbox to a VM process of its own RAM file, like a fork.
+    await registry.exclusive(sandbox.sandboxId, () => sandbox.prewarmForks(size));
+    registry.persist(sandbox.sandboxId);
+    return { size };
   });
 
   app.post<IdReq>('/v1/sandboxes/:id/fork', { schema: { tags: ['sandboxes'], summary: 'fork into count running children', params: IdParams, body: ForkBody, response: { 200: ChildResults } } }, async (req) => {
@@ -100,22 +132,17 @@ function wantsStream(req: FastifyRequest): boolean {
  * that hangs up kills the command, so nothing runs on unattended.
  */
 async function streamExec(sandbox: Sandbox, cmd: string | string[], opts: ExecOptions, reply: FastifyReply, ctx: DaemonContext): Promise<FastifyReply> {
-  const out = new PassThrough();
-  const line = (o: object) => out.write(JSON.stringify(o) + '\n');
+  // Output can arrive before the reply stream exists: keep it until then.
+  const early: object[] = [];
+  let line: (o: object) => void = (o) => early.push(o);
   const handle = await sandbox.commands.run(cmd, { ...opts, background: true, onStdout: (d) => line({ stdout: d }), onStderr: (d) => line({ stderr: d }) });
-  let finished = false;
-  reply.raw.once('close', () => {
-    if (!finished) void handle.kill().catch(() => undefined);
-  });
-  void ctx.metrics
-    .time('exec', () => handle.wait())
-    .then(
-      (r) => line({ exit: { exitCode: r.exitCode, ...(r.timedOut ? { timedOut: true } : {}), ...(r.signal ? { signal: r.signal } : {}) } }),
-      (err: unknown) => line({ error: toErrorBody(err).body }),
-    )
-    .finally(() => {
-      finished = true;
-      out.end();
-    });
-  return reply.header('content-type', 'application/x-ndjson').header('cache-control', 'no-store').send(out);
+  return ndjsonReply(
+    reply,
+    (send) => {
+      for (const o of early) send(o);
+      line = send;
+      return ctx.metrics.time('exec', () => handle.wait()).then((r) => ({ exit: { exitCode: r.exitCode, ...(r.timedOut ? { timedOut: true } : {}), ...(r.signal ? { signal: r.signal } : {}) } }));
+    },
+    () => void handle.kill().catch(() => undefined),
+  );
 }
