@@ -11,6 +11,10 @@ command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 command -v dpkg-deb >/dev/null || missing+=(dpkg)
 command -v gcc >/dev/null || missing+=(gcc)
 command -v make >/dev/null || missing+=(make)
+# The runner VM (docs/runner.md) decompresses the kernel's KVM modules with xz.
+command -v xz >/dev/null || missing+=(xz-utils)
+# clade-vmm boots the kernel's uncompressed vmlinux, extracted from the bzImage with zstd.
+command -v zstd >/dev/null || missing+=(zstd)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
@@ -33,6 +37,7 @@ fi
 echo "setup: building native programs and TypeScript"
 make -s -C native/agent
 make -s -C native/kvm-probe
+make -s -C native/vmm
 npx tsc -p tsconfig.json
 
 node bin/clade.js image build

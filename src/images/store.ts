@@ -80,7 +80,7 @@ export function listImages(): ImageListing[] {
   return listDigests().map((digest) => {
     const m = readManifest(digest)!;
     const dir = imageDir(digest);
-    const sizeBytes = ['vmlinuz', 'initramfs.cpio'].reduce((a, f) => a + (existsSync(join(dir, f)) ? statSync(join(dir, f)).size : 0), 0);
+    const sizeBytes = ['vmlinuz', 'vmlinux', 'initramfs.cpio'].reduce((a, f) => a + (existsSync(join(dir, f)) ? statSync(join(dir, f)).size : 0), 0);
     return { digest, names: namesByDigest.get(digest) ?? [], sizeBytes, createdAt: m.createdAt, kernel: m.kernel.release };
   });
 }

@@ -1,0 +1,432 @@
+/*
+ * The control channel: a unix stream socket per VMM process, one request
+ * per line ("verb arg arg\n"), one JSON object per line back. The protocol
+ * is in docs/vmm.md. Input is parsed defensively: lines are capped at
+ * CONTROL_LINE_MAX, numbers must parse completely, guest ranges are checked.
+ *
+ * The control thread calls fork(2). In a child that thread becomes the vCPU
+ * thread and a new control thread serves the child's own socket (fork.c).
+ */
+#include "vmm.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define REPLY_MAX 65536
+#define MAX_ARGS 8
+#define GUEST_IO_MAX 4096
+
+enum line_outcome { LINE_OK, LINE_CLOSE, LINE_QUIT };
+
+static char reply[REPLY_MAX];
+static int signal_fd = -1;
+
+int control_listen(const char *path, int *fd_out) {
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof addr.sun_path) return errno = ENAMETOOLONG, -1;
+    strcpy(addr.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    if (bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(fd, 64) < 0) {
+        int saved = errno;
+        close(fd);
+        return errno = saved, -1;
+    }
+    *fd_out = fd;
+    return 0;
+}
+
+static void set_path(struct control *c, const char *path) {
+    snprintf(c->socket_path, sizeof c->socket_path, "%s", path);
+    snprintf(c->socket_dir, sizeof c->socket_dir, "%s", path);
+    char *slash = strrchr(c->socket_dir, '/');
+    if (slash && slash != c->socket_dir) *slash = '\0';
+    else if (slash) slash[1] = '\0';
+    else strcpy(c->socket_dir, ".");
+}
+
+int control_init(struct control *c, int listen_fd, const char *path) {
+    memset(c, 0, sizeof *c);
+    c->listen_fd = listen_fd;
+    set_path(c, path);
+    /* Termination requests arrive on a signalfd so that only the control thread sees them. */
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGTERM);
+    sigaddset(&mask, SIGINT);
+    sigaddset(&mask, SIGHUP);
+    sigaddset(&mask, SIGUSR1); /* the vCPU kick signal: only the vCPU thread takes it */
+    pthread_sigmask(SIG_BLOCK, &mask, NULL);
+    sigdelset(&mask, SIGUSR1);
+    signal_fd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+    return signal_fd < 0 ? -1 : 0;
+}
+
+static void drop_client(struct control *c, int i) {
+    close(c->client[i]->fd);
+    free(c->client[i]);
+    c->client[i] = NULL;
+}
+
+/* In a fresh child: forget the parent's listening socket and connections (without unlinking the parent's path). */
+void control_drop_inherited(struct control *c, int keep_fd, const char *new_path) {
+    for (int i = 0; i < CONTROL_MAX_CLIENTS; i++)
+        if (c->client[i]) drop_client(c, i);
+    close(c->listen_fd);
+    c->listen_fd = keep_fd;
+    c->next_child_seq = 0;
+    set_path(c, new_path);
+}
+
+/* ---- parsing ------------------------------------------------------------ */
+
+static int parse_u64(const char *s, uint64_t *out) {
+    if (!s || !*s || *s == '-') return -1;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 0);
+    if (errno || *end) return -1;
+    *out = v;
+    return 0;
+}
+
+static int split_args(char *line, char **argv) {
+    int argc = 0;
+    for (char *tok = strtok(line, " \t\r"); tok; tok = strtok(NULL, " \t\r")) {
+        if (argc == MAX_ARGS) return -1;
+        argv[argc++] = tok;
+    }
+    return argc;
+}
+
+static int hex_digit(char ch) {
+    if (ch >= '0' && ch <= '9') return ch - '0';
+    if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+    if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
+    return -1;
+}
+
+/* ---- replies ------------------------------------------------------------ */
+
+static int reply_error(const char *message) {
+    /* messages are ours, but may embed a path: keep quotes and backslashes out of the JSON string */
+    char safe[256];
+    size_t n = 0;
+    for (; *message && n < sizeof safe - 1; message++) safe[n++] = (*message == '"' || *message == '\\') ? '\'' : *message;
+    safe[n] = '\0';
+    return snprintf(reply, sizeof reply, "{\"ok\":false,\"error\":\"%s\"}", safe);
+}
+
+static int reply_ok(void) {
+    return snprintf(reply, sizeof reply, "{\"ok\":true}");
+}
+
+static const char *phase_name(int phase, int user_paused) {
+    if (phase == VCPU_STOPPED) return "stopped";
+    return user_paused ? "paused" : "running";
+}
+
+static uint64_t guest_u64(const struct vm *vm, uint64_t gpa) {
+    uint64_t v = 0;
+    const uint8_t *p = vm_guest_ptr(vm, gpa, 8);
+    if (p) memcpy(&v, p, 8);
+    return v;
+}
+
+static int cmd_status(struct vmm *v) {
+    struct vcpu *cpu = &v->cpu;
+    int phase = atomic_load(&cpu->phase);
+    const char *reason = phase == VCPU_STOPPED ? cpu->stop_reason : "";
+    const char *detail = phase == VCPU_STOPPED ? cpu->stop_detail : "";
+    return snprintf(reply, sizeof reply,
+                    "{\"ok\":true,\"pid\":%d,\"ppid\":%d,\"depth\":%d,\"state\":\"%s\",\"reason\":\"%s\",\"detail\":\"%s\","
+                    "\"counter\":%" PRIu64 ",\"ack\":%" PRIu64 ",\"exits\":%" PRIu64 ",\"heartbeats\":%" PRIu64
+                    ",\"reports\":%" PRIu64 ",\"lastReport\":%" PRIu64 ",\"forks\":%" PRIu64 ",\"msrs\":%u,"
+                    "\"msrsNotRestored\":%u,\"timing\":{\"forkNs\":%" PRId64 ",\"builtNs\":%" PRId64 ",\"restoredNs\":%" PRId64
+                    ",\"firstRunNs\":%" PRId64 ",\"firstExitNs\":%" PRId64 "}}",
+                    (int)getpid(), (int)getppid(), v->depth, phase_name(phase, v->user_paused), reason, detail,
+                    guest_u64(&v->vm, GUEST_DATA + GUEST_COUNTER), guest_u64(&v->vm, GUEST_DATA + GUEST_ACK),
+                    (uint64_t)atomic_load(&cpu->exits), (uint64_t)atomic_load(&cpu->heartbeats),
+                    (uint64_t)atomic_load(&cpu->reports), (uint64_t)atomic_load(&cpu->last_report), v->forks_done,
+                    v->vm.msr_count, v->state.msrs_not_restored, cpu->timing.fork_ns, cpu->timing.built_ns, cpu->timing.restored_ns,
+                    cpu->timing.first_run_ns, cpu->timing.first_exit_ns);
+}
+
+static int cmd_read(struct vmm *v, int argc, char **argv) {
+    uint64_t gpa, len;
+    if (argc != 3 || parse_u64(argv[1], &gpa) < 0 || parse_u64(argv[2], &len) < 0) return reply_error("usage: read GPA LEN");
+    if (len > GUEST_IO_MAX) return reply_error("read is limited to 4096 bytes");
+    const uint8_t *p = vm_guest_ptr(&v->vm, gpa, len);
+    if (!p) return reply_error("guest range out of bounds");
+    int n = snprintf(reply, sizeof reply, "{\"ok\":true,\"hex\":\"");
+    for (uint64_t i = 0; i < len; i++) n += snprintf(reply + n, sizeof reply - (size_t)n, "%02x", p[i]);
+    return n + snprintf(reply + n, sizeof reply - (size_t)n, "\"}");
+}
+
+static int cmd_write(struct vmm *v, int argc, char **argv) {
+    uint64_t gpa;
+    if (argc != 3 || parse_u64(argv[1], &gpa) < 0) return reply_error("usage: write GPA HEX");
+    size_t digits = strlen(argv[2]);
+    if (digits % 2 || digits / 2 > GUEST_IO_MAX) return reply_error("hex must have an even length, at most 8192 digits");
+    uint8_t bytes[GUEST_IO_MAX];
+    for (size_t i = 0; i < digits / 2; i++) {
+        int hi = hex_digit(argv[2][2 * i]), lo = hex_digit(argv[2][2 * i + 1]);
+        if (hi < 0 || lo < 0) return reply_error("bad hex digit");
+        bytes[i] = (uint8_t)(hi << 4 | lo);
+    }
+    uint8_t *p = vm_guest_ptr(&v->vm, gpa, digits / 2);
+    if (!p) return reply_error("guest range out of bounds");
+    memcpy(p, bytes, digits / 2);
+    vcpu_kick(&v->cpu);
+    return reply_ok();
+}
+
+static int cmd_read64(struct vmm *v, int argc, char **argv) {
+    uint64_t gpa;
+    if (argc != 2 || parse_u64(argv[1], &gpa) < 0) return reply_error("usage: read64 GPA");
+    if (!vm_guest_ptr(&v->vm, gpa, 8)) return reply_error("guest range out of bounds");
+    return snprintf(reply, sizeof reply, "{\"ok\":true,\"value\":%" PRIu64 "}", guest_u64(&v->vm, gpa));
+}
+
+static int cmd_write64(struct vmm *v, int argc, char **argv) {
+    uint64_t gpa, value;
+    if (argc != 3 || parse_u64(argv[1], &gpa) < 0 || parse_u64(argv[2], &value) < 0) return reply_error("usage: write64 GPA VALUE");
+    uint8_t *p = vm_guest_ptr(&v->vm, gpa, 8);
+    if (!p) return reply_error("guest range out of bounds");
+    /* An aligned 8-byte store: the running guest never sees a torn value. */
+    if (gpa % 8 == 0) atomic_store((_Atomic uint64_t *)(void *)p, value);
+    else memcpy(p, &value, 8);
+    vcpu_kick(&v->cpu);
+    return reply_ok();
+}
+
+/* Mailbox convenience for the test guest: argument first, then the command word the guest polls. */
+static int cmd_guest(struct vmm *v, int argc, char **argv) {
+    uint64_t command, arg = 0;
+    if (argc < 2 || argc > 3 || parse_u64(argv[1], &command) < 0 || (argc == 3 && parse_u64(argv[2], &arg) < 0))
+        return reply_error("usage: guest CMD [ARG]");
+    _Atomic uint64_t *mailbox = (_Atomic uint64_t *)(void *)(v->vm.ram + GUEST_DATA);
+    uint64_t ack = atomic_load(&mailbox[GUEST_ACK / 8]);
+    atomic_store(&mailbox[GUEST_ARG / 8], arg);
+    atomic_store(&mailbox[GUEST_CMD / 8], command);
+    vcpu_kick(&v->cpu);
+    return snprintf(reply, sizeof reply, "{\"ok\":true,\"ack\":%" PRIu64 "}", ack);
+}
+
+static int cmd_pause(struct vmm *v) {
+    if (v->user_paused) return reply_ok();
+    if (vcpu_park(&v->cpu) < 0) return reply_error("vcpu is stopped");
+    v->user_paused = 1;
+    return reply_ok();
+}
+
+static int cmd_resume(struct vmm *v) {
+    if (v->user_paused) vcpu_resume(&v->cpu);
+    v->user_paused = 0;
+    return reply_ok();
+}
+
+static uint64_t captured_msr(const struct machine_state *st, uint32_t count, uint32_t index) {
+    for (uint32_t i = 0; i < count; i++)
+        if (st->vcpu.msrs->entries[i].index == index) return st->vcpu.msrs->entries[i].data;
+    return 0;
+}
+
+/* A summary of the full machine state, captured now: lets tests compare a parent with its child. */
+static int cmd_state(struct vmm *v) {
+    if (!v->user_paused && vcpu_park(&v->cpu) < 0) return reply_error("vcpu is stopped");
+    const char *failed = "?";
+    int r = state_capture(&v->vm, &v->state, &failed);
+    if (!v->user_paused) vcpu_resume(&v->cpu);
+    if (r < 0) return reply_error(failed);
+    const struct machine_state *st = &v->state;
+    const struct kvm_sregs2 *s2 = &st->vcpu.sregs2;
+    const struct kvm_sregs *s1 = &st->vcpu.sregs;
+    uint64_t cr3 = v->vm.has_sregs2 ? s2->cr3 : s1->cr3, efer = v->vm.has_sregs2 ? s2->efer : s1->efer;
+    uint64_t apic_base = v->vm.has_sregs2 ? s2->apic_base : s1->apic_base;
+    unsigned cs = v->vm.has_sregs2 ? s2->cs.selector : s1->cs.selector;
+    const struct kvm_pit_channel_state *pit0 = &st->vm.pit.channels[0];
+    return snprintf(reply, sizeof reply,
+                    "{\"ok\":true,\"rip\":%llu,\"rflags\":%llu,\"cs\":%u,\"cr3\":%" PRIu64 ",\"efer\":%" PRIu64
+                    ",\"apicBase\":%" PRIu64 ",\"tsc\":%" PRIu64 ",\"tscOffset\":%" PRIu64 ",\"clockNs\":%llu,"
+                    "\"pit0\":{\"count\":%u,\"mode\":%u,\"rwMode\":%u},\"picMasterImr\":%u,\"ioapicId\":%u,"
+                    "\"lapicLvt0\":%u,\"mpState\":%u}",
+                    st->vcpu.regs.rip, st->vcpu.regs.rflags, cs, cr3, efer, apic_base,
+                    captured_msr(st, v->vm.msr_count, 0x10), st->vcpu.tsc_offset, st->vm.clock.clock, pit0->count,
+                    pit0->mode, pit0->read_state, st->vm.pic_master.chip.pic.imr, st->vm.ioapic.chip.ioapic.id,
+                    *(const uint32_t *)(const void *)(st->vcpu.lapic.regs + 0x350), st->vcpu.mp_state.mp_state);
+}
+
+static int fork_reply(const struct fork_report *rep, int ok, const char *err) {
+    int n = snprintf(reply, sizeof reply, "{\"ok\":%s,", ok ? "true" : "false");
+    if (!ok) n += snprintf(reply + n, sizeof reply - (size_t)n, "\"error\":\"%s\",", err);
+    if (rep->count == 1)
+        n += snprintf(reply + n, sizeof reply - (size_t)n, "\"pid\":%d,\"socket\":\"%s\",", rep->child[0].pid,
+                      rep->child[0].socket_path);
+    n += snprintf(reply + n, sizeof reply - (size_t)n, "\"children\":[");
+    for (int i = 0; i < rep->count; i++)
+        n += snprintf(reply + n, sizeof reply - (size_t)n, "%s{\"pid\":%d,\"socket\":\"%s\"}", i ? "," : "",
+                      rep->child[i].pid, rep->child[i].socket_path);
+    return n + snprintf(reply + n, sizeof reply - (size_t)n,
+                        "],\"parkUs\":%.1f,\"captureUs\":%.1f,\"forkUs\":%.1f,\"pauseUs\":%.1f}", rep->park_ns / 1e3,
+                        rep->capture_ns / 1e3, rep->fork_ns / 1e3, rep->pause_ns / 1e3);
+}
+
+/* fork [SOCKET_PATH] | forks COUNT */
+static int cmd_fork(struct vmm *v, int argc, char **argv, int batch) {
+    static struct fork_report rep;
+    uint64_t count = 1;
+    const char *path[1] = {NULL};
+    if (batch && (argc != 2 || parse_u64(argv[1], &count) < 0 || count < 1 || count > VMM_MAX_FORK_BATCH))
+        return reply_error("usage: forks COUNT (1..256)");
+    if (!batch && argc > 2) return reply_error("usage: fork [SOCKET_PATH]");
+    if (!batch && argc == 2) {
+        if (argv[1][0] != '/' || strchr(argv[1], '"') || strchr(argv[1], '\\')) return reply_error("socket path must be absolute and plain");
+        path[0] = argv[1];
+    }
+    char err[200] = "";
+    int r = vmm_fork(v, (int)count, batch ? NULL : path, &rep, err, sizeof err);
+    return fork_reply(&rep, r == 0, err);
+}
+
+static int dispatch(struct vmm *v, int argc, char **argv, enum line_outcome *outcome) {
+    const char *verb = argv[0];
+    if (!strcmp(verb, "ping")) return reply_ok();
+    if (!strcmp(verb, "status")) return cmd_status(v);
+    if (!strcmp(verb, "read")) return cmd_read(v, argc, argv);
+    if (!strcmp(verb, "write")) return cmd_write(v, argc, argv);
+    if (!strcmp(verb, "read64")) return cmd_read64(v, argc, argv);
+    if (!strcmp(verb, "write64")) return cmd_write64(v, argc, argv);
+    if (!strcmp(verb, "guest")) return cmd_guest(v, argc, argv);
+    if (!strcmp(verb, "pause")) return cmd_pause(v);
+    if (!strcmp(verb, "resume")) return cmd_resume(v);
+    if (!strcmp(verb, "state")) return cmd_state(v);
+    if (!strcmp(verb, "fork") || !strcmp(verb, "forks")) return cmd_fork(v, argc, argv, verb[4] == 's');
+    if (!strcmp(verb, "quit")) {
+        *outcome = LINE_QUIT;
+        return reply_ok();
+    }
+    return reply_error("unknown request");
+}
+
+/* ---- connection handling -------------------------------------------------- */
+
+static int send_all(int fd, const char *buf, size_t len) {
+    while (len) {
+        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static enum line_outcome handle_line(struct vmm *v, int fd, char *line) {
+    char *argv[MAX_ARGS];
+    enum line_outcome outcome = LINE_OK;
+    int argc = split_args(line, argv);
+    int n;
+    if (argc == 0) return LINE_OK;
+    if (argc < 0) n = reply_error("too many arguments");
+    else n = dispatch(v, argc, argv, &outcome);
+    if (n < 0 || (size_t)n >= sizeof reply - 1) n = reply_error("reply too large");
+    reply[n++] = '\n';
+    if (send_all(fd, reply, (size_t)n) < 0) return LINE_CLOSE;
+    return outcome;
+}
+
+/* Runs every complete line in the client's buffer. */
+static enum line_outcome drain_lines(struct vmm *v, struct control_client *cl) {
+    for (;;) {
+        char *nl = memchr(cl->buf, '\n', cl->used);
+        if (!nl) return cl->used == sizeof cl->buf ? LINE_CLOSE : LINE_OK;
+        *nl = '\0';
+        size_t consumed = (size_t)(nl - cl->buf) + 1;
+        enum line_outcome o = handle_line(v, cl->fd, cl->buf);
+        memmove(cl->buf, cl->buf + consumed, cl->used - consumed);
+        cl->used -= consumed;
+        if (o != LINE_OK) return o;
+    }
+}
+
+static enum line_outcome on_client_readable(struct vmm *v, int i) {
+    struct control_client *cl = v->ctl.client[i];
+    ssize_t n = recv(cl->fd, cl->buf + cl->used, sizeof cl->buf - cl->used, 0);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) return LINE_OK;
+    if (n <= 0) return LINE_CLOSE;
+    cl->used += (size_t)n;
+    enum line_outcome o = drain_lines(v, cl);
+    if (o == LINE_CLOSE && cl->used == sizeof cl->buf) {
+        snprintf(reply, sizeof reply, "{\"ok\":false,\"error\":\"line too long\"}\n");
+        send_all(cl->fd, reply, strlen(reply));
+    }
+    return o;
+}
+
+static void accept_client(struct control *c) {
+    int fd = accept4(c->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+    if (fd < 0) return;
+    for (int i = 0; i < CONTROL_MAX_CLIENTS; i++) {
+        if (c->client[i]) continue;
+        c->client[i] = malloc(sizeof *c->client[i]);
+        if (!c->client[i]) break;
+        c->client[i]->fd = fd;
+        c->client[i]->used = 0;
+        return;
+    }
+    close(fd); /* full: the peer sees EOF */
+}
+
+static int build_pollset(struct control *c, struct pollfd *pfd, int *owner) {
+    int n = 0;
+    pfd[n] = (struct pollfd){.fd = signal_fd, .events = POLLIN};
+    owner[n++] = -2;
+    pfd[n] = (struct pollfd){.fd = c->listen_fd, .events = POLLIN};
+    owner[n++] = -1;
+    for (int i = 0; i < CONTROL_MAX_CLIENTS; i++) {
+        if (!c->client[i]) continue;
+        pfd[n] = (struct pollfd){.fd = c->client[i]->fd, .events = POLLIN};
+        owner[n++] = i;
+    }
+    return n;
+}
+
+static void shut_down(struct vmm *v) {
+    unlink(v->ctl.socket_path);
+    /* Exiting closes the VM fd; that teardown is the kernel's business now, nobody waits on this process. */
+}
+
+int control_serve(struct vmm *v) {
+    struct control *c = &v->ctl;
+    for (;;) {
+        struct pollfd pfd[CONTROL_MAX_CLIENTS + 2];
+        int owner[CONTROL_MAX_CLIENTS + 2];
+        int n = build_pollset(c, pfd, owner);
+        if (poll(pfd, (nfds_t)n, -1) < 0) {
+            if (errno == EINTR) continue;
+            return shut_down(v), 1;
+        }
+        for (int k = 0; k < n; k++) {
+            if (!pfd[k].revents) continue;
+            if (owner[k] == -2) return shut_down(v), 0;
+            if (owner[k] == -1) {
+                accept_client(c);
+                continue;
+            }
+            enum line_outcome o = on_client_readable(v, owner[k]);
+            if (o == LINE_QUIT) return shut_down(v), 0;
+            if (o == LINE_CLOSE) drop_client(c, owner[k]);
+        }
+    }
+}

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Fork-core test for clade-vmm on this host's /dev/kvm, with the CPL3 test guest.
+
+Checks: the guest runs; fork gives a parent and a child that both run and
+whose memory is isolated (host-side and guest-side writes); the child resumes
+with the parent's CPU, irqchip, PIT and clock state; nested forks to depth 10;
+100 children from one request; a triple fault and a broken page table are
+reported, not hung; a killed parent leaves its children working; malformed
+control input is refused; every process started is gone at the end.
+Prints "PASS: N checks, 0 failed" on success.
+"""
+import os
+import signal
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.dont_write_bytecode = True  # keep the source tree clean
+import vmmctl  # noqa: E402
+from vmmctl import ACK, COUNTER, GUEST_PML4, STORED, CMD_CRASH, CMD_ECHO, CMD_STORE, Fleet, guest_command, is_running, wait_for  # noqa: E402
+
+SCRATCH = 0x30000  # guest RAM the guest never touches: host-side writes only
+results = []
+
+
+def check(name, condition, detail=""):
+    results.append((name, bool(condition)))
+    print(f"{'ok  ' if condition else 'FAIL'} {name}{'' if condition else ' -- ' + str(detail)}", flush=True)
+
+
+def status(conn):
+    return conn.req("status")
+
+
+def stopped_with(conn, reason, timeout=5.0):
+    return wait_for(lambda: status(conn)["state"] == "stopped" and status(conn)["reason"] == reason, timeout)
+
+
+def test_boot(fleet):
+    root, info = fleet.start_root()
+    check("root VMM is ready", info["ready"], info)
+    check("guest loop runs at CPL3", is_running(root))
+    guest_command(root, CMD_ECHO, 42)
+    st = status(root)
+    check("guest MMIO report reaches the VMM", st["lastReport"] == 42 and st["reports"] == 1, st)
+    return root
+
+
+def test_fork_isolation(fleet, root):
+    root.req(f"write64 {SCRATCH} 1111")
+    before = root.req("state")
+    reply = fleet.fork(root)
+    check("fork returns the child's pid and socket", reply["pid"] > 0 and reply["socket"].endswith(".sock"), reply)
+    child = fleet.connect(reply["socket"])
+    check("parent keeps running after fork", is_running(root))
+    check("child runs after fork", is_running(child))
+    cst = status(child)
+    check("child knows its depth and parent", cst["depth"] == 1 and cst["ppid"] == status(root)["pid"], cst)
+    check("child restored every MSR", cst["msrsNotRestored"] == 0, cst)
+    check("child sees the parent's memory as of the fork", child.req(f"read64 {SCRATCH}")["value"] == 1111)
+    root.req(f"write64 {SCRATCH} 2222")
+    child.req(f"write64 {SCRATCH} 3333")
+    check("host-side writes are isolated",
+          root.req(f"read64 {SCRATCH}")["value"] == 2222 and child.req(f"read64 {SCRATCH}")["value"] == 3333)
+    guest_command(root, CMD_STORE, 77)
+    guest_command(child, CMD_STORE, 88)
+    check("guest-side writes are isolated",
+          root.req(f"read64 {STORED}")["value"] == 77 and child.req(f"read64 {STORED}")["value"] == 88)
+    guest_command(child, CMD_ECHO, 99)
+    check("each VMM hears only its own guest", status(child)["lastReport"] == 99 and status(root)["lastReport"] == 42)
+    after = child.req("state")
+    same = all(before[k] == after[k] for k in ("cs", "cr3", "efer", "apicBase", "pit0", "picMasterImr", "ioapicId", "lapicLvt0"))
+    check("child resumes with the parent's CPU, irqchip and PIT state", same, (before, after))
+    check("guest TSC and kvmclock continue forward in the child",
+          after["tsc"] > before["tsc"] and after["clockNs"] > before["clockNs"], (before, after))
+    return child
+
+
+def test_nested(fleet, root, depth=10):
+    conn, chain = root, []
+    for level in range(1, depth + 1):
+        conn.req(f"write64 {SCRATCH + 8 * level} {level}")  # each generation marks its own word, then forks
+        conn = fleet.connect(fleet.fork(conn)["socket"])
+        chain.append(conn)
+    deepest = status(conn)
+    check(f"nested forks reach depth {depth}", deepest["depth"] == depth, deepest)
+    check("the deepest grandchild runs", is_running(conn))
+    marks = [[c.req(f"read64 {SCRATCH + 8 * level}")["value"] for level in range(1, depth + 1)] for c in chain]
+    # chain[i] is generation i+1: it inherited marks 1..i+1 and wrote mark i+2 itself before forking
+    expected = [[lv if lv <= min(i + 2, depth) else 0 for lv in range(1, depth + 1)] for i in range(depth)]
+    check("each generation sees its ancestors' writes and none of its descendants'", marks == expected, marks)
+    check("every generation is still running", all(status(c)["state"] == "running" for c in chain))
+    for c in chain:
+        c.req("quit")
+
+
+def test_hundred(fleet, root, count=100):
+    t0 = time.monotonic_ns()
+    reply = fleet.forks(root, count)
+    replied_ms = (time.monotonic_ns() - t0) / 1e6
+    pids = [c["pid"] for c in reply["children"]]
+    check(f"{count} children from one request", len(set(pids)) == count, reply.get("error"))
+    conns = [fleet.connect(c["socket"]) for c in reply["children"]]
+    firsts = [wait_for(lambda c=c: status(c)["timing"]["firstExitNs"], 10) for c in conns]
+    check(f"all {count} children ran guest code", all(firsts), firsts.count(0))
+    last = max(firsts) if all(firsts) else 0
+    print(f"     {count} children: reply after {replied_ms:.1f} ms, "
+          f"last child in the guest {(last - t0) / 1e6:.1f} ms after the request; parent paused {reply['pauseUs']:.0f} us")
+    for c in conns:
+        c.req("quit")
+    check(f"all {count} children quit", wait_for(lambda: not [p for p in pids if vmmctl.pid_exists(p)], 10))
+
+
+def test_faults(fleet, root):
+    child = fleet.connect(fleet.fork(root)["socket"])
+    guest_command_no_ack(child, CMD_CRASH)
+    check("a guest triple fault is reported", stopped_with(child, "shutdown"), status(child))
+    refused = child.req("fork", ok=False)
+    check("a stopped VM refuses to fork", not refused["ok"] and "stopped" in refused["error"], refused)
+    check("a stopped VM still answers", child.req("ping")["ok"])
+    other = fleet.connect(fleet.fork(root)["socket"])
+    other.req(f"write64 {GUEST_PML4} 0")  # unmap everything: the next fetch faults, with no IDT a triple fault
+    check("a broken page table is reported", stopped_with(other, "shutdown"), status(other))
+    check("the parent is unaffected by its children's faults", is_running(root))
+    for c in (child, other):
+        c.req("quit")
+
+
+def guest_command_no_ack(conn, cmd):
+    conn.req(f"guest {cmd} 0")
+
+
+def test_killed_parent(fleet):
+    parent, info = fleet.start_root("doomed")
+    child = fleet.connect(fleet.fork(parent)["socket"])
+    grandchild = fleet.connect(fleet.fork(child)["socket"])
+    os.kill(info["pid"], signal.SIGKILL)
+    check("killed parent is gone", wait_for(lambda: not vmmctl.pid_exists(info["pid"]) or reaped(info["pid"]), 5))
+    check("its child keeps running", is_running(child))
+    check("its grandchild keeps running", is_running(grandchild))
+    check("the orphaned child still forks", fleet.connect(fleet.fork(child)["socket"]).req("ping")["ok"])
+
+
+def reaped(pid):
+    vmmctl.reap_orphans(deadline=time.monotonic())
+    return not vmmctl.pid_exists(pid)
+
+
+def test_hostile_input(fleet, root):
+    bad = [("unknown request", "frobnicate"), ("read out of range", "read 0xffffffffffff 8"),
+           ("oversized read", "read 0 5000"), ("bad hex", "write 0 zz"), ("odd hex", "write 0 abc"),
+           ("negative number", "read64 -8"), ("trailing junk", "read64 8x"), ("too many args", "a b c d e f g h i"),
+           ("relative child path", "fork relative.sock"), ("fork count", "forks 1000")]
+    for name, line in bad:
+        reply = root.req(line, ok=False)
+        check(f"refuses {name}", reply["ok"] is False and reply["error"], reply)
+    conn = fleet.connect(root.path)
+    try:
+        reply = conn.raw(b"x" * 20000)
+        check("refuses an oversized line", reply["ok"] is False, reply)
+    except vmmctl.VmmError:
+        check("refuses an oversized line", True)
+    check("still serves after hostile input", root.req("ping")["ok"] and is_running(root))
+
+
+def test_pause(fleet, root):
+    root.req("pause")
+    c1 = vmmctl.counter(root)
+    time.sleep(0.05)
+    check("pause stops the guest", vmmctl.counter(root) == c1 and status(root)["state"] == "paused")
+    child = fleet.connect(fleet.fork(root)["socket"])
+    check("a paused VM forks; the child runs", is_running(child))
+    check("the parent stays paused across the fork", vmmctl.counter(root) == c1)
+    root.req("resume")
+    check("resume restarts the guest", is_running(root))
+    child.req("quit")
+
+
+def main():
+    if not os.path.exists("/dev/kvm"):
+        print("SKIP: no /dev/kvm")
+        return 0
+    fleet = Fleet()
+    try:
+        root = test_boot(fleet)
+        test_fork_isolation(fleet, root)
+        test_pause(fleet, root)
+        test_nested(fleet, root)
+        test_hundred(fleet, root)
+        test_faults(fleet, root)
+        test_hostile_input(fleet, root)
+        test_killed_parent(fleet)
+        sock_dir = fleet.dir
+        root.req("quit")
+    except Exception:
+        traceback.print_exc()
+        check("no exception", False)
+        sock_dir = None
+    finally:
+        fleet.close()
+    check("no VMM process left behind", not fleet.alive(), fleet.alive())
+    if sock_dir:
+        check("temporary socket directory removed", not os.path.exists(sock_dir))
+    failed = sum(1 for _, ok in results if not ok)
+    print(f"{'PASS' if not failed else 'FAIL'}: {len(results)} checks, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+/*
+ * The vCPU thread: runs KVM_RUN, handles guest exits, and parks on request.
+ *
+ * Parking protocol (the only way the vCPU stops for pause or fork):
+ *   control thread: park_requested = 1; run->immediate_exit = 1; kick; signal
+ *   vCPU thread:    KVM_RUN returns EINTR -> parked, waits for a resume ticket
+ * KVM completes a pending I/O or MMIO exit only on the next KVM_RUN, so
+ * parking only after an EINTR return means the captured state never holds
+ * a half-done instruction.
+ *
+ * Everything the guest writes (port numbers, sizes, data) is untrusted.
+ */
+#include "vmm.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#define KICK_SIGNAL SIGUSR1
+
+static void on_kick_signal(int sig) {
+    (void)sig; /* only here to make KVM_RUN return EINTR */
+}
+
+int vcpu_init_sync(struct vcpu *cpu) {
+    /* Also called in a forked child, whose copies of these may be mid-use by a thread that no longer exists. */
+    if (pthread_mutex_init(&cpu->lock, NULL) != 0) return -1;
+    if (pthread_cond_init(&cpu->cond, NULL) != 0) return -1;
+    atomic_store(&cpu->park_requested, 0);
+    cpu->parked = 0;
+    cpu->resume_ticket = 0;
+    cpu->thread_started = 0;
+    cpu->kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (cpu->kick_fd < 0) return -1;
+    struct sigaction sa = {.sa_handler = on_kick_signal}; /* no SA_RESTART: we want the EINTR */
+    sigemptyset(&sa.sa_mask);
+    return sigaction(KICK_SIGNAL, &sa, NULL);
+}
+
+static void stop_for_good(struct vcpu *cpu, const char *reason, const char *detail) {
+    pthread_mutex_lock(&cpu->lock);
+    snprintf(cpu->stop_reason, sizeof cpu->stop_reason, "%s", reason);
+    snprintf(cpu->stop_detail, sizeof cpu->stop_detail, "%s", detail);
+    atomic_store(&cpu->phase, VCPU_STOPPED);
+    pthread_cond_broadcast(&cpu->cond);
+    pthread_mutex_unlock(&cpu->lock);
+}
+
+static void park_until_resumed(struct vcpu *cpu) {
+    pthread_mutex_lock(&cpu->lock);
+    int ticket = cpu->resume_ticket;
+    cpu->parked = 1;
+    atomic_store(&cpu->phase, VCPU_PARKED);
+    pthread_cond_broadcast(&cpu->cond);
+    while (cpu->resume_ticket == ticket) pthread_cond_wait(&cpu->cond, &cpu->lock);
+    cpu->parked = 0;
+    atomic_store(&cpu->phase, VCPU_RUNNING);
+    pthread_mutex_unlock(&cpu->lock);
+}
+
+/* A heartbeat is the guest's "nothing to do": idle like HLT would, until the timeout or a kick. */
+static void idle_wait(struct vcpu *cpu) {
+    if (cpu->idle_us == 0 || atomic_load(&cpu->park_requested)) return;
+    struct pollfd p = {.fd = cpu->kick_fd, .events = POLLIN};
+    int timeout_ms = (int)((cpu->idle_us + 999) / 1000);
+    if (poll(&p, 1, timeout_ms) > 0) {
+        uint64_t drained;
+        if (read(cpu->kick_fd, &drained, sizeof drained) < 0) { /* already drained by a racing wakeup */
+        }
+    }
+}
+
+static int io_is_sane(const struct kvm_run *run, size_t run_size) {
+    uint64_t bytes = (uint64_t)run->io.size * run->io.count;
+    if (run->io.size != 1 && run->io.size != 2 && run->io.size != 4) return 0;
+    return run->io.data_offset < run_size && bytes <= run_size - run->io.data_offset;
+}
+
+static int handle_io(struct vcpu *cpu) {
+    struct kvm_run *run = cpu->vm->run;
+    if (!io_is_sane(run, cpu->vm->run_size)) return stop_for_good(cpu, "bad-io-exit", "size/offset out of range"), -1;
+    /* No device behind any port yet: reads float high, as on real hardware; writes are dropped. */
+    if (run->io.direction == KVM_EXIT_IO_IN)
+        memset((uint8_t *)run + run->io.data_offset, 0xff, (size_t)run->io.size * run->io.count);
+    return 0;
+}
+
+static uint64_t mmio_value(const struct kvm_run *run) {
+    uint64_t v = 0;
+    uint32_t len = run->mmio.len <= sizeof v ? run->mmio.len : sizeof v;
+    memcpy(&v, run->mmio.data, len);
+    return v;
+}
+
+static int handle_mmio(struct vcpu *cpu) {
+    struct kvm_run *run = cpu->vm->run;
+    if (!run->mmio.is_write) {
+        memset(run->mmio.data, 0xff, sizeof run->mmio.data);
+        return 0;
+    }
+    if (run->mmio.phys_addr == MMIO_REPORT) {
+        atomic_store(&cpu->last_report, mmio_value(run));
+        atomic_fetch_add(&cpu->reports, 1);
+    } else if (run->mmio.phys_addr == MMIO_HEARTBEAT) {
+        atomic_fetch_add(&cpu->heartbeats, 1);
+        idle_wait(cpu);
+    }
+    return 0;
+}
+
+static int handle_exit(struct vcpu *cpu) {
+    struct kvm_run *run = cpu->vm->run;
+    char detail[160];
+    switch (run->exit_reason) {
+    case KVM_EXIT_IO:
+        return handle_io(cpu);
+    case KVM_EXIT_MMIO:
+        return handle_mmio(cpu);
+    case KVM_EXIT_INTR:
+    case KVM_EXIT_IRQ_WINDOW_OPEN:
+        return 0;
+    case KVM_EXIT_HLT:
+        return stop_for_good(cpu, "halt", "guest halted with no way to wake"), -1;
+    case KVM_EXIT_SHUTDOWN:
+        return stop_for_good(cpu, "shutdown", "triple fault or guest shutdown"), -1;
+    case KVM_EXIT_INTERNAL_ERROR:
+        snprintf(detail, sizeof detail, "suberror %u", run->internal.suberror);
+        return stop_for_good(cpu, "internal-error", detail), -1;
+    case KVM_EXIT_FAIL_ENTRY:
+        snprintf(detail, sizeof detail, "hardware entry failure reason 0x%llx",
+                 (unsigned long long)run->fail_entry.hardware_entry_failure_reason);
+        return stop_for_good(cpu, "fail-entry", detail), -1;
+    default:
+        snprintf(detail, sizeof detail, "exit reason %u", run->exit_reason);
+        return stop_for_good(cpu, "unexpected-exit", detail), -1;
+    }
+}
+
+static void note_first_exit(struct vcpu *cpu) {
+    if (cpu->timing.first_exit_ns == 0) cpu->timing.first_exit_ns = now_ns();
+}
+
+static void *vcpu_main(void *arg) {
+    struct vcpu *cpu = arg;
+    struct kvm_run *run = cpu->vm->run;
+    cpu->timing.first_run_ns = now_ns();
+    for (;;) {
+        int r = ioctl(cpu->vm->vcpu_fd, KVM_RUN, 0);
+        if (r < 0 && (errno == EINTR || errno == EAGAIN)) {
+            if (atomic_load(&cpu->park_requested)) {
+                park_until_resumed(cpu);
+                run->immediate_exit = 0;
+            }
+            continue;
+        }
+        if (r < 0) {
+            char detail[160];
+            snprintf(detail, sizeof detail, "KVM_RUN: %s", strerror(errno));
+            return stop_for_good(cpu, "kvm-error", detail), NULL;
+        }
+        note_first_exit(cpu);
+        atomic_fetch_add(&cpu->exits, 1);
+        if (handle_exit(cpu) < 0) return NULL;
+    }
+}
+
+int vcpu_start(struct vcpu *cpu) {
+    atomic_store(&cpu->phase, VCPU_RUNNING);
+    /* The vCPU thread must take the kick signal; the control thread must not (it would only interrupt poll). */
+    sigset_t kick, old;
+    sigemptyset(&kick);
+    sigaddset(&kick, KICK_SIGNAL);
+    pthread_sigmask(SIG_UNBLOCK, &kick, &old);
+    int r = pthread_create(&cpu->thread, NULL, vcpu_main, cpu);
+    pthread_sigmask(SIG_BLOCK, &kick, NULL);
+    if (r != 0) return errno = r, -1;
+    cpu->thread_started = 1;
+    return 0;
+}
+
+/*
+ * In a forked child the thread that called fork(2) is the only one left; it
+ * becomes the vCPU thread at once (no wait for a new thread to be scheduled).
+ * It never returns: after a fatal guest exit it just sleeps, the process
+ * lives on for its control thread to report the error.
+ */
+void vcpu_run_on_this_thread(struct vcpu *cpu) {
+    cpu->thread = pthread_self();
+    cpu->thread_started = 1;
+    atomic_store(&cpu->phase, VCPU_RUNNING);
+    sigset_t kick;
+    sigemptyset(&kick);
+    sigaddset(&kick, KICK_SIGNAL);
+    pthread_sigmask(SIG_UNBLOCK, &kick, NULL);
+    vcpu_main(cpu);
+    for (;;) pause();
+}
+
+void vcpu_kick(struct vcpu *cpu) {
+    uint64_t one = 1;
+    if (write(cpu->kick_fd, &one, sizeof one) < 0) { /* counter full means a wakeup is pending anyway */
+    }
+}
+
+int vcpu_park(struct vcpu *cpu) {
+    if (atomic_load(&cpu->phase) == VCPU_STOPPED) return -1;
+    atomic_store(&cpu->park_requested, 1);
+    cpu->vm->run->immediate_exit = 1;
+    vcpu_kick(cpu);
+    pthread_kill(cpu->thread, KICK_SIGNAL);
+    pthread_mutex_lock(&cpu->lock);
+    while (!cpu->parked && atomic_load(&cpu->phase) != VCPU_STOPPED) pthread_cond_wait(&cpu->cond, &cpu->lock);
+    int parked = cpu->parked;
+    pthread_mutex_unlock(&cpu->lock);
+    if (!parked) atomic_store(&cpu->park_requested, 0);
+    return parked ? 0 : -1;
+}
+
+void vcpu_resume(struct vcpu *cpu) {
+    pthread_mutex_lock(&cpu->lock);
+    atomic_store(&cpu->park_requested, 0);
+    cpu->resume_ticket++;
+    pthread_cond_broadcast(&cpu->cond);
+    pthread_mutex_unlock(&cpu->lock);
+}
