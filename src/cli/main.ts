@@ -12,6 +12,7 @@ import { runChecks } from './doctor.js';
 import { runServe, serveCommand } from './serve.js';
 import { findDaemon, forkAction, psAction, runViaDaemon, snapshotSandboxAction } from './daemon-commands.js';
 import { emit, mib, progressPrinter, reportError, table } from './output.js';
+import { registerRunnerCommands } from './runner.js';
 
 const VERSION = '0.1.0';
 
@@ -275,6 +276,7 @@ export function buildProgram(): Command {
         return Object.keys(r.errors).length > 0 ? 1 : 0;
       }),
     );
+  registerRunnerCommands(program, action);
   return program;
 }
 

@@ -1,0 +1,95 @@
+import { execFile } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { accessSync, constants, existsSync, readFileSync, realpathSync, renameSync } from 'node:fs';
+import { basename, delimiter, join } from 'node:path';
+import { promisify } from 'node:util';
+import { CladeError, errorMessage } from '../core/errors.js';
+import { ensurePrivateDir } from '../core/home.js';
+import { packageRoot } from '../core/paths.js';
+import { QEMU_BINARY } from '../engines/qemu/qemu-engine.js';
+import { resolveImage } from '../images/store.js';
+import { runnerCacheDir } from './base.js';
+import type { Carry } from './payload.js';
+
+const run = promisify(execFile);
+
+/** Where the ready-made carries put things inside the runner. */
+export const GUEST_PATHS = {
+  kvmProbe: '/opt/clade/bin/kvm-probe',
+  qemu: '/opt/qemu/bin/qemu-system-x86_64',
+  imageKernel: '/opt/clade/image/vmlinuz',
+  imageInitramfs: '/opt/clade/image/initramfs.cpio',
+} as const;
+
+/**
+ * native/kvm-probe built statically: the runner has no C library, only busybox.
+ * Cached by the source's hash.
+ */
+export async function kvmProbeCarry(): Promise<Carry> {
+  const source = join(packageRoot(), 'native', 'kvm-probe', 'kvm-probe.c');
+  const hash = createHash('sha256').update(readFileSync(source)).digest('hex').slice(0, 12);
+  const binary = join(ensurePrivateDir(runnerCacheDir()), `kvm-probe-static-${hash}`);
+  if (!existsSync(binary)) {
+    const partial = `${binary}.partial-${process.pid}`;
+    try {
+      await run('gcc', ['-std=c11', '-O2', '-static', '-o', partial, source]);
+    } catch (err) {
+      throw new CladeError('unavailable', `cannot build a static kvm-probe (needs gcc and libc6-dev; run scripts/setup.sh): ${errorMessage(err)}`);
+    }
+    renameSync(partial, binary);
+  }
+  return { hostPath: binary, guestPath: GUEST_PATHS.kvmProbe };
+}
+
+/** The kernel and initramfs of a guest image, to boot inside the runner. */
+export function imageCarry(ref = 'default'): Carry[] {
+  const image = resolveImage(ref);
+  return [
+    { hostPath: image.kernel, guestPath: GUEST_PATHS.imageKernel },
+    { hostPath: image.initramfs, guestPath: GUEST_PATHS.imageInitramfs },
+  ];
+}
+
+/** Firmware a microvm, q35 or pc machine may ask for; others (other architectures, VGA) stay behind. */
+const X86_FIRMWARE = ['bios-microvm.bin', 'qboot.rom', 'bios-256k.bin', 'bios.bin', 'linuxboot_dma.bin', 'linuxboot.bin', 'pvh.bin', 'kvmvapic.bin', 'multiboot_dma.bin'];
+const FIRMWARE_DIRS = ['/usr/share/qemu', '/usr/share/seabios'];
+
+/**
+ * The host's QEMU with its shared libraries and x86 firmware (~50 MB), so a
+ * payload can boot guests with QEMU+KVM inside the runner. GUEST_PATHS.qemu is
+ * a wrapper that points QEMU at its libraries and firmware (`-L`).
+ */
+export async function qemuCarry(): Promise<Carry[]> {
+  const binary = findOnPath(QEMU_BINARY);
+  const carry: Carry[] = [{ hostPath: binary, guestPath: '/opt/qemu/libexec/qemu-system-x86_64' }];
+  const { stdout } = await run('ldd', [binary]).catch((err: unknown) => {
+    throw new CladeError('unavailable', `cannot list ${binary}'s libraries with ldd: ${errorMessage(err)}`);
+  });
+  for (const line of stdout.split('\n')) {
+    const lib = /^\s*(\S+) => (\/\S+)/.exec(line);
+    const loader = /^\s*(\/\S+) \(0x/.exec(line);
+    // Libraries go to one private directory; the dynamic loader must sit where the binary names it.
+    if (lib) carry.push({ hostPath: lib[2]!, guestPath: `/opt/qemu/lib/${lib[1]!}` });
+    else if (loader) carry.push({ hostPath: loader[1]!, guestPath: loader[1]! });
+  }
+  for (const name of X86_FIRMWARE) {
+    const dir = FIRMWARE_DIRS.find((d) => existsSync(join(d, name)));
+    if (dir) carry.push({ hostPath: join(dir, name), guestPath: `/opt/qemu/share/${name}` });
+  }
+  const wrapper = `#!/bin/sh\nexec env LD_LIBRARY_PATH=/opt/qemu/lib /opt/qemu/libexec/qemu-system-x86_64 -L /opt/qemu/share "$@"\n`;
+  carry.push({ guestPath: GUEST_PATHS.qemu, content: wrapper, mode: 0o755 });
+  return carry;
+}
+
+function findOnPath(command: string): string {
+  const candidates = command.includes('/') ? [command] : (process.env.PATH ?? '').split(delimiter).map((d) => join(d, command));
+  for (const c of candidates) {
+    try {
+      accessSync(c, constants.X_OK);
+      return realpathSync(c);
+    } catch {
+      // Not here.
+    }
+  }
+  throw new CladeError('unavailable', `${basename(command)} is not installed: run \`sudo apt-get install qemu-system-x86\``);
+}
