@@ -19,8 +19,13 @@
 #include <x86intrin.h>
 
 #define ITERATIONS 200000u
-/* Hardware virtualization runs this loop at well under 10 ns per iteration; emulation needs microseconds. */
-#define USABLE_NS_PER_ITERATION 50.0
+/*
+ * Hardware virtualization runs this loop at well under 10 ns per iteration; a
+ * /dev/kvm that emulates guest CPL0 code needs 400 ns to microseconds. In
+ * between: KVM nested inside an emulated machine (the runner VM, docs/runner.md)
+ * measures 40-75 ns and boots Linux in seconds, so it counts as usable.
+ */
+#define USABLE_NS_PER_ITERATION 150.0
 
 static double now_ns(void) {
     struct timespec ts;
