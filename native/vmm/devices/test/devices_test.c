@@ -1,0 +1,641 @@
+/*
+ * Host-side test of the device library: plays the guest's drivers against
+ * fake guest RAM, the 8250 probe, and a catalogue of hostile inputs. Prints
+ * "PASS: N checks, 0 failed" when everything holds.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/virtio_console.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "../uart8250.h"
+#include "driver.h"
+
+static unsigned checks, failed;
+
+#define CHECK(cond)                                                                                                    \
+    do {                                                                                                               \
+        checks++;                                                                                                      \
+        if (!(cond)) {                                                                                                 \
+            failed++;                                                                                                  \
+            fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond);                                            \
+        }                                                                                                              \
+    } while (0)
+
+#define AGENT 1     /* port id of org.clade.agent */
+#define CIVQ 2      /* control, device -> driver */
+#define COVQ 3      /* control, driver -> device */
+#define AGENT_RX 4
+#define AGENT_TX 5
+#define FEATURES (VIRTIO_FEATURE_VERSION_1 | 1ull << VIRTIO_CONSOLE_F_MULTIPORT)
+
+static uint8_t *ram;
+static struct drv D;
+
+/* ---- helpers ---------------------------------------------------------- */
+
+static void post_control_buffers(struct drv *d, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++) {
+        uint64_t a = drv_alloc(d, 128);
+        uint32_t l = 128;
+        drv_add(d, CIVQ, &a, &l, 1, 0);
+    }
+    drv_kick(d, CIVQ);
+}
+
+struct ctrl {
+    uint32_t id;
+    uint16_t event, value;
+    char name[64];
+};
+
+static bool next_control(struct drv *d, struct ctrl *m)
+{
+    uint32_t head, len;
+    if (!drv_used(d, CIVQ, &head, &len))
+        return false;
+    uint64_t addr;
+    memcpy(&addr, d->ram + d->q[CIVQ].desc + 16 * head, 8);
+    memset(m, 0, sizeof *m);
+    memcpy(&m->id, ram + addr, 4);
+    memcpy(&m->event, ram + addr + 4, 2);
+    memcpy(&m->value, ram + addr + 6, 2);
+    if (len > 8 && len - 8 < sizeof m->name)
+        memcpy(m->name, ram + addr + 8, len - 8);
+    return true;
+}
+
+static bool expect_control(struct drv *d, uint32_t id, uint16_t event, uint16_t value)
+{
+    struct ctrl m;
+    if (!next_control(d, &m)) {
+        fprintf(stderr, "  no control message (wanted id %u event %u)\n", id, event);
+        return false;
+    }
+    if (m.id != id || m.event != event || m.value != value)
+        fprintf(stderr, "  control: got %u/%u/%u wanted %u/%u/%u\n", m.id, m.event, m.value, id, event, value);
+    return m.id == id && m.event == event && m.value == value;
+}
+
+static void post_rx(struct drv *d, unsigned q, uint32_t len)
+{
+    uint64_t a = drv_alloc(d, len);
+    drv_add(d, q, &a, &len, 1, 0);
+    drv_kick(d, q);
+}
+
+static void send_tx(struct drv *d, unsigned q, const void *data, uint32_t len)
+{
+    uint64_t a = drv_alloc(d, len);
+    memcpy(ram + a, data, len);
+    drv_add(d, q, &a, &len, 1, 1);
+    drv_kick(d, q);
+}
+
+static bool got_msi(struct drv *d, unsigned vector, unsigned since)
+{
+    for (unsigned i = since; i < d->msi_count && i < DRV_MAX_MSI; i++)
+        if (d->msi_data[i] == 0x30 + vector)
+            return true;
+    return false;
+}
+
+/* Brings the device up to "agent port open on both ends"; returns host fd. */
+static int bring_up(struct drv *d, int sv[2])
+{
+    CHECK(drv_create(d, ram));
+    CHECK(drv_probe(d));
+    CHECK(drv_start(d, FEATURES));
+    post_control_buffers(d, 16);
+    drv_send_control(d, (uint32_t)-1, VIRTIO_CONSOLE_DEVICE_READY, 1);
+    uint32_t id, len;
+    CHECK(drv_used(d, COVQ, &id, &len)); /* returned at once: Linux spins on it */
+    CHECK(expect_control(d, 0, VIRTIO_CONSOLE_PORT_ADD, 1));
+    CHECK(expect_control(d, 1, VIRTIO_CONSOLE_PORT_ADD, 1));
+    drv_send_control(d, 0, VIRTIO_CONSOLE_PORT_READY, 1);
+    CHECK(expect_control(d, 0, VIRTIO_CONSOLE_CONSOLE_PORT, 1));
+    drv_send_control(d, AGENT, VIRTIO_CONSOLE_PORT_READY, 1);
+    struct ctrl m;
+    CHECK(next_control(d, &m) && m.id == AGENT && m.event == VIRTIO_CONSOLE_PORT_NAME &&
+          strcmp(m.name, "org.clade.agent") == 0);
+    CHECK(!next_control(d, &m)); /* host not connected yet: no PORT_OPEN */
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    virtio_console_port_set_fd(&d->con, AGENT, sv[0]);
+    CHECK(expect_control(d, AGENT, VIRTIO_CONSOLE_PORT_OPEN, 1));
+    drv_send_control(d, AGENT, VIRTIO_CONSOLE_PORT_OPEN, 1);
+    return sv[1];
+}
+
+/* ---- tests ------------------------------------------------------------ */
+
+static void test_enumeration(void)
+{
+    struct drv *d = &D;
+    CHECK(drv_create(d, ram));
+    CHECK(drv_cfg_read(d, 0, PCI_CLASS_PROG + 1, 2) == 0x0600); /* host bridge */
+    CHECK(drv_cfg_read(d, 5, 0, 4) == 0xFFFFFFFFu);                /* empty slot */
+    uint8_t b[4];
+    pci_put_le(b, 4, 0x80010000u); /* bus 1 */
+    pci_io(&d->bus, 0xCF8, true, b, 4);
+    pci_io(&d->bus, 0xCFC, false, b, 4);
+    CHECK(pci_get_le(b, 4) == 0xFFFFFFFFu);
+    pci_put_le(b, 4, 0x80000000u); /* Linux's mechanism #1 probe reads this back */
+    pci_io(&d->bus, 0xCF8, true, b, 4);
+    memset(b, 0, 4);
+    pci_io(&d->bus, 0xCF8, false, b, 4);
+    CHECK(pci_get_le(b, 4) == 0x80000000u);
+    CHECK(!pci_io(&d->bus, 0x80, false, b, 1));
+    CHECK(drv_probe(d));
+    CHECK(drv_cfg_read(d, d->slot, PCI_REVISION, 1) == 1);
+    CHECK(drv_cfg_read(d, d->slot, PCI_INTERRUPT_PIN, 1) == 0);
+    /* BAR sizing: all ones in, size mask out, and the address restored. */
+    unsigned bar = PCI_BAR0 + 4 * VIRTIO_PCI_BAR;
+    uint32_t lo = drv_cfg_read(d, d->slot, bar, 4), hi = drv_cfg_read(d, d->slot, bar + 4, 4);
+    CHECK((lo & 7) == 4); /* 64-bit memory BAR */
+    drv_cfg_write(d, d->slot, PCI_COMMAND, 2, 0);
+    drv_cfg_write(d, d->slot, bar, 4, 0xFFFFFFFFu);
+    drv_cfg_write(d, d->slot, bar + 4, 4, 0xFFFFFFFFu);
+    CHECK(drv_cfg_read(d, d->slot, bar, 4) == ((uint32_t)~(VIRTIO_PCI_BAR_SIZE - 1) | 4));
+    CHECK(drv_mr(d, d->common, 4) == ~0ull); /* decoding is off: nobody claims it */
+    /* Move the BAR and check the registers follow it. */
+    drv_cfg_write(d, d->slot, bar, 4, 0xD0000000u);
+    drv_cfg_write(d, d->slot, bar + 4, 4, 0);
+    drv_cfg_write(d, d->slot, PCI_COMMAND, 2, PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
+    CHECK(drv_mr(d, 0xD0000000u + 0x12, 2) == 6); /* num_queues */
+    drv_cfg_write(d, d->slot, bar, 4, lo);
+    drv_cfg_write(d, d->slot, bar + 4, 4, hi);
+    CHECK(drv_mr(d, d->common + 0x12, 2) == 6);
+    /* Read-only header fields stay. */
+    drv_cfg_write(d, d->slot, 0, 4, 0x12345678);
+    CHECK(drv_cfg_read(d, d->slot, 0, 4) == (0x1043u << 16 | 0x1af4));
+    /* Misaligned config access: rejected as all ones. */
+    uint8_t w[4];
+    pci_put_le(w, 4, 0x80000000u | d->slot << 11);
+    pci_io(&d->bus, 0xCF8, true, w, 4);
+    pci_io(&d->bus, 0xCFD, false, w, 4);
+    CHECK(pci_get_le(w, 4) == 0xFFFFFFFFu);
+    pci_io(&d->bus, 0xCFE, false, w, 2);
+    CHECK(pci_get_le(w, 2) == 0x1043);
+    /* Device config: max_nr_ports, through MMIO and the PCI-config window. */
+    CHECK(drv_mr(d, d->devcfg + 4, 4) == 2);
+    CHECK(d->cfg_cap != 0);
+    drv_cfg_write(d, d->slot, d->cfg_cap + 4, 1, VIRTIO_PCI_BAR);
+    drv_cfg_write(d, d->slot, d->cfg_cap + 8, 4, VIRTIO_PCI_DEVICE_OFFSET + 4);
+    drv_cfg_write(d, d->slot, d->cfg_cap + 12, 4, 4);
+    CHECK(drv_cfg_read(d, d->slot, d->cfg_cap + 16, 4) == 2);
+}
+
+static void test_handshake_and_data(void)
+{
+    struct drv *d = &D;
+    int sv[2];
+    int host = bring_up(d, sv);
+    /* guest -> host */
+    unsigned before = d->msi_count;
+    send_tx(d, AGENT_TX, "hello", 5);
+    char buf[64] = {0};
+    CHECK(read(host, buf, sizeof buf) == 5 && memcmp(buf, "hello", 5) == 0);
+    uint32_t id, len;
+    CHECK(drv_used(d, AGENT_TX, &id, &len));
+    CHECK(got_msi(d, AGENT_TX + 1, before));
+    /* host -> guest: two readable and split across a two-segment buffer */
+    before = d->msi_count;
+    uint64_t a[2] = {drv_alloc(d, 3), drv_alloc(d, 16)};
+    uint32_t l[2] = {3, 16};
+    drv_add(d, AGENT_RX, a, l, 2, 0);
+    drv_kick(d, AGENT_RX);
+    CHECK(virtio_console_port_poll_events(&d->con, AGENT) == POLLIN);
+    CHECK(write(host, "world!", 6) == 6);
+    virtio_console_port_io(&d->con, AGENT);
+    CHECK(drv_used(d, AGENT_RX, &id, &len) && len == 6);
+    CHECK(memcmp(ram + a[0], "wor", 3) == 0 && memcmp(ram + a[1], "ld!", 3) == 0);
+    CHECK(got_msi(d, AGENT_RX + 1, before));
+    /* Console port 0: output goes nowhere (no fd) but is consumed. */
+    send_tx(d, 1, "boot", 4);
+    CHECK(drv_used(d, 1, &id, &len));
+    /* Masked vector: pending bit, then delivered on unmask. */
+    drv_mw(d, d->msix_table + 16 * (AGENT_TX + 1) + 12, 4, 1);
+    before = d->msi_count;
+    send_tx(d, AGENT_TX, "x", 1);
+    CHECK(!got_msi(d, AGENT_TX + 1, before));
+    CHECK(drv_mr(d, d->pba, 4) & (1u << (AGENT_TX + 1)));
+    drv_mw(d, d->msix_table + 16 * (AGENT_TX + 1) + 12, 4, 0);
+    CHECK(got_msi(d, AGENT_TX + 1, before));
+    CHECK((drv_mr(d, d->pba, 4) & (1u << (AGENT_TX + 1))) == 0);
+    CHECK(read(host, buf, sizeof buf) == 1);
+    /* Function mask holds everything back too. */
+    drv_cfg_write(d, d->slot, d->msix_cap + 2, 2, 0xC000);
+    before = d->msi_count;
+    send_tx(d, AGENT_TX, "y", 1);
+    CHECK(d->msi_count == before);
+    drv_cfg_write(d, d->slot, d->msix_cap + 2, 2, 0x8000);
+    CHECK(d->msi_count == before + 1);
+    CHECK(read(host, buf, sizeof buf) == 1);
+    /* Interrupt suppression by the driver. */
+    *(uint16_t *)(ram + d->q[AGENT_TX].avail) = VIRTQ_AVAIL_F_NO_INTERRUPT;
+    before = d->msi_count;
+    send_tx(d, AGENT_TX, "z", 1);
+    CHECK(d->msi_count == before);
+    *(uint16_t *)(ram + d->q[AGENT_TX].avail) = 0;
+    CHECK(read(host, buf, sizeof buf) == 1);
+    /* Host hangs up: the guest hears PORT_OPEN 0 and the fd is handed back. */
+    close(host);
+    post_rx(d, AGENT_RX, 64);
+    virtio_console_port_io(&d->con, AGENT);
+    CHECK(expect_control(d, AGENT, VIRTIO_CONSOLE_PORT_OPEN, 0));
+    CHECK(virtio_console_port_take_hungup_fd(&d->con, AGENT) == sv[0]);
+    CHECK(virtio_console_port_take_hungup_fd(&d->con, AGENT) == -1);
+    close(sv[0]);
+    /* Guest writes while disconnected are consumed and dropped. */
+    send_tx(d, AGENT_TX, "lost", 4);
+    while (drv_used(d, AGENT_TX, &id, &len))
+        ;
+    CHECK(d->q[AGENT_TX].last_used == d->q[AGENT_TX].avail_idx);
+    /* Reconnect, as after a fork: PORT_OPEN 1 again, data flows. */
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    virtio_console_port_set_fd(&d->con, AGENT, sv[0]);
+    CHECK(expect_control(d, AGENT, VIRTIO_CONSOLE_PORT_OPEN, 1));
+    CHECK(write(sv[1], "again", 5) == 5);
+    virtio_console_port_io(&d->con, AGENT);
+    CHECK(drv_used(d, AGENT_RX, &id, &len) && len == 5);
+    /* Disconnect and reconnect before the guest posts control buffers: both
+     * transitions are still told, in order. */
+    virtio_console_port_set_fd(&d->con, AGENT, -1);
+    virtio_console_port_set_fd(&d->con, AGENT, sv[0]);
+    CHECK(expect_control(d, AGENT, VIRTIO_CONSOLE_PORT_OPEN, 0));
+    CHECK(expect_control(d, AGENT, VIRTIO_CONSOLE_PORT_OPEN, 1));
+    /* Fork-style resignal re-sends every enabled queue's vector. */
+    before = d->msi_count;
+    virtio_pci_resignal(&d->con.vp);
+    CHECK(d->msi_count - before == 6);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+static void test_backpressure(void)
+{
+    struct drv *d = &D;
+    int sv[2];
+    int host = bring_up(d, sv);
+    int small = 4096;
+    setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+    setsockopt(host, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    enum { CHUNK = 4000, CHUNKS = 48 }; /* 192 KB: more than buffer + socket hold */
+    static uint8_t pattern[CHUNK * CHUNKS], got[CHUNK * CHUNKS];
+    for (size_t i = 0; i < sizeof pattern; i++)
+        pattern[i] = (uint8_t)(i * 7 + i / 251);
+    for (unsigned c = 0; c < CHUNKS; c++)
+        send_tx(d, AGENT_TX, pattern + c * CHUNK, CHUNK);
+    uint32_t id, len;
+    unsigned used = 0;
+    while (drv_used(d, AGENT_TX, &id, &len))
+        used++;
+    CHECK(used < CHUNKS); /* the device stopped taking buffers */
+    CHECK(virtio_console_port_poll_events(&d->con, AGENT) & POLLOUT);
+    size_t have = 0;
+    for (int rounds = 0; rounds < 10000 && have < sizeof got; rounds++) {
+        ssize_t n = read(host, got + have, sizeof got - have);
+        if (n > 0)
+            have += (size_t)n;
+        virtio_console_port_io(&d->con, AGENT);
+    }
+    while (drv_used(d, AGENT_TX, &id, &len))
+        used++;
+    CHECK(have == sizeof got && memcmp(got, pattern, sizeof got) == 0);
+    CHECK(used == CHUNKS);
+    /* Reset in the middle of a stalled transfer, then a clean restart. */
+    for (unsigned c = 0; c < CHUNKS; c++)
+        send_tx(d, AGENT_TX, pattern + c * CHUNK, CHUNK);
+    drv_mw(d, d->common + 0x14, 1, 0);
+    CHECK(drv_status(d) == 0);
+    CHECK(virtio_console_port_poll_events(&d->con, AGENT) & POLLOUT); /* old bytes still flush */
+    virtio_console_port_discard_output(&d->con, AGENT);
+    CHECK(drv_start(d, FEATURES));
+    close(sv[0]);
+    close(host);
+}
+
+static void hostile_setup(struct drv *d)
+{
+    CHECK(drv_create(d, ram));
+    CHECK(drv_probe(d));
+    CHECK(drv_start(d, FEATURES));
+}
+
+static void write_desc(struct drv *d, unsigned q, uint16_t i, uint64_t addr, uint32_t len, uint16_t flags, uint16_t next)
+{
+    uint8_t *desc = ram + d->q[q].desc + 16 * i;
+    memcpy(desc, &addr, 8);
+    memcpy(desc + 8, &len, 4);
+    memcpy(desc + 12, &flags, 2);
+    memcpy(desc + 14, &next, 2);
+}
+
+static void publish(struct drv *d, unsigned q, uint16_t head, uint16_t idx_step)
+{
+    memcpy(ram + d->q[q].avail + 4 + 2 * (d->q[q].avail_idx % d->q[q].size), &head, 2);
+    d->q[q].avail_idx = (uint16_t)(d->q[q].avail_idx + idx_step);
+    memcpy(ram + d->q[q].avail + 2, &d->q[q].avail_idx, 2);
+    drv_kick(d, q);
+}
+
+/* Each case must end with DEVICE_NEEDS_RESET, a config interrupt, and no
+ * used buffers. */
+static void expect_broken(struct drv *d, unsigned q, unsigned msi_before, const char *what)
+{
+    uint32_t id, len;
+    bool ok = (drv_status(d) & VIRTIO_STATUS_NEEDS_RESET) && got_msi(d, 0, msi_before) && !drv_used(d, q, &id, &len);
+    if (!ok)
+        fprintf(stderr, "  hostile case not rejected: %s\n", what);
+    CHECK(ok);
+}
+
+static void test_hostile_rings(void)
+{
+    struct drv *d = &D;
+    struct {
+        const char *what;
+        uint64_t addr;
+        uint32_t len;
+        uint16_t flags, next, step;
+    } cases[] = {
+        {"descriptor loop", 0x80000, 16, VIRTQ_DESC_F_NEXT, 0, 1},
+        {"address out of RAM", DRV_RAM_SIZE - 8, 16, 0, 0, 1},
+        {"address wraps", ~0ull - 4, 16, 0, 0, 1},
+        {"huge length", 0x80000, 0xFFFFFFFFu, 0, 0, 1},
+        {"indirect not negotiated", 0x80000, 16, VIRTQ_DESC_F_INDIRECT, 0, 1},
+        {"next beyond queue", 0x80000, 16, VIRTQ_DESC_F_NEXT, DRV_QSIZE, 1},
+        {"avail index jumps", 0x80000, 16, 0, 0, DRV_QSIZE + 1},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        hostile_setup(d);
+        unsigned before = d->msi_count;
+        write_desc(d, COVQ, 0, cases[i].addr, cases[i].len, cases[i].flags, cases[i].next);
+        publish(d, COVQ, 0, cases[i].step);
+        expect_broken(d, COVQ, before, cases[i].what);
+        /* Further kicks do nothing; a reset brings it back. */
+        drv_kick(d, COVQ);
+        CHECK(drv_start(d, FEATURES));
+        CHECK(!(drv_status(d) & VIRTIO_STATUS_NEEDS_RESET));
+    }
+    /* Head index out of range. */
+    hostile_setup(d);
+    unsigned before = d->msi_count;
+    publish(d, COVQ, DRV_QSIZE + 3, 1);
+    expect_broken(d, COVQ, before, "head out of range");
+    /* Writable descriptor followed by a readable one. */
+    hostile_setup(d);
+    before = d->msi_count;
+    write_desc(d, COVQ, 0, 0x80000, 8, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 1);
+    write_desc(d, COVQ, 1, 0x80010, 8, 0, 0);
+    publish(d, COVQ, 0, 1);
+    expect_broken(d, COVQ, before, "readable after writable");
+    /* A long but legal chain of every descriptor works. */
+    hostile_setup(d);
+    for (uint16_t i = 0; i < DRV_QSIZE; i++)
+        write_desc(d, COVQ, i, 0x80000 + 8 * i, i == 0 ? 8 : 0, i + 1 < DRV_QSIZE ? VIRTQ_DESC_F_NEXT : 0, i + 1);
+    publish(d, COVQ, 0, 1);
+    uint32_t id, len;
+    CHECK(drv_used(d, COVQ, &id, &len) && id == 0);
+    CHECK(!(drv_status(d) & VIRTIO_STATUS_NEEDS_RESET));
+    /* Short control message: consumed, ignored. */
+    uint64_t a = drv_alloc(d, 4);
+    uint32_t l = 4;
+    drv_add(d, COVQ, &a, &l, 1, 1);
+    drv_kick(d, COVQ);
+    CHECK(drv_used(d, COVQ, &id, &len));
+    /* Control messages for ports that do not exist. */
+    drv_send_control(d, 99, VIRTIO_CONSOLE_PORT_READY, 1);
+    drv_send_control(d, 0xFFFFFFFFu, VIRTIO_CONSOLE_PORT_OPEN, 1);
+    CHECK(!(drv_status(d) & VIRTIO_STATUS_NEEDS_RESET));
+}
+
+static void enable_queue_with(struct drv *d, unsigned q, uint16_t size, uint64_t desc, uint64_t avail, uint64_t used)
+{
+    drv_mw(d, d->common + 0x14, 1, 0);
+    drv_mw(d, d->common + 0x14, 1, 3);
+    drv_mw(d, d->common + 0x0C, 4, 0);
+    drv_mw(d, d->common + 0x08, 4, 1);
+    drv_mw(d, d->common + 0x0C, 4, 1);
+    drv_mw(d, d->common + 0x14, 1, 0x0B);
+    drv_mw(d, d->common + 0x16, 2, q);
+    drv_mw(d, d->common + 0x18, 2, size);
+    drv_mw(d, d->common + 0x20, 8, desc);
+    drv_mw(d, d->common + 0x28, 8, avail);
+    drv_mw(d, d->common + 0x30, 8, used);
+    drv_mw(d, d->common + 0x1C, 2, 1);
+}
+
+static void test_hostile_registers(void)
+{
+    struct drv *d = &D;
+    hostile_setup(d);
+    /* Queue layouts the device must refuse at enable time. */
+    struct {
+        uint16_t size;
+        uint64_t desc, avail, used;
+    } bad[] = {
+        {48, 0x10000, 0x11000, 0x12000},             /* not a power of two */
+        {0, 0x10000, 0x11000, 0x12000},              /* zero */
+        {256, 0x10000, 0x11000, 0x12000},            /* above the maximum */
+        {64, 0x10008, 0x11000, 0x12000},             /* misaligned descriptors */
+        {64, 0x10000, 0x11001, 0x12000},             /* misaligned avail */
+        {64, 0x10000, 0x11000, 0x12002},             /* misaligned used */
+        {64, DRV_RAM_SIZE - 0x10, 0x11000, 0x12000}, /* runs off RAM */
+        {64, 0x10000, 0x11000, ~0ull & ~3ull},       /* wraps */
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        enable_queue_with(d, 2, bad[i].size, bad[i].desc, bad[i].avail, bad[i].used);
+        CHECK(drv_mr(d, d->common + 0x1C, 2) == 0);
+        CHECK(drv_status(d) & VIRTIO_STATUS_NEEDS_RESET);
+    }
+    /* Features: without VERSION_1, or beyond what is offered, refused. */
+    drv_mw(d, d->common + 0x14, 1, 0);
+    CHECK(!drv_start(d, 1ull << VIRTIO_CONSOLE_F_MULTIPORT));
+    CHECK(!drv_start(d, FEATURES | 1ull << 28));
+    CHECK(drv_start(d, FEATURES));
+    /* Read-only fields ignore writes; the driver-feature word is frozen. */
+    drv_mw(d, d->common + 0x12, 2, 77);
+    CHECK(drv_mr(d, d->common + 0x12, 2) == 6);
+    drv_mw(d, d->common + 0x04, 4, 0xFFFFFFFF);
+    drv_mw(d, d->common + 0x00, 4, 1);
+    CHECK(drv_mr(d, d->common + 0x04, 4) == 1);
+    drv_mw(d, d->common + 0x08, 4, 1);
+    drv_mw(d, d->common + 0x0C, 4, 0xFF);
+    CHECK(drv_mr(d, d->common + 0x0C, 4) == 1);
+    drv_mw(d, d->common + 0x15, 1, 9);
+    CHECK(drv_mr(d, d->common + 0x15, 1) == 0);
+    /* Queue layout is fixed while enabled; disabling is not a thing. */
+    drv_mw(d, d->common + 0x16, 2, 3);
+    drv_mw(d, d->common + 0x18, 2, 8);
+    drv_mw(d, d->common + 0x20, 8, 0x90000);
+    drv_mw(d, d->common + 0x1C, 2, 0);
+    CHECK(drv_mr(d, d->common + 0x18, 2) == DRV_QSIZE);
+    CHECK(drv_mr(d, d->common + 0x20, 8) == d->q[3].desc);
+    CHECK(drv_mr(d, d->common + 0x1C, 2) == 1);
+    /* Vectors beyond the table read back as NO_VECTOR. */
+    drv_mw(d, d->common + 0x1A, 2, 500);
+    CHECK(drv_mr(d, d->common + 0x1A, 2) == VIRTIO_MSI_NO_VECTOR);
+    /* Absent queue: size 0, writes ignored. */
+    drv_mw(d, d->common + 0x16, 2, 40);
+    CHECK(drv_mr(d, d->common + 0x18, 2) == 0);
+    drv_mw(d, d->common + 0x1C, 2, 1);
+    CHECK(drv_mr(d, d->common + 0x1C, 2) == 0);
+    /* Odd widths and alignments: reads compose bytes, writes are ignored. */
+    CHECK(drv_mr(d, d->common + 0x11, 3) == (uint64_t)6 << 8);
+    CHECK(drv_mr(d, d->common + 0x13, 2) == 0x0F << 8);
+    drv_mw(d, d->common + 0x13, 2, 0);
+    CHECK(drv_status(d) == 0x0F);
+    CHECK(drv_mr(d, d->common + 0xFFE, 4) == 0xFFFFFFFFu); /* straddles regions */
+    uint64_t bar = d->common - VIRTIO_PCI_COMMON_OFFSET;
+    CHECK(drv_mr(d, bar + VIRTIO_PCI_BAR_SIZE - 2, 4) == 0xFFFFFFFFu); /* off the BAR's end */
+    CHECK(drv_mr(d, bar + 0x7000, 4) == 0);                            /* unused page */
+    CHECK(drv_mr(d, d->msix_table + 2, 4) == 0xFFFFFFFFu);              /* misaligned table */
+    CHECK(drv_mr(d, d->msix_table + 16 * 100, 4) == 0xFFFFFFFFu);       /* beyond table */
+    drv_mw(d, d->notify + 1, 2, 0);                                    /* misaligned notify */
+    drv_mw(d, d->notify + 4 * 40, 2, 0);                               /* absent queue */
+    drv_mw(d, d->isr, 1, 0xff);                                        /* ISR is read-only */
+    drv_mw(d, d->devcfg + 4, 4, 99);                                   /* config is read-only */
+    CHECK(drv_mr(d, d->devcfg + 4, 4) == 2);
+    CHECK(drv_mr(d, d->devcfg + 10, 8) == 0);
+    CHECK(drv_status(d) == 0x0F);
+    /* DRIVER_OK without FEATURES_OK is not accepted. */
+    drv_mw(d, d->common + 0x14, 1, 0);
+    drv_mw(d, d->common + 0x14, 1, 0x07);
+    CHECK(drv_status(d) == 0x03);
+    /* No bus mastering: notifications are not acted on. */
+    CHECK(drv_start(d, FEATURES));
+    drv_cfg_write(d, d->slot, PCI_COMMAND, 2, PCI_COMMAND_MEMORY);
+    drv_send_control(d, (uint32_t)-1, VIRTIO_CONSOLE_DEVICE_READY, 1);
+    uint32_t id, len;
+    CHECK(!drv_used(d, COVQ, &id, &len));
+    drv_cfg_write(d, d->slot, PCI_COMMAND, 2, PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
+    drv_kick(d, COVQ);
+    CHECK(drv_used(d, COVQ, &id, &len));
+    /* Notification before DRIVER_OK waits for it. */
+    drv_mw(d, d->common + 0x14, 1, 0);
+    drv_mw(d, d->common + 0x14, 1, 3);
+    drv_mw(d, d->common + 0x08, 4, 1);
+    drv_mw(d, d->common + 0x0C, 4, 1);
+    drv_mw(d, d->common + 0x08, 4, 0);
+    drv_mw(d, d->common + 0x0C, 4, 2);
+    drv_mw(d, d->common + 0x14, 1, 0x0B);
+    memset(d->q, 0, sizeof d->q);
+    for (unsigned q = 0; q < 6; q++) {
+        d->q[q].size = DRV_QSIZE;
+        d->q[q].desc = 0x10000 + 0x2000ull * q;
+        d->q[q].avail = d->q[q].desc + 0x800;
+        d->q[q].used = d->q[q].desc + 0x1000;
+        memset(ram + d->q[q].desc, 0, 0x2000);
+        drv_mw(d, d->common + 0x16, 2, q);
+        drv_mw(d, d->common + 0x18, 2, DRV_QSIZE);
+        drv_mw(d, d->common + 0x20, 8, d->q[q].desc);
+        drv_mw(d, d->common + 0x28, 8, d->q[q].avail);
+        drv_mw(d, d->common + 0x30, 8, d->q[q].used);
+        drv_mw(d, d->common + 0x1C, 2, 1);
+    }
+    drv_send_control(d, (uint32_t)-1, VIRTIO_CONSOLE_DEVICE_READY, 1);
+    CHECK(!drv_used(d, COVQ, &id, &len));
+    drv_mw(d, d->common + 0x14, 1, 0x0F);
+    CHECK(drv_used(d, COVQ, &id, &len));
+}
+
+static unsigned irq_changes;
+static bool irq_level;
+static void uart_irq(void *ctx, bool level)
+{
+    (void)ctx;
+    irq_level = level;
+    irq_changes++;
+}
+
+static uint8_t uin(struct uart8250 *u, unsigned reg)
+{
+    uint8_t v = 0;
+    CHECK(uart_io(u, (uint16_t)(0x3f8 + reg), false, &v, 1));
+    return v;
+}
+
+static void uout(struct uart8250 *u, unsigned reg, uint8_t v) { uart_io(u, (uint16_t)(0x3f8 + reg), true, &v, 1); }
+
+static void test_uart(void)
+{
+    int p[2];
+    CHECK(pipe2(p, O_NONBLOCK) == 0);
+    struct uart8250 u;
+    uart_init(&u, UART_COM1_BASE, p[1], uart_irq, NULL);
+    /* The probe Linux's 8250 driver does: scratch, IER, loopback, FIFO. */
+    uout(&u, 7, 0xA5);
+    CHECK(uin(&u, 7) == 0xA5);
+    uout(&u, 1, 0);
+    CHECK(uin(&u, 1) == 0);
+    uout(&u, 1, 0x0F);
+    CHECK(uin(&u, 1) == 0x0F);
+    uout(&u, 1, 0);
+    uout(&u, 4, 0x1A);
+    CHECK((uin(&u, 6) & 0xF0) == 0x90);
+    uout(&u, 4, 0x0B);
+    uout(&u, 2, 0x01);
+    CHECK((uin(&u, 2) & 0xC0) == 0xC0);
+    /* Divisor latch. */
+    uout(&u, 3, 0x83);
+    uout(&u, 0, 1);
+    uout(&u, 1, 0);
+    CHECK(uin(&u, 0) == 1);
+    uout(&u, 3, 0x03);
+    /* Output. */
+    for (const char *s = "ttyS0 ok\n"; *s; s++) {
+        CHECK(uin(&u, 5) & 0x20);
+        uout(&u, 0, (uint8_t)*s);
+    }
+    char buf[32] = {0};
+    CHECK(read(p[0], buf, sizeof buf) == 9 && strcmp(buf, "ttyS0 ok\n") == 0);
+    /* THRE interrupt: raised when enabled, cleared by reading IIR. */
+    irq_changes = 0;
+    uout(&u, 1, 0x02);
+    CHECK(irq_level && (uin(&u, 2) & 0x0F) == 0x02);
+    CHECK(!irq_level);
+    /* Input and its interrupt. */
+    uout(&u, 1, 0x01);
+    CHECK(uart_receive(&u, (const uint8_t *)"ab", 2) == 2);
+    CHECK(irq_level && (uin(&u, 5) & 1) && (uin(&u, 2) & 0x0F) == 0x04);
+    CHECK(uin(&u, 0) == 'a' && uin(&u, 0) == 'b' && !(uin(&u, 5) & 1) && !irq_level);
+    uint8_t big[100];
+    memset(big, 'x', sizeof big);
+    CHECK(uart_receive(&u, big, sizeof big) == UART_FIFO_SIZE);
+    /* Odd accesses: a dword across the end, and ports that are not ours. */
+    uint8_t w[4] = {0};
+    CHECK(uart_io(&u, 0x3fe, false, w, 4));
+    CHECK(!uart_io(&u, 0x400, false, w, 1));
+    /* A full output pipe drops bytes instead of blocking. */
+    static char fill[1 << 17];
+    while (write(p[1], fill, sizeof fill) > 0)
+        ;
+    uout(&u, 0, 'z');
+    close(p[0]);
+    uout(&u, 0, 'z'); /* closed reader: EPIPE, not a crash (SIGPIPE ignored by main) */
+    close(p[1]);
+}
+
+int main(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    ram = aligned_alloc(4096, DRV_RAM_SIZE);
+    memset(ram, 0, DRV_RAM_SIZE);
+    test_enumeration();
+    test_handshake_and_data();
+    test_backpressure();
+    test_hostile_rings();
+    test_hostile_registers();
+    test_uart();
+    printf("%s: %u checks, %u failed\n", failed ? "FAIL" : "PASS", checks, failed);
+    free(ram);
+    return failed ? 1 : 0;
+}
