@@ -153,13 +153,15 @@ static int cmd_status(struct vmm *v) {
                     "\"counter\":%" PRIu64 ",\"ack\":%" PRIu64 ",\"exits\":%" PRIu64 ",\"heartbeats\":%" PRIu64
                     ",\"reports\":%" PRIu64 ",\"lastReport\":%" PRIu64 ",\"forks\":%" PRIu64 ",\"msrs\":%u,"
                     "\"msrsNotRestored\":%u,\"timing\":{\"forkNs\":%" PRId64 ",\"builtNs\":%" PRId64 ",\"restoredNs\":%" PRId64
-                    ",\"firstRunNs\":%" PRId64 ",\"firstExitNs\":%" PRId64 "}}",
+                    ",\"firstRunNs\":%" PRId64 ",\"firstExitNs\":%" PRId64 "},\"guest\":\"%s\",\"agentSocket\":\"%s\","
+                    "\"agentConnected\":%s}",
                     (int)getpid(), (int)getppid(), v->depth, phase_name(phase, v->user_paused), reason, detail,
                     guest_u64(&v->vm, GUEST_DATA + GUEST_COUNTER), guest_u64(&v->vm, GUEST_DATA + GUEST_ACK),
                     (uint64_t)atomic_load(&cpu->exits), (uint64_t)atomic_load(&cpu->heartbeats),
                     (uint64_t)atomic_load(&cpu->reports), (uint64_t)atomic_load(&cpu->last_report), v->forks_done,
                     v->vm.msr_count, v->state.msrs_not_restored, cpu->timing.fork_ns, cpu->timing.built_ns, cpu->timing.restored_ns,
-                    cpu->timing.first_run_ns, cpu->timing.first_exit_ns);
+                    cpu->timing.first_run_ns, cpu->timing.first_exit_ns, v->board ? "linux" : "cpl3",
+                    v->board ? v->board->agent_path : "", v->board && v->board->agent_fd >= 0 ? "true" : "false");
 }
 
 static int cmd_read(struct vmm *v, int argc, char **argv) {
@@ -271,31 +273,36 @@ static int fork_reply(const struct fork_report *rep, int ok, const char *err) {
     int n = snprintf(reply, sizeof reply, "{\"ok\":%s,", ok ? "true" : "false");
     if (!ok) n += snprintf(reply + n, sizeof reply - (size_t)n, "\"error\":\"%s\",", err);
     if (rep->count == 1)
-        n += snprintf(reply + n, sizeof reply - (size_t)n, "\"pid\":%d,\"socket\":\"%s\",", rep->child[0].pid,
-                      rep->child[0].socket_path);
+        n += snprintf(reply + n, sizeof reply - (size_t)n, "\"pid\":%d,\"socket\":\"%s\",\"agentSocket\":\"%s\",",
+                      rep->child[0].pid, rep->child[0].socket_path, rep->child[0].agent_path);
     n += snprintf(reply + n, sizeof reply - (size_t)n, "\"children\":[");
     for (int i = 0; i < rep->count; i++)
-        n += snprintf(reply + n, sizeof reply - (size_t)n, "%s{\"pid\":%d,\"socket\":\"%s\"}", i ? "," : "",
-                      rep->child[i].pid, rep->child[i].socket_path);
+        n += snprintf(reply + n, sizeof reply - (size_t)n, "%s{\"pid\":%d,\"socket\":\"%s\",\"agentSocket\":\"%s\"}",
+                      i ? "," : "", rep->child[i].pid, rep->child[i].socket_path, rep->child[i].agent_path);
     return n + snprintf(reply + n, sizeof reply - (size_t)n,
                         "],\"parkUs\":%.1f,\"captureUs\":%.1f,\"forkUs\":%.1f,\"pauseUs\":%.1f}", rep->park_ns / 1e3,
                         rep->capture_ns / 1e3, rep->fork_ns / 1e3, rep->pause_ns / 1e3);
 }
 
-/* fork [SOCKET_PATH] | forks COUNT */
+static int plain_absolute_path(const char *p) {
+    return p[0] == '/' && !strchr(p, '"') && !strchr(p, '\\');
+}
+
+/* fork [SOCKET_PATH [AGENT_SOCKET_PATH [SERIAL_LOG_PATH]]] | forks COUNT */
 static int cmd_fork(struct vmm *v, int argc, char **argv, int batch) {
     static struct fork_report rep;
     uint64_t count = 1;
-    const char *path[1] = {NULL};
+    struct fork_paths chosen = {0};
     if (batch && (argc != 2 || parse_u64(argv[1], &count) < 0 || count < 1 || count > VMM_MAX_FORK_BATCH))
         return reply_error("usage: forks COUNT (1..256)");
-    if (!batch && argc > 2) return reply_error("usage: fork [SOCKET_PATH]");
-    if (!batch && argc == 2) {
-        if (argv[1][0] != '/' || strchr(argv[1], '"') || strchr(argv[1], '\\')) return reply_error("socket path must be absolute and plain");
-        path[0] = argv[1];
-    }
+    if (!batch && (argc > 4 || (argc > 2 && !v->board))) return reply_error("usage: fork [SOCKET_PATH [AGENT_SOCKET_PATH [SERIAL_LOG_PATH]]]");
+    for (int i = 1; !batch && i < argc; i++)
+        if (!plain_absolute_path(argv[i])) return reply_error("paths must be absolute and plain");
+    if (!batch && argc > 1) chosen.socket = argv[1];
+    if (!batch && argc > 2) chosen.agent_socket = argv[2];
+    if (!batch && argc > 3) chosen.serial_log = argv[3];
     char err[200] = "";
-    int r = vmm_fork(v, (int)count, batch ? NULL : path, &rep, err, sizeof err);
+    int r = vmm_fork(v, (int)count, batch ? NULL : &chosen, &rep, err, sizeof err);
     return fork_reply(&rep, r == 0, err);
 }
 
@@ -388,12 +395,26 @@ static void accept_client(struct control *c) {
     close(fd); /* full: the peer sees EOF */
 }
 
-static int build_pollset(struct control *c, struct pollfd *pfd, int *owner) {
+#define OWNER_SIGNAL -2
+#define OWNER_LISTEN -1
+#define OWNER_STOP -3
+#define OWNER_BOARD -4
+
+static int build_pollset(struct vmm *v, struct pollfd *pfd, int *owner) {
+    struct control *c = &v->ctl;
     int n = 0;
     pfd[n] = (struct pollfd){.fd = signal_fd, .events = POLLIN};
-    owner[n++] = -2;
+    owner[n++] = OWNER_SIGNAL;
+    if (v->exit_on_stop) {
+        pfd[n] = (struct pollfd){.fd = v->cpu.stop_fd, .events = POLLIN};
+        owner[n++] = OWNER_STOP;
+    }
+    if (v->board) {
+        int added = board_poll_fill(v->board, pfd + n);
+        for (int i = 0; i < added; i++) owner[n++] = OWNER_BOARD;
+    }
     pfd[n] = (struct pollfd){.fd = c->listen_fd, .events = POLLIN};
-    owner[n++] = -1;
+    owner[n++] = OWNER_LISTEN;
     for (int i = 0; i < CONTROL_MAX_CLIENTS; i++) {
         if (!c->client[i]) continue;
         pfd[n] = (struct pollfd){.fd = c->client[i]->fd, .events = POLLIN};
@@ -404,23 +425,35 @@ static int build_pollset(struct control *c, struct pollfd *pfd, int *owner) {
 
 static void shut_down(struct vmm *v) {
     unlink(v->ctl.socket_path);
+    if (v->board && v->board->agent_listen_fd >= 0) unlink(v->board->agent_path);
     /* Exiting closes the VM fd; that teardown is the kernel's business now, nobody waits on this process. */
+}
+
+/* A Linux guest that stopped (reset, power-off by panic=-1, KVM error) ends its VMM, as QEMU -no-reboot does. */
+static int report_stop(struct vmm *v) {
+    fprintf(stderr, "clade-vmm: guest stopped: %s (%s)\n", v->cpu.stop_reason, v->cpu.stop_detail);
+    shut_down(v);
+    return strcmp(v->cpu.stop_reason, "shutdown") == 0 ? 0 : 3;
 }
 
 int control_serve(struct vmm *v) {
     struct control *c = &v->ctl;
     for (;;) {
-        struct pollfd pfd[CONTROL_MAX_CLIENTS + 2];
-        int owner[CONTROL_MAX_CLIENTS + 2];
-        int n = build_pollset(c, pfd, owner);
+        struct pollfd pfd[CONTROL_MAX_CLIENTS + 3 + BOARD_MAX_POLLFDS];
+        int owner[CONTROL_MAX_CLIENTS + 3 + BOARD_MAX_POLLFDS];
+        if (v->exit_on_stop && atomic_load(&v->cpu.phase) == VCPU_STOPPED) return report_stop(v);
+        int n = build_pollset(v, pfd, owner);
         if (poll(pfd, (nfds_t)n, -1) < 0) {
             if (errno == EINTR) continue;
             return shut_down(v), 1;
         }
+        int board_first = -1, board_count = 0;
         for (int k = 0; k < n; k++) {
-            if (!pfd[k].revents) continue;
-            if (owner[k] == -2) return shut_down(v), 0;
-            if (owner[k] == -1) {
+            if (owner[k] == OWNER_BOARD && board_first < 0) board_first = k;
+            if (owner[k] == OWNER_BOARD) board_count++;
+            if (!pfd[k].revents || owner[k] == OWNER_BOARD || owner[k] == OWNER_STOP) continue;
+            if (owner[k] == OWNER_SIGNAL) return shut_down(v), 0;
+            if (owner[k] == OWNER_LISTEN) {
                 accept_client(c);
                 continue;
             }
@@ -428,5 +461,6 @@ int control_serve(struct vmm *v) {
             if (o == LINE_QUIT) return shut_down(v), 0;
             if (o == LINE_CLOSE) drop_client(c, owner[k]);
         }
+        if (board_count) board_poll_handle(v->board, pfd + board_first, board_count);
     }
 }

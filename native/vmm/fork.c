@@ -16,6 +16,7 @@
 #include "vmm.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,45 +36,71 @@ static void reset_child_counters(struct vcpu *cpu) {
     cpu->timing.built_ns = cpu->timing.restored_ns = cpu->timing.first_run_ns = cpu->timing.first_exit_ns = 0;
 }
 
+/* The host ends one child gets, prepared by the parent before the pause so they work the moment it replies. */
+struct child_slot {
+    int ctl_fd;
+    char ctl_path[108];
+    int agent_fd; /* -1 without a board */
+    char agent_path[108];
+    int serial_fd; /* -1: keep the parent's serial log */
+};
+
 /* What the child's new control thread tidies up, after the vCPU already runs. */
 static struct child_takeover {
     struct vmm *v;
-    int listen_fd;
-    char path[108];
-    int sibling_fds[VMM_MAX_FORK_BATCH];
+    struct child_slot own;
+    const struct child_slot *slots; /* every slot of the batch: the siblings' descriptors are not ours */
     int siblings;
-    int stale_vm_fd, stale_vcpu_fd, stale_kick_fd;
+    int stale_vm_fd, stale_vcpu_fd, stale_kick_fd, stale_stop_fd;
     struct kvm_run *stale_run;
+    struct board_stale board;
 } takeover;
+
+static void close_sibling_slots(const struct child_takeover *t) {
+    for (int i = 0; i < t->siblings; i++) {
+        const struct child_slot *s = &t->slots[i];
+        if (s->ctl_fd != t->own.ctl_fd) close(s->ctl_fd);
+        if (s->agent_fd >= 0 && s->agent_fd != t->own.agent_fd) close(s->agent_fd);
+        if (s->serial_fd >= 0 && s->serial_fd != t->own.serial_fd) close(s->serial_fd);
+    }
+}
 
 static void *child_control_main(void *arg) {
     struct child_takeover *t = arg;
-    for (int i = 0; i < t->siblings; i++)
-        if (t->sibling_fds[i] != t->listen_fd) close(t->sibling_fds[i]);
-    control_drop_inherited(&t->v->ctl, t->listen_fd, t->path);
+    close_sibling_slots(t);
+    control_drop_inherited(&t->v->ctl, t->own.ctl_fd, t->own.ctl_path);
     close(t->stale_kick_fd);
+    close(t->stale_stop_fd);
+    if (t->v->board) board_close_stale(&t->board);
     vm_close_kvm_objects_later(t->stale_vm_fd, t->stale_vcpu_fd, t->stale_run, t->v->vm.run_size);
     exit(control_serve(t->v));
 }
 
-static void remember_takeover(struct vmm *v, int listen_fd, const char *path, const int *sibling_fds, int siblings) {
+static void remember_takeover(struct vmm *v, const struct child_slot *slots, int index, int siblings) {
     takeover.v = v;
-    takeover.listen_fd = listen_fd;
-    snprintf(takeover.path, sizeof takeover.path, "%s", path);
-    memcpy(takeover.sibling_fds, sibling_fds, (size_t)siblings * sizeof *sibling_fds);
+    takeover.own = slots[index];
+    takeover.slots = slots;
     takeover.siblings = siblings;
     takeover.stale_vm_fd = v->vm.vm_fd;
     takeover.stale_vcpu_fd = v->vm.vcpu_fd;
     takeover.stale_kick_fd = v->cpu.kick_fd;
+    takeover.stale_stop_fd = v->cpu.stop_fd;
     takeover.stale_run = v->vm.run;
+}
+
+static void unlink_own_sockets(const struct child_slot *own) {
+    unlink(own->ctl_path);
+    if (own->agent_fd >= 0) unlink(own->agent_path);
 }
 
 /*
  * Runs in the new child, right after fork(2) returned 0: rebuild the VM,
- * restore, hand the control socket to a new thread, and run the vCPU here.
+ * restore, rebind device descriptors, hand the control socket to a new
+ * thread, and run the vCPU here.
  */
-static _Noreturn void child_continue(struct vmm *v, int listen_fd, const char *path, const int *sibling_fds, int siblings) {
-    remember_takeover(v, listen_fd, path, sibling_fds, siblings);
+static _Noreturn void child_continue(struct vmm *v, const struct child_slot *slots, int index, int siblings) {
+    remember_takeover(v, slots, index, siblings);
+    const struct child_slot *own = &takeover.own;
     v->depth++;
     v->forks_done = 0;
     v->user_paused = 0;
@@ -82,39 +109,65 @@ static _Noreturn void child_continue(struct vmm *v, int listen_fd, const char *p
     int ok = vm_build_kvm_objects(&v->vm) == 0;
     v->cpu.timing.built_ns = now_ns();
     ok = ok && state_restore(&v->vm, &v->state, &failed) == 0;
+    if (ok && v->board) board_child_rebind(v->board, own->agent_fd, own->agent_path, own->serial_fd, &takeover.board);
     v->cpu.timing.restored_ns = now_ns();
     if (vcpu_init_sync(&v->cpu) < 0) ok = 0, failed = "vcpu-sync";
     if (!ok) child_fail(v, failed);
     v->cpu.thread = pthread_self(); /* before the control thread exists: it may park us at once */
     pthread_t control;
     if (pthread_create(&control, NULL, child_control_main, &takeover) != 0) {
-        unlink(path);
+        unlink_own_sockets(own);
         _exit(1);
     }
     if (ok) vcpu_run_on_this_thread(&v->cpu);
     for (;;) pause();
 }
 
-static void close_sockets(int *fds, char (*paths)[108], int n, int unlink_them) {
+static void close_slots(struct child_slot *slots, int n, int unlink_them) {
     for (int i = 0; i < n; i++) {
-        if (fds[i] < 0) continue;
-        close(fds[i]);
-        if (unlink_them) unlink(paths[i]);
-        fds[i] = -1;
+        struct child_slot *s = &slots[i];
+        if (unlink_them) unlink_own_sockets(s);
+        close(s->ctl_fd);
+        if (s->agent_fd >= 0) close(s->agent_fd);
+        if (s->serial_fd >= 0) close(s->serial_fd);
+        s->ctl_fd = s->agent_fd = s->serial_fd = -1;
     }
 }
 
-static int prepare_sockets(struct vmm *v, int count, const char *const *paths, int *fds, char (*out)[108],
-                           char *err, size_t errlen) {
+static int set_slot_path(char *dst, const char *chosen, const struct vmm *v, unsigned seq, const char *suffix) {
+    int n = chosen ? snprintf(dst, 108, "%s", chosen)
+                   : snprintf(dst, 108, "%s/vmm-%d-%u%s", v->ctl.socket_dir, (int)getpid(), seq, suffix);
+    return n < 0 || n >= 108 ? (errno = ENAMETOOLONG, -1) : 0;
+}
+
+/* Control socket, agent socket (with a board) and serial log of one child. */
+static int prepare_slot(struct vmm *v, const struct fork_paths *chosen, struct child_slot *s, char *err, size_t errlen) {
+    unsigned seq = v->ctl.next_child_seq++;
+    *s = (struct child_slot){.ctl_fd = -1, .agent_fd = -1, .serial_fd = -1};
+    const struct fork_paths none = {0};
+    if (!chosen) chosen = &none;
+    if (set_slot_path(s->ctl_path, chosen->socket, v, seq, ".sock") < 0 || control_listen(s->ctl_path, &s->ctl_fd) < 0)
+        return snprintf(err, errlen, "cannot listen on child socket %s: %s", s->ctl_path, strerror(errno)), -1;
+    if (v->board && (set_slot_path(s->agent_path, chosen->agent_socket, v, seq, ".agent.sock") < 0 ||
+                     control_listen(s->agent_path, &s->agent_fd) < 0)) {
+        snprintf(err, errlen, "cannot listen on child agent socket %s: %s", s->agent_path, strerror(errno));
+        return close_slots(s, 1, 1), -1;
+    }
+    if (v->board && chosen->serial_log) {
+        s->serial_fd = open(chosen->serial_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+        if (s->serial_fd < 0) {
+            snprintf(err, errlen, "cannot open child serial log %s: %s", chosen->serial_log, strerror(errno));
+            return close_slots(s, 1, 1), -1;
+        }
+    }
+    return 0;
+}
+
+static int prepare_slots(struct vmm *v, int count, const struct fork_paths *paths, struct child_slot *slots, char *err,
+                         size_t errlen) {
     for (int i = 0; i < count; i++) {
-        int n;
-        if (paths && paths[i])
-            n = snprintf(out[i], 108, "%s", paths[i]);
-        else
-            n = snprintf(out[i], 108, "%s/vmm-%d-%u.sock", v->ctl.socket_dir, (int)getpid(), v->ctl.next_child_seq++);
-        if (n < 0 || n >= 108 || control_listen(out[i], &fds[i]) < 0) {
-            snprintf(err, errlen, "cannot listen on child socket %s: %s", out[i], n >= 108 ? "path too long" : strerror(errno));
-            close_sockets(fds, out, i, 1);
+        if (prepare_slot(v, paths ? &paths[i] : NULL, &slots[i], err, errlen) < 0) {
+            close_slots(slots, i, 1);
             return -1;
         }
     }
@@ -139,33 +192,33 @@ static int stop_and_capture(struct vmm *v, struct fork_report *rep, int64_t t0, 
     return 0;
 }
 
-int vmm_fork(struct vmm *v, int count, const char *const *paths, struct fork_report *rep, char *err, size_t errlen) {
-    int fds[VMM_MAX_FORK_BATCH];
-    char child_paths[VMM_MAX_FORK_BATCH][108];
+int vmm_fork(struct vmm *v, int count, const struct fork_paths *paths, struct fork_report *rep, char *err, size_t errlen) {
+    static struct child_slot slots[VMM_MAX_FORK_BATCH];
     memset(rep, 0, sizeof *rep);
     if (count < 1 || count > VMM_MAX_FORK_BATCH) return snprintf(err, errlen, "fork count out of range"), -1;
-    if (prepare_sockets(v, count, paths, fds, child_paths, err, errlen) < 0) return -1;
+    if (prepare_slots(v, count, paths, slots, err, errlen) < 0) return -1;
     int64_t t0 = now_ns();
-    if (stop_and_capture(v, rep, t0, err, errlen) < 0) return close_sockets(fds, child_paths, count, 1), -1;
+    if (stop_and_capture(v, rep, t0, err, errlen) < 0) return close_slots(slots, count, 1), -1;
     int64_t own_fork_ns = v->cpu.timing.fork_ns, forks_started = now_ns();
     int made = 0;
     for (; made < count; made++) {
         v->cpu.timing.fork_ns = now_ns(); /* the child inherits this: its time zero */
         pid_t pid = fork();
-        if (pid == 0) child_continue(v, fds[made], child_paths[made], fds, count);
+        if (pid == 0) child_continue(v, slots, made, count);
         if (pid < 0) {
             snprintf(err, errlen, "fork: %s", strerror(errno));
             break;
         }
         rep->child[made].pid = pid;
-        memcpy(rep->child[made].socket_path, child_paths[made], 108);
+        memcpy(rep->child[made].socket_path, slots[made].ctl_path, 108);
+        memcpy(rep->child[made].agent_path, slots[made].agent_fd >= 0 ? slots[made].agent_path : "", 108);
     }
     v->cpu.timing.fork_ns = own_fork_ns;
     rep->fork_ns = now_ns() - forks_started;
     if (!v->user_paused) vcpu_resume(&v->cpu);
     rep->pause_ns = now_ns() - t0;
-    close_sockets(fds, child_paths, made, 0);                         /* the children own these now */
-    close_sockets(fds + made, child_paths + made, count - made, 1); /* never handed to a child */
+    close_slots(slots, made, 0);                          /* the children own these now */
+    close_slots(slots + made, count - made, 1); /* never handed to a child */
     rep->count = made;
     v->forks_done += (uint64_t)made;
     return made == count ? 0 : -1;

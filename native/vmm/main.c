@@ -2,14 +2,18 @@
  * clade-vmm entry point.
  *
  *   clade-vmm run --socket PATH [--mem-mib N] [--idle-us N]
+ *   clade-vmm run --socket PATH --kernel VMLINUX --initramfs FILE [--cmdline TEXT]
+ *                 [--serial-log FILE] [--agent-socket PATH] [--mem-mib N]
  *
- * Starts one VM running the CPL3 test guest and serves the control protocol
- * (docs/vmm.md) on PATH. Prints one JSON line on stdout once it accepts
- * requests. Every forked child is a process of its own with its own socket.
+ * Starts one VM, running the CPL3 test guest or (with --kernel) a Linux
+ * guest booted by PVH, and serves the control protocol (docs/vmm.md) on
+ * PATH. Prints one JSON line on stdout once it accepts requests. Every
+ * forked child is a process of its own with its own sockets.
  */
 #include "vmm.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,12 +23,16 @@
 
 #define DEFAULT_MEM_MIB 64
 #define MAX_MEM_MIB 1024 /* the test guest's page tables map at most 1 GiB */
+#define DEFAULT_LINUX_MEM_MIB 512
 #define DEFAULT_IDLE_US 10000
+#define DEFAULT_CMDLINE "console=ttyS0 panic=-1"
+#define CPUID_HYPERVISOR_BIT (1u << 31)
 
 struct options {
     const char *socket_path;
     uint64_t mem_mib;
     uint64_t idle_us;
+    const char *kernel, *initramfs, *cmdline, *serial_log, *agent_socket;
 };
 
 int64_t now_ns(void) {
@@ -34,7 +42,9 @@ int64_t now_ns(void) {
 }
 
 static int usage(void) {
-    fprintf(stderr, "usage: clade-vmm run --socket PATH [--mem-mib N] [--idle-us N]\n");
+    fprintf(stderr, "usage: clade-vmm run --socket PATH [--mem-mib N] [--idle-us N]\n"
+                    "       clade-vmm run --socket PATH --kernel VMLINUX --initramfs FILE [--cmdline TEXT]\n"
+                    "                     [--serial-log FILE] [--agent-socket PATH] [--mem-mib N]\n");
     return 2;
 }
 
@@ -47,19 +57,33 @@ static int parse_number(const char *s, uint64_t lo, uint64_t hi, uint64_t *out) 
     return 0;
 }
 
+static const char **string_option(struct options *o, const char *name) {
+    if (!strcmp(name, "--socket")) return &o->socket_path;
+    if (!strcmp(name, "--kernel")) return &o->kernel;
+    if (!strcmp(name, "--initramfs")) return &o->initramfs;
+    if (!strcmp(name, "--cmdline")) return &o->cmdline;
+    if (!strcmp(name, "--serial-log")) return &o->serial_log;
+    if (!strcmp(name, "--agent-socket")) return &o->agent_socket;
+    return NULL;
+}
+
 static int parse_options(int argc, char **argv, struct options *o) {
-    *o = (struct options){.mem_mib = DEFAULT_MEM_MIB, .idle_us = DEFAULT_IDLE_US};
+    *o = (struct options){.idle_us = DEFAULT_IDLE_US, .cmdline = DEFAULT_CMDLINE};
     if (argc < 2 || strcmp(argv[1], "run")) return -1;
     for (int i = 2; i < argc; i++) {
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(argv[i], "--socket") && value) o->socket_path = value;
+        const char **str = string_option(o, argv[i]);
+        if (str && value) *str = value;
         else if (!strcmp(argv[i], "--mem-mib")) {
-            if (parse_number(value, 2, MAX_MEM_MIB, &o->mem_mib) < 0) return -1;
+            if (parse_number(value, 2, BOARD_MAX_RAM >> 20, &o->mem_mib) < 0) return -1;
         } else if (!strcmp(argv[i], "--idle-us")) {
             if (parse_number(value, 0, 1000000, &o->idle_us) < 0) return -1;
         } else return -1;
         i++;
     }
+    if (!o->mem_mib) o->mem_mib = o->kernel ? DEFAULT_LINUX_MEM_MIB : DEFAULT_MEM_MIB;
+    if (!o->kernel && (o->mem_mib > MAX_MEM_MIB || o->initramfs || o->serial_log || o->agent_socket)) return -1;
+    if (o->kernel && !o->initramfs) return -1;
     return o->socket_path ? 0 : -1;
 }
 
@@ -68,13 +92,39 @@ static int fail(const char *what) {
     return 1;
 }
 
+/* Linux looks for KVM's paravirtual leaves (kvmclock) only when CPUID says it runs on a hypervisor. */
+static void mark_hypervisor_present(struct kvm_cpuid2 *cpuid) {
+    for (uint32_t i = 0; i < cpuid->nent; i++)
+        if (cpuid->entries[i].function == 1) cpuid->entries[i].ecx |= CPUID_HYPERVISOR_BIT;
+}
+
+static int install_linux(struct vmm *v, const struct options *o) {
+    static struct board board;
+    /* The board's PCI bus 0 has no ACPI root-bridge object: the kernel finds it by the peer-bus scan. */
+    static char cmdline[2048];
+    if ((size_t)snprintf(cmdline, sizeof cmdline, "%s pci=lastbus=1", o->cmdline) >= sizeof cmdline)
+        return fprintf(stderr, "clade-vmm: command line too long\n"), 1;
+    struct pvh_boot boot = {.kernel = o->kernel, .initramfs = o->initramfs, .cmdline = cmdline};
+    char err[256];
+    if (pvh_boot_install(&v->vm, &boot, err, sizeof err) < 0) return fprintf(stderr, "clade-vmm: %s\n", err), 1;
+    int serial_fd = o->serial_log ? open(o->serial_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600) : -1;
+    if (o->serial_log && serial_fd < 0) return fail("open serial log");
+    int agent_fd = -1;
+    if (o->agent_socket && control_listen(o->agent_socket, &agent_fd) < 0) return fail("listen on agent socket");
+    if (board_init(&board, &v->vm, serial_fd, agent_fd, o->agent_socket) < 0) return fail("devices");
+    v->board = v->cpu.board = &board;
+    v->exit_on_stop = 1;
+    return 0;
+}
+
 /* The root VM: everything a child later inherits is learned here, once. */
 static int build_root_vm(struct vmm *v, const struct options *o) {
     if (vm_open(&v->vm, o->mem_mib << 20) < 0) return fail("open /dev/kvm and guest RAM");
+    if (o->kernel) mark_hypervisor_present(v->vm.cpuid);
     if (vm_build_kvm_objects(&v->vm) < 0) return fail("create VM");
     vm_learn_features(&v->vm);
     if (vm_probe_msrs(&v->vm) < 0) return fail("list MSRs");
-    if (cpl3_guest_install(&v->vm) < 0) return fail("install CPL3 test guest");
+    if (o->kernel ? install_linux(v, o) : cpl3_guest_install(&v->vm) < 0) return o->kernel ? 1 : fail("install CPL3 test guest");
     if (state_alloc(&v->vm, &v->state) < 0) return fail("allocate state buffers");
     return 0;
 }
@@ -90,12 +140,15 @@ int main(int argc, char **argv) {
     v.cpu.idle_us = (uint32_t)o.idle_us;
     if (build_root_vm(&v, &o)) return 1;
     int listen_fd;
-    if (control_listen(o.socket_path, &listen_fd) < 0) return fail("listen on control socket");
+    if (control_listen(o.socket_path, &listen_fd) < 0) {
+        if (o.agent_socket) unlink(o.agent_socket);
+        return fail("listen on control socket");
+    }
     if (control_init(&v.ctl, listen_fd, o.socket_path) < 0) return fail("control channel");
     if (vcpu_init_sync(&v.cpu) < 0 || vcpu_start(&v.cpu) < 0) return unlink(o.socket_path), fail("start vCPU");
-    printf("{\"ready\":true,\"pid\":%d,\"socket\":\"%s\",\"msrs\":%u,\"xsaveBytes\":%u,\"xsave2\":%s,\"sregs2\":%s,"
+    printf("{\"ready\":true,\"pid\":%d,\"socket\":\"%s\",\"agentSocket\":\"%s\",\"msrs\":%u,\"xsaveBytes\":%u,\"xsave2\":%s,\"sregs2\":%s,"
            "\"tscOffsetAttr\":%s}\n",
-           (int)getpid(), o.socket_path, v.vm.msr_count, v.vm.xsave_size, v.vm.has_xsave2 ? "true" : "false",
+           (int)getpid(), o.socket_path, o.agent_socket ? o.agent_socket : "", v.vm.msr_count, v.vm.xsave_size, v.vm.has_xsave2 ? "true" : "false",
            v.vm.has_sregs2 ? "true" : "false", v.vm.has_tsc_offset_attr ? "true" : "false");
     fflush(stdout);
     return control_serve(&v);

@@ -37,6 +37,8 @@ int vcpu_init_sync(struct vcpu *cpu) {
     cpu->thread_started = 0;
     cpu->kick_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (cpu->kick_fd < 0) return -1;
+    cpu->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (cpu->stop_fd < 0) return -1;
     struct sigaction sa = {.sa_handler = on_kick_signal}; /* no SA_RESTART: we want the EINTR */
     sigemptyset(&sa.sa_mask);
     return sigaction(KICK_SIGNAL, &sa, NULL);
@@ -49,6 +51,9 @@ static void stop_for_good(struct vcpu *cpu, const char *reason, const char *deta
     atomic_store(&cpu->phase, VCPU_STOPPED);
     pthread_cond_broadcast(&cpu->cond);
     pthread_mutex_unlock(&cpu->lock);
+    uint64_t one = 1;
+    if (write(cpu->stop_fd, &one, sizeof one) < 0) { /* the control thread also sees the phase on its next request */
+    }
 }
 
 static void park_until_resumed(struct vcpu *cpu) {
@@ -81,10 +86,21 @@ static int io_is_sane(const struct kvm_run *run, size_t run_size) {
     return run->io.data_offset < run_size && bytes <= run_size - run->io.data_offset;
 }
 
+/* String I/O (rep ins/outs) arrives as count items of size bytes each: one device access per item. */
+static int board_port_io(struct vcpu *cpu, struct kvm_run *run) {
+    uint8_t *data = (uint8_t *)run + run->io.data_offset;
+    bool is_write = run->io.direction == KVM_EXIT_IO_OUT;
+    for (uint32_t i = 0; i < run->io.count; i++, data += run->io.size)
+        if (board_io(cpu->board, run->io.port, is_write, data, run->io.size) == BOARD_IO_RESET)
+            return stop_for_good(cpu, "shutdown", "guest requested a reset"), -1;
+    return 0;
+}
+
 static int handle_io(struct vcpu *cpu) {
     struct kvm_run *run = cpu->vm->run;
     if (!io_is_sane(run, cpu->vm->run_size)) return stop_for_good(cpu, "bad-io-exit", "size/offset out of range"), -1;
-    /* No device behind any port yet: reads float high, as on real hardware; writes are dropped. */
+    if (cpu->board) return board_port_io(cpu, run);
+    /* The test guest has no device behind any port: reads float high, as on real hardware; writes are dropped. */
     if (run->io.direction == KVM_EXIT_IO_IN)
         memset((uint8_t *)run + run->io.data_offset, 0xff, (size_t)run->io.size * run->io.count);
     return 0;
@@ -99,6 +115,11 @@ static uint64_t mmio_value(const struct kvm_run *run) {
 
 static int handle_mmio(struct vcpu *cpu) {
     struct kvm_run *run = cpu->vm->run;
+    if (cpu->board) {
+        if (run->mmio.len == 0 || run->mmio.len > sizeof run->mmio.data) return stop_for_good(cpu, "bad-mmio-exit", "length out of range"), -1;
+        board_mmio(cpu->board, run->mmio.phys_addr, run->mmio.is_write, run->mmio.data, run->mmio.len);
+        return 0;
+    }
     if (!run->mmio.is_write) {
         memset(run->mmio.data, 0xff, sizeof run->mmio.data);
         return 0;

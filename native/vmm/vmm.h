@@ -8,16 +8,24 @@
  *   vcpu.c     the vCPU thread: KVM_RUN loop, exit handling, park/resume
  *   fork.c     the fork core: park, capture, fork(2), child rebuild
  *   control.c  the control channel (unix socket, line protocol)
- *   guest/     the test guest that stays at CPL3
+ *   board.c    the Linux guest's machine: devices/ wired to exits, interrupts, the agent socket
+ *   guest/     the PVH loader for Linux (pvh.c) and the test guest that stays at CPL3 (cpl3.c)
  */
 #ifndef CLADE_VMM_H
 #define CLADE_VMM_H
 
 #include <linux/kvm.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include "devices/guest_mem.h"
+#include "devices/pci.h"
+#include "devices/uart8250.h"
+#include "devices/virtio_console.h"
 
 #define VMM_MAX_MSRS 256
 #define VMM_MAX_CPUID_ENTRIES 256
@@ -110,6 +118,8 @@ struct vcpu {
     int parked;        /* under lock */
     int resume_ticket; /* under lock: bumped by vcpu_resume */
     int kick_fd;       /* eventfd: ends an idle wait early */
+    int stop_fd;       /* eventfd: written once when the vCPU stops for good, wakes the control thread */
+    struct board *board; /* NULL for the CPL3 test guest */
     uint32_t idle_us;  /* how long a heartbeat exit idles the vCPU */
     atomic_int phase;
     atomic_uint_fast64_t exits;
@@ -154,6 +164,63 @@ void vcpu_kick(struct vcpu *cpu);
 
 int cpl3_guest_install(struct vm *vm);
 
+/* ---- guest/pvh.c ------------------------------------------------------ */
+
+struct pvh_boot {
+    const char *kernel;    /* uncompressed ELF vmlinux with a PVH entry note */
+    const char *initramfs; /* loaded at the top of RAM as module 0 */
+    const char *cmdline;
+};
+
+/* Loads kernel, initramfs, command line and start_info, and sets the vCPU at the PVH entry. */
+int pvh_boot_install(struct vm *vm, const struct pvh_boot *boot, char *err, size_t errlen);
+
+/* ---- guest/acpi.c ----------------------------------------------------- */
+
+/* RSDP/XSDT/FADT/DSDT/MADT in the ISA hole; returns the RSDP's address, 0 if RAM is too small. */
+uint64_t acpi_tables_install(struct vm *vm);
+
+/* ---- board.c ---------------------------------------------------------- */
+
+/* Guest-physical layout above RAM (RAM ends below 3 GiB): BARs here, then IOAPIC, LAPIC/MSI at 0xfec00000+. */
+#define BOARD_PCI_MMIO_BASE 0xe0000000ull
+#define BOARD_PCI_MMIO_SIZE 0x10000000ull
+#define BOARD_MAX_RAM (3ull << 30)
+#define BOARD_AGENT_PORT 0 /* virtio-console port id of org.clade.agent */
+
+struct board {
+    pthread_mutex_t lock; /* devices are single-threaded: vCPU exits and the control thread take turns */
+    struct vm *vm;
+    struct guest_mem mem;
+    struct pci_bus pci;
+    struct uart8250 uart;
+    struct virtio_console con;
+    uint8_t cmos_index;
+    int serial_fd;
+    int agent_listen_fd;
+    int agent_fd; /* the connected host end, -1 when none */
+    char agent_path[108];
+    int wake_fd; /* eventfd: the vCPU thread tells the control thread to re-poll */
+    uint64_t agent_connects;
+};
+
+/* Host descriptors a forked child inherited and closes once its vCPU runs. */
+struct board_stale {
+    int agent_fd, agent_listen_fd, wake_fd, serial_fd, hungup_fd;
+};
+
+enum board_io_result { BOARD_IO_DONE, BOARD_IO_RESET };
+
+#define BOARD_MAX_POLLFDS 3
+
+int board_init(struct board *b, struct vm *vm, int serial_fd, int agent_listen_fd, const char *agent_path);
+enum board_io_result board_io(struct board *b, uint16_t port, bool is_write, uint8_t *data, unsigned size);
+void board_mmio(struct board *b, uint64_t gpa, bool is_write, uint8_t *data, unsigned len);
+int board_poll_fill(struct board *b, struct pollfd *pfd); /* at most BOARD_MAX_POLLFDS */
+void board_poll_handle(struct board *b, const struct pollfd *pfd, int n);
+void board_child_rebind(struct board *b, int agent_listen_fd, const char *agent_path, int serial_fd, struct board_stale *stale);
+void board_close_stale(const struct board_stale *stale);
+
 /* ---- fork.c ----------------------------------------------------------- */
 
 struct vmm; /* forward */
@@ -161,6 +228,14 @@ struct vmm; /* forward */
 struct fork_child {
     int pid;
     char socket_path[108];
+    char agent_path[108]; /* empty without a board */
+};
+
+/* What a fork request may choose for each child; NULL fields get defaults. */
+struct fork_paths {
+    const char *socket;
+    const char *agent_socket;
+    const char *serial_log; /* NULL: the child appends to its parent's serial log */
 };
 
 struct fork_report {
@@ -173,7 +248,7 @@ struct fork_report {
 };
 
 /* Returns 0/-1 in the parent; never returns in a child (its forking thread becomes the vCPU thread). */
-int vmm_fork(struct vmm *v, int count, const char *const *paths, struct fork_report *rep, char *err, size_t errlen);
+int vmm_fork(struct vmm *v, int count, const struct fork_paths *paths, struct fork_report *rep, char *err, size_t errlen);
 
 /* ---- control.c -------------------------------------------------------- */
 
@@ -206,6 +281,8 @@ struct vmm {
     struct vcpu cpu;
     struct machine_state state;
     struct control ctl;
+    struct board *board; /* NULL for the CPL3 test guest */
+    int exit_on_stop;    /* Linux guests: the process ends when the vCPU stops (reset, shutdown, error) */
     int depth;       /* 0 for the root VMM, +1 per fork generation */
     int user_paused; /* a "pause" request holds the vCPU parked */
     uint64_t forks_done;

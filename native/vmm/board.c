@@ -1,0 +1,247 @@
+/*
+ * The machine a Linux guest sees around its CPU: which device answers which
+ * port or address, how devices interrupt, and the host ends of their
+ * channels. The devices themselves are in devices/ (plain-memory state, no
+ * threads); this file wires them to KVM exits and to the control thread.
+ *
+ *   ports 0x3f8-0x3ff   8250 UART (ttyS0), IRQ 4 by KVM_IRQ_LINE, output to --serial-log
+ *   ports 0xcf8-0xcff   PCI configuration mechanism #1 (bus 0: host bridge + virtio-console)
+ *   ports 0x70-0x71     a read-only CMOS clock, so RTC reads are sane
+ *   port  0x64 / 0xcf9  keyboard-controller and PCI resets: the guest asks to reboot
+ *   MMIO  0xe0000000+   PCI BARs (virtio-pci modern registers, MSI-X table)
+ *   MSI-X               KVM_SIGNAL_MSI to the in-kernel LAPIC
+ *   every other port    reads all ones, writes are dropped (nothing there, as on a PC)
+ *
+ * Threads: the vCPU thread calls board_io/board_mmio on exits, the control
+ * thread moves agent-socket data (board_poll_*). One mutex keeps them apart;
+ * neither holds it while parked or forking, so a forked child starts with it
+ * free and re-initialises it anyway.
+ */
+#include "vmm.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CMOS_INDEX_PORT 0x70
+#define CMOS_DATA_PORT 0x71
+#define I8042_COMMAND_PORT 0x64
+#define I8042_DATA_PORT 0x60
+#define I8042_CMD_RESET 0xfe
+#define PCI_RESET_PORT 0xcf9
+#define PCI_RESET_BIT 0x04
+#define UART_PORTS 8
+
+static const struct virtio_console_port_spec agent_port_spec[] = {{.name = "org.clade.agent", .is_console = false}};
+
+/* ---- interrupts -------------------------------------------------------- */
+
+static void deliver_msi(void *ctx, uint64_t addr, uint32_t data) {
+    struct board *b = ctx;
+    struct kvm_msi msi = {.address_lo = (uint32_t)addr, .address_hi = (uint32_t)(addr >> 32), .data = data};
+    /* A guest-programmed bad address is refused by KVM; nothing else to do about it. */
+    (void)ioctl(b->vm->vm_fd, KVM_SIGNAL_MSI, &msi);
+}
+
+static void set_uart_irq(void *ctx, bool level) {
+    struct board *b = ctx;
+    struct kvm_irq_level line = {.irq = UART_COM1_IRQ, .level = level ? 1u : 0u};
+    (void)ioctl(b->vm->vm_fd, KVM_IRQ_LINE, &line);
+}
+
+/* ---- set-up -------------------------------------------------------------- */
+
+int board_init(struct board *b, struct vm *vm, int serial_fd, int agent_listen_fd, const char *agent_path) {
+    memset(b, 0, sizeof *b);
+    b->vm = vm;
+    b->serial_fd = serial_fd;
+    b->agent_listen_fd = agent_listen_fd;
+    b->agent_fd = -1;
+    snprintf(b->agent_path, sizeof b->agent_path, "%s", agent_path ? agent_path : "");
+    if (pthread_mutex_init(&b->lock, NULL) != 0) return -1;
+    b->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (b->wake_fd < 0) return -1;
+    if (!guest_mem_add(&b->mem, 0, vm->ram_size, vm->ram)) return errno = EINVAL, -1;
+    pci_bus_init(&b->pci, BOARD_PCI_MMIO_BASE, BOARD_PCI_MMIO_SIZE);
+    uart_init(&b->uart, UART_COM1_BASE, serial_fd, set_uart_irq, b);
+    if (!virtio_console_init(&b->con, agent_port_spec, 1, &b->mem, deliver_msi, b)) return errno = EINVAL, -1;
+    if (pci_bus_add(&b->pci, &b->con.vp.pci) < 0) return errno = ENOSPC, -1;
+    return 0;
+}
+
+/* ---- CMOS clock ---------------------------------------------------------- */
+
+static uint8_t bcd(int v) { return (uint8_t)((v / 10) << 4 | (v % 10)); }
+
+/* The host's UTC time in BCD, 24-hour mode, "update in progress" never set. */
+static uint8_t cmos_read(uint8_t index) {
+    time_t now = time(NULL);
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    switch (index) {
+    case 0x00: return bcd(tm.tm_sec);
+    case 0x02: return bcd(tm.tm_min);
+    case 0x04: return bcd(tm.tm_hour);
+    case 0x06: return bcd(tm.tm_wday + 1);
+    case 0x07: return bcd(tm.tm_mday);
+    case 0x08: return bcd(tm.tm_mon + 1);
+    case 0x09: return bcd(tm.tm_year % 100);
+    case 0x32: return bcd(19 + tm.tm_year / 100);
+    case 0x0a: return 0x26; /* 32.768 kHz base, 1024 Hz rate, UIP clear */
+    case 0x0b: return 0x02; /* 24-hour, BCD, no interrupts */
+    case 0x0d: return 0x80; /* battery good */
+    default: return 0;
+    }
+}
+
+/* ---- port I/O ------------------------------------------------------------ */
+
+static bool is_reset_request(uint16_t port, bool is_write, const uint8_t *data, unsigned size) {
+    if (!is_write || size != 1) return false;
+    if (port == I8042_COMMAND_PORT) return data[0] == I8042_CMD_RESET;
+    return port == PCI_RESET_PORT && (data[0] & PCI_RESET_BIT);
+}
+
+/* Ports with a fixed answer: the CMOS clock and an absent keyboard controller that still takes reset commands. */
+static bool legacy_io(struct board *b, uint16_t port, bool is_write, uint8_t *data, unsigned size) {
+    if (port == CMOS_INDEX_PORT && size == 1) {
+        if (is_write) b->cmos_index = data[0] & 0x7f; /* bit 7 is the NMI mask */
+        else data[0] = 0xff;
+        return true;
+    }
+    if (port == CMOS_DATA_PORT && size == 1) {
+        if (!is_write) data[0] = cmos_read(b->cmos_index);
+        return true;
+    }
+    /* Output-buffer-full with no input pending: Linux's i8042 flush gives up at once ("no controller"),
+       and its reboot path sees the input buffer empty and writes the reset command straight away. */
+    if (port == I8042_COMMAND_PORT && !is_write) return memset(data, 0x01, size), true;
+    return false;
+}
+
+enum board_io_result board_io(struct board *b, uint16_t port, bool is_write, uint8_t *data, unsigned size) {
+    if (is_reset_request(port, is_write, data, size)) return BOARD_IO_RESET;
+    pthread_mutex_lock(&b->lock);
+    bool handled = (port >= UART_COM1_BASE && port < UART_COM1_BASE + UART_PORTS && uart_io(&b->uart, port, is_write, data, size)) ||
+                   (port == PCI_RESET_PORT && size == 1) || /* the reset control register, not config data */
+                   pci_io(&b->pci, port, is_write, data, size) || legacy_io(b, port, is_write, data, size);
+    pthread_mutex_unlock(&b->lock);
+    if (!handled && !is_write) memset(data, 0xff, size);
+    return BOARD_IO_DONE;
+}
+
+/* ---- MMIO ---------------------------------------------------------------- */
+
+/* What the control thread must know about the agent port; a change means it must rebuild its poll set. */
+static unsigned agent_poll_signature(const struct board *b) {
+    return (unsigned)virtio_console_port_poll_events(&b->con, BOARD_AGENT_PORT) | (b->con.port[BOARD_AGENT_PORT].hungup_fd >= 0 ? 0x10000u : 0);
+}
+
+static void wake_control_thread(struct board *b) {
+    uint64_t one = 1;
+    if (write(b->wake_fd, &one, sizeof one) < 0) { /* counter full: a wakeup is pending anyway */
+    }
+}
+
+void board_mmio(struct board *b, uint64_t gpa, bool is_write, uint8_t *data, unsigned len) {
+    pthread_mutex_lock(&b->lock);
+    unsigned before = agent_poll_signature(b);
+    bool claimed = pci_mmio(&b->pci, gpa, is_write, data, len);
+    unsigned after = agent_poll_signature(b);
+    pthread_mutex_unlock(&b->lock);
+    if (!claimed && !is_write) memset(data, 0xff, len);
+    if (before != after) wake_control_thread(b);
+}
+
+/* ---- the agent socket (control thread) ------------------------------------ */
+
+int board_poll_fill(struct board *b, struct pollfd *pfd) {
+    int n = 0;
+    pfd[n++] = (struct pollfd){.fd = b->wake_fd, .events = POLLIN};
+    /* One host end at a time, as a socket chardev: further clients wait in the backlog. */
+    if (b->agent_fd < 0 && b->agent_listen_fd >= 0) pfd[n++] = (struct pollfd){.fd = b->agent_listen_fd, .events = POLLIN};
+    pthread_mutex_lock(&b->lock);
+    short ev = b->agent_fd >= 0 ? virtio_console_port_poll_events(&b->con, BOARD_AGENT_PORT) : 0;
+    pthread_mutex_unlock(&b->lock);
+    /* With no interest, leave it out: a hung-up peer would poll as POLLHUP for ever; EOF is seen when the guest reads. */
+    if (ev) pfd[n++] = (struct pollfd){.fd = b->agent_fd, .events = ev};
+    return n;
+}
+
+static void accept_agent_client(struct board *b) {
+    int fd = accept4(b->agent_listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd < 0) return;
+    pthread_mutex_lock(&b->lock);
+    b->agent_fd = fd;
+    b->agent_connects++;
+    virtio_console_port_set_fd(&b->con, BOARD_AGENT_PORT, fd);
+    pthread_mutex_unlock(&b->lock);
+}
+
+/* The device let go of a descriptor after EOF or a write error: close it, accept the next client. */
+static void reap_hungup_agent(struct board *b) {
+    pthread_mutex_lock(&b->lock);
+    int fd = virtio_console_port_take_hungup_fd(&b->con, BOARD_AGENT_PORT);
+    if (fd >= 0 && fd == b->agent_fd) b->agent_fd = -1;
+    pthread_mutex_unlock(&b->lock);
+    if (fd >= 0) close(fd);
+}
+
+void board_poll_handle(struct board *b, const struct pollfd *pfd, int n) {
+    for (int i = 0; i < n; i++) {
+        if (!pfd[i].revents) continue;
+        if (pfd[i].fd == b->wake_fd) {
+            uint64_t drained;
+            if (read(b->wake_fd, &drained, sizeof drained) < 0) { /* raced with another drain */
+            }
+        } else if (pfd[i].fd == b->agent_listen_fd) {
+            accept_agent_client(b);
+        } else if (pfd[i].fd == b->agent_fd) {
+            pthread_mutex_lock(&b->lock);
+            virtio_console_port_io(&b->con, BOARD_AGENT_PORT);
+            pthread_mutex_unlock(&b->lock);
+        }
+    }
+    reap_hungup_agent(b);
+}
+
+/* ---- fork ------------------------------------------------------------------ */
+
+/*
+ * In a forked child, before its vCPU runs: the devices' state is the
+ * parent's (copied by fork); only host descriptors change. The parent's agent
+ * connection is not ours: the guest sees the host end close, and open again
+ * when a client connects to the child's own agent socket. Interrupts that
+ * were in flight are raised again on the new VM's irqchip.
+ */
+void board_child_rebind(struct board *b, int agent_listen_fd, const char *agent_path, int serial_fd, struct board_stale *stale) {
+    *stale = (struct board_stale){.agent_fd = b->agent_fd, .agent_listen_fd = b->agent_listen_fd, .wake_fd = b->wake_fd,
+                                  .serial_fd = serial_fd >= 0 ? b->serial_fd : -1};
+    pthread_mutex_init(&b->lock, NULL);
+    b->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    b->agent_listen_fd = agent_listen_fd;
+    b->agent_fd = -1;
+    b->agent_connects = 0;
+    snprintf(b->agent_path, sizeof b->agent_path, "%s", agent_path);
+    if (serial_fd >= 0) {
+        b->serial_fd = serial_fd;
+        uart_set_output_fd(&b->uart, serial_fd);
+    }
+    virtio_console_port_discard_output(&b->con, BOARD_AGENT_PORT); /* the parent's half-sent bytes are the parent's */
+    virtio_console_port_set_fd(&b->con, BOARD_AGENT_PORT, -1);
+    stale->hungup_fd = virtio_console_port_take_hungup_fd(&b->con, BOARD_AGENT_PORT);
+    virtio_pci_resignal(&b->con.vp);
+    uart_resync_irq(&b->uart);
+}
+
+void board_close_stale(const struct board_stale *stale) {
+    const int fds[] = {stale->agent_fd, stale->agent_listen_fd, stale->wake_fd, stale->serial_fd, stale->hungup_fd};
+    for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
+        if (fds[i] >= 0 && (i == 0 || fds[i] != fds[0])) close(fds[i]);
+}

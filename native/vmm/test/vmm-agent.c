@@ -1,0 +1,262 @@
+/*
+ * vmm-agent: a small static client for clade-vmm's sockets, used by the
+ * Linux boot test inside the runner (which has busybox and no Python).
+ *
+ *   vmm-agent ctl SOCKET 'REQUEST LINE'          print the control reply; exit 0 if "ok":true
+ *   vmm-agent hello AGENT_SOCKET TOKEN TIMEOUT_MS wait until the agent answers HELLO
+ *   vmm-agent exec AGENT_SOCKET TOKEN 'SHELL CMD' run it, print its stdout, exit with its code
+ *   vmm-agent fixup AGENT_SOCKET TOKEN NEW_TOKEN ID HOSTNAME   FORK_FIXUP
+ *   vmm-agent fork-exec CTL_SOCKET CHILD_CTL CHILD_AGENT TOKEN 'SHELL CMD'
+ *        fork, connect to the child's agent, run the command there; prints timings
+ *
+ * The frame format and message types are those of docs/protocol.md. Every
+ * wait has a deadline: nothing here blocks for ever.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAGIC "CLD1"
+#define FRAME_MAX (1u << 20)
+#define TOKEN_LEN 32
+enum { HELLO = 1, EXEC = 2, FORK_FIXUP = 14, OK = 0x80, ERROR = 0x81, STDOUT = 0x82, STDERR = 0x83, EXIT = 0x84 };
+enum { SHELL = 2, EXIT_CODE = 8, SEED = 25, TIME_NS = 26, HOSTNAME = 27, SANDBOX_ID = 28, NEW_TOKEN = 29, MESSAGE = 21 };
+
+static uint8_t frame[FRAME_MAX + 16];
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static int connect_unix(const char *path) {
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof a.sun_path) return -1;
+    strcpy(a.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0) return fd;
+    if (fd >= 0) close(fd);
+    return -1;
+}
+
+static int parse_hex(const char *hex, uint8_t *out, size_t len) {
+    if (strlen(hex) != 2 * len) return -1;
+    for (size_t i = 0; i < len; i++)
+        if (sscanf(hex + 2 * i, "%2hhx", &out[i]) != 1) return -1;
+    return 0;
+}
+
+static int send_all(int fd, const void *buf, size_t len) {
+    const uint8_t *p = buf;
+    while (len) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;
+        p += n, len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Reads exactly len bytes before the deadline (ms, CLOCK_MONOTONIC); -1 on EOF, error or timeout. */
+static int recv_exact(int fd, uint8_t *buf, size_t len, double deadline) {
+    while (len) {
+        int left = (int)(deadline - now_ms());
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (left <= 0 || poll(&p, 1, left) <= 0) return -1;
+        ssize_t n = recv(fd, buf, len, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;
+        buf += n, len -= (size_t)n;
+    }
+    return 0;
+}
+
+static size_t put_field(uint8_t *p, uint16_t tag, const void *value, uint32_t len) {
+    memcpy(p, &tag, 2);
+    memcpy(p + 2, &len, 4);
+    memcpy(p + 6, value, len);
+    return 6 + len;
+}
+
+static int send_frame(int fd, uint8_t type, uint32_t id, const uint8_t *token, const uint8_t *body, uint32_t len) {
+    uint32_t total = TOKEN_LEN + len;
+    uint8_t hdr[16] = {'C', 'L', 'D', '1', type};
+    memcpy(hdr + 8, &id, 4);
+    memcpy(hdr + 12, &total, 4);
+    if (send_all(fd, hdr, 16) < 0 || send_all(fd, token, TOKEN_LEN) < 0) return -1;
+    return len ? send_all(fd, body, len) : 0;
+}
+
+/* Receives one frame: type, id and payload (in frame[], length *len). */
+static int recv_frame(int fd, uint8_t *type, uint32_t *id, uint32_t *len, double deadline) {
+    uint8_t hdr[16];
+    if (recv_exact(fd, hdr, 16, deadline) < 0 || memcmp(hdr, MAGIC, 4)) return -1;
+    *type = hdr[4];
+    memcpy(id, hdr + 8, 4);
+    memcpy(len, hdr + 12, 4);
+    if (*len > FRAME_MAX) return -1;
+    return recv_exact(fd, frame, *len, deadline);
+}
+
+static int64_t field_i64(const uint8_t *body, uint32_t len, uint16_t want, int64_t dflt) {
+    for (uint32_t off = 0; off + 6 <= len;) {
+        uint16_t tag;
+        uint32_t n;
+        memcpy(&tag, body + off, 2);
+        memcpy(&n, body + off + 2, 4);
+        if (n > len - off - 6) break;
+        if (tag == want && n == 8) {
+            int64_t v;
+            memcpy(&v, body + off + 6, 8);
+            return v;
+        }
+        off += 6 + n;
+    }
+    return dflt;
+}
+
+/* HELLO until OK: the agent may not have seen the host end open yet, so each try waits ~1 s. */
+static int hello(const char *path, const uint8_t *token, double timeout_ms, int *fd_out) {
+    double start = now_ms(), deadline = start + timeout_ms;
+    for (uint32_t id = 1; now_ms() < deadline; id++) {
+        int fd = connect_unix(path);
+        if (fd < 0) {
+            usleep(50000);
+            continue;
+        }
+        for (int tries = 0; tries < 5 && now_ms() < deadline; tries++, id++) {
+            if (send_frame(fd, HELLO, id, token, NULL, 0) < 0) break;
+            uint8_t type;
+            uint32_t rid, len;
+            double until = now_ms() + 1000 < deadline ? now_ms() + 1000 : deadline;
+            while (recv_frame(fd, &type, &rid, &len, until) == 0) {
+                if (rid == id && type == OK) {
+                    fprintf(stderr, "hello ok after %.1f ms (agent uptime %lld ms)\n", now_ms() - start, (long long)field_i64(frame, len, 32, -1));
+                    *fd_out = fd;
+                    return 0;
+                }
+            }
+        }
+        close(fd);
+    }
+    fprintf(stderr, "vmm-agent: no HELLO answer from %s within %.0f ms\n", path, timeout_ms);
+    return -1;
+}
+
+/* Runs a shell command; stdout goes to ours; returns its exit code, -1 on protocol trouble. */
+static int exec_shell(int fd, const uint8_t *token, const char *cmd, double timeout_ms) {
+    static uint8_t body[8192];
+    size_t n = strlen(cmd);
+    if (n + 6 > sizeof body) return -1;
+    uint32_t len = (uint32_t)put_field(body, SHELL, cmd, (uint32_t)n), id = 1000;
+    if (send_frame(fd, EXEC, id, token, body, len) < 0) return -1;
+    double deadline = now_ms() + timeout_ms;
+    for (;;) {
+        uint8_t type;
+        uint32_t rid, flen;
+        if (recv_frame(fd, &type, &rid, &flen, deadline) < 0) return fprintf(stderr, "vmm-agent: exec: no answer\n"), -1;
+        if (rid != id) continue;
+        if (type == STDOUT) fwrite(frame, 1, flen, stdout);
+        if (type == STDERR) fwrite(frame, 1, flen, stderr);
+        if (type == ERROR) return fprintf(stderr, "vmm-agent: exec refused\n"), -1;
+        if (type == EXIT) return fflush(stdout), (int)field_i64(frame, flen, EXIT_CODE, -1);
+    }
+}
+
+static int fixup(int fd, const uint8_t *token, const uint8_t *new_token, const char *id, const char *hostname) {
+    static uint8_t body[1024];
+    uint8_t seed[32];
+    for (size_t i = 0; i < sizeof seed; i++) seed[i] = (uint8_t)(rand() ^ (int)i);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    int64_t tns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    size_t len = put_field(body, SEED, seed, sizeof seed);
+    len += put_field(body + len, TIME_NS, &tns, 8);
+    len += put_field(body + len, HOSTNAME, hostname, (uint32_t)strlen(hostname));
+    len += put_field(body + len, SANDBOX_ID, id, (uint32_t)strlen(id));
+    len += put_field(body + len, NEW_TOKEN, new_token, TOKEN_LEN);
+    if (send_frame(fd, FORK_FIXUP, 2000, token, body, (uint32_t)len) < 0) return -1;
+    double deadline = now_ms() + 10000;
+    for (;;) {
+        uint8_t type;
+        uint32_t rid, flen;
+        if (recv_frame(fd, &type, &rid, &flen, deadline) < 0) return -1;
+        if (rid == 2000) return type == OK ? 0 : -1;
+    }
+}
+
+static int ctl(const char *path, const char *line, char *reply, size_t cap) {
+    int fd = connect_unix(path);
+    if (fd < 0) return fprintf(stderr, "vmm-agent: cannot connect to %s\n", path), -1;
+    char req[4096];
+    int n = snprintf(req, sizeof req, "%s\n", line);
+    size_t got = 0;
+    double deadline = now_ms() + 30000;
+    if (n < 0 || (size_t)n >= sizeof req || send_all(fd, req, (size_t)n) < 0) return close(fd), -1;
+    while (got < cap - 1 && !memchr(reply, '\n', got)) {
+        if (recv_exact(fd, (uint8_t *)reply + got, 1, deadline) < 0) break;
+        got++;
+    }
+    reply[got] = '\0';
+    close(fd);
+    return strstr(reply, "\"ok\":true") ? 0 : -1;
+}
+
+static int token_arg(const char *hex, uint8_t *token) {
+    if (parse_hex(hex, token, TOKEN_LEN) == 0) return 0;
+    fprintf(stderr, "vmm-agent: a token is 64 hex digits\n");
+    return -1;
+}
+
+static int cmd_fork_exec(char **argv) {
+    uint8_t token[TOKEN_LEN];
+    char line[1024], reply[8192];
+    if (token_arg(argv[5], token) < 0) return 2;
+    snprintf(line, sizeof line, "fork %s %s", argv[3], argv[4]);
+    double t0 = now_ms();
+    if (ctl(argv[2], line, reply, sizeof reply) < 0) return fprintf(stderr, "fork failed: %s", reply), 1;
+    double forked = now_ms();
+    int fd;
+    if (hello(argv[4], token, 60000, &fd) < 0) return 1;
+    double answered = now_ms();
+    int code = exec_shell(fd, token, argv[6], 60000);
+    printf("fork-exec reply_ms=%.1f hello_ms=%.1f first_result_ms=%.1f exit=%d fork_reply=%s", forked - t0, answered - t0,
+           now_ms() - t0, code, reply);
+    close(fd);
+    return code == 0 ? 0 : 1;
+}
+
+int main(int argc, char **argv) {
+    uint8_t token[TOKEN_LEN], new_token[TOKEN_LEN];
+    char reply[65536];
+    int fd;
+    if (argc == 4 && !strcmp(argv[1], "ctl")) {
+        int r = ctl(argv[2], argv[3], reply, sizeof reply);
+        fputs(reply, stdout);
+        return r == 0 ? 0 : 1;
+    }
+    if (argc == 5 && !strcmp(argv[1], "hello")) {
+        if (token_arg(argv[3], token) < 0) return 2;
+        return hello(argv[2], token, atof(argv[4]), &fd) == 0 ? 0 : 1;
+    }
+    if (argc == 5 && !strcmp(argv[1], "exec")) {
+        if (token_arg(argv[3], token) < 0 || hello(argv[2], token, 30000, &fd) < 0) return 2;
+        int code = exec_shell(fd, token, argv[4], 60000);
+        return code < 0 ? 2 : code;
+    }
+    if (argc == 7 && !strcmp(argv[1], "fixup")) {
+        if (token_arg(argv[3], token) < 0 || token_arg(argv[4], new_token) < 0 || hello(argv[2], token, 30000, &fd) < 0) return 2;
+        return fixup(fd, token, new_token, argv[5], argv[6]) == 0 ? 0 : 1;
+    }
+    if (argc == 7 && !strcmp(argv[1], "fork-exec")) return cmd_fork_exec(argv);
+    fprintf(stderr, "usage: see the comment at the top of native/vmm/test/vmm-agent.c\n");
+    return 2;
+}

@@ -1,0 +1,41 @@
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { resolveImage } from '../../src/images/store.js';
+import { ensureVmlinux } from '../../src/images/vmlinux.js';
+import { runInRunner, runnerAvailable, runnerTraces } from './harness.js';
+
+// clade-vmm boots the default image (PVH, ACPI MADT, serial, virtio-console)
+// inside the runner VM, whose /dev/kvm runs Linux guests; the agent answers on
+// the VMM's agent socket; the VM forks to depth 3 with isolated children.
+// The steps are native/vmm/test/linux-fork.sh; vmm-agent is its static client.
+const root = join(import.meta.dirname, '../..');
+const TIMEOUT_MS = 240_000;
+
+describe('clade-vmm boots Linux and forks it (runner)', () => {
+  it.skipIf(!runnerAvailable())('boots the default image, answers, forks to depth 3', async () => {
+    const build = spawnSync('make', ['-s', '-C', join(root, 'native/vmm')], { encoding: 'utf8' });
+    expect(build.status, build.stderr).toBe(0);
+    const image = resolveImage('default');
+    const vmlinux = await ensureVmlinux(image);
+    const before = runnerTraces();
+    const r = await runInRunner({
+      files: [
+        { hostPath: join(root, 'native/vmm/build/clade-vmm'), guestPath: '/opt/vmm/clade-vmm' },
+        { hostPath: join(root, 'native/vmm/build/vmm-agent'), guestPath: '/opt/vmm/vmm-agent' },
+        { hostPath: join(root, 'native/vmm/test/linux-fork.sh'), guestPath: '/opt/vmm/linux-fork.sh' },
+        { hostPath: vmlinux, guestPath: '/opt/img/vmlinux' },
+        { hostPath: image.initramfs, guestPath: '/opt/img/initramfs.cpio' },
+      ],
+      command: 'sh /opt/vmm/linux-fork.sh',
+      timeoutMs: TIMEOUT_MS,
+    });
+    const output = r.output.toString();
+    const failed = output.split('\n').filter((l) => l.startsWith('check FAIL'));
+    expect(failed, output).toEqual([]);
+    expect(output).toContain('check ok depth3');
+    expect(output).toContain('check ok no-vmm-left');
+    expect(output).toContain('done');
+    expect(runnerTraces()).toEqual(before);
+  }, TIMEOUT_MS + 30_000);
+});
