@@ -2,6 +2,7 @@ import { rmSync } from 'node:fs';
 import { CladeError, errorMessage } from '../core/errors.js';
 import { adoptSandbox, getLive, killPidQuietly, liveSandboxes, sandboxDir } from '../core/sandboxes.js';
 import { isSandboxVm } from '../engines/qemu/qemu-engine.js';
+import { isVmmProcess } from '../engines/vmm/vmm-engine.js';
 import { resolveImage } from '../images/store.js';
 import { Sandbox } from '../sdk/sandbox.js';
 import { CommandTable } from './commands.js';
@@ -18,6 +19,7 @@ export type SandboxView = {
   parentId?: string;
   snapshotTag?: string;
   image: string;
+  engine: 'qemu' | 'vmm';
   memoryMiB: number;
   cpus: number;
   accelerator: string;
@@ -104,6 +106,7 @@ export class SandboxRegistry {
       ...(live.parentId ? { parentId: live.parentId } : {}),
       ...(entry.snapshotTag ? { snapshotTag: entry.snapshotTag } : {}),
       image: live.shape.image.manifest.digest,
+      engine: live.engineName,
       memoryMiB: live.shape.memoryMiB,
       cpus: live.shape.cpus,
       accelerator: live.vm.accelerator,
@@ -214,10 +217,10 @@ export class SandboxRegistry {
 
   private async adoptOne(rec: SandboxRecord): Promise<void> {
     if (rec.expiresAt !== null && rec.expiresAt <= Date.now()) throw new CladeError('timeout', 'its lifetime ended while no daemon ran');
-    if (!isSandboxVm(rec.pid, rec.id)) throw new CladeError('killed', 'its VM process is gone');
+    if (!recordedVmAlive(rec)) throw new CladeError('killed', 'its VM process is gone');
     const image = resolveImage(rec.shape.imageDigest);
     const live = await adoptSandbox({
-      vm: { id: rec.id, pid: rec.pid, runDir: rec.runDir, memory: rec.memory, accelerator: rec.accelerator, shape: { image, memoryMiB: rec.shape.memoryMiB, cpus: rec.shape.cpus } },
+      vm: { engine: rec.engine ?? 'qemu', ...(rec.startTicks ? { startTicks: rec.startTicks } : {}), id: rec.id, pid: rec.pid, runDir: rec.runDir, memory: rec.memory, accelerator: rec.accelerator, shape: { image, memoryMiB: rec.shape.memoryMiB, cpus: rec.shape.cpus } },
       token: Buffer.from(rec.tokenHex, 'hex'),
       env: rec.env,
       createdAt: new Date(rec.createdAt),
@@ -232,12 +235,18 @@ export class SandboxRegistry {
   }
 
   private discard(rec: SandboxRecord): void {
-    if (isSandboxVm(rec.pid, rec.id)) killPidQuietly(rec.pid);
+    if (recordedVmAlive(rec)) killPidQuietly(rec.pid);
     getLiveOrUndefined(rec.id)?.kill().catch(() => undefined);
     rmSync(sandboxDir(rec.id), { recursive: true, force: true });
     if (rec.memory.shared) rmSync(rec.memory.file, { force: true });
     this.store.remove(rec.id);
   }
+}
+
+/** The record's VM process still runs (a pid alone proves nothing: pids are reused). */
+function recordedVmAlive(rec: SandboxRecord): boolean {
+  if (rec.engine === 'vmm') return rec.startTicks !== undefined && isVmmProcess(rec.pid, rec.startTicks);
+  return isSandboxVm(rec.pid, rec.id);
 }
 
 function getLiveOrUndefined(id: string) {

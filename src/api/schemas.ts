@@ -22,6 +22,7 @@ export const CreateBody = Type.Object(
     cpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),
     env: Type.Optional(Env),
     timeoutMs: Type.Optional(Lifetime),
+    engine: Type.Optional(Type.Union([Type.Literal('qemu'), Type.Literal('vmm')], { description: 'default: vmm where the host runs Linux guests on KVM, else qemu' })),
   },
   { additionalProperties: false },
 );
@@ -33,6 +34,7 @@ export const SandboxSchema = Type.Object(
     parentId: Type.Optional(Type.String()),
     snapshotTag: Type.Optional(Type.String()),
     image: Type.String(),
+    engine: Type.Union([Type.Literal('qemu'), Type.Literal('vmm')]),
     memoryMiB: Type.Integer(),
     cpus: Type.Integer(),
     accelerator: Type.String(),

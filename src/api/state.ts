@@ -2,6 +2,7 @@ import { closeSync, existsSync, fsyncSync, openSync, readdirSync, readFileSync, 
 import { basename, join } from 'node:path';
 import type { Accelerator } from '../engines/qemu/accel.js';
 import type { LiveSandbox } from '../core/sandboxes.js';
+import { VmmVm } from '../engines/vmm/vmm-engine.js';
 import { ensurePrivateDir } from '../core/home.js';
 
 /**
@@ -11,7 +12,11 @@ import { ensurePrivateDir } from '../core/home.js';
  */
 export type SandboxRecord = {
   id: string;
+  /** Absent in records written before the vmm engine existed: qemu. */
+  engine?: 'qemu' | 'vmm';
   pid: number;
+  /** vmm engine: the process's start time, which tells it from a reused pid. */
+  startTicks?: string;
   /** QEMU's -name; a pid only counts as this VM while its command line has it. */
   vmName: string;
   runDir: string;
@@ -33,7 +38,9 @@ export type SandboxRecord = {
 export function recordOf(live: LiveSandbox, extra: { expiresAt: number | null; snapshotTag?: string }): SandboxRecord {
   return {
     id: live.id,
+    engine: live.engineName,
     pid: live.vm.pid,
+    ...(live.vm instanceof VmmVm && live.vm.startTicks ? { startTicks: live.vm.startTicks } : {}),
     vmName: `clade-${live.id}`,
     runDir: live.vm.runDir,
     agentSocket: live.vm.agentSocket,

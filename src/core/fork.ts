@@ -5,10 +5,11 @@ import { AgentClient } from '../agent-protocol/client.js';
 import { MessageType, Tag } from '../agent-protocol/constants.js';
 import { FieldWriter } from '../agent-protocol/fields.js';
 import type { QemuVm } from '../engines/qemu/qemu-engine.js';
+import { VmmVm } from '../engines/vmm/vmm-engine.js';
 import { CladeError, errorMessage } from './errors.js';
 import { ensurePrivateDir, memoryDir } from './home.js';
 import { closePool, mapLimited, poolFor, START_CONCURRENCY, startSlot } from './pool.js';
-import { engine, LiveSandbox, registerLive, sandboxDir } from './sandboxes.js';
+import { engine, LiveSandbox, newSandboxId, registerLive, sandboxDir } from './sandboxes.js';
 import { Snapshot, transientMemoryPath } from './snapshots.js';
 import { reseedInterpreter } from './interpreter.js';
 
@@ -26,7 +27,7 @@ export type ForkTimings = {
   coldSlots: number;
 };
 
-export type ForkOutcome = { children: (LiveSandbox | CladeError)[]; timings: ForkTimings; snapshot: Snapshot };
+export type ForkOutcome = { children: (LiveSandbox | CladeError)[]; timings: ForkTimings };
 
 /** Makes sure the sandbox's RAM is a shared file it owns, so it can be frozen. */
 export function ensureFreezable(sb: LiveSandbox): Promise<number> {
@@ -34,10 +35,11 @@ export function ensureFreezable(sb: LiveSandbox): Promise<number> {
 }
 
 async function promoteUnlessShared(sb: LiveSandbox): Promise<number> {
-  if (sb.vm.memory.shared) return 0;
+  const vm = sb.qemu('pre-started fork slots');
+  if (vm.memory.shared) return 0;
   const t0 = performance.now();
   const file = join(ensurePrivateDir(memoryDir()), `${sb.id}.mem`);
-  const next = await engine.promote(sb.vm, file, sb.nextRunDir());
+  const next = await engine.promote(vm, file, sb.nextRunDir());
   await sb.replaceVm(next, undefined);
   return performance.now() - t0;
 }
@@ -54,8 +56,10 @@ export function freezeAndContinue(sb: LiveSandbox, childSlots: () => Promise<{ s
 
 async function freezeAndContinueNow(sb: LiveSandbox, childSlots: () => Promise<{ slots: QemuVm[]; warm: number }>) {
   if (!sb.alive) throw new CladeError('killed', `sandbox ${sb.id} is not running`);
+  sb.qemu('snapshots to disk');
   const promoteMs = await promoteUnlessShared(sb);
-  const parentFile = sb.vm.memory.file;
+  const vm = sb.qemu('snapshots to disk'); // promotion may have moved it to a new process
+  const parentFile = vm.memory.file;
   const [continuation, kids] = await Promise.all([takeContinuation(sb), childSlots()]);
   // No VM may open the parent's RAM file by name once it is frozen and renamed.
   await closePool(parentFile);
@@ -65,10 +69,10 @@ async function freezeAndContinueNow(sb: LiveSandbox, childSlots: () => Promise<{
   let renamed = false;
   let snapshot: Snapshot;
   try {
-    const state = await engine.freeze(sb.vm);
+    const state = await engine.freeze(vm);
     renameSync(parentFile, frozenFile);
     renamed = true;
-    sb.vm.releaseMemoryFile();
+    vm.releaseMemoryFile();
     snapshot = new Snapshot(`fork-${sb.id}-${Date.now()}`, frozenFile, state, sb.shape, {
       token: sb.token,
       nextId: sb.agent.idCursor, // read after the freeze: every id the frozen guest can have seen is below it
@@ -80,9 +84,9 @@ async function freezeAndContinueNow(sb: LiveSandbox, childSlots: () => Promise<{
     // Nobody has resumed from the RAM file yet, so the parent may own it and run on it again.
     if (renamed) {
       renameSync(frozenFile, parentFile);
-      sb.vm.reclaimMemoryFile(parentFile);
+      vm.reclaimMemoryFile(parentFile);
     }
-    if (sb.vm.alive()) await engine.resume(sb.vm).catch(() => undefined);
+    if (vm.alive()) await engine.resume(vm).catch(() => undefined);
     throw new CladeError('internal', `fork of ${sb.id} failed while the parent was paused: ${errorMessage(err)}`, { cause: err });
   }
   snapshot.retain(); // held by this fork until every child is resumed
@@ -159,6 +163,7 @@ function total(batch: ForkWaiter[]): number {
 }
 
 async function forkBatch(parent: LiveSandbox, batch: ForkWaiter[]): Promise<ForkOutcome> {
+  if (parent.vm instanceof VmmVm) return forkInVmm(parent, batch);
   let slotErrors: CladeError[] = [];
   let warmSlots = 0;
   const closeBatch = () => {
@@ -177,9 +182,55 @@ async function forkBatch(parent: LiveSandbox, batch: ForkWaiter[]): Promise<Fork
     );
     const children = await resumeChildren(snapshot, kids.slots, parent.env, parent.id);
     snapshot.release();
-    return { children: [...children, ...slotErrors], snapshot, timings: { parentPauseMs, promoteMs, warmSlots, coldSlots: kids.slots.length - warmSlots } };
+    return { children: [...children, ...slotErrors], timings: { parentPauseMs, promoteMs, warmSlots, coldSlots: kids.slots.length - warmSlots } };
   } finally {
     closeBatch();
+  }
+}
+
+/**
+ * A fork on the vmm engine: clade-vmm fork(2)s itself once per child in one
+ * pause of the parent, which keeps running in its own process. Each child
+ * then gets the after-fork fixup over its own agent socket.
+ */
+function forkInVmm(parent: LiveSandbox, batch: ForkWaiter[]): Promise<ForkOutcome> {
+  return parent.exclusive(async () => {
+    if (openBatches.get(parent) === batch) openBatches.delete(parent); // the count is fixed from here on
+    if (!parent.alive) throw new CladeError('killed', `sandbox ${parent.id} is not running`);
+    const ids = Array.from({ length: total(batch) }, newSandboxId);
+    const targets = ids.map((id) => ({ id, runDir: ensurePrivateDir(join(sandboxDir(id), 'vm-0')) }));
+    await parent.agent.drained();
+    const cursor = parent.agent.idCursor; // every id the guest can have seen is below it
+    const t0 = performance.now();
+    let forked: Awaited<ReturnType<VmmVm['fork']>>;
+    try {
+      forked = await (parent.vm as VmmVm).fork(targets);
+    } catch (err) {
+      for (const id of ids) rmSync(sandboxDir(id), { recursive: true, force: true });
+      throw asCladeError(err, `fork of ${parent.id} failed`);
+    }
+    const results = await mapLimited(forked.vms, ACTIVATE_CONCURRENCY, (vm) => becomeVmmChild(vm, parent, cursor, t0));
+    const children = results.map((r) => (r.status === 'fulfilled' ? r.value : asCladeError(r.reason, 'child did not resume')));
+    return { children, timings: { parentPauseMs: forked.timings.pauseUs / 1000, promoteMs: 0, warmSlots: 0, coldSlots: 0 } };
+  });
+}
+
+async function becomeVmmChild(vm: VmmVm, parent: LiveSandbox, cursor: number, t0: number): Promise<LiveSandbox> {
+  const agent = new AgentClient(parent.token);
+  agent.idCursor = cursor;
+  try {
+    await agent.connect(vm.agentSocket, Date.now() + 10_000, () => vm.alive());
+    const token = await becomeNewMachine(agent, vm.id);
+    const child = new LiveSandbox(vm.id, vm, agent, token, parent.shape, { ...parent.env }, new Date(), performance.now() - t0, parent.id);
+    registerLive(child);
+    // The interpreter was forked with the guest: reattach it and give it a new random seed.
+    if (parent.interpreterExecId) void reseedInterpreter(child, parent.interpreterExecId).catch(() => undefined);
+    return child;
+  } catch (err) {
+    agent.close();
+    await vm.kill();
+    rmSync(sandboxDir(vm.id), { recursive: true, force: true });
+    throw err;
   }
 }
 

@@ -5,6 +5,7 @@ import { AgentClient } from '../agent-protocol/client.js';
 import { Tag } from '../agent-protocol/constants.js';
 import type { EngineName, MachineShape } from '../engines/engine.js';
 import { isSandboxVm, QemuEngine, QemuVm, type AdoptableVm } from '../engines/qemu/qemu-engine.js';
+import { isVmmProcess, VmmEngine, VmmVm, vmmUnavailableReason } from '../engines/vmm/vmm-engine.js';
 import { resolveImage } from '../images/store.js';
 import { CladeError, errorMessage } from './errors.js';
 import { ensurePrivateDir, homePaths, memoryDir } from './home.js';
@@ -25,6 +26,20 @@ export const DEFAULTS = { memoryMiB: 1024, cpus: 1, bootTimeoutMs: 90_000 } as c
 const LIMITS = { memoryMiB: [256, 16384], cpus: [1, 64] } as const;
 
 export const engine = new QemuEngine();
+export const vmmEngine = new VmmEngine();
+
+/**
+ * The engine a new sandbox runs on: the one asked for (or CLADE_ENGINE), else
+ * clade-vmm where this host's KVM runs Linux guests, else QEMU.
+ */
+export async function chooseEngine(asked: EngineName | undefined): Promise<EngineName> {
+  const name = asked ?? (process.env.CLADE_ENGINE as EngineName | undefined);
+  if (name !== undefined && name !== 'qemu' && name !== 'vmm') throw new CladeError('bad_request', `unknown engine ${JSON.stringify(name)}: use "qemu" or "vmm"`);
+  if (name === 'qemu') return 'qemu';
+  const whyNot = await vmmUnavailableReason();
+  if (name === 'vmm' && whyNot) throw new CladeError('unavailable', `the vmm engine cannot run here: ${whyNot}`);
+  return whyNot ? 'qemu' : 'vmm';
+}
 
 /**
  * A sandbox as the host sees it: its current VM process, the authenticated
@@ -48,7 +63,7 @@ export class LiveSandbox {
 
   constructor(
     readonly id: string,
-    public vm: QemuVm,
+    public vm: QemuVm | VmmVm,
     readonly agent: AgentClient,
     public token: Buffer,
     readonly shape: MachineShape,
@@ -62,6 +77,16 @@ export class LiveSandbox {
 
   get alive(): boolean {
     return this.vm.alive() && !this.killing;
+  }
+
+  get engineName(): EngineName {
+    return this.vm instanceof VmmVm ? 'vmm' : 'qemu';
+  }
+
+  /** The QEMU VM under this sandbox, for what only the qemu engine does (RAM-file snapshots, slots, promotion). */
+  qemu(feature: string): QemuVm {
+    if (this.vm instanceof QemuVm) return this.vm;
+    throw new CladeError('unavailable', `${feature} is not available yet for sandboxes on the vmm engine; fork works, or create the sandbox with engine "qemu"`);
   }
 
   setWarmContinuation(vm: Promise<QemuVm>): void {
@@ -132,7 +157,7 @@ export class LiveSandbox {
   }
 
   /** If the current VM dies on its own (crash, guest poweroff), the sandbox ends. */
-  private watch(vm: QemuVm): void {
+  private watch(vm: QemuVm | VmmVm): void {
     void vm.exited.then(() => {
       if (this.vm === vm && !this.killing) void this.kill();
     });
@@ -164,7 +189,7 @@ export function sandboxDir(id: string): string {
 }
 
 export function checkEngine(name: EngineName | undefined): void {
-  if (name === 'vmm') throw new CladeError('unavailable', 'the vmm engine is not available in this build; use engine "qemu"');
+  if (name !== undefined && name !== 'qemu' && name !== 'vmm') throw new CladeError('bad_request', `unknown engine ${JSON.stringify(name)}: use "qemu" or "vmm"`);
 }
 
 export function resolveShape(opts: StartOptions): MachineShape {
@@ -187,11 +212,12 @@ export async function startSandbox(opts: StartOptions = {}): Promise<LiveSandbox
   const runDir = ensurePrivateDir(join(sandboxDir(id), 'vm-0'));
   const token = randomBytes(32);
   const started = Date.now();
-  let vm: QemuVm | undefined;
+  let vm: QemuVm | VmmVm | undefined;
   const agent = new AgentClient(token);
   try {
+    const engineName = await chooseEngine(opts.engine);
     const memoryFile = join(ensurePrivateDir(memoryDir()), `${id}.mem`);
-    vm = await engine.boot({ id, ...shape, token, hostname: id, runDir, memoryFile });
+    vm = await (engineName === 'vmm' ? vmmEngine : engine).boot({ id, ...shape, token, hostname: id, runDir, memoryFile });
     const deadline = started + bootTimeoutMs;
     const isAlive = () => vm!.alive();
     await agent.connect(vm.agentSocket, deadline, isAlive);
@@ -211,7 +237,7 @@ export async function startSandbox(opts: StartOptions = {}): Promise<LiveSandbox
 }
 
 export type AdoptSpec = {
-  vm: AdoptableVm;
+  vm: AdoptableVm & { engine?: EngineName; startTicks?: string };
   token: Buffer;
   env: Record<string, string>;
   createdAt: Date;
@@ -229,14 +255,14 @@ export type AdoptSpec = {
  * with the sandbox's token. Throws if it does not; the caller decides what to remove.
  */
 export async function adoptSandbox(spec: AdoptSpec): Promise<LiveSandbox> {
-  const vm = QemuVm.adopt(spec.vm);
+  const vm = spec.vm.engine === 'vmm' ? await VmmVm.adopt(spec.vm) : QemuVm.adopt(spec.vm);
   const agent = new AgentClient(spec.token);
   agent.idCursor = spec.agentIdCursor;
   const deadline = Date.now() + 10_000;
   try {
     await agent.connect(vm.agentSocket, deadline, () => vm.alive());
     await agent.waitReady(deadline, () => vm.alive());
-    await vm.qmp(); // QEMU accepts a new control client once the old owner's is gone
+    if (vm instanceof QemuVm) await vm.qmp(); // QEMU accepts a new control client once the old owner's is gone
   } catch (err) {
     agent.close();
     throw err;
@@ -343,7 +369,8 @@ export function reapOrphans(): { killed: number; removed: number } {
     }
     if (metas.some((m) => processAlive(m.ownerPid))) continue;
     for (const m of metas) {
-      if (isSandboxVm(m.pid, id)) (killPidQuietly(m.pid), killed++);
+      const ours = m.engine === 'vmm' ? m.startTicks !== undefined && isVmmProcess(m.pid, m.startTicks) : isSandboxVm(m.pid, id);
+      if (ours) (killPidQuietly(m.pid), killed++);
       if (m.memory?.shared) rmSync(m.memory.file, { force: true });
     }
     rmSync(sbDir, { recursive: true, force: true });
@@ -353,7 +380,7 @@ export function reapOrphans(): { killed: number; removed: number } {
   return { killed, removed };
 }
 
-type VmMeta = { pid: number; ownerPid: number; memory?: { file: string; shared: boolean } };
+type VmMeta = { engine?: 'qemu' | 'vmm'; pid: number; startTicks?: string; ownerPid: number; memory?: { file: string; shared: boolean } };
 
 function readVmMeta(path: string): VmMeta | undefined {
   try {

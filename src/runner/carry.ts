@@ -17,6 +17,7 @@ const run = promisify(execFile);
 export const GUEST_PATHS = {
   kvmProbe: '/opt/clade/bin/kvm-probe',
   qemu: '/opt/qemu/bin/qemu-system-x86_64',
+  node: '/opt/node/bin/node',
   imageKernel: '/opt/clade/image/vmlinuz',
   imageInitramfs: '/opt/clade/image/initramfs.cpio',
 } as const;
@@ -61,23 +62,38 @@ const FIRMWARE_DIRS = ['/usr/share/qemu', '/usr/share/seabios'];
  */
 export async function qemuCarry(): Promise<Carry[]> {
   const binary = findOnPath(QEMU_BINARY);
-  const carry: Carry[] = [{ hostPath: binary, guestPath: '/opt/qemu/libexec/qemu-system-x86_64' }];
-  const { stdout } = await run('ldd', [binary]).catch((err: unknown) => {
-    throw new CladeError('unavailable', `cannot list ${binary}'s libraries with ldd: ${errorMessage(err)}`);
-  });
-  for (const line of stdout.split('\n')) {
-    const lib = /^\s*(\S+) => (\/\S+)/.exec(line);
-    const loader = /^\s*(\/\S+) \(0x/.exec(line);
-    // Libraries go to one private directory; the dynamic loader must sit where the binary names it.
-    if (lib) carry.push({ hostPath: lib[2]!, guestPath: `/opt/qemu/lib/${lib[1]!}` });
-    else if (loader) carry.push({ hostPath: loader[1]!, guestPath: loader[1]! });
-  }
+  const carry: Carry[] = [{ hostPath: binary, guestPath: '/opt/qemu/libexec/qemu-system-x86_64' }, ...(await libraryCarry(binary, '/opt/qemu/lib'))];
   for (const name of X86_FIRMWARE) {
     const dir = FIRMWARE_DIRS.find((d) => existsSync(join(d, name)));
     if (dir) carry.push({ hostPath: join(dir, name), guestPath: `/opt/qemu/share/${name}` });
   }
   const wrapper = `#!/bin/sh\nexec env LD_LIBRARY_PATH=/opt/qemu/lib /opt/qemu/libexec/qemu-system-x86_64 -L /opt/qemu/share "$@"\n`;
   carry.push({ guestPath: GUEST_PATHS.qemu, content: wrapper, mode: 0o755 });
+  return carry;
+}
+
+/**
+ * This Node.js with its shared libraries, so a payload can run clade itself
+ * (the SDK on the vmm engine) inside the runner: GUEST_PATHS.node runs it.
+ */
+export async function nodeCarry(): Promise<Carry[]> {
+  const binary = realpathSync(process.execPath);
+  const wrapper = `#!/bin/sh\nexec env LD_LIBRARY_PATH=/opt/node/lib /opt/node/libexec/node "$@"\n`;
+  return [{ hostPath: binary, guestPath: '/opt/node/libexec/node' }, ...(await libraryCarry(binary, '/opt/node/lib')), { guestPath: GUEST_PATHS.node, content: wrapper, mode: 0o755 }];
+}
+
+/** The shared libraries `ldd` lists for a binary, into `libDir`; the dynamic loader goes where the binary names it. */
+async function libraryCarry(binary: string, libDir: string): Promise<Carry[]> {
+  const { stdout } = await run('ldd', [binary]).catch((err: unknown) => {
+    throw new CladeError('unavailable', `cannot list ${binary}'s libraries with ldd: ${errorMessage(err)}`);
+  });
+  const carry: Carry[] = [];
+  for (const line of stdout.split('\n')) {
+    const lib = /^\s*(\S+) => (\/\S+)/.exec(line);
+    const loader = /^\s*(\/\S+) \(0x/.exec(line);
+    if (lib) carry.push({ hostPath: lib[2]!, guestPath: `${libDir}/${lib[1]!}` });
+    else if (loader) carry.push({ hostPath: loader[1]!, guestPath: loader[1]! });
+  }
   return carry;
 }
 

@@ -84,8 +84,8 @@ export class Sandbox implements AsyncDisposable {
     }
     const client = daemonClient(opts);
     if (client) {
-      const { daemon: _d, token: _t, bootTimeoutMs: _b, engine, ...body } = opts;
-      checkEngine(engine);
+      const { daemon: _d, token: _t, bootTimeoutMs: _b, ...body } = opts;
+      checkEngine(opts.engine);
       return new Sandbox(await RemoteSandbox.create(client, body)); // the daemon keeps the lifetime
     }
     const live = await startSandbox(opts);
@@ -99,6 +99,7 @@ export class Sandbox implements AsyncDisposable {
    */
   static async fromSnapshot(tag: string, opts: { count?: number; env?: Record<string, string>; engine?: EngineName } & DaemonOptions = {}): Promise<(Sandbox | ForkFailure)[]> {
     checkEngine(opts.engine);
+    if (opts.engine === 'vmm') throw new CladeError('unavailable', 'starting from a snapshot on the vmm engine is not available yet; use engine "qemu"');
     const count = opts.count ?? 1;
     checkCount('count', count, 1);
     const client = daemonClient(opts);
@@ -209,7 +210,7 @@ export class Sandbox implements AsyncDisposable {
       sandboxId: this.sandboxId,
       ...(live.parentId ? { parentId: live.parentId } : {}),
       image: live.shape.image.manifest.digest,
-      engine: 'qemu',
+      engine: live.engineName,
       accelerator: live.vm.accelerator,
       pid: live.vm.pid,
       startedAt: live.createdAt,
@@ -226,7 +227,7 @@ export class Sandbox implements AsyncDisposable {
       sandboxId: v.sandboxId,
       ...(v.parentId ? { parentId: v.parentId } : {}),
       image: v.image,
-      engine: 'qemu',
+      engine: v.engine,
       accelerator: v.accelerator,
       pid: v.pid,
       startedAt: new Date(v.startedAt),

@@ -1,0 +1,205 @@
+import { spawn } from 'node:child_process';
+import { existsSync, readFileSync, readlinkSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { CladeError } from '../../core/errors.js';
+import { packageRoot } from '../../core/paths.js';
+import { ensureVmlinux } from '../../images/vmlinux.js';
+import type { BootSpec, Engine, MachineShape, VmHandle } from '../engine.js';
+import { probeKvm } from '../qemu/accel.js';
+import { VmmControl } from './control.js';
+
+/** clade-vmm keeps guest RAM below the 32-bit PCI hole. */
+export const VMM_MAX_MEMORY_MIB = 3072;
+const EXIT_POLL_MS = 500;
+const UNIX_PATH_MAX = 107;
+
+export function vmmBinary(): string {
+  return process.env.CLADE_VMM ?? join(packageRoot(), 'native', 'vmm', 'build', 'clade-vmm');
+}
+
+/** Why the vmm engine cannot run here, or undefined when it can. */
+export async function vmmUnavailableReason(): Promise<string | undefined> {
+  if (!existsSync(vmmBinary())) return `clade-vmm is not built (run \`make -C native/vmm\`, or \`npm run setup\`)`;
+  const probe = await probeKvm();
+  if (!probe.usable) return `this host's /dev/kvm cannot run Linux guests (${probe.reason}); use engine "qemu", or \`clade runner\` for a machine whose KVM can`;
+  return undefined;
+}
+
+type Files = { control: string; agent: string; serial: string };
+
+function runFiles(runDir: string): Files {
+  return { control: join(runDir, 'control.sock'), agent: join(runDir, 'agent.sock'), serial: join(runDir, 'serial.log') };
+}
+
+/**
+ * The fork-native engine: one clade-vmm process per sandbox, guest RAM private
+ * anonymous memory inside it. A fork is fork(2) of that process (docs/vmm.md):
+ * the parent keeps running in its process, each child is a new process whose
+ * control and agent sockets the parent bound before the pause.
+ */
+export class VmmEngine implements Engine {
+  readonly name = 'vmm' as const;
+
+  async boot(spec: BootSpec): Promise<VmmVm> {
+    if (spec.memoryMiB > VMM_MAX_MEMORY_MIB) throw new CladeError('bad_request', `the vmm engine runs guests of at most ${VMM_MAX_MEMORY_MIB} MiB, got memoryMiB ${spec.memoryMiB}`);
+    if (spec.cpus !== 1) throw new CladeError('unavailable', 'the vmm engine runs one vCPU per sandbox for now; use cpus: 1 or engine "qemu"');
+    const files = runFiles(spec.runDir);
+    if (files.control.length > UNIX_PATH_MAX) throw new CladeError('bad_request', `the clade home path is too long for unix sockets (${files.control}); set CLADE_HOME to a shorter directory`);
+    const kernel = await ensureVmlinux(spec.image);
+    const cmdline = ['console=ttyS0', 'quiet', 'panic=-1', 'mitigations=off', 'random.trust_cpu=on', 'i8042.noaux', `clade.token=${spec.token.toString('hex')}`, `clade.id=${spec.id}`, `clade.hostname=${spec.hostname}`];
+    const args = ['run', '--socket', files.control, '--agent-socket', files.agent, '--serial-log', files.serial, '--kernel', kernel, '--initramfs', spec.image.initramfs, '--mem-mib', String(spec.memoryMiB), '--cmdline', cmdline.join(' ')];
+    // Its own process group: a fork's children stay in it, and none of them gets the terminal's Ctrl-C.
+    const child = spawn(vmmBinary(), args, { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
+    let stderr = '';
+    child.stderr?.on('data', (d: Buffer) => (stderr = (stderr + d.toString('utf8')).slice(-4096)));
+    await new Promise<void>((resolve, reject) => {
+      child.once('spawn', resolve);
+      child.once('error', (err) => reject(new CladeError('unavailable', `cannot start clade-vmm: ${err.message}`)));
+    });
+    const vm = new VmmVm(spec.id, child.pid!, spec, spec.runDir, files, () => stderr);
+    try {
+      await vm.connect(Date.now() + 10_000);
+    } catch (err) {
+      await vm.kill();
+      throw err;
+    }
+    return vm;
+  }
+}
+
+export type VmmChild = { pid: number; socket: string; agentSocket: string };
+export type VmmForkTimings = { pauseUs: number; forkUs: number; captureUs: number; parkUs: number };
+
+/** A running clade-vmm process: a root VM or a forked child. */
+export class VmmVm implements VmHandle {
+  readonly accelerator = 'kvm';
+  readonly memory = { file: '', shared: false }; // anonymous memory inside the process, nothing on disk
+  readonly agentSocket: string;
+  readonly exited: Promise<{ code: number | null; signal: string | null }>;
+  private running = true;
+  private control?: VmmControl;
+  readonly startTicks: string | undefined;
+  private markExited!: () => void;
+
+  constructor(
+    readonly id: string,
+    readonly pid: number,
+    readonly shape: MachineShape,
+    readonly runDir: string,
+    private readonly files: Files,
+    private readonly stderrTail: () => string = () => '',
+  ) {
+    this.agentSocket = files.agent;
+    this.startTicks = processStartTicks(pid);
+    this.exited = new Promise((resolve) => {
+      this.markExited = () => {
+        if (!this.running) return;
+        this.running = false;
+        clearInterval(poll);
+        resolve({ code: null, signal: null });
+      };
+      // The VMM may be a grandchild of ours or nobody's child: watch its pid, not a child handle.
+      const poll = setInterval(() => {
+        if (!isVmmProcess(this.pid, this.startTicks)) this.markExited();
+      }, EXIT_POLL_MS);
+      poll.unref();
+    });
+    this.recordOwner();
+  }
+
+  /**
+   * Takes over a VMM another clade process started (a daemon restarted after
+   * SIGKILL); the pid must still be that clade-vmm process.
+   */
+  static async adopt(a: { id: string; pid: number; startTicks?: string; shape: MachineShape; runDir: string }): Promise<VmmVm> {
+    if (!a.startTicks || !isVmmProcess(a.pid, a.startTicks)) throw new CladeError('killed', `the VMM process of ${a.id} is gone`);
+    const vm = new VmmVm(a.id, a.pid, a.shape, a.runDir, runFiles(a.runDir));
+    await vm.connect(Date.now() + 10_000);
+    return vm;
+  }
+
+  /** Opens the control channel; its closing means the process is going. */
+  async connect(deadline: number): Promise<void> {
+    this.control = await VmmControl.connect(this.files.control, deadline, () => isVmmProcess(this.pid, this.startTicks));
+  }
+
+  /** vm.json names the owner (reapOrphans kills VMs whose owner is gone) and the start time that tells our process from a reused pid. */
+  recordOwner(): void {
+    writeFileSync(join(this.runDir, 'vm.json'), JSON.stringify({ engine: 'vmm', pid: this.pid, startTicks: this.startTicks, ownerPid: process.pid, accelerator: this.accelerator }) + '\n');
+  }
+
+  alive(): boolean {
+    return this.running && isVmmProcess(this.pid, this.startTicks);
+  }
+
+  /**
+   * Forks the running VM into `count` children in one pause. Each child's
+   * sockets are moved into its own run directory (a bound unix socket keeps
+   * working under a new name).
+   */
+  async fork(children: { id: string; runDir: string }[]): Promise<{ vms: VmmVm[]; timings: VmmForkTimings }> {
+    if (!this.control) throw new CladeError('killed', `sandbox ${this.id}'s VMM is not connected`);
+    const reply = await this.control.request(['forks', children.length], 60_000);
+    const made = (reply.children as VmmChild[] | undefined) ?? [];
+    const vms = made.map((c, i) => {
+      const target = children[i]!;
+      const files = runFiles(target.runDir);
+      renameSync(c.socket, files.control);
+      renameSync(c.agentSocket, files.agent);
+      return new VmmVm(target.id, c.pid, this.shape, target.runDir, files);
+    });
+    await Promise.all(vms.map((vm) => vm.connect(Date.now() + 10_000)));
+    const timings = { pauseUs: Number(reply.pauseUs), forkUs: Number(reply.forkUs), captureUs: Number(reply.captureUs), parkUs: Number(reply.parkUs) };
+    if (made.length < children.length) {
+      await Promise.all(vms.map((vm) => vm.kill()));
+      throw new CladeError('internal', `clade-vmm made ${made.length} of ${children.length} children`);
+    }
+    return { vms, timings };
+  }
+
+  diagnostics(): string {
+    let serial = '';
+    try {
+      if (existsSync(this.files.serial)) serial = readFileSync(this.files.serial, 'utf8').slice(-2048);
+    } catch {
+      // The log may already be gone.
+    }
+    return [serial.trim() && `console:\n${serial.trim()}`, this.stderrTail().trim() && `clade-vmm:\n${this.stderrTail().trim()}`].filter(Boolean).join('\n');
+  }
+
+  async kill(): Promise<void> {
+    this.control?.close();
+    if (isVmmProcess(this.pid, this.startTicks)) {
+      try {
+        process.kill(this.pid, 'SIGKILL'); // this process only: its forked children are sandboxes of their own
+      } catch {
+        // Already gone.
+      }
+      for (let i = 0; i < 200 && isVmmProcess(this.pid, this.startTicks); i++) await new Promise((r) => setTimeout(r, 10));
+    }
+    this.markExited();
+    rmSync(this.runDir, { recursive: true, force: true });
+  }
+}
+
+/** Field 22 of /proc/<pid>/stat: when the process started, which a reused pid does not share. */
+function processStartTicks(pid: number): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+  } catch {
+    return undefined;
+  }
+}
+
+/** True while `pid` is the clade-vmm process that started at `startTicks` (and not a zombie). */
+export function isVmmProcess(pid: number, startTicks: string | undefined): boolean {
+  try {
+    if (!readlinkSync(`/proc/${pid}/exe`).includes('clade-vmm')) return false;
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return fields[0] !== 'Z' && (startTicks === undefined || fields[19] === startTicks);
+  } catch {
+    return false;
+  }
+}
