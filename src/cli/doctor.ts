@@ -5,6 +5,7 @@ import { promisify } from 'node:util';
 import { cladeHome, ensurePrivateDir } from '../core/home.js';
 import { probeKvm } from '../engines/qemu/accel.js';
 import { QEMU_BINARY } from '../engines/qemu/qemu-engine.js';
+import { vmmUnavailableReason } from '../engines/vmm/vmm-engine.js';
 import { resolveImage } from '../images/store.js';
 
 const run = promisify(execFile);
@@ -28,6 +29,13 @@ export async function runChecks(): Promise<Check[]> {
     kvm.usable
       ? { name: 'kvm', status: 'pass', detail: `KVM runs Linux guests (${kvm.nsPerIteration.toFixed(1)} ns per guest-kernel loop iteration)` }
       : { name: 'kvm', status: 'warn', detail: `not used: ${kvm.reason}${kvm.nsPerIteration ? ` (${kvm.nsPerIteration.toFixed(0)} ns per iteration)` : ''}; sandboxes run under TCG emulation, slower`, fix: 'run on a host with hardware virtualization and access to /dev/kvm for full speed' },
+  );
+
+  const vmmWhyNot = await vmmUnavailableReason();
+  checks.push(
+    vmmWhyNot
+      ? { name: 'engine', status: 'warn', detail: `engine qemu (the vmm engine cannot run here: ${vmmWhyNot})`, fix: 'run on a host whose KVM runs Linux guests; `clade runner` tests the vmm engine on this one' }
+      : { name: 'engine', status: 'pass', detail: 'engine vmm: clade-vmm forks running VMs with fork(2) on this host\'s KVM' },
   );
 
   const freeGiB = freemem() / 2 ** 30;
