@@ -68,7 +68,7 @@ export async function benchFork(opts: ForkBenchOptions): Promise<ForkBenchResult
   log('(a) cold boot + import numpy + first result');
   for (let i = 0; i < opts.runs; i++) {
     const t0 = performance.now();
-    const sb = await Sandbox.create();
+    const sb = await Sandbox.create({ engine: 'qemu' }); // this benchmark compares the qemu engine's fork strategies
     try {
       await sb.runCode('import numpy');
       await probe(sb);
@@ -79,7 +79,7 @@ export async function benchFork(opts: ForkBenchOptions): Promise<ForkBenchResult
     }
   }
 
-  const parent = await Sandbox.create();
+  const parent = await Sandbox.create({ engine: 'qemu' });
   try {
     await parent.runCode('import numpy');
     await probe(parent);
