@@ -100,6 +100,32 @@ static uint8_t cmos_read(uint8_t index) {
     }
 }
 
+/* ---- waking the control thread ------------------------------------------------ */
+
+#define AGENT_HUNGUP 0x10000u /* the device let go of a descriptor: the control thread closes it, accepts the next */
+
+/* Under b->lock: what the control thread has to wait for on the agent port now. */
+static unsigned agent_wants(const struct board *b) {
+    unsigned ev = b->agent_fd >= 0 ? (unsigned)(uint16_t)virtio_console_port_poll_events(&b->con, BOARD_AGENT_PORT) : 0;
+    return ev | (b->con.port[BOARD_AGENT_PORT].hungup_fd >= 0 ? AGENT_HUNGUP : 0);
+}
+
+/*
+ * Under b->lock, after device code ran on an exit. Compared with what the
+ * control thread is polling for (recorded by board_poll_fill), not with the
+ * state before the exit: "before" is partly guest memory (available ring
+ * entries), which the guest changes without exiting, so a before/after
+ * comparison can see no change while the control thread still waits on a
+ * stale poll set, and the agent socket then goes unread for ever.
+ */
+static bool control_thread_is_behind(const struct board *b) { return agent_wants(b) != b->agent_polled; }
+
+static void wake_control_thread(struct board *b) {
+    uint64_t one = 1;
+    if (write(b->wake_fd, &one, sizeof one) < 0) { /* counter full: a wakeup is pending anyway */
+    }
+}
+
 /* ---- port I/O ------------------------------------------------------------ */
 
 static bool is_reset_request(uint16_t port, bool is_write, const uint8_t *data, unsigned size) {
@@ -131,32 +157,22 @@ enum board_io_result board_io(struct board *b, uint16_t port, bool is_write, uin
     bool handled = (port >= UART_COM1_BASE && port < UART_COM1_BASE + UART_PORTS && uart_io(&b->uart, port, is_write, data, size)) ||
                    (port == PCI_RESET_PORT && size == 1) || /* the reset control register, not config data */
                    pci_io(&b->pci, port, is_write, data, size) || legacy_io(b, port, is_write, data, size);
+    bool wake = control_thread_is_behind(b); /* config space reaches the virtio registers too (PCI_CFG capability) */
     pthread_mutex_unlock(&b->lock);
     if (!handled && !is_write) memset(data, 0xff, size);
+    if (wake) wake_control_thread(b);
     return BOARD_IO_DONE;
 }
 
 /* ---- MMIO ---------------------------------------------------------------- */
 
-/* What the control thread must know about the agent port; a change means it must rebuild its poll set. */
-static unsigned agent_poll_signature(const struct board *b) {
-    return (unsigned)virtio_console_port_poll_events(&b->con, BOARD_AGENT_PORT) | (b->con.port[BOARD_AGENT_PORT].hungup_fd >= 0 ? 0x10000u : 0);
-}
-
-static void wake_control_thread(struct board *b) {
-    uint64_t one = 1;
-    if (write(b->wake_fd, &one, sizeof one) < 0) { /* counter full: a wakeup is pending anyway */
-    }
-}
-
 void board_mmio(struct board *b, uint64_t gpa, bool is_write, uint8_t *data, unsigned len) {
     pthread_mutex_lock(&b->lock);
-    unsigned before = agent_poll_signature(b);
     bool claimed = pci_mmio(&b->pci, gpa, is_write, data, len);
-    unsigned after = agent_poll_signature(b);
+    bool wake = control_thread_is_behind(b);
     pthread_mutex_unlock(&b->lock);
     if (!claimed && !is_write) memset(data, 0xff, len);
-    if (before != after) wake_control_thread(b);
+    if (wake) wake_control_thread(b);
 }
 
 /* ---- the agent socket (control thread) ------------------------------------ */
@@ -167,7 +183,8 @@ int board_poll_fill(struct board *b, struct pollfd *pfd) {
     /* One host end at a time, as a socket chardev: further clients wait in the backlog. */
     if (b->agent_fd < 0 && b->agent_listen_fd >= 0) pfd[n++] = (struct pollfd){.fd = b->agent_listen_fd, .events = POLLIN};
     pthread_mutex_lock(&b->lock);
-    short ev = b->agent_fd >= 0 ? virtio_console_port_poll_events(&b->con, BOARD_AGENT_PORT) : 0;
+    b->agent_polled = agent_wants(b); /* from now on the vCPU thread wakes us when this goes stale */
+    short ev = (short)(b->agent_polled & 0xffffu);
     pthread_mutex_unlock(&b->lock);
     /* With no interest, leave it out: a hung-up peer would poll as POLLHUP for ever; EOF is seen when the guest reads. */
     if (ev) pfd[n++] = (struct pollfd){.fd = b->agent_fd, .events = ev};
@@ -227,6 +244,7 @@ void board_child_rebind(struct board *b, int agent_listen_fd, const char *agent_
     b->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     b->agent_listen_fd = agent_listen_fd;
     b->agent_fd = -1;
+    b->agent_polled = 0;
     b->agent_connects = 0;
     snprintf(b->agent_path, sizeof b->agent_path, "%s", agent_path);
     if (serial_fd >= 0) {

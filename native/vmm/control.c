@@ -35,7 +35,8 @@ int control_listen(const char *path, int *fd_out) {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (strlen(path) >= sizeof addr.sun_path) return errno = ENAMETOOLONG, -1;
     strcpy(addr.sun_path, path);
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    /* Non-blocking: a client that gave up between poll and accept must not leave the control thread in accept. */
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) return -1;
     if (bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(fd, 64) < 0) {
         int saved = errno;
@@ -225,9 +226,14 @@ static int cmd_guest(struct vmm *v, int argc, char **argv) {
     return snprintf(reply, sizeof reply, "{\"ok\":true,\"ack\":%" PRIu64 "}", ack);
 }
 
+/* Why vcpu_park failed, for the reply. */
+static int park_error(void) {
+    return reply_error(errno == ETIMEDOUT ? "vcpu did not stop in time" : "vcpu is stopped");
+}
+
 static int cmd_pause(struct vmm *v) {
     if (v->user_paused) return reply_ok();
-    if (vcpu_park(&v->cpu) < 0) return reply_error("vcpu is stopped");
+    if (vcpu_park(&v->cpu) < 0) return park_error();
     v->user_paused = 1;
     return reply_ok();
 }
@@ -246,7 +252,7 @@ static uint64_t captured_msr(const struct machine_state *st, uint32_t count, uin
 
 /* A summary of the full machine state, captured now: lets tests compare a parent with its child. */
 static int cmd_state(struct vmm *v) {
-    if (!v->user_paused && vcpu_park(&v->cpu) < 0) return reply_error("vcpu is stopped");
+    if (!v->user_paused && vcpu_park(&v->cpu) < 0) return park_error();
     const char *failed = "?";
     int r = state_capture(&v->vm, &v->state, &failed);
     if (!v->user_paused) vcpu_resume(&v->cpu);
@@ -328,10 +334,25 @@ static int dispatch(struct vmm *v, int argc, char **argv, enum line_outcome *out
 
 /* ---- connection handling -------------------------------------------------- */
 
+/*
+ * Client sockets are non-blocking: a client that sends requests but does not
+ * read its replies is given SEND_GRACE_MS in all to make room, then dropped.
+ * The control thread also moves the agent socket's data, so it must never
+ * wait on one client for long.
+ */
+#define SEND_GRACE_MS 2000
+
 static int send_all(int fd, const char *buf, size_t len) {
+    int64_t deadline = now_ns() + (int64_t)SEND_GRACE_MS * 1000000;
     while (len) {
-        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
+        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EAGAIN) {
+            int64_t left_ms = (deadline - now_ns()) / 1000000;
+            struct pollfd p = {.fd = fd, .events = POLLOUT};
+            if (left_ms <= 0 || poll(&p, 1, (int)left_ms) <= 0) return -1;
+            continue;
+        }
         if (n <= 0) return -1;
         buf += n;
         len -= (size_t)n;
@@ -382,7 +403,7 @@ static enum line_outcome on_client_readable(struct vmm *v, int i) {
 }
 
 static void accept_client(struct control *c) {
-    int fd = accept4(c->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+    int fd = accept4(c->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0) return;
     for (int i = 0; i < CONTROL_MAX_CLIENTS; i++) {
         if (c->client[i]) continue;

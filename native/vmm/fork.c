@@ -16,7 +16,6 @@
 #include "vmm.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -154,7 +153,7 @@ static int prepare_slot(struct vmm *v, const struct fork_paths *chosen, struct c
         return close_slots(s, 1, 1), -1;
     }
     if (v->board && chosen->serial_log) {
-        s->serial_fd = open(chosen->serial_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+        s->serial_fd = serial_log_open(chosen->serial_log);
         if (s->serial_fd < 0) {
             snprintf(err, errlen, "cannot open child serial log %s: %s", chosen->serial_log, strerror(errno));
             return close_slots(s, 1, 1), -1;
@@ -177,7 +176,8 @@ static int prepare_slots(struct vmm *v, int count, const struct fork_paths *path
 /* Park (unless the user already paused the VM) and capture; on failure the vCPU is left as it was. */
 static int stop_and_capture(struct vmm *v, struct fork_report *rep, int64_t t0, char *err, size_t errlen) {
     if (!v->user_paused && vcpu_park(&v->cpu) < 0) {
-        snprintf(err, errlen, "vcpu is stopped (%s): nothing to fork", v->cpu.stop_reason);
+        if (errno == ETIMEDOUT) snprintf(err, errlen, "vcpu did not stop in time: nothing forked");
+        else snprintf(err, errlen, "vcpu is stopped (%s): nothing to fork", v->cpu.stop_reason);
         return -1;
     }
     int64_t parked = now_ns();

@@ -41,6 +41,18 @@ int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/*
+ * The UART writes to the log from the vCPU thread with the device lock held:
+ * if the log is a pipe or a FIFO nobody drains, a blocking write would stall
+ * the guest and the control thread with it. Non-blocking, a full log loses
+ * bytes instead, like a serial cable nobody reads.
+ */
+int serial_log_open(const char *path) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (fd >= 0) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    return fd;
+}
+
 static int usage(void) {
     fprintf(stderr, "usage: clade-vmm run --socket PATH [--mem-mib N] [--idle-us N]\n"
                     "       clade-vmm run --socket PATH --kernel VMLINUX --initramfs FILE [--cmdline TEXT]\n"
@@ -107,7 +119,7 @@ static int install_linux(struct vmm *v, const struct options *o) {
     struct pvh_boot boot = {.kernel = o->kernel, .initramfs = o->initramfs, .cmdline = cmdline};
     char err[256];
     if (pvh_boot_install(&v->vm, &boot, err, sizeof err) < 0) return fprintf(stderr, "clade-vmm: %s\n", err), 1;
-    int serial_fd = o->serial_log ? open(o->serial_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600) : -1;
+    int serial_fd = o->serial_log ? serial_log_open(o->serial_log) : -1;
     if (o->serial_log && serial_fd < 0) return fail("open serial log");
     int agent_fd = -1;
     if (o->agent_socket && control_listen(o->agent_socket, &agent_fd) < 0) return fail("listen on agent socket");

@@ -4,9 +4,15 @@
  * Parking protocol (the only way the vCPU stops for pause or fork):
  *   control thread: park_requested = 1; run->immediate_exit = 1; kick; signal
  *   vCPU thread:    KVM_RUN returns EINTR -> parked, waits for a resume ticket
+ *   control thread: vcpu_resume clears immediate_exit (the vCPU is parked, so
+ *                   out of KVM_RUN) and hands out the ticket
  * KVM completes a pending I/O or MMIO exit only on the next KVM_RUN, so
  * parking only after an EINTR return means the captured state never holds
- * a half-done instruction.
+ * a half-done instruction. immediate_exit is only ever cleared while the vCPU
+ * is parked: a signal may be spent while the vCPU thread is outside KVM_RUN,
+ * and then immediate_exit is what still makes the next KVM_RUN return EINTR.
+ * A park that does not happen in PARK_TIMEOUT_MS is withdrawn, so the control
+ * thread (and with it status and the agent socket) never waits for ever.
  *
  * Everything the guest writes (port numbers, sizes, data) is untrusted.
  */
@@ -19,9 +25,12 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <time.h>
 #include <unistd.h>
 
 #define KICK_SIGNAL SIGUSR1
+#define PARK_TIMEOUT_MS 5000
+#define PARK_RETRY_MS 20 /* how often a park request re-sends the kick signal */
 
 static void on_kick_signal(int sig) {
     (void)sig; /* only here to make KVM_RUN return EINTR */
@@ -30,7 +39,11 @@ static void on_kick_signal(int sig) {
 int vcpu_init_sync(struct vcpu *cpu) {
     /* Also called in a forked child, whose copies of these may be mid-use by a thread that no longer exists. */
     if (pthread_mutex_init(&cpu->lock, NULL) != 0) return -1;
-    if (pthread_cond_init(&cpu->cond, NULL) != 0) return -1;
+    pthread_condattr_t attr; /* timed waits on CLOCK_MONOTONIC: wall-clock steps must not stretch a park */
+    if (pthread_condattr_init(&attr) != 0 || pthread_condattr_setclock(&attr, CLOCK_MONOTONIC) != 0) return -1;
+    int r = pthread_cond_init(&cpu->cond, &attr);
+    pthread_condattr_destroy(&attr);
+    if (r != 0) return -1;
     atomic_store(&cpu->park_requested, 0);
     cpu->parked = 0;
     cpu->resume_ticket = 0;
@@ -58,6 +71,10 @@ static void stop_for_good(struct vcpu *cpu, const char *reason, const char *deta
 
 static void park_until_resumed(struct vcpu *cpu) {
     pthread_mutex_lock(&cpu->lock);
+    if (!atomic_load(&cpu->park_requested)) { /* withdrawn by a park that timed out */
+        pthread_mutex_unlock(&cpu->lock);
+        return;
+    }
     int ticket = cpu->resume_ticket;
     cpu->parked = 1;
     atomic_store(&cpu->phase, VCPU_PARKED);
@@ -168,15 +185,11 @@ static void note_first_exit(struct vcpu *cpu) {
 
 static void *vcpu_main(void *arg) {
     struct vcpu *cpu = arg;
-    struct kvm_run *run = cpu->vm->run;
     cpu->timing.first_run_ns = now_ns();
     for (;;) {
         int r = ioctl(cpu->vm->vcpu_fd, KVM_RUN, 0);
         if (r < 0 && (errno == EINTR || errno == EAGAIN)) {
-            if (atomic_load(&cpu->park_requested)) {
-                park_until_resumed(cpu);
-                run->immediate_exit = 0;
-            }
+            if (atomic_load(&cpu->park_requested)) park_until_resumed(cpu);
             continue;
         }
         if (r < 0) {
@@ -228,23 +241,47 @@ void vcpu_kick(struct vcpu *cpu) {
     }
 }
 
+static struct timespec deadline_after_ms(int ms) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (long)(ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) ts.tv_sec++, ts.tv_nsec -= 1000000000;
+    return ts;
+}
+
+/* Under cpu->lock: gives up a park that did not happen, so a late EINTR does not park with nobody to resume. */
+static void withdraw_park(struct vcpu *cpu) {
+    atomic_store(&cpu->park_requested, 0);
+    cpu->vm->run->immediate_exit = 0;
+}
+
 int vcpu_park(struct vcpu *cpu) {
-    if (atomic_load(&cpu->phase) == VCPU_STOPPED) return -1;
+    if (atomic_load(&cpu->phase) == VCPU_STOPPED) return errno = ESRCH, -1;
     atomic_store(&cpu->park_requested, 1);
     cpu->vm->run->immediate_exit = 1;
     vcpu_kick(cpu);
-    pthread_kill(cpu->thread, KICK_SIGNAL);
     pthread_mutex_lock(&cpu->lock);
-    while (!cpu->parked && atomic_load(&cpu->phase) != VCPU_STOPPED) pthread_cond_wait(&cpu->cond, &cpu->lock);
+    int64_t give_up = now_ns() + (int64_t)PARK_TIMEOUT_MS * 1000000;
+    while (!cpu->parked && atomic_load(&cpu->phase) != VCPU_STOPPED && now_ns() < give_up) {
+        /* Re-sent on every round: cheap, and a vCPU blocked outside KVM_RUN is interrupted again once it is back. */
+        pthread_kill(cpu->thread, KICK_SIGNAL);
+        struct timespec until = deadline_after_ms(PARK_RETRY_MS);
+        pthread_cond_timedwait(&cpu->cond, &cpu->lock, &until);
+    }
     int parked = cpu->parked;
+    if (!parked) withdraw_park(cpu);
     pthread_mutex_unlock(&cpu->lock);
-    if (!parked) atomic_store(&cpu->park_requested, 0);
+    if (!parked) errno = atomic_load(&cpu->phase) == VCPU_STOPPED ? ESRCH : ETIMEDOUT;
     return parked ? 0 : -1;
 }
 
 void vcpu_resume(struct vcpu *cpu) {
     pthread_mutex_lock(&cpu->lock);
     atomic_store(&cpu->park_requested, 0);
+    /* Cleared here, while the vCPU is parked and out of KVM_RUN: if the vCPU thread cleared it after waking,
+       it could wipe out the next park's request, whose signal may already be spent, and that park would wait for ever. */
+    cpu->vm->run->immediate_exit = 0;
     cpu->resume_ticket++;
     pthread_cond_broadcast(&cpu->cond);
     pthread_mutex_unlock(&cpu->lock);

@@ -21,6 +21,8 @@
 /* Real-mode helper areas KVM wants below 4 GiB, out of the way of guest RAM. */
 #define TSS_ADDR 0xfffbd000u
 #define IDENTITY_MAP_ADDR 0xfffbc000u
+/* What KVM copies into kvm_run at every KVM_RUN return (state.c captures them from there). */
+#define SYNC_FIELDS (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS)
 
 static int check_cap(int fd, long cap) {
     int r = ioctl(fd, KVM_CHECK_EXTENSION, cap);
@@ -74,6 +76,7 @@ int vm_open(struct vm *vm, uint64_t ram_size) {
     vm->has_xcrs = check_cap(vm->kvm_fd, KVM_CAP_XCRS);
     vm->has_sregs2 = check_cap(vm->kvm_fd, KVM_CAP_SREGS2);
     vm->has_debugregs = check_cap(vm->kvm_fd, KVM_CAP_DEBUGREGS);
+    vm->has_sync_regs = (check_cap(vm->kvm_fd, KVM_CAP_SYNC_REGS) & SYNC_FIELDS) == SYNC_FIELDS;
     return 0;
 }
 
@@ -95,6 +98,12 @@ void vm_learn_features(struct vm *vm) {
  * Creates the VM, memory slot, irqchip, PIT and vCPU. The memory slot goes in
  * before KVM_CREATE_IRQCHIP: registering it afterwards waits for an SRCU
  * grace period (~7 ms measured here) on the fork critical path.
+ *
+ * kvm_valid_regs is set once, for good: every KVM_RUN return (the EINTR that
+ * parks the vCPU included) then leaves REGS, SREGS and VCPU_EVENTS in
+ * kvm_run, so capturing them costs no ioctl. Each vCPU ioctl costs ~8 us
+ * here (vcpu_load/vcpu_put, from any thread); storing the three at every
+ * exit did not change the exit rate measurably (~13.5k MMIO exits/s either way).
  */
 int vm_build_kvm_objects(struct vm *vm) {
     vm->vm_fd = ioctl(vm->kvm_fd, KVM_CREATE_VM, 0);
@@ -112,6 +121,7 @@ int vm_build_kvm_objects(struct vm *vm) {
     if (vm->vcpu_fd < 0) return -1;
     vm->run = mmap(NULL, vm->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vm->vcpu_fd, 0);
     if (vm->run == MAP_FAILED) return vm->run = NULL, -1;
+    if (vm->has_sync_regs) vm->run->kvm_valid_regs = SYNC_FIELDS;
     if (ioctl(vm->vcpu_fd, KVM_SET_CPUID2, vm->cpuid) < 0) return -1;
     return 0;
 }

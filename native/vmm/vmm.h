@@ -50,6 +50,7 @@ struct vm {
     int has_sregs2;
     int has_tsc_offset_attr;
     int has_debugregs;
+    int has_sync_regs; /* KVM stores REGS, SREGS and VCPU_EVENTS into kvm_run at every KVM_RUN return */
 };
 
 int vm_open(struct vm *vm, uint64_t ram_size);
@@ -134,7 +135,7 @@ struct vcpu {
 int vcpu_init_sync(struct vcpu *cpu);
 int vcpu_start(struct vcpu *cpu);
 _Noreturn void vcpu_run_on_this_thread(struct vcpu *cpu);
-/* Stops the vCPU at a safe point (I/O completed). 0, or -1 if it has stopped for good. */
+/* Stops the vCPU at a safe point (I/O completed). 0, or -1 with errno ESRCH (stopped for good) or ETIMEDOUT (did not stop in time). */
 int vcpu_park(struct vcpu *cpu);
 void vcpu_resume(struct vcpu *cpu);
 void vcpu_kick(struct vcpu *cpu);
@@ -201,6 +202,7 @@ struct board {
     int agent_fd; /* the connected host end, -1 when none */
     char agent_path[108];
     int wake_fd; /* eventfd: the vCPU thread tells the control thread to re-poll */
+    unsigned agent_polled; /* under lock: what the control thread's poll set waits for on the agent port */
     uint64_t agent_connects;
 };
 
@@ -289,5 +291,6 @@ struct vmm {
 };
 
 int64_t now_ns(void);
+int serial_log_open(const char *path); /* append-only and non-blocking: a stuck reader never stalls the vCPU */
 
 #endif

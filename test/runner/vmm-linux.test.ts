@@ -8,6 +8,8 @@ import { runInRunner, runnerAvailable, runnerTraces } from './harness.js';
 // clade-vmm boots the default image (PVH, ACPI MADT, serial, virtio-console)
 // inside the runner VM, whose /dev/kvm runs Linux guests; the agent answers on
 // the VMM's agent socket; the VM forks to depth 3 with isolated children.
+// The control socket keeps answering while agent clients come and go during
+// boot and through parks requested back to back.
 // The steps are native/vmm/test/linux-fork.sh; vmm-agent is its static client.
 const root = join(import.meta.dirname, '../..');
 const TIMEOUT_MS = 240_000;
@@ -33,6 +35,8 @@ describe('clade-vmm boots Linux and forks it (runner)', () => {
     const output = r.output.toString();
     const failed = output.split('\n').filter((l) => l.startsWith('check FAIL'));
     expect(failed, output).toEqual([]);
+    expect(output).toContain('check ok early-clients');
+    expect(output).toContain('check ok parks');
     expect(output).toContain('check ok depth3');
     expect(output).toContain('check ok no-vmm-left');
     expect(output).toContain('done');

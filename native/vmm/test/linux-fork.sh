@@ -17,12 +17,24 @@ $VMM run --socket $D/root.sock --agent-socket $D/root.agent --serial-log $D/root
   --kernel /opt/img/vmlinux --initramfs /opt/img/initramfs.cpio \
   --cmdline "console=ttyS0 quiet panic=-1 mitigations=off random.trust_cpu=on i8042.noaux clade.token=$T clade.id=root clade.hostname=root" \
   > $D/root.out 2>&1 &
+# Agent clients come and go while the guest boots (before its agent opened the port); the control
+# socket must answer all along, and the next client must then get its HELLO answered.
+w=0; while [ ! -S $D/root.agent -o ! -S $D/root.sock ] && [ $w -lt 250 ]; do usleep 20000; w=$((w+1)); done
+out=$($A churn $D/root.agent $D/root.sock $T 2500)
+echo "$out"
+check early-clients "$(echo "$out" | grep -o 'status always answered')" "status always answered"
 out=$($A hello $D/root.agent $T 90000 2>&1)
 t1=$(cut -d' ' -f1 /proc/uptime)
 echo "$out"
 echo "figure boot_to_hello_s $(awk "BEGIN{print $t1-$t0}")"
 check hello "$(echo "$out" | cut -c1-8)" "hello ok"
 check uname "$($A exec $D/root.agent $T 'uname -r')" "6.12.117+deb12-cloud-amd64"
+# Parks back to back (state, pause, resume): the next park may come before the resumed vCPU thread
+# ran at all. Every request must be answered, and the agent must still answer afterwards.
+out=$($A parks $D/root.sock 200)
+echo "$out"
+check parks "$(echo "$out" | grep -o '^parks: 200 requests answered')" "parks: 200 requests answered"
+check agent-after-parks "$($A exec $D/root.agent $T 'echo still-here')" "still-here"
 
 # Fork the root; the child answers on its own agent socket.
 out=$($A fork-exec $D/root.sock $D/c1.sock $D/c1.agent $T 'echo child-alive')

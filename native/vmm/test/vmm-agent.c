@@ -8,6 +8,13 @@
  *   vmm-agent fixup AGENT_SOCKET TOKEN NEW_TOKEN ID HOSTNAME   FORK_FIXUP
  *   vmm-agent fork-exec CTL_SOCKET CHILD_CTL CHILD_AGENT TOKEN 'SHELL CMD'
  *        fork, connect to the child's agent, run the command there; prints timings
+ *   vmm-agent parks CTL_SOCKET N
+ *        N park/resume cycles back to back on one connection ("state", "pause", "resume"), each
+ *        answered within 10 s; exit 0 if all were ok
+ *   vmm-agent churn AGENT_SOCKET CTL_SOCKET TOKEN MS [half]
+ *        for MS milliseconds: connect to the agent socket and go away again (at once or after
+ *        a whole HELLO; with "half" also after half a frame header), each time checking that
+ *        the control socket still answers "status" within 3 s; exit 0 if it always did
  *
  * The frame format and message types are those of docs/protocol.md. Every
  * wait has a deadline: nothing here blocks for ever.
@@ -193,13 +200,14 @@ static int fixup(int fd, const uint8_t *token, const uint8_t *new_token, const c
     }
 }
 
-static int ctl(const char *path, const char *line, char *reply, size_t cap) {
+static int ctl_deadline(const char *path, const char *line, char *reply, size_t cap, double timeout_ms) {
+    reply[0] = '\0';
     int fd = connect_unix(path);
     if (fd < 0) return fprintf(stderr, "vmm-agent: cannot connect to %s\n", path), -1;
     char req[4096];
     int n = snprintf(req, sizeof req, "%s\n", line);
     size_t got = 0;
-    double deadline = now_ms() + 30000;
+    double deadline = now_ms() + timeout_ms;
     if (n < 0 || (size_t)n >= sizeof req || send_all(fd, req, (size_t)n) < 0) return close(fd), -1;
     while (got < cap - 1 && !memchr(reply, '\n', got)) {
         if (recv_exact(fd, (uint8_t *)reply + got, 1, deadline) < 0) break;
@@ -208,6 +216,73 @@ static int ctl(const char *path, const char *line, char *reply, size_t cap) {
     reply[got] = '\0';
     close(fd);
     return strstr(reply, "\"ok\":true") ? 0 : -1;
+}
+
+static int ctl(const char *path, const char *line, char *reply, size_t cap) { return ctl_deadline(path, line, reply, cap, 30000); }
+
+/* One short-lived agent client: gone at once, after half a frame header, or after a HELLO and a short wait. */
+static void churn_once(const char *agent, const uint8_t *token, unsigned kind, uint32_t id) {
+    int fd = connect_unix(agent);
+    if (fd < 0) return;
+    if (kind == 1) {
+        uint8_t half[7] = {'C', 'L', 'D', '1', HELLO};
+        send_all(fd, half, sizeof half);
+    } else if (kind == 2 && send_frame(fd, HELLO, id, token, NULL, 0) == 0) {
+        uint8_t type;
+        uint32_t rid, len;
+        recv_frame(fd, &type, &rid, &len, now_ms() + 50 + rand() % 400);
+    }
+    close(fd);
+}
+
+/* Hammers the agent socket with connects and disconnects while the control socket must keep answering. */
+static int churn(const char *agent, const char *ctl_path, const uint8_t *token, double ms, unsigned kinds) {
+    char reply[65536];
+    double end = now_ms() + ms;
+    unsigned n = 0;
+    srand((unsigned)getpid() ^ (unsigned)now_ms());
+    for (; now_ms() < end; n++) {
+        unsigned kind = (unsigned)rand() % kinds;
+        churn_once(agent, token, kinds == 2 ? kind * 2 : kind, n + 1); /* 0 gone at once, 1 half a header, 2 a HELLO */
+        double t = now_ms();
+        if (ctl_deadline(ctl_path, "status", reply, sizeof reply, 3000) < 0) {
+            printf("churn: status failed after %u connections (%.0f ms): [%s]\n", n, now_ms() - t, reply);
+            return 1;
+        }
+        usleep((useconds_t)(rand() % 200) * 1000);
+    }
+    printf("churn: %u connections, status always answered\n", n);
+    return 0;
+}
+
+/* Reads one reply line before the deadline; -1 on EOF or timeout. */
+static int read_line(int fd, char *buf, size_t cap, double deadline) {
+    size_t got = 0;
+    while (got < cap - 1) {
+        if (recv_exact(fd, (uint8_t *)buf + got, 1, deadline) < 0) return -1;
+        if (buf[got++] == '\n') break;
+    }
+    buf[got] = '\0';
+    return 0;
+}
+
+/* Parks right after resumes: a resumed vCPU thread may not have run yet when the next park is asked for. */
+static int parks(const char *ctl_path, int n) {
+    static const char *const cycle[] = {"state\n", "pause\n", "state\n", "resume\n"};
+    char reply[4096];
+    int fd = connect_unix(ctl_path);
+    if (fd < 0) return fprintf(stderr, "vmm-agent: cannot connect to %s\n", ctl_path), 1;
+    double t0 = now_ms();
+    for (int i = 0; i < n; i++) {
+        const char *req = cycle[i % 4];
+        if (send_all(fd, req, strlen(req)) < 0 || read_line(fd, reply, sizeof reply, now_ms() + 10000) < 0) {
+            printf("parks: no reply to request %d (%.*s) after %.0f ms\n", i, (int)strlen(req) - 1, req, now_ms() - t0);
+            return close(fd), 1;
+        }
+        if (!strstr(reply, "\"ok\":true")) return printf("parks: request %d failed: %s", i, reply), close(fd), 1;
+    }
+    printf("parks: %d requests answered in %.0f ms\n", n, now_ms() - t0);
+    return close(fd), 0;
 }
 
 static int token_arg(const char *hex, uint8_t *token) {
@@ -257,6 +332,11 @@ int main(int argc, char **argv) {
         return fixup(fd, token, new_token, argv[5], argv[6]) == 0 ? 0 : 1;
     }
     if (argc == 7 && !strcmp(argv[1], "fork-exec")) return cmd_fork_exec(argv);
+    if (argc == 4 && !strcmp(argv[1], "parks")) return parks(argv[2], atoi(argv[3]));
+    if ((argc == 6 || (argc == 7 && !strcmp(argv[6], "half"))) && !strcmp(argv[1], "churn")) {
+        if (token_arg(argv[4], token) < 0) return 2;
+        return churn(argv[2], argv[3], token, atof(argv[5]), argc == 7 ? 3 : 2);
+    }
     fprintf(stderr, "usage: see the comment at the top of native/vmm/test/vmm-agent.c\n");
     return 2;
 }
