@@ -26,6 +26,7 @@
  * measures 40-75 ns and boots Linux in seconds, so it counts as usable.
  */
 #define USABLE_NS_PER_ITERATION 150.0
+#define PROBE_RUNS 3
 
 static double now_ns(void) {
     struct timespec ts;
@@ -42,6 +43,8 @@ static long tsc_khz(void) {
     unsigned long long c1 = __rdtsc();
     return (long)((double)(c1 - c0) / ((t1 - t0) / 1e6));
 }
+
+static const char *time_guest_loop(int vcpu, struct kvm_run *run, double *ns);
 
 static int report(int usable, double ns, const char *reason) {
     printf("{\"usable\":%s,\"nsPerIteration\":%.3f,\"reason\":\"%s\",\"tscKhz\":%ld}\n", usable ? "true" : "false", ns, reason, tsc_khz());
@@ -77,21 +80,37 @@ int main(void) {
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
     if (ioctl(vcpu, KVM_SET_SREGS, &sregs) < 0) return report(0, 0, "KVM_SET_SREGS failed");
-    struct kvm_regs regs = {.rip = 0x1000, .rflags = 0x2};
-    if (ioctl(vcpu, KVM_SET_REGS, &regs) < 0) return report(0, 0, "KVM_SET_REGS failed");
+    /*
+     * The fastest of a few runs: a busy host only ever makes the loop slower,
+     * so one slow run under load must not disqualify a KVM that runs Linux.
+     */
+    double best = 0;
+    for (int attempt = 0; attempt < PROBE_RUNS; attempt++) {
+        double ns = 0;
+        const char *failure = time_guest_loop(vcpu, run, &ns);
+        if (failure) return report(0, 0, failure);
+        if (best == 0 || ns < best) best = ns;
+        if (best < USABLE_NS_PER_ITERATION) break;
+    }
+    if (best < USABLE_NS_PER_ITERATION) return report(1, best, "guest kernel code runs at hardware speed");
+    return report(0, best, "guest kernel code is emulated (software nested virtualization): Linux guests would take minutes to boot");
+}
 
+/* Runs the loop once from its start; NULL and *ns per iteration, or why it cannot run. */
+static const char *time_guest_loop(int vcpu, struct kvm_run *run, double *ns) {
+    struct kvm_regs regs = {.rip = 0x1000, .rflags = 0x2};
+    if (ioctl(vcpu, KVM_SET_REGS, &regs) < 0) return "KVM_SET_REGS failed";
     double start = now_ns();
     for (int exits = 0; exits < 1000; exits++) {
         if (ioctl(vcpu, KVM_RUN, 0) < 0) {
             if (errno == EINTR) continue;
-            return report(0, 0, "KVM_RUN failed: guest kernel code cannot run here");
+            return "KVM_RUN failed: guest kernel code cannot run here";
         }
         if (run->exit_reason == KVM_EXIT_HLT) {
-            double ns = (now_ns() - start) / ITERATIONS;
-            if (ns < USABLE_NS_PER_ITERATION) return report(1, ns, "guest kernel code runs at hardware speed");
-            return report(0, ns, "guest kernel code is emulated (software nested virtualization): Linux guests would take minutes to boot");
+            *ns = (now_ns() - start) / ITERATIONS;
+            return NULL;
         }
-        if (run->exit_reason != KVM_EXIT_INTR) return report(0, 0, "unexpected VM exit: guest kernel code cannot run here");
+        if (run->exit_reason != KVM_EXIT_INTR) return "unexpected VM exit: guest kernel code cannot run here";
     }
-    return report(0, 0, "guest loop never finished");
+    return "guest loop never finished";
 }

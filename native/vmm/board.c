@@ -263,3 +263,45 @@ void board_close_stale(const struct board_stale *stale) {
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
         if (fds[i] >= 0 && (i == 0 || fds[i] != fds[0])) close(fds[i]);
 }
+
+/* ---- start from a snapshot -------------------------------------------------- */
+
+/* The saved struct board points into this process's guest RAM and static data; anything else is not our snapshot. */
+static bool image_fits_this_process(const struct board *b, const struct vm *vm) {
+    return b->vm == vm && b->mem.count == 1 && b->mem.region[0].host == vm->ram && b->mem.region[0].size == vm->ram_size &&
+           b->con.vp.mem == &b->mem && b->con.vp.msi_ctx == b && b->pci.slot[1] == &b->con.vp.pci;
+}
+
+/*
+ * Host descriptors recorded in the image are numbers from another process:
+ * all are replaced, none is closed. The guest sees its agent port's host end
+ * close (as a forked child does), and open when a client connects.
+ */
+int board_restore(struct board *b, const void *image, struct vm *vm, int agent_listen_fd, const char *agent_path, int serial_fd) {
+    memcpy(b, image, sizeof *b);
+    if (!image_fits_this_process(b, vm)) return errno = EINVAL, -1;
+    if (pthread_mutex_init(&b->lock, NULL) != 0) return -1;
+    b->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (b->wake_fd < 0) return -1;
+    b->agent_listen_fd = agent_listen_fd;
+    b->agent_fd = -1;
+    b->agent_polled = 0;
+    b->agent_connects = 0;
+    snprintf(b->agent_path, sizeof b->agent_path, "%s", agent_path ? agent_path : "");
+    b->serial_fd = serial_fd;
+    uart_set_output_fd(&b->uart, serial_fd);
+    struct vcon_port *port = &b->con.port[BOARD_AGENT_PORT];
+    bool was_connected = port->fd >= 0;
+    port->hungup_fd = -1;
+    virtio_console_port_discard_output(&b->con, BOARD_AGENT_PORT);
+    /* A stand-in descriptor, so that letting go of it tells the guest the host end closed; nothing is ever read from it. */
+    port->fd = was_connected ? eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK) : -1;
+    int stand_in = port->fd;
+    virtio_console_port_set_fd(&b->con, BOARD_AGENT_PORT, -1);
+    int hungup = virtio_console_port_take_hungup_fd(&b->con, BOARD_AGENT_PORT);
+    if (stand_in >= 0) close(stand_in);
+    if (hungup >= 0 && hungup != stand_in) close(hungup);
+    virtio_pci_resignal(&b->con.vp);
+    uart_resync_irq(&b->uart);
+    return 0;
+}

@@ -312,6 +312,16 @@ static int cmd_fork(struct vmm *v, int argc, char **argv, int batch) {
     return fork_reply(&rep, r == 0, err);
 }
 
+/* snapshot DIR: DIR must exist and be empty of snapshot files; the writer child fills it (docs/vmm.md). */
+static int cmd_snapshot(struct vmm *v, int argc, char **argv) {
+    if (argc != 2 || !plain_absolute_path(argv[1])) return reply_error("usage: snapshot DIR (an absolute, plain path)");
+    struct snapshot_report rep;
+    char err[200] = "";
+    if (vmm_snapshot(v, argv[1], &rep, err, sizeof err) < 0) return reply_error(err);
+    return snprintf(reply, sizeof reply, "{\"ok\":true,\"writer\":%d,\"parkUs\":%.1f,\"captureUs\":%.1f,\"forkUs\":%.1f,\"pauseUs\":%.1f}",
+                    rep.writer_pid, rep.park_ns / 1e3, rep.capture_ns / 1e3, rep.fork_ns / 1e3, rep.pause_ns / 1e3);
+}
+
 static int dispatch(struct vmm *v, int argc, char **argv, enum line_outcome *outcome) {
     const char *verb = argv[0];
     if (!strcmp(verb, "ping")) return reply_ok();
@@ -325,6 +335,7 @@ static int dispatch(struct vmm *v, int argc, char **argv, enum line_outcome *out
     if (!strcmp(verb, "resume")) return cmd_resume(v);
     if (!strcmp(verb, "state")) return cmd_state(v);
     if (!strcmp(verb, "fork") || !strcmp(verb, "forks")) return cmd_fork(v, argc, argv, verb[4] == 's');
+    if (!strcmp(verb, "snapshot")) return cmd_snapshot(v, argc, argv);
     if (!strcmp(verb, "quit")) {
         *outcome = LINE_QUIT;
         return reply_ok();

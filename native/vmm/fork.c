@@ -223,3 +223,27 @@ int vmm_fork(struct vmm *v, int count, const struct fork_paths *paths, struct fo
     v->forks_done += (uint64_t)made;
     return made == count ? 0 : -1;
 }
+
+/*
+ * A snapshot to disk is a fork whose one child never runs the VM: it writes
+ * its copy-on-write view of RAM and the captured state to `dir` and exits
+ * (snapshot.c). The parent pauses exactly as long as for a fork and replies
+ * at once with the writer's pid; the writer reports in dir/done.
+ */
+int vmm_snapshot(struct vmm *v, const char *dir, struct snapshot_report *rep, char *err, size_t errlen) {
+    struct fork_report timing = {0};
+    memset(rep, 0, sizeof *rep);
+    int64_t t0 = now_ns();
+    if (stop_and_capture(v, &timing, t0, err, errlen) < 0) return -1;
+    int64_t forked = now_ns();
+    pid_t pid = fork();
+    if (pid == 0) snapshot_writer_main(v, dir);
+    int saved = errno;
+    rep->fork_ns = now_ns() - forked;
+    if (!v->user_paused) vcpu_resume(&v->cpu);
+    rep->pause_ns = now_ns() - t0;
+    rep->park_ns = timing.park_ns, rep->capture_ns = timing.capture_ns;
+    if (pid < 0) return snprintf(err, errlen, "fork: %s", strerror(saved)), -1;
+    rep->writer_pid = pid;
+    return 0;
+}

@@ -4,6 +4,7 @@
  *   clade-vmm run --socket PATH [--mem-mib N] [--idle-us N]
  *   clade-vmm run --socket PATH --kernel VMLINUX --initramfs FILE [--cmdline TEXT]
  *                 [--serial-log FILE] [--agent-socket PATH] [--mem-mib N]
+ *   clade-vmm run --socket PATH --restore DIR [--serial-log FILE] [--agent-socket PATH] [--idle-us N]
  *
  * Starts one VM, running the CPL3 test guest or (with --kernel) a Linux
  * guest booted by PVH, and serves the control protocol (docs/vmm.md) on
@@ -32,8 +33,11 @@ struct options {
     const char *socket_path;
     uint64_t mem_mib;
     uint64_t idle_us;
-    const char *kernel, *initramfs, *cmdline, *serial_log, *agent_socket;
+    const char *kernel, *initramfs, *cmdline, *serial_log, *agent_socket, *restore;
 };
+
+/* At a fixed address (static, non-PIE): a snapshot's device state points into it, so a start from that snapshot finds it in the same place. */
+static struct board linux_board;
 
 int64_t now_ns(void) {
     struct timespec ts;
@@ -56,7 +60,8 @@ int serial_log_open(const char *path) {
 static int usage(void) {
     fprintf(stderr, "usage: clade-vmm run --socket PATH [--mem-mib N] [--idle-us N]\n"
                     "       clade-vmm run --socket PATH --kernel VMLINUX --initramfs FILE [--cmdline TEXT]\n"
-                    "                     [--serial-log FILE] [--agent-socket PATH] [--mem-mib N]\n");
+                    "                     [--serial-log FILE] [--agent-socket PATH] [--mem-mib N]\n"
+                    "       clade-vmm run --socket PATH --restore DIR [--serial-log FILE] [--agent-socket PATH] [--idle-us N]\n");
     return 2;
 }
 
@@ -76,6 +81,7 @@ static const char **string_option(struct options *o, const char *name) {
     if (!strcmp(name, "--cmdline")) return &o->cmdline;
     if (!strcmp(name, "--serial-log")) return &o->serial_log;
     if (!strcmp(name, "--agent-socket")) return &o->agent_socket;
+    if (!strcmp(name, "--restore")) return &o->restore;
     return NULL;
 }
 
@@ -93,6 +99,7 @@ static int parse_options(int argc, char **argv, struct options *o) {
         } else return -1;
         i++;
     }
+    if (o->restore) return o->socket_path && !o->kernel && !o->initramfs && !o->mem_mib ? 0 : -1; /* the snapshot has them */
     if (!o->mem_mib) o->mem_mib = o->kernel ? DEFAULT_LINUX_MEM_MIB : DEFAULT_MEM_MIB;
     if (!o->kernel && (o->mem_mib > MAX_MEM_MIB || o->initramfs || o->serial_log || o->agent_socket)) return -1;
     if (o->kernel && !o->initramfs) return -1;
@@ -110,8 +117,17 @@ static void mark_hypervisor_present(struct kvm_cpuid2 *cpuid) {
         if (cpuid->entries[i].function == 1) cpuid->entries[i].ecx |= CPUID_HYPERVISOR_BIT;
 }
 
+/* The host ends of a Linux guest's devices: the serial log and the agent's listening socket. */
+static int open_host_ends(const struct options *o, int *serial_fd, int *agent_fd) {
+    *serial_fd = o->serial_log ? serial_log_open(o->serial_log) : -1;
+    if (o->serial_log && *serial_fd < 0) return fail("open serial log");
+    *agent_fd = -1;
+    if (o->agent_socket && control_listen(o->agent_socket, agent_fd) < 0) return fail("listen on agent socket");
+    return 0;
+}
+
 static int install_linux(struct vmm *v, const struct options *o) {
-    static struct board board;
+    struct board *board = &linux_board;
     /* The board's PCI bus 0 has no ACPI root-bridge object: the kernel finds it by the peer-bus scan. */
     static char cmdline[2048];
     if ((size_t)snprintf(cmdline, sizeof cmdline, "%s pci=lastbus=1", o->cmdline) >= sizeof cmdline)
@@ -119,12 +135,10 @@ static int install_linux(struct vmm *v, const struct options *o) {
     struct pvh_boot boot = {.kernel = o->kernel, .initramfs = o->initramfs, .cmdline = cmdline};
     char err[256];
     if (pvh_boot_install(&v->vm, &boot, err, sizeof err) < 0) return fprintf(stderr, "clade-vmm: %s\n", err), 1;
-    int serial_fd = o->serial_log ? serial_log_open(o->serial_log) : -1;
-    if (o->serial_log && serial_fd < 0) return fail("open serial log");
-    int agent_fd = -1;
-    if (o->agent_socket && control_listen(o->agent_socket, &agent_fd) < 0) return fail("listen on agent socket");
-    if (board_init(&board, &v->vm, serial_fd, agent_fd, o->agent_socket) < 0) return fail("devices");
-    v->board = v->cpu.board = &board;
+    int serial_fd, agent_fd;
+    if (open_host_ends(o, &serial_fd, &agent_fd)) return 1;
+    if (board_init(board, &v->vm, serial_fd, agent_fd, o->agent_socket) < 0) return fail("devices");
+    v->board = v->cpu.board = board;
     v->exit_on_stop = 1;
     return 0;
 }
@@ -141,6 +155,44 @@ static int build_root_vm(struct vmm *v, const struct options *o) {
     return 0;
 }
 
+static int restore_failed(const char *what) {
+    fprintf(stderr, "clade-vmm: cannot start from snapshot: %s\n", what);
+    return 1;
+}
+
+/*
+ * A root VM started from a snapshot (snapshot.c): guest RAM is the snapshot's
+ * memory.raw mapped copy-on-write, the state is restored with the same code
+ * as a forked child's, and the device state gets this process's host ends.
+ */
+static int restore_root_vm(struct vmm *v, const struct options *o) {
+    char err[300];
+    void *board_image = NULL;
+    v->cpu.timing.fork_ns = now_ns(); /* status: a restored root's time zero is the start of its restore */
+    if (vm_open_kvm(&v->vm) < 0) return fail("open /dev/kvm");
+    if (snapshot_load(v, o->restore, &board_image, err, sizeof err) < 0) return restore_failed(err);
+    int r = 1;
+    const char *failed = "vm";
+    if (vm_build_kvm_objects(&v->vm) < 0) fail("create VM");
+    else if (snapshot_check_host(&v->vm, err, sizeof err) < 0) restore_failed(err);
+    else if ((v->cpu.timing.built_ns = now_ns(), state_restore(&v->vm, &v->state, &failed)) < 0) fail(failed);
+    else r = 0;
+    if (r == 0 && board_image) {
+        int serial_fd, agent_fd;
+        if (open_host_ends(o, &serial_fd, &agent_fd)) r = 1;
+        else if (board_restore(&linux_board, board_image, &v->vm, agent_fd, o->agent_socket, serial_fd) < 0) {
+            r = restore_failed("the device state does not fit this clade-vmm build");
+            if (o->agent_socket) unlink(o->agent_socket);
+        } else {
+            v->board = v->cpu.board = &linux_board;
+            v->exit_on_stop = 1;
+        }
+    }
+    v->cpu.timing.restored_ns = now_ns();
+    free(board_image);
+    return r;
+}
+
 int main(int argc, char **argv) {
     struct options o;
     if (parse_options(argc, argv, &o) < 0) return usage();
@@ -150,7 +202,7 @@ int main(int argc, char **argv) {
     static struct vmm v;
     v.cpu.vm = &v.vm;
     v.cpu.idle_us = (uint32_t)o.idle_us;
-    if (build_root_vm(&v, &o)) return 1;
+    if (o.restore ? restore_root_vm(&v, &o) : build_root_vm(&v, &o)) return 1;
     int listen_fd;
     if (control_listen(o.socket_path, &listen_fd) < 0) {
         if (o.agent_socket) unlink(o.agent_socket);

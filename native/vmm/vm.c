@@ -60,6 +60,14 @@ static struct kvm_cpuid2 *supported_cpuid(int kvm_fd) {
 }
 
 int vm_open(struct vm *vm, uint64_t ram_size) {
+    if (vm_open_kvm(vm) < 0) return -1;
+    vm->ram_size = ram_size;
+    vm->ram = map_guest_ram(ram_size);
+    return vm->ram ? 0 : -1;
+}
+
+/* Everything but guest RAM: a start from a snapshot maps RAM from its file instead. */
+int vm_open_kvm(struct vm *vm) {
     memset(vm, 0, sizeof *vm);
     vm->vm_fd = vm->vcpu_fd = -1;
     vm->kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
@@ -68,9 +76,6 @@ int vm_open(struct vm *vm, uint64_t ram_size) {
     int run_size = ioctl(vm->kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
     if (run_size <= 0) return -1;
     vm->run_size = (size_t)run_size;
-    vm->ram_size = ram_size;
-    vm->ram = map_guest_ram(ram_size);
-    if (!vm->ram) return -1;
     vm->cpuid = supported_cpuid(vm->kvm_fd);
     if (!vm->cpuid) return -1;
     vm->has_xcrs = check_cap(vm->kvm_fd, KVM_CAP_XCRS);

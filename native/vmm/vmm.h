@@ -54,6 +54,7 @@ struct vm {
 };
 
 int vm_open(struct vm *vm, uint64_t ram_size);
+int vm_open_kvm(struct vm *vm); /* vm_open without guest RAM */
 int vm_build_kvm_objects(struct vm *vm);
 void vm_learn_features(struct vm *vm); /* root only, after the first build */
 int vm_probe_msrs(struct vm *vm);
@@ -222,6 +223,8 @@ int board_poll_fill(struct board *b, struct pollfd *pfd); /* at most BOARD_MAX_P
 void board_poll_handle(struct board *b, const struct pollfd *pfd, int n);
 void board_child_rebind(struct board *b, int agent_listen_fd, const char *agent_path, int serial_fd, struct board_stale *stale);
 void board_close_stale(const struct board_stale *stale);
+/* Start from a snapshot: `image` is the snapshotted struct board (same binary, same RAM address); new host ends replace its descriptors. */
+int board_restore(struct board *b, const void *image, struct vm *vm, int agent_listen_fd, const char *agent_path, int serial_fd);
 
 /* ---- fork.c ----------------------------------------------------------- */
 
@@ -251,6 +254,66 @@ struct fork_report {
 
 /* Returns 0/-1 in the parent; never returns in a child (its forking thread becomes the vCPU thread). */
 int vmm_fork(struct vmm *v, int count, const struct fork_paths *paths, struct fork_report *rep, char *err, size_t errlen);
+
+/* Snapshot to disk: park, capture, fork(2) one writer child that saves RAM and state to DIR (snapshot.c), resume. */
+struct snapshot_report {
+    int writer_pid;
+    int64_t park_ns, capture_ns, fork_ns, pause_ns;
+};
+
+int vmm_snapshot(struct vmm *v, const char *dir, struct snapshot_report *rep, char *err, size_t errlen);
+
+/* ---- snapshot.c ------------------------------------------------------- */
+
+/* state.bin, format 1 (docs/snapshots.md, "vmm engine"): a header, then sections. Little-endian (x86-64 only). */
+#define SNAPSHOT_MAGIC "CLADEVMS"
+#define SNAPSHOT_FORMAT 1u
+#define SNAPSHOT_BUILD_ID_MAX 64u
+#define SNAPSHOT_STATE_MAX (16u << 20) /* far above any real state.bin: a bigger one is refused unread */
+
+struct snapshot_header {
+    char magic[8];
+    uint32_t format;
+    uint32_t header_bytes;
+    uint32_t build_id_len;
+    uint32_t section_count;
+    uint8_t build_id[SNAPSHOT_BUILD_ID_MAX]; /* the GNU build id of the clade-vmm that wrote it */
+    uint64_t ram_size;
+    uint64_t ram_host_addr; /* where guest RAM was mapped: device state points into it */
+    uint64_t total_bytes;   /* the whole file */
+};
+
+struct snapshot_section {
+    uint32_t id;
+    uint32_t reserved; /* 0 */
+    uint64_t bytes;    /* payload that follows, then zero padding to a multiple of 8 */
+};
+
+enum snapshot_section_id {
+    SNAP_VM_FACTS = 1, /* struct snapshot_vm_facts */
+    SNAP_CPUID = 2,    /* kvm_cpuid_entry2[nent] (nent = bytes / entry size) */
+    SNAP_VCPU = 3,     /* struct vcpu_state of this build, pointers zeroed */
+    SNAP_XSAVE = 4,    /* xsave_size bytes */
+    SNAP_MSRS = 5,     /* kvm_msr_entry[msr_count] */
+    SNAP_VM_STATE = 6, /* struct vm_state */
+    SNAP_BOARD = 7,    /* struct board of this build (Linux guests only) */
+};
+
+struct snapshot_vm_facts {
+    uint32_t msr_count, xsave_size, has_xsave2, has_xcrs, has_sregs2, has_tsc_offset_attr, has_debugregs;
+    uint32_t guest_linux; /* 1: a Linux guest with a board, 0: the CPL3 test guest */
+    uint32_t msr_index[VMM_MAX_MSRS];
+};
+
+/* Runs in the writer child; never returns. Writes DIR/memory.raw, DIR/state.bin, then DIR/done (a JSON result line). */
+_Noreturn void snapshot_writer_main(const struct vmm *v, const char *dir);
+/*
+ * Start from DIR: maps memory.raw copy-on-write at its recorded address and loads the checked state.bin into v
+ * (after vm_open_kvm and state_alloc). *board_image gets the saved struct board (malloc'd), NULL for the CPL3 guest.
+ */
+int snapshot_load(struct vmm *v, const char *dir, void **board_image, char *err, size_t errlen);
+/* After the KVM objects are built: refuses a snapshot whose KVM features differ from this host's. */
+int snapshot_check_host(const struct vm *vm, char *err, size_t errlen);
 
 /* ---- control.c -------------------------------------------------------- */
 

@@ -2,6 +2,7 @@ import { Command, Option } from 'commander';
 import { benchBoot } from '../bench/boot.js';
 import { benchFork } from '../bench/fork.js';
 import { benchLoad, type LoadMode } from '../bench/load.js';
+import { benchVmm, vmmBenchRows, type EngineUnderTest } from '../bench/vmm.js';
 import { buildImage } from '../images/build.js';
 import { listImages, removeImage } from '../images/store.js';
 import { CladeError } from '../core/errors.js';
@@ -256,6 +257,38 @@ export function buildProgram(): Command {
       }),
     );
   bench
+    .command('vmm')
+    .description('clade-vmm vs the qemu engine, both on KVM inside the runner VM: boot, forks of 1/10/100, host fork work, depth, memory, pause')
+    .option('-n, --runs <n>', 'repetitions of cold boots and of forks of one child', (v) => parseInt(v, 10), 5)
+    .option('--fanouts <list>', 'children per fork, comma-separated', integerList, [1, 10, 100])
+    .option('--fanout-runs <n>', 'repetitions of forks of 2 to 10 children', (v) => parseInt(v, 10), 3)
+    .option('--large-fanout-runs <n>', 'repetitions of forks of more than 10 children', (v) => parseInt(v, 10), 1)
+    .option('--depths <list>', 'nesting depths measured, comma-separated', integerList, [1, 5, 10])
+    .option('--depth-runs <n>', 'repetitions of the nested chain', (v) => parseInt(v, 10), 2)
+    .addOption(new Option('--engines <list>', 'engines to measure, comma-separated').default(['vmm', 'qemu']).argParser(engineList))
+    .option('--guest-memory <mib>', 'guest RAM of every sandbox', (v) => parseInt(v, 10), 512)
+    .option('--runner-memory <mib>', 'runner RAM (at most 12288)', (v) => parseInt(v, 10), 8192)
+    .option('--timeout <ms>', 'limit for the whole runner run', (v) => parseInt(v, 10), 1_800_000)
+    .action(
+      action(async (json: boolean, opts: { runs: number; fanouts: number[]; fanoutRuns: number; largeFanoutRuns: number; depths: number[]; depthRuns: number; engines: EngineUnderTest[]; guestMemory: number; runnerMemory: number; timeout: number }) => {
+        if (!(opts.runnerMemory >= 2048 && opts.runnerMemory <= 12288)) throw new CladeError('bad_request', `--runner-memory must be from 2048 to 12288 MiB, got ${opts.runnerMemory}`);
+        const { guestMemory, runnerMemory, timeout, ...plan } = opts;
+        const r = await benchVmm({ ...plan, guestMiB: guestMemory, runnerMemoryMiB: runnerMemory, timeoutMs: timeout, log: (l) => !json && process.stderr.write(l + '\n') });
+        const notes = Object.entries(r.engines).flatMap(([e, f]) => f.notes.map((n) => `note (${e}): ${n}`));
+        const depthRatios = Object.entries(r.ratios.deepestOverDepth1).map(([e, v]) => `${e} ${v.toFixed(2)}x`).join(', ');
+        emit(json, r, () =>
+          [
+            `vmm benchmark, ${r.plan.runs} runs, ${r.where}; absolute times are emulated, ratios transfer`,
+            table(vmmBenchRows(r)),
+            `host fork work, qemu snapshot restore / clade-vmm fork: ${r.ratios.hostForkWorkQemuOverVmm.toFixed(1)}x (median)`,
+            `fork -> result at depth ${Math.max(...r.plan.depths)} / depth 1: ${depthRatios}`,
+            ...notes,
+            `JSON: ${r.jsonPath}`,
+          ].join('\n'),
+        );
+      }),
+    );
+  bench
     .command('load')
     .description('concurrent clients against the running daemon (unix socket or loopback only): take a sandbox, exec, delete')
     .option('--clients <n>', 'concurrent clients', (v) => parseInt(v, 10), 50)
@@ -289,6 +322,19 @@ async function localDaemonForLoad() {
   const client = await findDaemon();
   if (!client) throw new CladeError('unavailable', 'no daemon answers; start one with `clade serve`');
   return client;
+}
+
+function integerList(value: string): number[] {
+  const list = value.split(',').map((v) => Number(v.trim()));
+  if (list.length === 0 || list.some((n) => !Number.isInteger(n) || n < 1)) throw new CladeError('bad_request', `give whole numbers above 0 separated by commas (e.g. 1,10,100), got ${JSON.stringify(value)}`);
+  return list;
+}
+
+function engineList(value: string): EngineUnderTest[] {
+  const list = value.split(',').map((v) => v.trim());
+  const bad = list.find((e) => e !== 'vmm' && e !== 'qemu');
+  if (bad !== undefined) throw new CladeError('bad_request', `unknown engine ${JSON.stringify(bad)}: use vmm, qemu or vmm,qemu`);
+  return list as EngineUnderTest[];
 }
 
 function parseEnv(pairs: string[]): Record<string, string> {

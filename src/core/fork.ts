@@ -25,6 +25,12 @@ export type ForkTimings = {
   /** Slots taken warm from a pool, and started for this fork. */
   warmSlots: number;
   coldSlots: number;
+  /**
+   * qemu engine: per child, its device state loaded into its pre-started VM
+   * process until that VM runs (a snapshot restore), ms. Empty on the vmm
+   * engine, whose children time themselves (VmmVm.status()).
+   */
+  childRestoreMs: number[];
 };
 
 export type ForkOutcome = { children: (LiveSandbox | CladeError)[]; timings: ForkTimings };
@@ -180,9 +186,10 @@ async function forkBatch(parent: LiveSandbox, batch: ForkWaiter[]): Promise<Fork
         return r;
       },
     );
-    const children = await resumeChildren(snapshot, kids.slots, parent.env, parent.id);
+    const childRestoreMs: number[] = [];
+    const children = await resumeChildren(snapshot, kids.slots, parent.env, parent.id, childRestoreMs);
     snapshot.release();
-    return { children: [...children, ...slotErrors], timings: { parentPauseMs, promoteMs, warmSlots, coldSlots: kids.slots.length - warmSlots } };
+    return { children: [...children, ...slotErrors], timings: { parentPauseMs, promoteMs, warmSlots, coldSlots: kids.slots.length - warmSlots, childRestoreMs } };
   } finally {
     closeBatch();
   }
@@ -211,7 +218,7 @@ function forkInVmm(parent: LiveSandbox, batch: ForkWaiter[]): Promise<ForkOutcom
     }
     const results = await mapLimited(forked.vms, ACTIVATE_CONCURRENCY, (vm) => becomeVmmChild(vm, parent, cursor, t0));
     const children = results.map((r) => (r.status === 'fulfilled' ? r.value : asCladeError(r.reason, 'child did not resume')));
-    return { children, timings: { parentPauseMs: forked.timings.pauseUs / 1000, promoteMs: 0, warmSlots: 0, coldSlots: 0 } };
+    return { children, timings: { parentPauseMs: forked.timings.pauseUs / 1000, promoteMs: 0, warmSlots: 0, coldSlots: 0, childRestoreMs: [] } };
   });
 }
 
@@ -243,18 +250,19 @@ function splitOutcome(outcome: ForkOutcome, batch: ForkWaiter[]): void {
   }
 }
 
-/** Loads the snapshot into each slot and turns it into a new machine. */
-export async function resumeChildren(snapshot: Snapshot, slots: QemuVm[], env: Record<string, string>, parentId: string | undefined): Promise<(LiveSandbox | CladeError)[]> {
-  const results = await mapLimited(slots, ACTIVATE_CONCURRENCY, (slot) => resumeChild(snapshot, slot, env, parentId));
+/** Loads the snapshot into each slot and turns it into a new machine; each restore's duration is appended to `restoreMs`. */
+export async function resumeChildren(snapshot: Snapshot, slots: QemuVm[], env: Record<string, string>, parentId: string | undefined, restoreMs: number[] = []): Promise<(LiveSandbox | CladeError)[]> {
+  const results = await mapLimited(slots, ACTIVATE_CONCURRENCY, (slot) => resumeChild(snapshot, slot, env, parentId, restoreMs));
   return results.map((r) => (r.status === 'fulfilled' ? r.value : asCladeError(r.reason, 'child did not resume')));
 }
 
-async function resumeChild(snapshot: Snapshot, slot: QemuVm, env: Record<string, string>, parentId: string | undefined): Promise<LiveSandbox> {
+async function resumeChild(snapshot: Snapshot, slot: QemuVm, env: Record<string, string>, parentId: string | undefined, restoreMs: number[]): Promise<LiveSandbox> {
   const t0 = performance.now();
   const agent = new AgentClient(snapshot.agent.token);
   agent.idCursor = snapshot.agent.nextId;
   try {
     await engine.activate(slot, snapshot.state);
+    restoreMs.push(performance.now() - t0);
     await agent.connect(slot.agentSocket, Date.now() + 10_000, () => slot.alive());
     const token = await becomeNewMachine(agent, slot.id);
     const child = new LiveSandbox(slot.id, slot, agent, token, snapshot.shape, { ...env }, new Date(), performance.now() - t0, parentId);
@@ -277,7 +285,7 @@ async function resumeChild(snapshot: Snapshot, slot: QemuVm, env: Record<string,
  * host's wall clock, its own hostname and sandbox id, and a new token (the
  * request itself is authenticated with the parent's, which then stops working).
  */
-async function becomeNewMachine(agent: AgentClient, id: string): Promise<Buffer> {
+export async function becomeNewMachine(agent: AgentClient, id: string): Promise<Buffer> {
   const token = randomBytes(32);
   const body = new FieldWriter()
     .bytes(Tag.SEED, randomBytes(64))
@@ -290,6 +298,6 @@ async function becomeNewMachine(agent: AgentClient, id: string): Promise<Buffer>
   return token;
 }
 
-function asCladeError(err: unknown, what: string): CladeError {
+export function asCladeError(err: unknown, what: string): CladeError {
   return err instanceof CladeError ? err : new CladeError('internal', `${what}: ${errorMessage(err)}`, { cause: err });
 }

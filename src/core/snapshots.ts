@@ -62,7 +62,8 @@ export type SnapshotMeta = {
   parent: string | null;
   createdAt: string;
   sandboxId: string;
-  engine: 'qemu';
+  /** Which engine took it, and the only one that starts it (absent in older snapshots: qemu). */
+  engine: 'qemu' | 'vmm';
   image: string;
   memoryMiB: number;
   cpus: number;
@@ -191,6 +192,15 @@ export function listSnapshots(): SnapshotMeta[] {
 /** Hash checks already passed in this process, keyed by file identity, so repeated starts stay fast. */
 const verified = new Map<string, string>();
 
+function fileIdentity(path: string): string {
+  const st = statSync(path);
+  return `${path}:${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
+}
+
+function rememberVerified(path: string): void {
+  verified.set(path, fileIdentity(path));
+}
+
 /**
  * Checks a snapshot before anything resumes from it: every file matches its
  * recorded hash, its parent exists, and its image is present.
@@ -202,12 +212,11 @@ export function verifySnapshot(tag: string): SnapshotMeta {
     const path = join(dir, name);
     if (!existsSync(path)) throw new CladeError('integrity', `snapshot ${tag} is missing ${name}; it cannot be resumed`);
     const st = statSync(path);
-    const identity = `${path}:${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
-    if (verified.get(path) === identity) continue;
+    if (verified.get(path) === fileIdentity(path)) continue;
     if (st.size !== expected.bytes || hashFile(path) !== expected.sha256) {
       throw new CladeError('integrity', `snapshot ${tag}: ${name} does not match its recorded SHA-256; it was modified or corrupted and will not be resumed`);
     }
-    verified.set(path, identity);
+    rememberVerified(path);
   }
   if (meta.parent && !existsSync(join(snapshotDir(meta.parent), 'snapshot.json'))) {
     throw new CladeError('integrity', `snapshot ${tag} depends on snapshot ${meta.parent}, which is missing`);
@@ -220,9 +229,47 @@ export function verifySnapshot(tag: string): SnapshotMeta {
   return meta;
 }
 
-/** Loads a verified persistent snapshot for resuming. */
+/** The engine a snapshot starts on; the other one cannot read its files. */
+export function snapshotEngine(meta: SnapshotMeta): 'qemu' | 'vmm' {
+  return meta.engine ?? 'qemu';
+}
+
+/** Refuses to start a snapshot on an engine that did not take it. */
+export function assertSnapshotEngine(meta: SnapshotMeta, wanted: 'qemu' | 'vmm', what = 'started'): void {
+  const taken = snapshotEngine(meta);
+  if (taken !== wanted) throw new CladeError('bad_request', `snapshot ${meta.tag} was taken on the ${taken} engine and can only be ${what} there (engine "${taken}"), not on the ${wanted} engine`);
+}
+
+/**
+ * Moves a snapshot written into its staging directory (`stagingDir(tag)`) to
+ * its place, with snapshot.json recording each file's SHA-256.
+ */
+export function commitSnapshot(staging: string, meta: Omit<SnapshotMeta, 'files' | 'format' | 'createdAt'>): SnapshotMeta {
+  const files = {} as SnapshotMeta['files'];
+  for (const name of ['memory.raw', 'state.bin'] as const) files[name] = { sha256: hashFile(join(staging, name)), bytes: statSync(join(staging, name)).size };
+  const parent = meta.parent && existsSync(join(snapshotDir(meta.parent), 'snapshot.json')) ? meta.parent : null;
+  const full: SnapshotMeta = { format: 1, ...meta, parent, createdAt: new Date().toISOString(), files };
+  writeFileSync(join(staging, 'snapshot.json'), JSON.stringify(full, null, 2) + '\n', { mode: 0o600 });
+  assertTagFree(meta.tag);
+  renameSync(staging, snapshotDir(meta.tag));
+  // Hashed just now by this process: the first start from it need not hash again.
+  for (const name of Object.keys(files)) rememberVerified(join(snapshotDir(meta.tag), name));
+  return full;
+}
+
+/** A private, empty directory next to where snapshot `tag` will live; the caller removes it on failure. */
+export function stagingDir(tag: string): string {
+  assertTagFree(tag);
+  ensurePrivateDir(homePaths.snapshots());
+  const staging = `${snapshotDir(tag)}.partial-${process.pid}`;
+  rmSync(staging, { recursive: true, force: true });
+  return ensurePrivateDir(staging);
+}
+
+/** Loads a verified persistent snapshot for resuming on the qemu engine. */
 export function loadSnapshot(tag: string): Snapshot {
   const meta = verifySnapshot(tag);
+  assertSnapshotEngine(meta, 'qemu');
   const dir = snapshotDir(tag);
   const shape: MachineShape = { image: resolveImage(meta.image), memoryMiB: meta.memoryMiB, cpus: meta.cpus };
   return new Snapshot(`persist:${tag}`, join(dir, 'memory.raw'), readFileSync(join(dir, 'state.bin')), shape, {

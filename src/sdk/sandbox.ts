@@ -4,7 +4,9 @@ import { acquireSlots, ensureFreezable, forkSandbox, freezeAndContinue, MAX_FORK
 import { runCode, type CodeResult, type RunCodeOptions } from '../core/interpreter.js';
 import { ensurePool } from '../core/pool.js';
 import { checkEngine, getLive, type LiveSandbox, startSandbox } from '../core/sandboxes.js';
-import { assertTagFree, loadSnapshot, persistSnapshot, type SnapshotMeta } from '../core/snapshots.js';
+import { assertSnapshotEngine, assertTagFree, loadSnapshot, persistSnapshot, readSnapshotMeta, snapshotEngine, type SnapshotMeta, verifySnapshot } from '../core/snapshots.js';
+import { snapshotVmmSandbox, startFromVmmSnapshot } from '../core/vmm-snapshots.js';
+import type { VmmSnapshotTimings } from '../engines/vmm/vmm-engine.js';
 import { AgentCommands, Commands } from './commands.js';
 import { Files } from './files.js';
 import { daemonClient, RemoteSandbox, type DaemonOptions } from './remote.js';
@@ -51,6 +53,8 @@ export class Sandbox implements AsyncDisposable {
   readonly files: Files;
   /** Timings of this sandbox's last fork. */
   lastForkTimings?: ForkTimings;
+  /** vmm engine: timings of this sandbox's last snapshot to disk (pause, writer, request → files written). */
+  lastSnapshotTimings?: VmmSnapshotTimings;
   private lifetimeTimer?: NodeJS.Timeout;
   private snapshotTag?: string;
   /** Exactly one of these: the sandbox runs in this process, or in a daemon. */
@@ -99,12 +103,18 @@ export class Sandbox implements AsyncDisposable {
    */
   static async fromSnapshot(tag: string, opts: { count?: number; env?: Record<string, string>; engine?: EngineName } & DaemonOptions = {}): Promise<(Sandbox | ForkFailure)[]> {
     checkEngine(opts.engine);
-    if (opts.engine === 'vmm') throw new CladeError('unavailable', 'starting from a snapshot on the vmm engine is not available yet; use engine "qemu"');
     const count = opts.count ?? 1;
     checkCount('count', count, 1);
     const client = daemonClient(opts);
     if (client) {
       const kids = await RemoteSandbox.start(client, tag, { count, ...(opts.env ? { env: opts.env } : {}) });
+      return kids.map((k) => (k instanceof CladeError ? k : new Sandbox(k, { snapshotTag: tag })));
+    }
+    // A snapshot starts on the engine that took it; asking for the other one is an error, not a silent switch.
+    const meta = readSnapshotMeta(tag);
+    if (opts.engine) assertSnapshotEngine(meta, opts.engine);
+    if (snapshotEngine(meta) === 'vmm') {
+      const kids = await startFromVmmSnapshot(tag, count, opts.env ?? {});
       return kids.map((k) => (k instanceof CladeError ? k : new Sandbox(k, { snapshotTag: tag })));
     }
     const snap = loadSnapshot(tag);
@@ -121,6 +131,8 @@ export class Sandbox implements AsyncDisposable {
   /** Keeps `size` VM processes pre-started for a persistent snapshot, so starts from it only load state. */
   static async warmPool(tag: string, size: number): Promise<void> {
     checkCount('pool size', size, 0);
+    // vmm snapshots start a clade-vmm process that maps memory.raw: nothing to pre-start.
+    if (snapshotEngine(verifySnapshot(tag)) === 'vmm') return;
     const snap = loadSnapshot(tag);
     await ensurePool(snap.memoryFile, snap.shape, size, true).whenFull();
   }
@@ -143,6 +155,7 @@ export class Sandbox implements AsyncDisposable {
     checkCount('pool size', size, 0);
     if (this.remote) return this.remote.prewarmForks(size);
     const live = this.local('prewarmForks');
+    if (live.engineName === 'vmm') return; // a vmm fork is fork(2) of the running VMM: there is nothing to pre-start
     // A fork's parent maps its RAM copy-on-write; the slots need a file of its own (a RAM copy, once).
     await ensureFreezable(live);
     const pool = ensurePool(live.vm.memory.file, live.shape, size, false);
@@ -162,6 +175,13 @@ export class Sandbox implements AsyncDisposable {
       return meta;
     }
     assertTagFree(opts.tag); // before pausing the sandbox for nothing
+    const live = this.local('snapshot');
+    if (live.engineName === 'vmm') {
+      const { meta, timings } = await snapshotVmmSandbox(live, opts.tag, this.snapshotTag ?? null);
+      this.snapshotTag = opts.tag;
+      this.lastSnapshotTimings = timings;
+      return meta;
+    }
     const { snapshot } = await freezeAndContinue(this.local('snapshot'), async () => ({ slots: [], warm: 0 }));
     try {
       const meta = persistSnapshot(snapshot, opts.tag, this.sandboxId, this.snapshotTag ?? null);

@@ -4,7 +4,8 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 
 // The fork core of clade-vmm on this host's /dev/kvm, with the small CPL3 test
-// guest: fork isolation, nested forks to depth 10, 100 children, faults reported
+// guest: fork isolation, nested forks to depth 10, 100 children, snapshots to
+// disk and starts from them (corrupt or foreign ones refused), faults reported
 // not hung, a killed parent's children keep running, hostile control input, and
 // no VMM process left behind (native/vmm/test/fork_test.py).
 const root = join(import.meta.dirname, '../..');

@@ -4,12 +4,16 @@
 Checks: the guest runs; fork gives a parent and a child that both run and
 whose memory is isolated (host-side and guest-side writes); the child resumes
 with the parent's CPU, irqchip, PIT and clock state; nested forks to depth 10;
-100 children from one request; a triple fault and a broken page table are
+100 children from one request; a snapshot to disk and two VMs started from
+it (state kept, memory isolated, the file never written, corrupt or foreign
+snapshots refused); a triple fault and a broken page table are
 reported, not hung; a killed parent leaves its children working; malformed
 control input is refused; every process started is gone at the end.
 Prints "PASS: N checks, 0 failed" on success.
 """
+import hashlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -177,6 +181,94 @@ def test_pause(fleet, root):
     child.req("quit")
 
 
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def take_snapshot(fleet, root, directory):
+    os.mkdir(directory)
+    reply, done = fleet.snapshot(root, directory)
+    check("snapshot pauses like a fork and names its writer",
+          reply["writer"] > 0 and reply["pauseUs"] > 0, reply)
+    check("snapshot writer reports success", done.get("ok") is True, done)
+    memory = os.stat(os.path.join(directory, "memory.raw"))
+    check("memory.raw is guest RAM, sparse", memory.st_size == fleet.mem_mib << 20 and memory.st_blocks * 512 < memory.st_size // 4,
+          (memory.st_size, memory.st_blocks))
+    with open(os.path.join(directory, "state.bin"), "rb") as f:
+        check("state.bin starts with its magic and format", f.read(12) == b"CLADEVMS\x01\x00\x00\x00")
+    return done
+
+
+def refused_start(fleet, name, directory, expect):
+    try:
+        fleet.start_root(name, restore=directory)
+        return False, "started"
+    except vmmctl.VmmError as e:
+        return expect in str(e) and not os.path.exists(os.path.join(fleet.dir, f"{name}.sock")), str(e)
+
+
+def test_snapshot(fleet, root):
+    snap = os.path.join(fleet.dir, "snap")
+    root.req(f"write64 {SCRATCH} 4444")
+    guest_command(root, CMD_STORE, 55)
+    before = root.req("state")
+    take_snapshot(fleet, root, snap)
+    root.req(f"write64 {SCRATCH} 5555")
+    check("the VM keeps running after a snapshot", is_running(root))
+    digest = sha256(os.path.join(snap, "memory.raw"))
+    a, _ = fleet.start_root("restored-a", restore=snap)
+    b, _ = fleet.start_root("restored-b", restore=snap)
+    check("VMs started from a snapshot run", is_running(a) and is_running(b))
+    check("they see memory as of the snapshot",
+          a.req(f"read64 {SCRATCH}")["value"] == 4444 and b.req(f"read64 {STORED}")["value"] == 55)
+    after = a.req("state")
+    same = all(before[k] == after[k] for k in ("cs", "cr3", "efer", "apicBase", "picMasterImr", "ioapicId", "lapicLvt0"))
+    check("and the CPU and irqchip state of the snapshot", same, (before, after))
+    check("guest TSC and kvmclock go on forward", after["tsc"] > before["tsc"] and after["clockNs"] > before["clockNs"], (before, after))
+    check("every MSR restored", status(a)["msrsNotRestored"] == 0, status(a))
+    guest_command(a, CMD_STORE, 66)
+    b.req(f"write64 {SCRATCH} 7777")
+    check("their memory is isolated (guest and host writes)",
+          a.req(f"read64 {STORED}")["value"] == 66 and b.req(f"read64 {STORED}")["value"] == 55 and
+          a.req(f"read64 {SCRATCH}")["value"] == 4444 and root.req(f"read64 {SCRATCH}")["value"] == 5555)
+    check("memory.raw is never written", sha256(os.path.join(snap, "memory.raw")) == digest)
+    child = fleet.connect(fleet.fork(a)["socket"])
+    check("a VM started from a snapshot forks", is_running(child) and child.req(f"read64 {STORED}")["value"] == 66)
+    for c in (a, b, child):
+        c.req("quit")
+    test_snapshot_refusals(fleet, root, snap)
+
+
+def corrupt_copy(fleet, snap, name, edit):
+    bad = os.path.join(fleet.dir, name)
+    shutil.copytree(snap, bad)
+    path = os.path.join(bad, "state.bin")
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    with open(path, "wb") as f:
+        f.write(edit(data))
+    return bad
+
+
+def test_snapshot_refusals(fleet, root, snap):
+    def patch(offset, value):
+        return lambda d: d[:offset] + value + d[offset + len(value):]
+    cases = [("bad magic", patch(0, b"NOTCLADE"), "bad magic"),
+             ("a truncated file", lambda d: d[:-8], "truncated"),
+             ("another build", patch(24, b"\xff" * 4), "clade-vmm build"),
+             ("a section past the end", patch(112 + 8, (1 << 40).to_bytes(8, "little")), "past the end")]
+    for i, (name, edit, expect) in enumerate(cases):
+        ok, detail = refused_start(fleet, f"bad-{i}", corrupt_copy(fleet, snap, f"bad-{i}", edit), expect)
+        check(f"start refuses {name}", ok, detail)
+    reply = root.req("snapshot relative/dir", ok=False)
+    check("snapshot refuses a relative path", reply["ok"] is False, reply)
+    os.mkdir(os.path.join(fleet.dir, "again"))
+    shutil.copy(os.path.join(snap, "state.bin"), os.path.join(fleet.dir, "again", "state.bin"))
+    reply, done = fleet.snapshot(root, os.path.join(fleet.dir, "again"))
+    check("a writer that cannot create its files reports why", done.get("ok") is False and "state.bin" in done.get("error", ""), done)
+
+
 def main():
     if not os.path.exists("/dev/kvm"):
         print("SKIP: no /dev/kvm")
@@ -186,6 +278,7 @@ def main():
         root = test_boot(fleet)
         test_fork_isolation(fleet, root)
         test_pause(fleet, root)
+        test_snapshot(fleet, root)
         test_nested(fleet, root)
         test_hundred(fleet, root)
         test_faults(fleet, root)

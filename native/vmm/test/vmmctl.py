@@ -56,6 +56,16 @@ class Conn:
             raise VmmError(f"{self.path}: {line!r} -> {reply}")
         return reply
 
+    def snapshot(self, conn, directory, timeout=30.0):
+        """Snapshot to disk: the VMM replies at once, its writer child reports in DIR/done."""
+        reply = conn.req(f"snapshot {directory}")
+        self.pids.add(reply["writer"])
+        done = os.path.join(directory, "done")
+        if not wait_for(lambda: os.path.exists(done), timeout):
+            raise VmmError(f"snapshot writer did not finish within {timeout}s")
+        with open(done) as f:
+            return reply, json.loads(f.read())
+
     def close(self):
         self.sock.close()
 
@@ -76,16 +86,17 @@ class Fleet:
         self.roots = []
         self.conns = []
 
-    def start_root(self, name="root"):
+    def start_root(self, name="root", restore=None):
         path = os.path.join(self.dir, f"{name}.sock")
+        source = ["--restore", restore] if restore else ["--mem-mib", str(self.mem_mib)]
         proc = subprocess.Popen(
-            [BINARY, "run", "--socket", path, "--idle-us", str(self.idle_us), "--mem-mib", str(self.mem_mib)],
-            stdout=subprocess.PIPE, start_new_session=True)
+            [BINARY, "run", "--socket", path, "--idle-us", str(self.idle_us)] + source,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         self.roots.append(proc)
         self.pids.add(proc.pid)
         line = proc.stdout.readline()
         if not line:
-            raise VmmError("clade-vmm exited before it was ready")
+            raise VmmError("clade-vmm exited before it was ready: " + proc.stderr.read().decode(errors="replace").strip())
         info = json.loads(line)
         return self.connect(info["socket"]), info
 
@@ -104,6 +115,16 @@ class Fleet:
 
     def forks(self, conn, count):
         return self.track(conn.req(f"forks {count}"))
+
+    def snapshot(self, conn, directory, timeout=30.0):
+        """Snapshot to disk: the VMM replies at once, its writer child reports in DIR/done."""
+        reply = conn.req(f"snapshot {directory}")
+        self.pids.add(reply["writer"])
+        done = os.path.join(directory, "done")
+        if not wait_for(lambda: os.path.exists(done), timeout):
+            raise VmmError(f"snapshot writer did not finish within {timeout}s")
+        with open(done) as f:
+            return reply, json.loads(f.read())
 
     def close(self):
         for conn in self.conns:
@@ -124,6 +145,7 @@ class Fleet:
         for proc in self.roots:
             proc.wait(timeout=10)
             proc.stdout.close()
+            proc.stderr.close()
         reap_orphans(deadline=time.monotonic() + 10)
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -48,27 +48,51 @@ export class VmmEngine implements Engine {
     const kernel = await ensureVmlinux(spec.image);
     const cmdline = ['console=ttyS0', 'quiet', 'panic=-1', 'mitigations=off', 'random.trust_cpu=on', 'i8042.noaux', `clade.token=${spec.token.toString('hex')}`, `clade.id=${spec.id}`, `clade.hostname=${spec.hostname}`];
     const args = ['run', '--socket', files.control, '--agent-socket', files.agent, '--serial-log', files.serial, '--kernel', kernel, '--initramfs', spec.image.initramfs, '--mem-mib', String(spec.memoryMiB), '--cmdline', cmdline.join(' ')];
-    // Its own process group: a fork's children stay in it, and none of them gets the terminal's Ctrl-C.
-    const child = spawn(vmmBinary(), args, { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
-    let stderr = '';
-    child.stderr?.on('data', (d: Buffer) => (stderr = (stderr + d.toString('utf8')).slice(-4096)));
-    await new Promise<void>((resolve, reject) => {
-      child.once('spawn', resolve);
-      child.once('error', (err) => reject(new CladeError('unavailable', `cannot start clade-vmm: ${err.message}`)));
-    });
-    const vm = new VmmVm(spec.id, child.pid!, spec, spec.runDir, files, () => stderr);
-    try {
-      await vm.connect(Date.now() + 10_000);
-    } catch (err) {
-      await vm.kill();
-      throw err;
-    }
-    return vm;
+    return startVmm(spec.id, spec, spec.runDir, files, args);
   }
+
+  /**
+   * Starts a VM from a snapshot written by VmmVm.snapshot(): clade-vmm maps its
+   * memory.raw copy-on-write (never writing it), so every VM started from one
+   * snapshot shares the file's page cache.
+   */
+  async restore(spec: { id: string; runDir: string; snapshotDir: string; shape: MachineShape }): Promise<VmmVm> {
+    const files = runFiles(spec.runDir);
+    if (files.control.length > UNIX_PATH_MAX) throw new CladeError('bad_request', `the clade home path is too long for unix sockets (${files.control}); set CLADE_HOME to a shorter directory`);
+    const args = ['run', '--socket', files.control, '--agent-socket', files.agent, '--serial-log', files.serial, '--restore', spec.snapshotDir];
+    return startVmm(spec.id, spec.shape, spec.runDir, files, args);
+  }
+}
+
+/** Spawns one root clade-vmm process and connects its control socket; a VMM that exits at once reports why. */
+async function startVmm(id: string, shape: MachineShape, runDir: string, files: Files, args: string[]): Promise<VmmVm> {
+  // Its own process group: a fork's children stay in it, and none of them gets the terminal's Ctrl-C.
+  const child = spawn(vmmBinary(), args, { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
+  let stderr = '';
+  child.stderr?.on('data', (d: Buffer) => (stderr = (stderr + d.toString('utf8')).slice(-4096)));
+  await new Promise<void>((resolve, reject) => {
+    child.once('spawn', resolve);
+    child.once('error', (err) => reject(new CladeError('unavailable', `cannot start clade-vmm: ${err.message}`)));
+  });
+  const vm = new VmmVm(id, child.pid!, shape, runDir, files, () => stderr);
+  try {
+    await vm.connect(Date.now() + 10_000);
+  } catch (err) {
+    await vm.kill();
+    if (err instanceof CladeError && stderr.trim()) throw new CladeError(err.code, `${err.message}: ${stderr.trim()}`, { cause: err });
+    throw err;
+  }
+  return vm;
 }
 
 export type VmmChild = { pid: number; socket: string; agentSocket: string };
 export type VmmForkTimings = { pauseUs: number; forkUs: number; captureUs: number; parkUs: number };
+/** A snapshot to disk: the VM's pause (as a fork's), the writer child's time, and request → files on disk. */
+export type VmmSnapshotTimings = { pauseUs: number; captureUs: number; forkUs: number; writeUs: number; totalMs: number };
+/** CLOCK_MONOTONIC instants in one VMM process, ns; in a forked child `forkNs` is when its parent called fork(2), in a root 0. */
+export type VmmProcessTiming = { forkNs: number; builtNs: number; restoredNs: number; firstRunNs: number; firstExitNs: number };
+/** Part of clade-vmm's `status` reply (docs/vmm.md, "Control protocol"). */
+export type VmmStatus = { pid: number; depth: number; state: string; timing: VmmProcessTiming };
 
 /** A running clade-vmm process: a root VM or a forked child. */
 export class VmmVm implements VmHandle {
@@ -157,6 +181,35 @@ export class VmmVm implements VmHandle {
     return { vms, timings };
   }
 
+  /**
+   * Writes the VM to `dir` (an existing empty directory): memory.raw and
+   * state.bin (docs/snapshots.md). The VM pauses as for a fork; clade-vmm's
+   * writer child then writes the files while the VM runs on, and reports in
+   * dir/done, which this waits for and removes.
+   */
+  async snapshot(dir: string, timeoutMs = 300_000): Promise<VmmSnapshotTimings> {
+    if (!this.control) throw new CladeError('killed', `sandbox ${this.id}'s VMM is not connected`);
+    const t0 = performance.now();
+    const reply = await this.control.request(['snapshot', dir], 60_000);
+    const done = await waitForWriter(join(dir, 'done'), Number(reply.writer), t0 + timeoutMs);
+    rmSync(join(dir, 'done'), { force: true });
+    if (done.ok !== true) throw new CladeError('internal', `clade-vmm could not write the snapshot: ${String(done.error ?? 'no reason given')}`);
+    return { pauseUs: Number(reply.pauseUs), captureUs: Number(reply.captureUs), forkUs: Number(reply.forkUs), writeUs: Number(done.writeUs), totalMs: performance.now() - t0 };
+  }
+
+  /** The VMM's own view of itself: depth, run state, and when a forked child was built, restored and first ran. */
+  async status(): Promise<VmmStatus> {
+    if (!this.control) throw new CladeError('killed', `sandbox ${this.id}'s VMM is not connected`);
+    const reply = await this.control.request(['status']);
+    const timing = (reply.timing ?? {}) as Partial<VmmProcessTiming>;
+    return {
+      pid: Number(reply.pid),
+      depth: Number(reply.depth),
+      state: String(reply.state),
+      timing: { forkNs: Number(timing.forkNs ?? 0), builtNs: Number(timing.builtNs ?? 0), restoredNs: Number(timing.restoredNs ?? 0), firstRunNs: Number(timing.firstRunNs ?? 0), firstExitNs: Number(timing.firstExitNs ?? 0) },
+    };
+  }
+
   diagnostics(): string {
     let serial = '';
     try {
@@ -179,6 +232,23 @@ export class VmmVm implements VmHandle {
     }
     this.markExited();
     rmSync(this.runDir, { recursive: true, force: true });
+  }
+}
+
+/** The writer child reports in `donePath`; it is done (or dead) well before the deadline unless the disk stalls. */
+async function waitForWriter(donePath: string, writerPid: number, deadline: number): Promise<Record<string, unknown>> {
+  for (;;) {
+    if (existsSync(donePath)) return JSON.parse(readFileSync(donePath, 'utf8')) as Record<string, unknown>;
+    if (!isVmmProcess(writerPid, undefined) && !existsSync(donePath)) throw new CladeError('internal', 'the clade-vmm snapshot writer ended without reporting a result');
+    if (performance.now() > deadline) {
+      try {
+        process.kill(writerPid, 'SIGKILL');
+      } catch {
+        // Already gone.
+      }
+      throw new CladeError('timeout', 'the clade-vmm snapshot writer did not finish in time');
+    }
+    await new Promise((r) => setTimeout(r, 10));
   }
 }
 

@@ -1,0 +1,86 @@
+import { rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { AgentClient } from '../agent-protocol/client.js';
+import type { MachineShape } from '../engines/engine.js';
+import { type VmmSnapshotTimings, VmmVm } from '../engines/vmm/vmm-engine.js';
+import { resolveImage } from '../images/store.js';
+import { CladeError } from './errors.js';
+import { asCladeError, becomeNewMachine } from './fork.js';
+import { ensurePrivateDir } from './home.js';
+import { reseedInterpreter } from './interpreter.js';
+import { mapLimited, START_CONCURRENCY } from './pool.js';
+import { chooseEngine, installExitCleanup, LiveSandbox, newSandboxId, registerLive, sandboxDir, vmmEngine } from './sandboxes.js';
+import { assertSnapshotEngine, commitSnapshot, snapshotDir, type SnapshotMeta, stagingDir, verifySnapshot } from './snapshots.js';
+
+/**
+ * Persistent snapshots on the vmm engine (docs/snapshots.md, "vmm engine").
+ * clade-vmm writes memory.raw and state.bin itself, from a forked writer
+ * process, so the sandbox pauses only as long as for a fork; the metadata,
+ * hashes, tags and lineage are the same as the qemu engine's.
+ */
+export function snapshotVmmSandbox(sb: LiveSandbox, tag: string, parent: string | null): Promise<{ meta: SnapshotMeta; timings: VmmSnapshotTimings }> {
+  return sb.exclusive(async () => {
+    if (!sb.alive || !(sb.vm instanceof VmmVm)) throw new CladeError('killed', `sandbox ${sb.id} is not running`);
+    const vm = sb.vm;
+    const staging = stagingDir(tag);
+    try {
+      await sb.agent.drained();
+      const timings = await vm.snapshot(staging);
+      const meta = commitSnapshot(staging, {
+        tag,
+        parent,
+        sandboxId: sb.id,
+        engine: 'vmm',
+        image: sb.shape.image.manifest.digest,
+        memoryMiB: sb.shape.memoryMiB,
+        cpus: sb.shape.cpus,
+        // Read after the pause: every request id the saved guest can have seen is below it.
+        agent: { token: sb.token.toString('hex'), nextId: sb.agent.idCursor, ...(sb.interpreterExecId ? { interpreterExecId: sb.interpreterExecId } : {}) },
+      });
+      return { meta, timings };
+    } catch (err) {
+      rmSync(staging, { recursive: true, force: true });
+      throw asCladeError(err, `snapshot of ${sb.id} failed`);
+    }
+  });
+}
+
+/**
+ * Starts `count` sandboxes from a vmm snapshot: one clade-vmm process each,
+ * mapping memory.raw copy-on-write, then the after-fork fixup (new token,
+ * entropy, clock, hostname, id) before any user command.
+ */
+export async function startFromVmmSnapshot(tag: string, count: number, env: Record<string, string>): Promise<(LiveSandbox | CladeError)[]> {
+  const meta = verifySnapshot(tag);
+  assertSnapshotEngine(meta, 'vmm');
+  await chooseEngine('vmm'); // says why not, where this host cannot run it
+  installExitCleanup();
+  const shape: MachineShape = { image: resolveImage(meta.image), memoryMiB: meta.memoryMiB, cpus: meta.cpus };
+  const results = await mapLimited(Array.from({ length: count }), START_CONCURRENCY, () => startOne(meta, shape, env));
+  return results.map((r) => (r.status === 'fulfilled' ? r.value : asCladeError(r.reason, `could not start a sandbox from snapshot ${tag}`)));
+}
+
+async function startOne(meta: SnapshotMeta, shape: MachineShape, env: Record<string, string>): Promise<LiveSandbox> {
+  const t0 = performance.now();
+  const id = newSandboxId();
+  const runDir = ensurePrivateDir(join(sandboxDir(id), 'vm-0'));
+  const agent = new AgentClient(Buffer.from(meta.agent.token, 'hex'));
+  agent.idCursor = meta.agent.nextId;
+  let vm: VmmVm | undefined;
+  try {
+    vm = await vmmEngine.restore({ id, runDir, snapshotDir: snapshotDir(meta.tag), shape });
+    const started = vm;
+    await agent.connect(started.agentSocket, Date.now() + 10_000, () => started.alive());
+    const token = await becomeNewMachine(agent, id);
+    const sb = new LiveSandbox(id, started, agent, token, shape, { ...env }, new Date(), performance.now() - t0);
+    registerLive(sb);
+    // The interpreter was saved with the guest: reattach it and give it a new random seed.
+    if (meta.agent.interpreterExecId) void reseedInterpreter(sb, meta.agent.interpreterExecId).catch(() => undefined);
+    return sb;
+  } catch (err) {
+    agent.close();
+    await vm?.kill();
+    rmSync(sandboxDir(id), { recursive: true, force: true });
+    throw err;
+  }
+}
