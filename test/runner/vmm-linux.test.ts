@@ -6,7 +6,8 @@ import { ensureVmlinux } from '../../src/images/vmlinux.js';
 import { runInRunner, runnerAvailable, runnerTraces } from './harness.js';
 
 // clade-vmm boots the default image (PVH, ACPI MADT, serial, virtio-console)
-// inside the runner VM, whose /dev/kvm runs Linux guests; the agent answers on
+// inside the runner VM, whose /dev/kvm runs Linux guests; userspace writes reach
+// the serial port (its IRQ fires); the agent answers on
 // the VMM's agent socket; the VM forks to depth 3 with isolated children.
 // The control socket keeps answering while agent clients come and go during
 // boot and through parks requested back to back.
@@ -37,6 +38,8 @@ describe('clade-vmm boots Linux and forks it (runner)', () => {
     expect(failed, output).toEqual([]);
     expect(output).toContain('check ok early-clients');
     expect(output).toContain('check ok parks');
+    expect(output).toContain('check ok serial-irq');
+    expect(output).toContain('check ok serial-log');
     expect(output).toContain('check ok depth3');
     expect(output).toContain('check ok no-vmm-left');
     expect(output).toContain('done');

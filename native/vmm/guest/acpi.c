@@ -9,9 +9,17 @@
  *
  * The FADT declares a hardware-reduced ACPI platform (no SCI, no PM timer,
  * no fixed-hardware registers) with a reset register at port 0xcf9, which
- * the VMM treats as a reboot request. The DSDT has no AML: there is no PCI
- * root bridge object, so bus 0 is found by the legacy peer-bus scan instead
- * (pci=lastbus=1 on the command line, added by the VMM).
+ * the VMM treats as a reboot request. There is no PCI root bridge object, so
+ * bus 0 is found by the legacy peer-bus scan instead (pci=lastbus=1 on the
+ * command line, added by the VMM).
+ *
+ * On a hardware-reduced platform Linux assumes no legacy PIC and so no ISA
+ * IRQs: IRQ numbers 0-15 are not mapped to IOAPIC pins, and the serial driver's
+ * built-in port at 0x3f8 asks for IRQ 4, which does not exist; opening ttyS0
+ * then fails and writes give EIO. The DSDT therefore describes the UART as an
+ * ACPI device (PNP0501) with its I/O range and IRQ; the kernel's PNP serial
+ * driver takes over the port and maps GSI 4 (IOAPIC pin 4, which the VMM
+ * raises) to an IRQ of its own.
  */
 #include "../vmm.h"
 
@@ -22,7 +30,7 @@
 #define XSDT_OFF 0x040
 #define FADT_OFF 0x100
 #define DSDT_OFF 0x240
-#define MADT_OFF 0x280
+#define MADT_OFF 0x300
 #define TABLES_SIZE 0x400
 #define HEADER_LEN 36
 #define FADT_LEN 276
@@ -72,6 +80,34 @@ static void io_byte_gas(uint8_t *p, size_t off, uint16_t port) {
     put_u64(p, off + 4, port);
 }
 
+/*
+ * DSDT body, AML for:
+ *   Scope (\_SB) {
+ *     Device (COM1) {
+ *       Name (_HID, EisaId ("PNP0501"))
+ *       Name (_UID, 0)
+ *       Name (_CRS, ResourceTemplate () {
+ *         IO (Decode16, 0x3f8, 0x3f8, 8, 8)
+ *         IRQNoFlags () { 4 }      (edge, active high)
+ *       })
+ *     }
+ *   }
+ * Every package here is shorter than 64 bytes, so each PkgLength is one byte
+ * (it counts itself and what follows it).
+ */
+static const uint8_t dsdt_aml[] = {
+    0x10, 51, '\\', '_', 'S', 'B', '_',                  /* Scope, PkgLength, \_SB_ */
+    0x5b, 0x82, 43, 'C', 'O', 'M', '1',                  /* Device, PkgLength, COM1 */
+    0x08, '_', 'H', 'I', 'D', 0x0c, 0x41, 0xd0, 0x05, 0x01, /* Name _HID, DWord EisaId PNP0501 */
+    0x08, '_', 'U', 'I', 'D', 0x00,                      /* Name _UID, Zero */
+    0x08, '_', 'C', 'R', 'S', 0x11, 16, 0x0a, 13,        /* Name _CRS, Buffer, PkgLength, size 13 */
+    0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x08, 0x08,      /* I/O port: decode16, 0x3f8-0x3f8, align 8, 8 ports */
+    0x22, 0x10, 0x00,                                    /* IRQ mask: IRQ 4 */
+    0x79, 0x00,                                          /* end tag */
+};
+_Static_assert(sizeof dsdt_aml == 52, "AML package lengths above assume 52 bytes");
+_Static_assert(DSDT_OFF + HEADER_LEN + sizeof dsdt_aml <= MADT_OFF, "the DSDT runs into the MADT");
+
 static void write_fadt(uint8_t *t, uint64_t dsdt_gpa) {
     header(t, "FACP", FADT_LEN, 6);
     put_u32(t, 40, (uint32_t)dsdt_gpa);
@@ -92,7 +128,8 @@ static uint32_t write_madt(uint8_t *t) {
     uint8_t lapic[8] = {0, 8, 0, 0, 1, 0, 0, 0};
     memcpy(t + len, lapic, sizeof lapic);
     len += sizeof lapic;
-    /* KVM's in-kernel IOAPIC: id 0, GSIs 0-23; ISA IRQs map 1:1 (KVM's default routing), so no overrides. */
+    /* KVM's in-kernel IOAPIC: id 0, GSIs 0-23. No overrides: a hardware-reduced guest keeps no ISA IRQs,
+     * devices name GSIs (the UART's is in the DSDT), and KVM routes GSI n to pin n. */
     uint8_t ioapic[12] = {1, 12, 0, 0};
     put_u32(ioapic, 4, IOAPIC_GPA);
     memcpy(t + len, ioapic, sizeof ioapic);
@@ -117,7 +154,8 @@ uint64_t acpi_tables_install(struct vm *vm) {
     if (!base) return 0;
     memset(base, 0, TABLES_SIZE);
     uint8_t *xsdt = base + XSDT_OFF, *dsdt = base + DSDT_OFF;
-    header(dsdt, "DSDT", HEADER_LEN, 2);
+    header(dsdt, "DSDT", HEADER_LEN + sizeof dsdt_aml, 2);
+    memcpy(dsdt + HEADER_LEN, dsdt_aml, sizeof dsdt_aml);
     seal(dsdt);
     write_fadt(base + FADT_OFF, TABLES_GPA + DSDT_OFF);
     write_madt(base + MADT_OFF);

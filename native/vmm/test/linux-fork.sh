@@ -35,6 +35,12 @@ out=$($A parks $D/root.sock 200)
 echo "$out"
 check parks "$(echo "$out" | grep -o '^parks: 200 requests answered')" "parks: 200 requests answered"
 check agent-after-parks "$($A exec $D/root.agent $T 'echo still-here')" "still-here"
+# Userspace can write to the serial port: the 8250's IRQ (IOAPIC pin 4) is wired and has fired, and
+# the lines reach --serial-log (before the DSDT described the UART, these writes failed with EIO).
+out=$($A exec $D/root.agent $T 'echo serial-from-ttyS0 > /dev/ttyS0 && echo serial-from-console > /dev/console &&
+  awk '"'"'/ttyS0/ { print $(NF-1), $NF, ($2 > 0 ? "fired" : "silent") }'"'"' /proc/interrupts')
+check serial-irq "$out" "4-edge ttyS0 fired"
+check serial-log "$(grep -c -e serial-from-ttyS0 -e serial-from-console $D/root.serial)" "2"
 
 # Fork the root; the child answers on its own agent socket.
 out=$($A fork-exec $D/root.sock $D/c1.sock $D/c1.agent $T 'echo child-alive')
@@ -49,6 +55,8 @@ check child-isolated "$($A exec $D/c1.agent $T 'test -e /root/after-fork && echo
 $A fixup $D/c1.agent $T $T2 c1 child-one > /dev/null
 check fixup "$?" "0"
 check new-token "$($A exec $D/c1.agent $T2 'hostname')" "child-one"
+# The child's copy of the UART and its IOAPIC route work too (the write waits for the drain).
+check child-serial "$($A exec $D/c1.agent $T2 'echo serial-from-child > /dev/ttyS0 && echo written')" "written"
 
 # Nested: the child forks a grandchild, which forks a great-grandchild.
 out=$($A fork-exec $D/c1.sock $D/c2.sock $D/c2.agent $T2 'hostname')
