@@ -3,9 +3,7 @@ import { join } from 'node:path';
 import { CladeError } from '../core/errors.js';
 import { cladeHome } from '../core/home.js';
 import { packageRoot } from '../core/paths.js';
-import { resolveImage } from '../images/store.js';
-import { ensureVmlinux } from '../images/vmlinux.js';
-import { GUEST_PATHS, kvmProbeCarry, nodeCarry, qemuCarry } from '../runner/carry.js';
+import { CLADE_IN_RUNNER, cladeCarry, GUEST_PATHS, qemuCarry } from '../runner/carry.js';
 import { shellQuote, type Carry } from '../runner/payload.js';
 import { runInRunner } from '../runner/runner.js';
 import { summarize, type Summary } from './stats.js';
@@ -42,37 +40,12 @@ export type VmmBenchResult = {
   jsonPath?: string;
 };
 
-const RUNNER_HOME = '/root/clade-home';
-const PACKAGE_IN_RUNNER = '/opt/clade';
 const PAYLOAD = 'dist/bench/vmm-payload.js';
 
-/** What the runner needs to run the SDK on both engines: Node, QEMU, clade-vmm, kvm-probe, dist/ and the default image. */
+/** What the runner needs to run the SDK on both engines: clade itself and QEMU. */
 async function carries(): Promise<Carry[]> {
-  const root = packageRoot();
-  const vmm = join(root, 'native', 'vmm', 'build', 'clade-vmm');
-  for (const [file, fix] of [
-    [join(root, PAYLOAD), 'npm run build'],
-    [vmm, 'make -C native/vmm'],
-  ] as const) {
-    if (!existsSync(file)) throw new CladeError('unavailable', `${file} is missing: run \`${fix}\` first`);
-  }
-  const image = resolveImage('default');
-  const vmlinux = await ensureVmlinux(image);
-  const imageDir = `${RUNNER_HOME}/images/${image.manifest.digest}`;
-  const probe = await kvmProbeCarry();
-  return [
-    ...(await nodeCarry()),
-    ...(await qemuCarry()),
-    { hostPath: join(root, 'package.json'), guestPath: `${PACKAGE_IN_RUNNER}/package.json` },
-    { hostPath: join(root, 'dist'), guestPath: `${PACKAGE_IN_RUNNER}/dist` },
-    { hostPath: vmm, guestPath: `${PACKAGE_IN_RUNNER}/native/vmm/build/clade-vmm` },
-    { ...probe, guestPath: `${PACKAGE_IN_RUNNER}/native/kvm-probe/build/kvm-probe` },
-    { hostPath: join(image.dir, 'image.json'), guestPath: `${imageDir}/image.json` },
-    { hostPath: image.kernel, guestPath: `${imageDir}/vmlinuz` },
-    { hostPath: vmlinux, guestPath: `${imageDir}/vmlinux` },
-    { hostPath: image.initramfs, guestPath: `${imageDir}/initramfs.cpio` },
-    { guestPath: `${RUNNER_HOME}/images/refs/default`, content: `${image.manifest.digest}\n` },
-  ];
+  if (!existsSync(join(packageRoot(), PAYLOAD))) throw new CladeError('unavailable', `${join(packageRoot(), PAYLOAD)} is missing: run \`npm run build\` first`);
+  return [...(await cladeCarry()), ...(await qemuCarry())];
 }
 
 /** Reads the payload's lines (src/bench/vmm-payload.ts) as they stream out of the runner. */
@@ -117,10 +90,10 @@ export async function benchVmm(opts: VmmBenchOptions): Promise<VmmBenchResult> {
   const plan: VmmBenchPlan = { engines: opts.engines, runs: opts.runs, fanoutRuns: opts.fanoutRuns, fanouts: opts.fanouts, largeFanoutRuns: opts.largeFanoutRuns, depths: opts.depths, depthRuns: opts.depthRuns, guestMiB: opts.guestMiB };
   const reader = new PayloadReader(log);
   log(`booting a runner (${opts.runnerMemoryMiB} MiB) with Node.js, QEMU, clade-vmm and the default image`);
-  const env = `CLADE_HOME=${RUNNER_HOME} CLADE_QEMU=${GUEST_PATHS.qemu}`;
+  const env = `CLADE_HOME=${CLADE_IN_RUNNER.home} CLADE_QEMU=${GUEST_PATHS.qemu}`;
   const r = await runInRunner({
     carry: await carries(),
-    command: `${env} ${GUEST_PATHS.node} ${PACKAGE_IN_RUNNER}/${PAYLOAD} ${shellQuote(JSON.stringify(plan))}`,
+    command: `${env} ${GUEST_PATHS.node} ${CLADE_IN_RUNNER.package}/${PAYLOAD} ${shellQuote(JSON.stringify(plan))}`,
     memoryMiB: opts.runnerMemoryMiB,
     timeoutMs: opts.timeoutMs,
     onOutput: (chunk) => reader.feed(chunk),

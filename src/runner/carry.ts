@@ -8,6 +8,7 @@ import { ensurePrivateDir } from '../core/home.js';
 import { packageRoot } from '../core/paths.js';
 import { QEMU_BINARY } from '../engines/qemu/qemu-engine.js';
 import { resolveImage } from '../images/store.js';
+import { ensureVmlinux } from '../images/vmlinux.js';
 import { runnerCacheDir } from './base.js';
 import type { Carry } from './payload.js';
 
@@ -80,6 +81,63 @@ export async function nodeCarry(): Promise<Carry[]> {
   const binary = realpathSync(process.execPath);
   const wrapper = `#!/bin/sh\nexec env LD_LIBRARY_PATH=/opt/node/lib /opt/node/libexec/node "$@"\n`;
   return [{ hostPath: binary, guestPath: '/opt/node/libexec/node' }, ...(await libraryCarry(binary, '/opt/node/lib')), { guestPath: GUEST_PATHS.node, content: wrapper, mode: 0o755 }];
+}
+
+/** Where cladeCarry() puts clade inside the runner. */
+export const CLADE_IN_RUNNER = { package: '/opt/clade', home: '/root/clade-home' } as const;
+
+/**
+ * clade itself, for a payload that runs it inside the runner (the SDK or the
+ * daemon on the vmm engine): this Node.js, the built package (package.json,
+ * bin/, dist/), clade-vmm, a static kvm-probe, with `daemon` the npm packages
+ * the daemon needs at run time, and the default image in a clade home of its
+ * own (CLADE_IN_RUNNER.home).
+ */
+export async function cladeCarry(opts: { daemon?: boolean } = {}): Promise<Carry[]> {
+  const root = packageRoot();
+  const pkg = CLADE_IN_RUNNER.package;
+  const vmm = join(root, 'native', 'vmm', 'build', 'clade-vmm');
+  for (const [file, fix] of [
+    [join(root, 'dist', 'sdk', 'index.js'), 'npm run build'],
+    [vmm, 'make -C native/vmm'],
+  ] as const) {
+    if (!existsSync(file)) throw new CladeError('unavailable', `${file} is missing: run \`${fix}\` first`);
+  }
+  const probe = await kvmProbeCarry();
+  return [
+    ...(await nodeCarry()),
+    ...['package.json', 'bin', 'dist'].map((path) => ({ hostPath: join(root, path), guestPath: `${pkg}/${path}` })),
+    ...(opts.daemon ? runtimePackages(root).map((path) => ({ hostPath: join(root, path), guestPath: `${pkg}/${path}` })) : []),
+    { hostPath: vmm, guestPath: `${pkg}/native/vmm/build/clade-vmm` },
+    { ...probe, guestPath: `${pkg}/native/kvm-probe/build/kvm-probe` },
+    ...(await imageInHome('default', CLADE_IN_RUNNER.home)),
+  ];
+}
+
+/** An image as `clade image build` leaves it in a clade home (with its vmlinux for clade-vmm), named "default" there. */
+async function imageInHome(ref: string, home: string): Promise<Carry[]> {
+  const image = resolveImage(ref);
+  const vmlinux = await ensureVmlinux(image);
+  const dir = `${home}/images/${image.manifest.digest}`;
+  return [
+    { hostPath: join(image.dir, 'image.json'), guestPath: `${dir}/image.json` },
+    { hostPath: image.kernel, guestPath: `${dir}/vmlinuz` },
+    { hostPath: vmlinux, guestPath: `${dir}/vmlinux` },
+    { hostPath: image.initramfs, guestPath: `${dir}/initramfs.cpio` },
+    { guestPath: `${home}/images/refs/default`, content: `${image.manifest.digest}\n` },
+  ];
+}
+
+/**
+ * The packages the daemon needs at run time: package-lock.json's non-dev
+ * entries, without those nested inside another one (they come with it).
+ */
+function runtimePackages(root: string): string[] {
+  const lock = JSON.parse(readFileSync(join(root, 'package-lock.json'), 'utf8')) as { packages: Record<string, { dev?: boolean }> };
+  const runtime = Object.entries(lock.packages)
+    .filter(([path, meta]) => path.startsWith('node_modules/') && !meta.dev)
+    .map(([path]) => path);
+  return runtime.filter((path) => !runtime.some((outer) => path.startsWith(`${outer}/`)));
 }
 
 /** The shared libraries `ldd` lists for a binary, into `libDir`; the dynamic loader goes where the binary names it. */

@@ -3,7 +3,7 @@ import { homePaths } from '../../src/core/home.js';
 import { resolveImage } from '../../src/images/store.js';
 import { runInRunner as runInRunnerVm, type Carry, type RunnerOptions, type RunnerResult } from '../../src/runner/runner.js';
 
-export { GUEST_PATHS, imageCarry, kvmProbeCarry, nodeCarry, qemuCarry } from '../../src/runner/carry.js';
+export { CLADE_IN_RUNNER, cladeCarry, GUEST_PATHS, imageCarry, kvmProbeCarry, nodeCarry, qemuCarry } from '../../src/runner/carry.js';
 export { checkRunner, imageBootCommand, RUNNER_FAST_NS } from '../../src/runner/check.js';
 export type { Carry, RunnerResult } from '../../src/runner/runner.js';
 

@@ -1,10 +1,7 @@
 import { spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { resolveImage } from '../../src/images/store.js';
-import { ensureVmlinux } from '../../src/images/vmlinux.js';
-import { kvmProbeCarry, nodeCarry, runInRunner, runnerAvailable, runnerTraces, type Carry } from './harness.js';
+import { CLADE_IN_RUNNER, cladeCarry, runInRunner, runnerAvailable, runnerTraces, type Carry } from './harness.js';
 
 // The daemon on the vmm engine, end to end: inside the runner (whose /dev/kvm
 // runs Linux guests) this Node.js runs `clade serve` from the built package,
@@ -15,41 +12,11 @@ import { kvmProbeCarry, nodeCarry, runInRunner, runnerAvailable, runnerTraces, t
 const root = join(import.meta.dirname, '../..');
 // A run takes ~50 s here; three times that still fits the ~3 minute budget.
 const TIMEOUT_MS = 150_000;
-const HOME = '/root/clade-home';
-const PKG = '/opt/clade';
-
-/**
- * The packages the daemon needs at run time: package-lock.json's non-dev
- * entries, without those nested inside another one (they come with it).
- */
-function runtimePackages(): string[] {
-  const lock = JSON.parse(readFileSync(join(root, 'package-lock.json'), 'utf8')) as { packages: Record<string, { dev?: boolean }> };
-  const runtime = Object.entries(lock.packages)
-    .filter(([path, meta]) => path.startsWith('node_modules/') && !meta.dev)
-    .map(([path]) => path);
-  return runtime.filter((path) => !runtime.some((outer) => path.startsWith(`${outer}/`)));
-}
+const HOME = CLADE_IN_RUNNER.home;
+const PKG = CLADE_IN_RUNNER.package;
 
 async function payload(): Promise<Carry[]> {
-  const image = resolveImage('default');
-  const vmlinux = await ensureVmlinux(image);
-  const imageDir = `${HOME}/images/${image.manifest.digest}`;
-  const probe = await kvmProbeCarry();
-  return [
-    ...(await nodeCarry()),
-    { hostPath: join(root, 'package.json'), guestPath: `${PKG}/package.json` },
-    { hostPath: join(root, 'bin/clade.js'), guestPath: `${PKG}/bin/clade.js` },
-    { hostPath: join(root, 'dist'), guestPath: `${PKG}/dist` },
-    ...runtimePackages().map((path) => ({ hostPath: join(root, path), guestPath: `${PKG}/${path}` })),
-    { hostPath: join(root, 'native/vmm/build/clade-vmm'), guestPath: `${PKG}/native/vmm/build/clade-vmm` },
-    { hostPath: probe.hostPath, guestPath: `${PKG}/native/kvm-probe/build/kvm-probe` },
-    { hostPath: join(root, 'test/runner/payload/vmm-daemon-check.mjs'), guestPath: `${PKG}/check/vmm-daemon-check.mjs` },
-    { hostPath: join(image.dir, 'image.json'), guestPath: `${imageDir}/image.json` },
-    { hostPath: image.kernel, guestPath: `${imageDir}/vmlinuz` },
-    { hostPath: vmlinux, guestPath: `${imageDir}/vmlinux` },
-    { hostPath: image.initramfs, guestPath: `${imageDir}/initramfs.cpio` },
-    { guestPath: `${HOME}/images/refs/default`, content: `${image.manifest.digest}\n` },
-  ];
+  return [...(await cladeCarry({ daemon: true })), { hostPath: join(root, 'test/runner/payload'), guestPath: `${PKG}/check` }];
 }
 
 function buildAll(): void {

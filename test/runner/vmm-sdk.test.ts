@@ -1,9 +1,7 @@
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { resolveImage } from '../../src/images/store.js';
-import { ensureVmlinux } from '../../src/images/vmlinux.js';
-import { kvmProbeCarry, nodeCarry, runInRunner, runnerAvailable, runnerTraces, type Carry } from './harness.js';
+import { CLADE_IN_RUNNER, cladeCarry, runInRunner, runnerAvailable, runnerTraces, type Carry } from './harness.js';
 
 // The SDK on the vmm engine, end to end: inside the runner (whose /dev/kvm runs
 // Linux guests) this Node.js runs the built SDK, which picks clade-vmm by itself,
@@ -13,27 +11,13 @@ import { kvmProbeCarry, nodeCarry, runInRunner, runnerAvailable, runnerTraces, t
 // (snapshot, start from it, lineage, integrity) in payload/vmm-snapshot-check.mjs.
 const root = join(import.meta.dirname, '../..');
 const TIMEOUT_MS = 300_000;
-const HOME = '/root/clade-home';
-const PKG = '/opt/clade';
+const HOME = CLADE_IN_RUNNER.home;
+const PKG = CLADE_IN_RUNNER.package;
 
 async function payload(): Promise<Carry[]> {
-  const image = resolveImage('default');
-  const vmlinux = await ensureVmlinux(image);
-  const imageDir = `${HOME}/images/${image.manifest.digest}`;
-  const probe = await kvmProbeCarry();
   return [
-    ...(await nodeCarry()),
-    { hostPath: join(root, 'package.json'), guestPath: `${PKG}/package.json` },
-    { hostPath: join(root, 'dist'), guestPath: `${PKG}/dist` },
-    { hostPath: join(root, 'native/vmm/build/clade-vmm'), guestPath: `${PKG}/native/vmm/build/clade-vmm` },
-    { hostPath: probe.hostPath, guestPath: `${PKG}/native/kvm-probe/build/kvm-probe` },
-    { hostPath: join(root, 'test/runner/payload/vmm-sdk-check.mjs'), guestPath: `${PKG}/check/vmm-sdk-check.mjs` },
-    { hostPath: join(root, 'test/runner/payload/vmm-snapshot-check.mjs'), guestPath: `${PKG}/check/vmm-snapshot-check.mjs` },
-    { hostPath: join(image.dir, 'image.json'), guestPath: `${imageDir}/image.json` },
-    { hostPath: image.kernel, guestPath: `${imageDir}/vmlinuz` },
-    { hostPath: vmlinux, guestPath: `${imageDir}/vmlinux` },
-    { hostPath: image.initramfs, guestPath: `${imageDir}/initramfs.cpio` },
-    { guestPath: `${HOME}/images/refs/default`, content: `${image.manifest.digest}\n` },
+    ...(await cladeCarry()),
+    { hostPath: join(root, 'test/runner/payload'), guestPath: `${PKG}/check` },
   ];
 }
 

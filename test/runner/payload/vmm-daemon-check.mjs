@@ -6,8 +6,9 @@
 // then "timing" lines, then "done". The host test
 // (test/runner/vmm-daemon.test.ts) reads them.
 import { spawn } from 'node:child_process';
-import { existsSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { request } from 'node:http';
+import { check, done, isVmmPid, ms, vmmPids } from './checks.mjs';
 
 const root = process.argv[2];
 const home = process.env.CLADE_HOME;
@@ -19,25 +20,8 @@ const sandboxesDir = `${home}/sandboxes`;
 const DAEMON_START_MS = 45_000;
 const REQUEST_MS = 45_000;
 
-let failed = 0;
-function check(name, ok, detail = '') {
-  if (!ok) failed++;
-  console.log(ok ? `check ok ${name}` : `check FAIL ${name}: ${detail}`);
-  return ok;
-}
-const ms = (t0) => (performance.now() - t0).toFixed(1);
 const sleep = (t) => new Promise((r) => setTimeout(r, t));
 
-function isVmmPid(pid) {
-  try {
-    return readlinkSync(`/proc/${pid}/exe`).endsWith('clade-vmm');
-  } catch {
-    return false; // gone, or a zombie (its exe link is unreadable)
-  }
-}
-function vmmPids() {
-  return readdirSync('/proc').filter((p) => /^\d+$/.test(p) && isVmmPid(p));
-}
 async function waitUntil(predicate, timeoutMs) {
   const deadline = Date.now() + timeoutMs;
   while (!predicate()) {
@@ -194,4 +178,4 @@ try {
   for (const pid of vmmPids()) process.kill(Number(pid), 'SIGKILL');
   rmSync(socketPath, { force: true });
 }
-console.log(failed === 0 ? 'done' : `done with ${failed} failures`);
+done();

@@ -2,26 +2,10 @@
 // SDK: the same calls as the embedded tests, on the vmm engine. Prints one
 // "check ok NAME" or "check FAIL NAME: why" line per check, then "timing"
 // lines, then "done". The host test (test/runner/vmm-sdk.test.ts) reads them.
-import { readdirSync, readlinkSync } from 'node:fs';
+import { check, done, ms, vmmPids } from './checks.mjs';
 
 const root = process.argv[2];
 const { Sandbox } = await import(`${root}/dist/sdk/index.js`);
-
-let failed = 0;
-function check(name, ok, detail = '') {
-  if (!ok) failed++;
-  console.log(ok ? `check ok ${name}` : `check FAIL ${name}: ${detail}`);
-}
-function vmmPids() {
-  return readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
-    try {
-      return readlinkSync(`/proc/${p}/exe`).endsWith('clade-vmm');
-    } catch {
-      return false;
-    }
-  });
-}
-const ms = (t0) => (performance.now() - t0).toFixed(1);
 
 const sandboxes = [];
 try {
@@ -93,4 +77,4 @@ try {
 }
 for (let i = 0; i < 100 && vmmPids().length > 0; i++) await new Promise((r) => setTimeout(r, 50));
 check('no-vmm-left', vmmPids().length === 0, vmmPids().join(' '));
-console.log(failed === 0 ? 'done' : `done with ${failed} failures`);
+done();

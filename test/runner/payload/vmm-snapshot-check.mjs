@@ -5,7 +5,8 @@
 // removal with cascade, and nothing left behind. Prints "check ok NAME" /
 // "check FAIL NAME: why", "timing" lines, then "done" (read by
 // test/runner/vmm-sdk.test.ts).
-import { existsSync, openSync, closeSync, readdirSync, readlinkSync, statSync, writeSync } from 'node:fs';
+import { existsSync, openSync, closeSync, readdirSync, statSync, writeSync } from 'node:fs';
+import { check, done, ms, vmmPids } from './checks.mjs';
 import { join } from 'node:path';
 
 const root = process.argv[2];
@@ -13,21 +14,6 @@ const { Sandbox } = await import(`${root}/dist/sdk/index.js`);
 const { removeSnapshot, verifySnapshot } = await import(`${root}/dist/core/snapshots.js`);
 const snapshots = join(process.env.CLADE_HOME, 'snapshots');
 
-let failed = 0;
-function check(name, ok, detail = '') {
-  if (!ok) failed++;
-  console.log(ok ? `check ok ${name}` : `check FAIL ${name}: ${detail}`);
-}
-function vmmPids() {
-  return readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
-    try {
-      return readlinkSync(`/proc/${p}/exe`).endsWith('clade-vmm');
-    } catch {
-      return false;
-    }
-  });
-}
-const ms = (t0) => (performance.now() - t0).toFixed(1);
 const errorCode = (p) => p.then(() => 'no error', (e) => e.code ?? String(e));
 
 const sandboxes = [];
@@ -107,4 +93,4 @@ for (let i = 0; i < 100 && vmmPids().length > 0; i++) await new Promise((r) => s
 check('no-vmm-left', vmmPids().length === 0, vmmPids().join(' '));
 const home = process.env.CLADE_HOME;
 check('no-sandbox-dirs-left', !existsSync(join(home, 'sandboxes')) || readdirSync(join(home, 'sandboxes')).length === 0);
-console.log(failed === 0 ? 'done' : `done with ${failed} failures`);
+done();
