@@ -45,6 +45,17 @@ int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+int read_exact(int fd, void *buf, size_t len, off_t off) {
+    uint8_t *p = buf;
+    while (len) {
+        ssize_t n = pread(fd, p, len, off);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;
+        p += n, len -= (size_t)n, off += n;
+    }
+    return 0;
+}
+
 /*
  * The UART writes to the log from the vCPU thread with the device lock held:
  * if the log is a pipe or a FIFO nobody drains, a blocking write would stall

@@ -245,19 +245,14 @@ static uint8_t *read_state_file(int dirfd, size_t *len, char *err, size_t errlen
         return NULL;
     }
     uint8_t *buf = st.st_size >= (off_t)sizeof(struct snapshot_header) && st.st_size <= SNAPSHOT_STATE_MAX ? malloc((size_t)st.st_size) : NULL;
-    size_t got = 0;
-    while (buf && got < (size_t)st.st_size) {
-        ssize_t n = pread(fd, buf + got, (size_t)st.st_size - got, (off_t)got);
-        if (n <= 0 && !(n < 0 && errno == EINTR)) break;
-        if (n > 0) got += (size_t)n;
-    }
+    int unreadable = !buf || read_exact(fd, buf, (size_t)st.st_size, 0) < 0;
     close(fd);
-    if (!buf || got != (size_t)st.st_size) {
+    if (unreadable) {
         free(buf);
         snprintf(err, errlen, "state.bin is unreadable or not a plausible size (%lld bytes)", (long long)st.st_size);
         return NULL;
     }
-    *len = got;
+    *len = (size_t)st.st_size;
     return buf;
 }
 

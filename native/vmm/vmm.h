@@ -354,6 +354,8 @@ struct vmm {
 };
 
 int64_t now_ns(void);
+/* pread until `len` bytes are read at `off`; -1 on an error or a short file. */
+int read_exact(int fd, void *buf, size_t len, off_t off);
 int serial_log_open(const char *path); /* append-only and non-blocking: a stuck reader never stalls the vCPU */
 
 #endif

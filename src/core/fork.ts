@@ -172,14 +172,11 @@ async function forkBatch(parent: LiveSandbox, batch: ForkWaiter[]): Promise<Fork
   if (parent.vm instanceof VmmVm) return forkInVmm(parent, batch);
   let slotErrors: CladeError[] = [];
   let warmSlots = 0;
-  const closeBatch = () => {
-    if (openBatches.get(parent) === batch) openBatches.delete(parent);
-  };
   try {
     const { snapshot, kids, parentPauseMs, promoteMs } = await freezeAndContinue(
       parent,
       async () => {
-        closeBatch(); // from here on the count is fixed; later requests wait for the next fork
+        closeBatch(parent, batch);
         const r = await acquireSlots(parent, parent.vm.memory.file, total(batch));
         slotErrors = r.errors;
         warmSlots = r.warm;
@@ -191,8 +188,13 @@ async function forkBatch(parent: LiveSandbox, batch: ForkWaiter[]): Promise<Fork
     snapshot.release();
     return { children: [...children, ...slotErrors], timings: { parentPauseMs, promoteMs, warmSlots, coldSlots: kids.slots.length - warmSlots, childRestoreMs } };
   } finally {
-    closeBatch();
+    closeBatch(parent, batch);
   }
+}
+
+/** From here on the batch's count is fixed: later requests wait for the next fork. */
+function closeBatch(parent: LiveSandbox, batch: ForkWaiter[]): void {
+  if (openBatches.get(parent) === batch) openBatches.delete(parent);
 }
 
 /**
@@ -202,7 +204,7 @@ async function forkBatch(parent: LiveSandbox, batch: ForkWaiter[]): Promise<Fork
  */
 function forkInVmm(parent: LiveSandbox, batch: ForkWaiter[]): Promise<ForkOutcome> {
   return parent.exclusive(async () => {
-    if (openBatches.get(parent) === batch) openBatches.delete(parent); // the count is fixed from here on
+    closeBatch(parent, batch);
     if (!parent.alive) throw new CladeError('killed', `sandbox ${parent.id} is not running`);
     const ids = Array.from({ length: total(batch) }, newSandboxId);
     const targets = ids.map((id) => ({ id, runDir: ensurePrivateDir(join(sandboxDir(id), 'vm-0')) }));
@@ -222,17 +224,45 @@ function forkInVmm(parent: LiveSandbox, batch: ForkWaiter[]): Promise<ForkOutcom
   });
 }
 
-async function becomeVmmChild(vm: VmmVm, parent: LiveSandbox, cursor: number, t0: number): Promise<LiveSandbox> {
-  const agent = new AgentClient(parent.token);
-  agent.idCursor = cursor;
+function becomeVmmChild(vm: VmmVm, parent: LiveSandbox, cursor: number, t0: number): Promise<LiveSandbox> {
+  return resumeAsNewSandbox(vm, { token: parent.token, nextId: cursor, interpreterExecId: parent.interpreterExecId, shape: parent.shape, env: parent.env, parentId: parent.id }, t0);
+}
+
+/** Where a resumed guest comes from: the token it still holds, where request ids go on, its forked interpreter. */
+export type GuestOrigin = {
+  token: Buffer;
+  nextId: number;
+  interpreterExecId: number | undefined;
+  shape: LiveSandbox['shape'];
+  env: Record<string, string>;
+  parentId: string | undefined;
+  /** The frozen snapshot the new sandbox's RAM maps copy-on-write (qemu engine). */
+  base?: Snapshot;
+};
+
+/**
+ * Turns a VM that resumes someone else's state (a fork's child, a start from
+ * a snapshot) into a sandbox of its own: runs `start` (e.g. loading the state),
+ * connects to its agent with the origin's token, sends the after-fork fixup,
+ * registers it and reseeds the interpreter it inherited. On failure the VM and
+ * its files are removed.
+ */
+export async function resumeAsNewSandbox(vm: QemuVm | VmmVm, origin: GuestOrigin, t0: number, start: () => Promise<void> = async () => undefined): Promise<LiveSandbox> {
+  const agent = new AgentClient(origin.token);
+  agent.idCursor = origin.nextId;
   try {
+    await start();
     await agent.connect(vm.agentSocket, Date.now() + 10_000, () => vm.alive());
     const token = await becomeNewMachine(agent, vm.id);
-    const child = new LiveSandbox(vm.id, vm, agent, token, parent.shape, { ...parent.env }, new Date(), performance.now() - t0, parent.id);
-    registerLive(child);
-    // The interpreter was forked with the guest: reattach it and give it a new random seed.
-    if (parent.interpreterExecId) void reseedInterpreter(child, parent.interpreterExecId).catch(() => undefined);
-    return child;
+    const sb = new LiveSandbox(vm.id, vm, agent, token, origin.shape, { ...origin.env }, new Date(), performance.now() - t0, origin.parentId);
+    if (origin.base) {
+      sb.base = origin.base;
+      origin.base.retain();
+    }
+    registerLive(sb);
+    // Queued ahead of any runCode the caller sends next; no need to wait for it here.
+    if (origin.interpreterExecId) void reseedInterpreter(sb, origin.interpreterExecId).catch(() => undefined);
+    return sb;
   } catch (err) {
     agent.close();
     await vm.kill();
@@ -256,28 +286,13 @@ export async function resumeChildren(snapshot: Snapshot, slots: QemuVm[], env: R
   return results.map((r) => (r.status === 'fulfilled' ? r.value : asCladeError(r.reason, 'child did not resume')));
 }
 
-async function resumeChild(snapshot: Snapshot, slot: QemuVm, env: Record<string, string>, parentId: string | undefined, restoreMs: number[]): Promise<LiveSandbox> {
+function resumeChild(snapshot: Snapshot, slot: QemuVm, env: Record<string, string>, parentId: string | undefined, restoreMs: number[]): Promise<LiveSandbox> {
   const t0 = performance.now();
-  const agent = new AgentClient(snapshot.agent.token);
-  agent.idCursor = snapshot.agent.nextId;
-  try {
+  const origin = { token: snapshot.agent.token, nextId: snapshot.agent.nextId, interpreterExecId: snapshot.agent.interpreterExecId, shape: snapshot.shape, env, parentId, base: snapshot };
+  return resumeAsNewSandbox(slot, origin, t0, async () => {
     await engine.activate(slot, snapshot.state);
     restoreMs.push(performance.now() - t0);
-    await agent.connect(slot.agentSocket, Date.now() + 10_000, () => slot.alive());
-    const token = await becomeNewMachine(agent, slot.id);
-    const child = new LiveSandbox(slot.id, slot, agent, token, snapshot.shape, { ...env }, new Date(), performance.now() - t0, parentId);
-    child.base = snapshot;
-    snapshot.retain();
-    registerLive(child);
-    // Queued ahead of any runCode the caller sends next; no need to wait for it here.
-    if (snapshot.agent.interpreterExecId) void reseedInterpreter(child, snapshot.agent.interpreterExecId).catch(() => undefined);
-    return child;
-  } catch (err) {
-    agent.close();
-    await slot.kill();
-    rmSync(sandboxDir(slot.id), { recursive: true, force: true });
-    throw err;
-  }
+  });
 }
 
 /**
@@ -285,7 +300,7 @@ async function resumeChild(snapshot: Snapshot, slot: QemuVm, env: Record<string,
  * host's wall clock, its own hostname and sandbox id, and a new token (the
  * request itself is authenticated with the parent's, which then stops working).
  */
-export async function becomeNewMachine(agent: AgentClient, id: string): Promise<Buffer> {
+async function becomeNewMachine(agent: AgentClient, id: string): Promise<Buffer> {
   const token = randomBytes(32);
   const body = new FieldWriter()
     .bytes(Tag.SEED, randomBytes(64))

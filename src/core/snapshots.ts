@@ -192,13 +192,12 @@ export function listSnapshots(): SnapshotMeta[] {
 /** Hash checks already passed in this process, keyed by file identity, so repeated starts stay fast. */
 const verified = new Map<string, string>();
 
-function fileIdentity(path: string): string {
-  const st = statSync(path);
+function fileIdentity(path: string, st = statSync(path)): string {
   return `${path}:${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
 }
 
-function rememberVerified(path: string): void {
-  verified.set(path, fileIdentity(path));
+function rememberVerified(path: string, st = statSync(path)): void {
+  verified.set(path, fileIdentity(path, st));
 }
 
 /**
@@ -212,11 +211,11 @@ export function verifySnapshot(tag: string): SnapshotMeta {
     const path = join(dir, name);
     if (!existsSync(path)) throw new CladeError('integrity', `snapshot ${tag} is missing ${name}; it cannot be resumed`);
     const st = statSync(path);
-    if (verified.get(path) === fileIdentity(path)) continue;
+    if (verified.get(path) === fileIdentity(path, st)) continue;
     if (st.size !== expected.bytes || hashFile(path) !== expected.sha256) {
       throw new CladeError('integrity', `snapshot ${tag}: ${name} does not match its recorded SHA-256; it was modified or corrupted and will not be resumed`);
     }
-    rememberVerified(path);
+    rememberVerified(path, st);
   }
   if (meta.parent && !existsSync(join(snapshotDir(meta.parent), 'snapshot.json'))) {
     throw new CladeError('integrity', `snapshot ${tag} depends on snapshot ${meta.parent}, which is missing`);

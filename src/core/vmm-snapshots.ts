@@ -1,15 +1,13 @@
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { AgentClient } from '../agent-protocol/client.js';
 import type { MachineShape } from '../engines/engine.js';
 import { type VmmSnapshotTimings, VmmVm } from '../engines/vmm/vmm-engine.js';
 import { resolveImage } from '../images/store.js';
 import { CladeError } from './errors.js';
-import { asCladeError, becomeNewMachine } from './fork.js';
+import { asCladeError, resumeAsNewSandbox } from './fork.js';
 import { ensurePrivateDir } from './home.js';
-import { reseedInterpreter } from './interpreter.js';
 import { mapLimited, START_CONCURRENCY } from './pool.js';
-import { chooseEngine, installExitCleanup, LiveSandbox, newSandboxId, registerLive, sandboxDir, vmmEngine } from './sandboxes.js';
+import { chooseEngine, installExitCleanup, type LiveSandbox, newSandboxId, sandboxDir, vmmEngine } from './sandboxes.js';
 import { assertSnapshotEngine, commitSnapshot, snapshotDir, type SnapshotMeta, stagingDir, verifySnapshot } from './snapshots.js';
 
 /**
@@ -64,23 +62,10 @@ async function startOne(meta: SnapshotMeta, shape: MachineShape, env: Record<str
   const t0 = performance.now();
   const id = newSandboxId();
   const runDir = ensurePrivateDir(join(sandboxDir(id), 'vm-0'));
-  const agent = new AgentClient(Buffer.from(meta.agent.token, 'hex'));
-  agent.idCursor = meta.agent.nextId;
-  let vm: VmmVm | undefined;
-  try {
-    vm = await vmmEngine.restore({ id, runDir, snapshotDir: snapshotDir(meta.tag), shape });
-    const started = vm;
-    await agent.connect(started.agentSocket, Date.now() + 10_000, () => started.alive());
-    const token = await becomeNewMachine(agent, id);
-    const sb = new LiveSandbox(id, started, agent, token, shape, { ...env }, new Date(), performance.now() - t0);
-    registerLive(sb);
-    // The interpreter was saved with the guest: reattach it and give it a new random seed.
-    if (meta.agent.interpreterExecId) void reseedInterpreter(sb, meta.agent.interpreterExecId).catch(() => undefined);
-    return sb;
-  } catch (err) {
-    agent.close();
-    await vm?.kill();
+  const vm = await vmmEngine.restore({ id, runDir, snapshotDir: snapshotDir(meta.tag), shape }).catch((err: unknown) => {
     rmSync(sandboxDir(id), { recursive: true, force: true });
     throw err;
-  }
+  });
+  const origin = { token: Buffer.from(meta.agent.token, 'hex'), nextId: meta.agent.nextId, interpreterExecId: meta.agent.interpreterExecId, shape, env, parentId: undefined };
+  return resumeAsNewSandbox(vm, origin, t0);
 }

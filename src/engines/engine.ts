@@ -1,3 +1,4 @@
+import { CladeError } from '../core/errors.js';
 import type { ResolvedImage } from '../images/store.js';
 
 export type EngineName = 'qemu' | 'vmm';
@@ -50,4 +51,12 @@ export interface VmHandle {
 export interface Engine {
   readonly name: EngineName;
   boot(spec: BootSpec): Promise<VmHandle>;
+}
+
+/** Longest path a unix socket can bind (sun_path is 108 bytes with its NUL). */
+const UNIX_PATH_MAX = 107;
+
+/** Every VM's sockets live in its run directory under the clade home, whose length is the user's to choose. */
+export function assertSocketPath(path: string): void {
+  if (path.length > UNIX_PATH_MAX) throw new CladeError('bad_request', `the clade home path is too long for unix sockets (${path}); set CLADE_HOME to a shorter directory`);
 }

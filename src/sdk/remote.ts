@@ -123,20 +123,8 @@ export class RemoteSandbox {
   }
 
   /** Streams the command's output to the callbacks as NDJSON arrives, and collects it for the result. */
-  private async streamed(body: object, opts: CommandOptions): Promise<CommandResult> {
-    let stdout = '';
-    let stderr = '';
-    let exit: Omit<CommandResult, 'stdout' | 'stderr'> | undefined;
-    let failure: CladeError | undefined;
-    await this.client.ndjson('POST', this.path('/exec'), body, (line) => {
-      if (typeof line.stdout === 'string') (stdout += line.stdout, opts.onStdout?.(line.stdout));
-      else if (typeof line.stderr === 'string') (stderr += line.stderr, opts.onStderr?.(line.stderr));
-      else if (line.exit) exit = line.exit as typeof exit;
-      else if (line.error) failure = wireError(line.error);
-    });
-    if (failure) throw failure;
-    if (!exit) throw new CladeError('unavailable', 'the daemon ended the command stream before the command ended (was it stopped?)');
-    return { ...exit, stdout, stderr };
+  private streamed(body: object, opts: CommandOptions): Promise<CommandResult> {
+    return readCommandStream(this.client, 'POST', this.path('/exec'), body, opts, { stdout: '', stderr: '' });
   }
 
   private path(suffix = ''): string {
@@ -163,8 +151,7 @@ type CommandView = { commandId: string; pid: number };
  * stream, so `stdout`, `stderr` and the callbacks are current.
  */
 class RemoteCommandHandle implements CommandHandle {
-  private out = '';
-  private err = '';
+  private readonly output = { stdout: '', stderr: '' };
   private readonly result: Promise<CommandResult>;
 
   private constructor(
@@ -187,11 +174,11 @@ class RemoteCommandHandle implements CommandHandle {
   }
 
   get stdout(): string {
-    return this.out;
+    return this.output.stdout;
   }
 
   get stderr(): string {
-    return this.err;
+    return this.output.stderr;
   }
 
   wait(): Promise<CommandResult> {
@@ -210,19 +197,28 @@ class RemoteCommandHandle implements CommandHandle {
     return (await this.client.json<{ delivered: boolean }>('POST', `${this.base}/signal`, { signal })).delivered;
   }
 
-  private async follow(opts: CommandOptions): Promise<CommandResult> {
-    let exit: Omit<CommandResult, 'stdout' | 'stderr'> | undefined;
-    let failure: CladeError | undefined;
-    await this.client.ndjson('GET', `${this.base}/output`, undefined, (line) => {
-      if (typeof line.stdout === 'string') (this.out += line.stdout, opts.onStdout?.(line.stdout));
-      else if (typeof line.stderr === 'string') (this.err += line.stderr, opts.onStderr?.(line.stderr));
-      else if (line.exit) exit = line.exit as typeof exit;
-      else if (line.error) failure = wireError(line.error);
-    });
-    if (failure) throw failure;
-    if (!exit) throw new CladeError('unavailable', 'the daemon ended the output stream before the command ended (was it stopped?)');
-    return { ...exit, stdout: this.out, stderr: this.err };
+  private follow(opts: CommandOptions): Promise<CommandResult> {
+    return readCommandStream(this.client, 'GET', `${this.base}/output`, undefined, opts, this.output);
   }
+}
+
+/**
+ * Reads a command's NDJSON stream (`{"stdout"}`, `{"stderr"}`, then `{"exit"}`
+ * or `{"error"}`): output goes to the callbacks as it arrives and is collected
+ * in `output`, which the caller may read while it grows.
+ */
+async function readCommandStream(client: DaemonClient, method: string, path: string, body: object | undefined, opts: CommandOptions, output: { stdout: string; stderr: string }): Promise<CommandResult> {
+  let exit: Omit<CommandResult, 'stdout' | 'stderr'> | undefined;
+  let failure: CladeError | undefined;
+  await client.ndjson(method, path, body, (line) => {
+    if (typeof line.stdout === 'string') (output.stdout += line.stdout, opts.onStdout?.(line.stdout));
+    else if (typeof line.stderr === 'string') (output.stderr += line.stderr, opts.onStderr?.(line.stderr));
+    else if (line.exit) exit = line.exit as typeof exit;
+    else if (line.error) failure = wireError(line.error);
+  });
+  if (failure) throw failure;
+  if (!exit) throw new CladeError('unavailable', 'the daemon ended the command stream before the command ended (was it stopped?)');
+  return { ...exit, stdout: output.stdout, stderr: output.stderr };
 }
 
 function fromWire(e: WireEntry): FileEntry {

@@ -60,17 +60,6 @@ static int fail(char *err, size_t errlen, const char *what) {
     return -1;
 }
 
-static int read_exact(int fd, void *buf, size_t len, off_t off) {
-    uint8_t *p = buf;
-    while (len) {
-        ssize_t n = pread(fd, p, len, off);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) return -1;
-        p += n, len -= (size_t)n, off += n;
-    }
-    return 0;
-}
-
 static int read_header(int fd, Elf64_Ehdr *eh, char *err, size_t errlen) {
     if (read_exact(fd, eh, sizeof *eh, 0) < 0) return fail(err, errlen, "kernel: cannot read the ELF header");
     if (memcmp(eh->e_ident, ELFMAG, SELFMAG) || eh->e_ident[EI_CLASS] != ELFCLASS64 || eh->e_machine != EM_X86_64)

@@ -56,16 +56,6 @@ class Conn:
             raise VmmError(f"{self.path}: {line!r} -> {reply}")
         return reply
 
-    def snapshot(self, conn, directory, timeout=30.0):
-        """Snapshot to disk: the VMM replies at once, its writer child reports in DIR/done."""
-        reply = conn.req(f"snapshot {directory}")
-        self.pids.add(reply["writer"])
-        done = os.path.join(directory, "done")
-        if not wait_for(lambda: os.path.exists(done), timeout):
-            raise VmmError(f"snapshot writer did not finish within {timeout}s")
-        with open(done) as f:
-            return reply, json.loads(f.read())
-
     def close(self):
         self.sock.close()
 

@@ -2,7 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { CladeError } from '../../core/errors.js';
-import type { BootSpec, Engine, MachineShape, SlotSpec, VmHandle } from '../engine.js';
+import { assertSocketPath, type BootSpec, type Engine, type MachineShape, type SlotSpec, type VmHandle } from '../engine.js';
 import { pickAccelerator, probeKvm, type Accelerator } from './accel.js';
 import { liveMigrate, loadState, saveDeviceState } from './migration.js';
 import { QmpClient } from './qmp.js';
@@ -10,7 +10,6 @@ import { QmpClient } from './qmp.js';
 export const QEMU_BINARY = process.env.CLADE_QEMU ?? 'qemu-system-x86_64';
 /** TCG's translation cache per VM; QEMU's default reserves far more than a sandbox uses. */
 const TCG_TB_MIB = 64;
-const UNIX_PATH_MAX = 107;
 
 type Launch = {
   id: string;
@@ -87,9 +86,7 @@ function runFiles(runDir: string) {
 async function launch(l: Launch): Promise<QemuVm> {
   const accel = await pickAccelerator();
   const files = runFiles(l.runDir);
-  if (files.agent.length > UNIX_PATH_MAX) {
-    throw new CladeError('bad_request', `the clade home path is too long for unix sockets (${files.agent}); set CLADE_HOME to a shorter directory`);
-  }
+  assertSocketPath(files.agent);
   const tscKhz = accel === 'tcg' ? (await probeKvm()).tscKhz : undefined;
   const child = spawn(QEMU_BINARY, qemuArgs(l, accel, files, tscKhz), { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
   const vm = new QemuVm(l, spawnedProcess(child), accel, files);

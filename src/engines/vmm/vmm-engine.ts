@@ -4,14 +4,13 @@ import { join } from 'node:path';
 import { CladeError } from '../../core/errors.js';
 import { packageRoot } from '../../core/paths.js';
 import { ensureVmlinux } from '../../images/vmlinux.js';
-import type { BootSpec, Engine, MachineShape, VmHandle } from '../engine.js';
+import { assertSocketPath, type BootSpec, type Engine, type MachineShape, type VmHandle } from '../engine.js';
 import { probeKvm } from '../qemu/accel.js';
 import { VmmControl } from './control.js';
 
 /** clade-vmm keeps guest RAM below the 32-bit PCI hole. */
 export const VMM_MAX_MEMORY_MIB = 3072;
 const EXIT_POLL_MS = 500;
-const UNIX_PATH_MAX = 107;
 
 export function vmmBinary(): string {
   return process.env.CLADE_VMM ?? join(packageRoot(), 'native', 'vmm', 'build', 'clade-vmm');
@@ -28,7 +27,9 @@ export async function vmmUnavailableReason(): Promise<string | undefined> {
 type Files = { control: string; agent: string; serial: string };
 
 function runFiles(runDir: string): Files {
-  return { control: join(runDir, 'control.sock'), agent: join(runDir, 'agent.sock'), serial: join(runDir, 'serial.log') };
+  const files = { control: join(runDir, 'control.sock'), agent: join(runDir, 'agent.sock'), serial: join(runDir, 'serial.log') };
+  assertSocketPath(files.control); // the longest of the two socket names
+  return files;
 }
 
 /**
@@ -44,7 +45,6 @@ export class VmmEngine implements Engine {
     if (spec.memoryMiB > VMM_MAX_MEMORY_MIB) throw new CladeError('bad_request', `the vmm engine runs guests of at most ${VMM_MAX_MEMORY_MIB} MiB, got memoryMiB ${spec.memoryMiB}`);
     if (spec.cpus !== 1) throw new CladeError('unavailable', 'the vmm engine runs one vCPU per sandbox for now; use cpus: 1 or engine "qemu"');
     const files = runFiles(spec.runDir);
-    if (files.control.length > UNIX_PATH_MAX) throw new CladeError('bad_request', `the clade home path is too long for unix sockets (${files.control}); set CLADE_HOME to a shorter directory`);
     const kernel = await ensureVmlinux(spec.image);
     const cmdline = ['console=ttyS0', 'quiet', 'panic=-1', 'mitigations=off', 'random.trust_cpu=on', 'i8042.noaux', `clade.token=${spec.token.toString('hex')}`, `clade.id=${spec.id}`, `clade.hostname=${spec.hostname}`];
     const args = ['run', '--socket', files.control, '--agent-socket', files.agent, '--serial-log', files.serial, '--kernel', kernel, '--initramfs', spec.image.initramfs, '--mem-mib', String(spec.memoryMiB), '--cmdline', cmdline.join(' ')];
@@ -58,7 +58,6 @@ export class VmmEngine implements Engine {
    */
   async restore(spec: { id: string; runDir: string; snapshotDir: string; shape: MachineShape }): Promise<VmmVm> {
     const files = runFiles(spec.runDir);
-    if (files.control.length > UNIX_PATH_MAX) throw new CladeError('bad_request', `the clade home path is too long for unix sockets (${files.control}); set CLADE_HOME to a shorter directory`);
     const args = ['run', '--socket', files.control, '--agent-socket', files.agent, '--serial-log', files.serial, '--restore', spec.snapshotDir];
     return startVmm(spec.id, spec.shape, spec.runDir, files, args);
   }
@@ -252,11 +251,16 @@ async function waitForWriter(donePath: string, writerPid: number, deadline: numb
   }
 }
 
+/** /proc/<pid>/stat from field 3 (state) on: the command name before it may hold spaces. */
+function procStatFields(pid: number): string[] {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+}
+
 /** Field 22 of /proc/<pid>/stat: when the process started, which a reused pid does not share. */
 function processStartTicks(pid: number): string | undefined {
   try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+    return procStatFields(pid)[19];
   } catch {
     return undefined;
   }
@@ -266,8 +270,7 @@ function processStartTicks(pid: number): string | undefined {
 export function isVmmProcess(pid: number, startTicks: string | undefined): boolean {
   try {
     if (!readlinkSync(`/proc/${pid}/exe`).includes('clade-vmm')) return false;
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const fields = procStatFields(pid);
     return fields[0] !== 'Z' && (startTicks === undefined || fields[19] === startTicks);
   } catch {
     return false;

@@ -25,6 +25,20 @@ export function vmmPids() {
 
 export const ms = (t0) => (performance.now() - t0).toFixed(1);
 
+export async function waitUntil(predicate, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  while (!predicate()) {
+    if (Date.now() > deadline) return false;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return true;
+}
+
+/** After everything is killed, no clade-vmm process may remain (give them 5 s to exit). */
+export async function checkNoVmmLeft() {
+  check('no-vmm-left', await waitUntil(() => vmmPids().length === 0, 5_000), vmmPids().join(' '));
+}
+
 export function done() {
   console.log(failed === 0 ? 'done' : `done with ${failed} failures`);
 }

@@ -8,7 +8,7 @@
 import { spawn } from 'node:child_process';
 import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { request } from 'node:http';
-import { check, done, isVmmPid, ms, vmmPids } from './checks.mjs';
+import { check, checkNoVmmLeft, done, isVmmPid, ms, vmmPids, waitUntil } from './checks.mjs';
 
 const root = process.argv[2];
 const home = process.env.CLADE_HOME;
@@ -22,14 +22,6 @@ const REQUEST_MS = 45_000;
 
 const sleep = (t) => new Promise((r) => setTimeout(r, t));
 
-async function waitUntil(predicate, timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  while (!predicate()) {
-    if (Date.now() > deadline) return false;
-    await sleep(50);
-  }
-  return true;
-}
 
 /** One JSON request to the daemon over its unix socket: { status, body }. */
 function call(method, path, body) {
@@ -161,7 +153,7 @@ try {
     check('delete', del.status === 204, JSON.stringify(del));
     created.delete(id);
   }
-  check('no-vmm-left', await waitUntil(() => vmmPids().length === 0, 5_000), vmmPids().join(' '));
+  await checkNoVmmLeft();
   const dirs = existsSync(sandboxesDir) ? readdirSync(sandboxesDir) : [];
   check('no-sandbox-dir-left', dirs.length === 0, dirs.join(' '));
   const records = readdirSync(`${stateDir}/sandboxes`);

@@ -2,7 +2,7 @@
 // SDK: the same calls as the embedded tests, on the vmm engine. Prints one
 // "check ok NAME" or "check FAIL NAME: why" line per check, then "timing"
 // lines, then "done". The host test (test/runner/vmm-sdk.test.ts) reads them.
-import { check, done, ms, vmmPids } from './checks.mjs';
+import { check, checkNoVmmLeft, done, ms } from './checks.mjs';
 
 const root = process.argv[2];
 const { Sandbox } = await import(`${root}/dist/sdk/index.js`);
@@ -75,6 +75,5 @@ try {
 } finally {
   await Promise.all(sandboxes.map((s) => s.kill().catch(() => undefined)));
 }
-for (let i = 0; i < 100 && vmmPids().length > 0; i++) await new Promise((r) => setTimeout(r, 50));
-check('no-vmm-left', vmmPids().length === 0, vmmPids().join(' '));
+await checkNoVmmLeft();
 done();

@@ -6,7 +6,7 @@
 // "check FAIL NAME: why", "timing" lines, then "done" (read by
 // test/runner/vmm-sdk.test.ts).
 import { existsSync, openSync, closeSync, readdirSync, statSync, writeSync } from 'node:fs';
-import { check, done, ms, vmmPids } from './checks.mjs';
+import { check, checkNoVmmLeft, done, ms } from './checks.mjs';
 import { join } from 'node:path';
 
 const root = process.argv[2];
@@ -89,8 +89,7 @@ try {
 } finally {
   await Promise.all(sandboxes.map((s) => s.kill().catch(() => undefined)));
 }
-for (let i = 0; i < 100 && vmmPids().length > 0; i++) await new Promise((r) => setTimeout(r, 50));
-check('no-vmm-left', vmmPids().length === 0, vmmPids().join(' '));
+await checkNoVmmLeft();
 const home = process.env.CLADE_HOME;
 check('no-sandbox-dirs-left', !existsSync(join(home, 'sandboxes')) || readdirSync(join(home, 'sandboxes')).length === 0);
 done();

@@ -1,0 +1,43 @@
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+import { expect } from 'vitest';
+import { CLADE_IN_RUNNER, cladeCarry, runInRunner, runnerTraces } from './harness.js';
+
+const root = join(import.meta.dirname, '../..');
+
+/** What the runner carries is built from the working tree: clade-vmm, kvm-probe and dist/. */
+function buildAll(): void {
+  for (const target of ['native/vmm', 'native/kvm-probe']) {
+    const build = spawnSync('make', ['-s', '-C', join(root, target)], { encoding: 'utf8' });
+    expect(build.status, build.stderr).toBe(0);
+  }
+  const tsc = spawnSync('npx', ['tsc', '-p', 'tsconfig.json'], { cwd: root, encoding: 'utf8' });
+  expect(tsc.status, tsc.stdout + tsc.stderr).toBe(0);
+}
+
+/**
+ * Runs test/runner/payload/<script> with this Node.js inside the runner, with
+ * clade carried in (cladeCarry), and asserts what every payload promises: no
+ * "check FAIL" line, each of `required` reported as "check ok", a final
+ * "done", exit code 0, and no runner left behind on the host. At the time limit
+ * the runner is killed and this throws a CladeError 'timeout' naming the last
+ * stage reached.
+ */
+export async function runCladePayload(script: string, opts: { required: string[]; timeoutMs: number; daemon?: boolean }): Promise<void> {
+  buildAll();
+  const pkg = CLADE_IN_RUNNER.package;
+  const before = runnerTraces();
+  const r = await runInRunner({
+    files: [...(await cladeCarry({ daemon: opts.daemon ?? false })), { hostPath: join(root, 'test/runner/payload'), guestPath: `${pkg}/check` }],
+    command: `CLADE_HOME=${CLADE_IN_RUNNER.home} /opt/node/bin/node ${pkg}/check/${script} ${pkg}`,
+    timeoutMs: opts.timeoutMs,
+  });
+  const output = r.output.toString();
+  console.log(output.split('\n').filter((l) => l.startsWith('timing')).join('\n'));
+  const failed = output.split('\n').filter((l) => l.startsWith('check FAIL'));
+  expect(failed, output).toEqual([]);
+  for (const name of opts.required) expect(output).toContain(`check ok ${name}`);
+  expect(output).toMatch(/^done$/m);
+  expect(r.exitCode).toBe(0);
+  expect(runnerTraces()).toEqual(before);
+}
