@@ -11,6 +11,8 @@ command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 command -v dpkg-deb >/dev/null || missing+=(dpkg)
 command -v gcc >/dev/null || missing+=(gcc)
 command -v make >/dev/null || missing+=(make)
+# The image tests check the initramfs writer against GNU cpio.
+command -v cpio >/dev/null || missing+=(cpio)
 # The runner VM (docs/runner.md) decompresses the kernel's KVM modules with xz.
 command -v xz >/dev/null || missing+=(xz-utils)
 # clade-vmm boots the kernel's uncompressed vmlinux, extracted from the bzImage with zstd.
