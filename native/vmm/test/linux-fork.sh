@@ -28,7 +28,8 @@ t1=$(cut -d' ' -f1 /proc/uptime)
 echo "$out"
 echo "figure boot_to_hello_s $(awk "BEGIN{print $t1-$t0}")"
 check hello "$(echo "$out" | cut -c1-8)" "hello ok"
-check uname "$($A exec $D/root.agent $T 'uname -r')" "6.12.117+deb12-cloud-amd64"
+# The image takes the newest 6.12 kernel the archive offers; its exact version changes.
+check uname "$($A exec $D/root.agent $T 'uname -r' | cut -d. -f1,2)" "6.12"
 # Parks back to back (state, pause, resume): the next park may come before the resumed vCPU thread
 # ran at all. Every request must be answered, and the agent must still answer afterwards.
 out=$($A parks $D/root.sock 200)
