@@ -7,6 +7,7 @@
 #define HOST_BRIDGE_DEVICE 0x0008
 #define BAR_TYPE_64BIT 0x4
 #define BAR_MAX_SIZE (1ull << 30)
+#define CONFIG_ADDRESS_MASK 0x80FFFFFCu /* enable, bus, device, function, dword register */
 
 static void put16(struct pci_device *dev, unsigned off, uint16_t v) { pci_put_le(&dev->config[off], 2, v); }
 static void put32(struct pci_device *dev, unsigned off, uint32_t v) { pci_put_le(&dev->config[off], 4, v); }
@@ -173,7 +174,7 @@ bool pci_io(struct pci_bus *bus, uint16_t port, bool is_write, uint8_t *data, un
          * accesses there belong to other (absent) hardware and read as ones. */
         if (port == PCI_CONFIG_ADDRESS_PORT && size == 4) {
             if (is_write)
-                bus->config_address = pci_get_le(data, 4) & 0x80FFFFFCu;
+                bus->config_address = pci_get_le(data, 4) & CONFIG_ADDRESS_MASK;
             else
                 pci_put_le(data, 4, bus->config_address);
         } else if (!is_write) {
@@ -215,4 +216,40 @@ bool pci_mmio(struct pci_bus *bus, uint64_t gpa, bool is_write, uint8_t *data, u
         }
     }
     return false;
+}
+
+/* ---- saved state -------------------------------------------------------- */
+
+void pci_device_save(const struct pci_device *dev, struct pci_device_state *s)
+{
+    memcpy(s->config, dev->config, sizeof s->config);
+}
+
+/* The read-only bits of a saved config space must be those of the device it
+ * goes into: they describe the device (ids, BAR types, capabilities), and a
+ * change there is a damaged or forged state, not something a guest did. */
+bool pci_device_restore(struct pci_device *dev, const struct pci_device_state *s)
+{
+    for (unsigned i = 0; i < PCI_CONFIG_SIZE; i++)
+        if ((s->config[i] ^ dev->config[i]) & ~dev->wmask[i])
+            return false;
+    memcpy(dev->config, s->config, sizeof dev->config);
+    return true;
+}
+
+void pci_bus_save(const struct pci_bus *bus, struct pci_bus_state *s)
+{
+    memset(s, 0, sizeof *s);
+    s->config_address = bus->config_address;
+    pci_device_save(&bus->host_bridge, &s->host_bridge);
+}
+
+bool pci_bus_restore(struct pci_bus *bus, const struct pci_bus_state *s)
+{
+    if ((s->config_address & ~CONFIG_ADDRESS_MASK) || s->reserved)
+        return false;
+    if (!pci_device_restore(&bus->host_bridge, &s->host_bridge))
+        return false;
+    bus->config_address = s->config_address;
+    return true;
 }

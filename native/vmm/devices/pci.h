@@ -100,6 +100,30 @@ int pci_bus_add(struct pci_bus *bus, struct pci_device *dev);
 /* The guest-physical base of a memory BAR as currently programmed. */
 uint64_t pci_bar_address(const struct pci_device *dev, int bar);
 
+/*
+ * Saved state (docs/vmm-devices.md, "Saved state"): plain data, no pointers.
+ * Only what the guest can change is saved; everything else (BAR sizes,
+ * write masks, capabilities, callbacks) comes from the init calls of the
+ * device it is restored into, which must be the same as those of the device
+ * it was saved from.
+ */
+struct pci_device_state {
+    uint8_t config[PCI_CONFIG_SIZE];
+};
+
+struct pci_bus_state {
+    uint32_t config_address;
+    uint32_t reserved; /* 0 */
+    struct pci_device_state host_bridge;
+};
+
+void pci_device_save(const struct pci_device *dev, struct pci_device_state *s);
+/* False, dev unchanged, if s differs from dev in a bit the guest cannot write. */
+bool pci_device_restore(struct pci_device *dev, const struct pci_device_state *s);
+void pci_bus_save(const struct pci_bus *bus, struct pci_bus_state *s);
+/* The bus's own state and the host bridge's; devices in other slots restore their own. */
+bool pci_bus_restore(struct pci_bus *bus, const struct pci_bus_state *s);
+
 /* KVM_EXIT_IO for ports 0xCF8-0xCFF: returns false for any other port. size
  * is 1, 2 or 4; data is the little-endian buffer in kvm_run. */
 bool pci_io(struct pci_bus *bus, uint16_t port, bool is_write, uint8_t *data, unsigned size);

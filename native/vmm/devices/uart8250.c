@@ -24,6 +24,9 @@ enum { RBR_THR = 0, IER = 1, IIR_FCR = 2, LCR = 3, MCR = 4, LSR = 5, MSR = 6, SC
 #define MSR_DSR 0x20
 #define MSR_RI 0x40
 #define MSR_DCD 0x80
+#define IER_MASK 0x0f
+#define MCR_MASK 0x1f
+#define FCR_MASK 0xC9 /* enable, DMA mode, trigger level */
 
 void uart_init(struct uart8250 *u, uint16_t base, int out_fd, uart_irq_fn irq, void *irq_ctx)
 {
@@ -37,6 +40,12 @@ void uart_init(struct uart8250 *u, uint16_t base, int out_fd, uart_irq_fn irq, v
 }
 
 void uart_set_output_fd(struct uart8250 *u, int out_fd) { u->out_fd = out_fd; }
+
+void uart_set_output(struct uart8250 *u, uart_tx_fn tx, void *ctx)
+{
+    u->tx = tx;
+    u->tx_ctx = ctx;
+}
 
 static uint8_t pending_source(const struct uart8250 *u)
 {
@@ -62,6 +71,8 @@ static void transmit(struct uart8250 *u, uint8_t byte)
 {
     if (u->mcr & MCR_LOOP) {
         uart_receive(u, &byte, 1);
+    } else if (u->tx) {
+        u->tx(u->tx_ctx, byte);
     } else if (u->out_fd >= 0) {
         ssize_t n;
         do
@@ -145,11 +156,11 @@ static void write_reg(struct uart8250 *u, unsigned reg, uint8_t v)
             /* Enabling THRI while the transmitter is empty raises it at once. */
             if ((v & IER_THRI) && !(u->ier & IER_THRI))
                 u->thre_pending = true;
-            u->ier = v & 0x0f;
+            u->ier = v & IER_MASK;
         }
         break;
     case IIR_FCR:
-        u->fcr = v & 0xC9; /* enable, DMA mode, trigger level */
+        u->fcr = v & FCR_MASK;
         if (v & FCR_CLEAR_RX)
             u->rx_count = 0;
         break;
@@ -157,7 +168,7 @@ static void write_reg(struct uart8250 *u, unsigned reg, uint8_t v)
         u->lcr = v;
         break;
     case MCR:
-        u->mcr = v & 0x1f;
+        u->mcr = v & MCR_MASK;
         break;
     case SCR:
         u->scr = v;
@@ -185,5 +196,31 @@ bool uart_io(struct uart8250 *u, uint16_t port, bool is_write, uint8_t *data, un
             data[i] = read_reg(u, reg);
     }
     update_irq(u, false);
+    return true;
+}
+
+_Static_assert(sizeof(struct uart_state) == 16 + UART_FIFO_SIZE, "no implicit padding in saved state");
+
+void uart_save(const struct uart8250 *u, struct uart_state *s)
+{
+    memset(s, 0, sizeof *s);
+    s->ier = u->ier, s->lcr = u->lcr, s->mcr = u->mcr, s->scr = u->scr, s->dll = u->dll, s->dlm = u->dlm, s->fcr = u->fcr;
+    s->thre_pending = u->thre_pending, s->irq_level = u->irq_level;
+    s->rx_head = (uint8_t)u->rx_head, s->rx_count = (uint8_t)u->rx_count;
+    memcpy(s->rx, u->rx, sizeof s->rx);
+}
+
+bool uart_restore(struct uart8250 *u, const struct uart_state *s)
+{
+    for (unsigned i = 0; i < sizeof s->reserved; i++)
+        if (s->reserved[i])
+            return false;
+    if ((s->ier & ~IER_MASK) || (s->mcr & ~MCR_MASK) || (s->fcr & ~FCR_MASK) || s->thre_pending > 1 || s->irq_level > 1 ||
+        s->rx_head >= UART_FIFO_SIZE || s->rx_count > UART_FIFO_SIZE)
+        return false;
+    u->ier = s->ier, u->lcr = s->lcr, u->mcr = s->mcr, u->scr = s->scr, u->dll = s->dll, u->dlm = s->dlm, u->fcr = s->fcr;
+    u->thre_pending = s->thre_pending, u->irq_level = s->irq_level;
+    u->rx_head = s->rx_head, u->rx_count = s->rx_count;
+    memcpy(u->rx, s->rx, sizeof u->rx);
     return true;
 }

@@ -21,10 +21,14 @@
 #define UART_FIFO_SIZE 64
 
 typedef void (*uart_irq_fn)(void *ctx, bool level);
+/* Where transmitted bytes go instead of out_fd, when set (e.g. a size-capped log). */
+typedef void (*uart_tx_fn)(void *ctx, uint8_t byte);
 
 struct uart8250 {
     uint16_t base;
     int out_fd;
+    uart_tx_fn tx;
+    void *tx_ctx;
     uart_irq_fn irq;
     void *irq_ctx;
     uint8_t ier, lcr, mcr, scr, dll, dlm, fcr;
@@ -36,6 +40,19 @@ struct uart8250 {
 
 void uart_init(struct uart8250 *u, uint16_t base, int out_fd, uart_irq_fn irq, void *irq_ctx);
 void uart_set_output_fd(struct uart8250 *u, int out_fd);
+void uart_set_output(struct uart8250 *u, uart_tx_fn tx, void *ctx);
+
+/* Saved state: the registers and the receive FIFO, plain data. Restored into
+ * a UART set up with the same base; false (u unchanged) if a value is one the
+ * registers cannot hold. The line is not driven: call uart_resync_irq. */
+struct uart_state {
+    uint8_t ier, lcr, mcr, scr, dll, dlm, fcr, thre_pending, irq_level, rx_head, rx_count;
+    uint8_t reserved[5]; /* 0 */
+    uint8_t rx[UART_FIFO_SIZE];
+};
+
+void uart_save(const struct uart8250 *u, struct uart_state *s);
+bool uart_restore(struct uart8250 *u, const struct uart_state *s);
 
 /* KVM_EXIT_IO: false if port is not one of the UART's eight. */
 bool uart_io(struct uart8250 *u, uint16_t port, bool is_write, uint8_t *data, unsigned size);

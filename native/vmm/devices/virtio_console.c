@@ -463,3 +463,72 @@ int virtio_console_port_take_hungup_fd(struct virtio_console *con, unsigned id)
     con->port[id].hungup_fd = -1;
     return fd;
 }
+
+/* ---- saved state -------------------------------------------------------- */
+
+_Static_assert(sizeof(struct vcon_port_state) == 16, "no implicit padding in saved state");
+_Static_assert(sizeof(struct virtio_console_state) == 1272, "no implicit padding in saved state");
+
+void virtio_console_save(const struct virtio_console *con, struct virtio_console_state *s)
+{
+    memset(s, 0, sizeof *s);
+    virtio_pci_save(&con->vp, &s->vp);
+    s->nr_ports = con->nr_ports;
+    s->device_ready = con->device_ready;
+    for (unsigned i = 0; i < con->nr_ports; i++) {
+        const struct vcon_port *p = &con->port[i];
+        struct vcon_port_state *ps = &s->port[i];
+        ps->guest_ready = p->guest_ready, ps->guest_open = p->guest_open;
+        ps->owe_add = p->owe_add, ps->owe_console = p->owe_console, ps->owe_name = p->owe_name;
+        ps->owe_open_count = (uint8_t)p->owe_open_count;
+        memcpy(ps->owe_open, p->owe_open, sizeof ps->owe_open);
+        ps->sent_open = (int8_t)p->sent_open;
+        /* The chain being copied out holds host pointers: give it back to the ring instead (as virtq_unpop). */
+        if (p->tx_active)
+            s->vp.queue[tx_queue(i)].vq.last_avail_idx--;
+    }
+}
+
+static bool flag(uint8_t v) { return v <= 1; }
+
+static bool port_state_ok(const struct vcon_port *p, const struct vcon_port_state *ps)
+{
+    for (unsigned i = 0; i < sizeof ps->reserved; i++)
+        if (ps->reserved[i])
+            return false;
+    return flag(ps->guest_ready) && flag(ps->guest_open) && flag(ps->owe_add) && flag(ps->owe_console) &&
+           flag(ps->owe_name) && ps->owe_open_count <= 2 && flag(ps->owe_open[0]) && flag(ps->owe_open[1]) &&
+           ps->sent_open >= -1 && ps->sent_open <= 1 && (!ps->owe_console || p->is_console) && (!ps->owe_name || p->name[0]);
+}
+
+bool virtio_console_restore(struct virtio_console *con, const struct virtio_console_state *s)
+{
+    if (s->nr_ports != con->nr_ports || !flag(s->device_ready) || s->reserved[0] || s->reserved[1] || s->reserved[2])
+        return false;
+    for (unsigned i = 0; i < VCON_MAX_PORTS; i++) {
+        const struct vcon_port_state *ps = &s->port[i];
+        static const struct vcon_port_state unused; /* ports the device does not have are saved as zeros */
+        if (i < con->nr_ports ? !port_state_ok(&con->port[i], ps) : memcmp(ps, &unused, sizeof unused) != 0)
+            return false;
+    }
+    if (!virtio_pci_restore(&con->vp, &s->vp))
+        return false;
+    con->device_ready = s->device_ready;
+    for (unsigned i = 0; i < con->nr_ports; i++) {
+        struct vcon_port *p = &con->port[i];
+        const struct vcon_port_state *ps = &s->port[i];
+        p->guest_ready = ps->guest_ready, p->guest_open = ps->guest_open;
+        p->owe_add = ps->owe_add, p->owe_console = ps->owe_console, p->owe_name = ps->owe_name;
+        p->owe_open_count = ps->owe_open_count;
+        memcpy(p->owe_open, ps->owe_open, sizeof p->owe_open);
+        p->sent_open = ps->sent_open;
+        p->fd = p->hungup_fd = -1;
+        p->tx_active = false;
+        p->tx_done = 0;
+        p->out_start = p->out_len = 0;
+        int told = p->owe_open_count ? p->owe_open[p->owe_open_count - 1] : p->sent_open;
+        if (p->guest_ready && told == 1)
+            push_open(p, 0); /* the host end the guest last heard of is gone; sent when it next posts buffers */
+    }
+    return true;
+}

@@ -82,6 +82,35 @@ struct virtio_console {
     struct virtq_chain scratch; /* for control and receive chains */
 };
 
+/*
+ * Saved state (docs/vmm-devices.md, "Saved state"): plain data only, no
+ * descriptors. Host ends never survive a save: a restored device starts with
+ * every port disconnected, so guest output not yet written is not saved,
+ * and a chain the guest was sending is given back to its ring (taken again
+ * after restore, from its start; its bytes then go to the new host end or,
+ * while there is none, are dropped).
+ */
+struct vcon_port_state {
+    uint8_t guest_ready, guest_open, owe_add, owe_console, owe_name, owe_open_count;
+    uint8_t owe_open[2];
+    int8_t sent_open;
+    uint8_t reserved[7]; /* 0 */
+};
+
+struct virtio_console_state {
+    struct virtio_pci_state vp;
+    uint32_t nr_ports;
+    uint8_t device_ready;
+    uint8_t reserved[3]; /* 0 */
+    struct vcon_port_state port[VCON_MAX_PORTS];
+};
+
+void virtio_console_save(const struct virtio_console *con, struct virtio_console_state *s);
+/* Loads s into a console freshly set up with the same ports; every port is
+ * disconnected afterwards (its fd -1). False, con unchanged, if any value is
+ * out of range or inconsistent (see virtio_pci_restore). */
+bool virtio_console_restore(struct virtio_console *con, const struct virtio_console_state *s);
+
 /* Sets up the device with nr_ports ports (ids 0..nr_ports-1), all
  * disconnected. Then pci_bus_add(bus, &con->vp.pci). */
 bool virtio_console_init(struct virtio_console *con, const struct virtio_console_port_spec *ports, unsigned nr_ports,

@@ -482,3 +482,98 @@ void virtio_pci_resignal(struct virtio_pci *vp)
             raise_vector(vp, vp->queue[q].msix_vector);
     deliver_pending(vp);
 }
+
+/* ---- saved state -------------------------------------------------------- */
+
+_Static_assert(sizeof(struct virtio_pci_queue_state) == 40, "no implicit padding in saved state");
+_Static_assert(sizeof(struct virtio_pci_state) == 1200, "no implicit padding in saved state");
+
+void virtio_pci_save(const struct virtio_pci *vp, struct virtio_pci_state *s)
+{
+    memset(s, 0, sizeof *s);
+    pci_device_save(&vp->pci, &s->pci);
+    s->driver_features = vp->driver_features;
+    s->device_feature_select = vp->device_feature_select;
+    s->driver_feature_select = vp->driver_feature_select;
+    s->msix_pending = vp->msix_pending;
+    s->config_msix_vector = vp->config_msix_vector;
+    s->queue_select = vp->queue_select;
+    s->num_queues = vp->num_queues;
+    s->num_vectors = vp->num_vectors;
+    s->status = vp->status;
+    s->config_generation = vp->config_generation;
+    s->isr = vp->isr;
+    for (unsigned i = 0; i < vp->num_queues; i++) {
+        const struct virtio_pci_queue *q = &vp->queue[i];
+        struct virtio_pci_queue_state *qs = &s->queue[i];
+        qs->desc = q->desc, qs->driver = q->driver, qs->device = q->device;
+        qs->size = q->size, qs->msix_vector = q->msix_vector, qs->enabled = q->enabled;
+        virtq_save(&q->vq, &qs->vq);
+    }
+    memcpy(s->msix, vp->msix, vp->num_vectors * sizeof vp->msix[0]);
+}
+
+static bool all_zero(const void *p, size_t n)
+{
+    const uint8_t *b = p;
+    for (size_t i = 0; i < n; i++)
+        if (b[i])
+            return false;
+    return true;
+}
+
+static bool vector_ok(const struct virtio_pci *vp, uint16_t v) { return valid_vector(vp, v) == v; }
+
+/* A status the driver could have reached through status_write. */
+static bool status_ok(const struct virtio_pci *vp, uint8_t status)
+{
+    if ((status & VIRTIO_STATUS_DRIVER_OK) && !(status & VIRTIO_STATUS_FEATURES_OK))
+        return false;
+    return !(status & VIRTIO_STATUS_FEATURES_OK) || features_acceptable(vp);
+}
+
+static bool queue_restore(struct virtio_pci *vp, struct virtio_pci_queue *q, const struct virtio_pci_queue_state *qs)
+{
+    if (!vector_ok(vp, qs->msix_vector) || qs->enabled > 1 || !all_zero(qs->reserved, sizeof qs->reserved))
+        return false;
+    q->desc = qs->desc, q->driver = qs->driver, q->device = qs->device;
+    q->size = qs->size, q->msix_vector = qs->msix_vector, q->enabled = qs->enabled;
+    virtq_reset(&q->vq);
+    if (!q->enabled) /* a disabled queue's rings were never accepted: nothing of them may be saved */
+        return all_zero(&qs->vq, sizeof qs->vq);
+    /* The same checks as when the driver enabled it: size, alignment, rings inside guest RAM. */
+    return virtq_setup(&q->vq, vp->mem, q->size, q->max_size, q->desc, q->driver, q->device) && virtq_restore(&q->vq, &qs->vq);
+}
+
+bool virtio_pci_restore(struct virtio_pci *vp, const struct virtio_pci_state *s)
+{
+    struct virtio_pci t = *vp; /* built up aside: vp stays as it was on failure */
+    if (s->num_queues != t.num_queues || s->num_vectors != t.num_vectors || s->reserved || (s->isr & ~(ISR_QUEUE | ISR_CONFIG)) ||
+        (s->msix_pending >> t.num_vectors) || !vector_ok(&t, s->config_msix_vector))
+        return false;
+    if (!pci_device_restore(&t.pci, &s->pci))
+        return false;
+    t.driver_features = s->driver_features;
+    if (!status_ok(&t, s->status))
+        return false;
+    t.device_feature_select = s->device_feature_select;
+    t.driver_feature_select = s->driver_feature_select;
+    t.msix_pending = s->msix_pending;
+    t.config_msix_vector = s->config_msix_vector;
+    t.queue_select = s->queue_select;
+    t.status = s->status;
+    t.config_generation = s->config_generation;
+    t.isr = s->isr;
+    for (unsigned i = 0; i < VIRTIO_PCI_MAX_QUEUES; i++) {
+        if (i >= t.num_queues ? !all_zero(&s->queue[i], sizeof s->queue[i]) : !queue_restore(&t, &t.queue[i], &s->queue[i]))
+            return false;
+    }
+    for (unsigned v = 0; v < VIRTIO_PCI_MAX_VECTORS; v++) {
+        if (v >= t.num_vectors ? !all_zero(&s->msix[v], sizeof s->msix[v]) : (s->msix[v].control & ~(uint32_t)MSIX_ENTRY_MASKED))
+            return false;
+        if (v < t.num_vectors)
+            t.msix[v] = s->msix[v];
+    }
+    *vp = t;
+    return true;
+}

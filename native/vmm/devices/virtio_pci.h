@@ -117,6 +117,39 @@ bool virtio_pci_init(struct virtio_pci *vp, const struct virtio_pci_params *para
                      const struct virtio_device_ops *ops, void *device, const struct guest_mem *mem,
                      virtio_msi_fn msi, void *msi_ctx);
 
+/*
+ * Saved state (docs/vmm-devices.md, "Saved state"): plain data only. The
+ * callbacks, the device pointer and guest memory are the ones of the
+ * transport it is restored into, set up by virtio_pci_init with the same
+ * parameters as the one saved.
+ */
+struct virtio_pci_queue_state {
+    uint64_t desc, driver, device;
+    uint16_t size, msix_vector;
+    uint8_t enabled;
+    uint8_t reserved[3]; /* 0 */
+    struct virtq_state vq;
+};
+
+struct virtio_pci_state {
+    struct pci_device_state pci;
+    uint64_t driver_features;
+    uint32_t device_feature_select, driver_feature_select;
+    uint32_t msix_pending;
+    uint16_t config_msix_vector, queue_select, num_queues, num_vectors;
+    uint8_t status, config_generation, isr;
+    uint8_t reserved; /* 0 */
+    struct virtio_pci_queue_state queue[VIRTIO_PCI_MAX_QUEUES];
+    struct virtio_msix_entry msix[VIRTIO_PCI_MAX_VECTORS];
+};
+
+void virtio_pci_save(const struct virtio_pci *vp, struct virtio_pci_state *s);
+/* Loads s into a freshly initialised transport. Every value is checked: enabled
+ * queues must lie in guest RAM (as when the driver enabled them), vectors
+ * exist, the status is one the driver could have reached. False on any
+ * violation, with vp unchanged. Sends no interrupt: see virtio_pci_resignal. */
+bool virtio_pci_restore(struct virtio_pci *vp, const struct virtio_pci_state *s);
+
 /* Whether queue q may be used now: DRIVER_OK, not failed or needing reset,
  * bus mastering on, the queue enabled and intact. */
 bool virtio_pci_queue_live(const struct virtio_pci *vp, unsigned q);

@@ -158,3 +158,23 @@ bool virtq_wants_interrupt(const struct virtq *q)
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return !(load16(avail_field(q, 0)) & VIRTQ_AVAIL_F_NO_INTERRUPT);
 }
+
+void virtq_save(const struct virtq *q, struct virtq_state *s)
+{
+    memset(s, 0, sizeof *s);
+    s->last_avail_idx = q->last_avail_idx;
+    s->used_idx = q->used_idx;
+    s->broken = q->broken;
+}
+
+bool virtq_restore(struct virtq *q, const struct virtq_state *s)
+{
+    if (s->broken > 1 || s->reserved[0] || s->reserved[1] || s->reserved[2])
+        return false;
+    /* Any index is one the guest could have produced: the 16-bit counters
+     * wrap, and virtq_pop checks the distance to the guest's own index. */
+    q->last_avail_idx = s->last_avail_idx;
+    q->used_idx = s->used_idx;
+    q->broken = s->broken;
+    return true;
+}

@@ -45,6 +45,18 @@ struct virtq_chain {
     struct iovec seg[VIRTQ_MAX_SIZE]; /* last: virtq_pop clears only what precedes it */
 };
 
+/* Saved state: the device's ring positions. The ring addresses and size
+ * are the transport's (struct virtio_pci_queue_state), set up again first. */
+struct virtq_state {
+    uint16_t last_avail_idx, used_idx;
+    uint8_t broken;
+    uint8_t reserved[3]; /* 0 */
+};
+
+void virtq_save(const struct virtq *q, struct virtq_state *s);
+/* Onto a queue just set up with virtq_setup (or reset): false if s is malformed. */
+bool virtq_restore(struct virtq *q, const struct virtq_state *s);
+
 /* Checks the layout (size a power of two within max, rings aligned and inside
  * guest RAM) and makes the queue ready. False leaves it not ready. */
 bool virtq_setup(struct virtq *q, const struct guest_mem *mem, uint16_t size, uint16_t max_size,

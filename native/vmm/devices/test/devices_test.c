@@ -624,6 +624,147 @@ static void test_uart(void)
     close(p[1]);
 }
 
+
+/* ---- saved state -------------------------------------------------------- */
+
+static const struct virtio_console_port_spec test_ports[2] = {{.name = NULL, .is_console = true},
+                                                              {.name = "org.clade.agent", .is_console = false}};
+
+/* The console as a VMM starting from a snapshot has it: set up afresh in place, nothing restored yet. */
+static void fresh_console(struct drv *d)
+{
+    CHECK(virtio_console_init(&d->con, test_ports, 2, &d->mem, drv_msi, d));
+}
+
+static bool same_state(const struct virtio_console *a, const struct virtio_console *b)
+{
+    struct virtio_console_state sa, sb;
+    virtio_console_save(a, &sa);
+    virtio_console_save(b, &sb);
+    return memcmp(&sa, &sb, sizeof sa) == 0;
+}
+
+typedef void (*state_edit)(struct virtio_console_state *s);
+static void edit_desc_outside_ram(struct virtio_console_state *s) { s->vp.queue[AGENT_TX].desc = DRV_RAM_SIZE; }
+static void edit_used_wraps(struct virtio_console_state *s) { s->vp.queue[AGENT_RX].device = ~0ull - 8; }
+static void edit_size_odd(struct virtio_console_state *s) { s->vp.queue[AGENT_RX].size = 48; }
+static void edit_size_huge(struct virtio_console_state *s) { s->vp.queue[AGENT_RX].size = 1024; }
+static void edit_vector(struct virtio_console_state *s) { s->vp.queue[0].msix_vector = 99; }
+static void edit_config_vector(struct virtio_console_state *s) { s->vp.config_msix_vector = 17; }
+static void edit_device_id(struct virtio_console_state *s) { s->vp.pci.config[PCI_DEVICE_ID] ^= 1; }
+static void edit_bar_type(struct virtio_console_state *s) { s->vp.pci.config[PCI_BAR0] ^= 4; }
+static void edit_flag(struct virtio_console_state *s) { s->port[AGENT].guest_open = 2; }
+static void edit_owe_count(struct virtio_console_state *s) { s->port[AGENT].owe_open_count = 9; }
+static void edit_sent_open(struct virtio_console_state *s) { s->port[AGENT].sent_open = 5; }
+static void edit_console_flag(struct virtio_console_state *s) { s->port[AGENT].owe_console = 1; }
+static void edit_nr_ports(struct virtio_console_state *s) { s->nr_ports = 4; }
+static void edit_num_queues(struct virtio_console_state *s) { s->vp.num_queues = 16; }
+static void edit_num_vectors(struct virtio_console_state *s) { s->vp.num_vectors = 200; }
+static void edit_status(struct virtio_console_state *s) { s->vp.status &= (uint8_t)~VIRTIO_STATUS_FEATURES_OK; }
+static void edit_features(struct virtio_console_state *s) { s->vp.driver_features |= 1ull << 40; }
+static void edit_isr(struct virtio_console_state *s) { s->vp.isr = 0x80; }
+static void edit_pending(struct virtio_console_state *s) { s->vp.msix_pending = 1u << 30; }
+static void edit_msix_control(struct virtio_console_state *s) { s->vp.msix[1].control = 0xff; }
+static void edit_msix_beyond(struct virtio_console_state *s) { s->vp.msix[VIRTIO_PCI_MAX_VECTORS - 1].data = 1; }
+static void edit_queue_beyond(struct virtio_console_state *s) { s->vp.queue[VIRTIO_PCI_MAX_QUEUES - 1].desc = 0x1000; }
+static void edit_disabled_ring(struct virtio_console_state *s)
+{
+    s->vp.queue[AGENT_TX].enabled = 0; /* a disabled queue with ring positions: never saved like that */
+}
+static void edit_broken(struct virtio_console_state *s) { s->vp.queue[AGENT_RX].vq.broken = 3; }
+static void edit_reserved(struct virtio_console_state *s) { s->reserved[1] = 1; }
+static void edit_port_reserved(struct virtio_console_state *s) { s->port[0].reserved[6] = 1; }
+static void edit_unused_port(struct virtio_console_state *s) { s->port[3].guest_ready = 1; }
+
+static void test_saved_state(void)
+{
+    struct drv *d = &D;
+    int sv[2];
+    int host = bring_up(d, sv);
+    char buf[64] = {0};
+    uint32_t id, len;
+    send_tx(d, AGENT_TX, "before", 6);
+    CHECK(read(host, buf, sizeof buf) == 6);
+    uint64_t rx = drv_alloc(d, 32);
+    uint32_t rx_len = 32;
+    drv_add(d, AGENT_RX, &rx, &rx_len, 1, 0);
+    drv_kick(d, AGENT_RX);
+    /* A chain the device is still copying out when the state is saved: backpressure holds it. */
+    struct virtio_console_state s;
+    struct pci_bus_state bus;
+    virtio_console_save(&d->con, &s);
+    pci_bus_save(&d->bus, &bus);
+    CHECK(s.vp.num_queues == 6 && s.nr_ports == 2 && s.port[AGENT].sent_open == 1);
+
+    /* Hostile states: each refused, the fresh device left exactly as it was. */
+    const state_edit edits[] = {edit_desc_outside_ram, edit_used_wraps, edit_size_odd, edit_size_huge, edit_vector,
+                                edit_config_vector, edit_device_id, edit_bar_type, edit_flag, edit_owe_count, edit_sent_open,
+                                edit_console_flag, edit_nr_ports, edit_num_queues, edit_num_vectors, edit_status,
+                                edit_features, edit_isr, edit_pending, edit_msix_control, edit_msix_beyond,
+                                edit_queue_beyond, edit_disabled_ring, edit_broken, edit_reserved, edit_port_reserved,
+                                edit_unused_port};
+    static struct virtio_console pristine;
+    fresh_console(d);
+    pristine = d->con;
+    for (size_t i = 0; i < sizeof edits / sizeof edits[0]; i++) {
+        struct virtio_console_state t = s;
+        edits[i](&t);
+        bool refused = !virtio_console_restore(&d->con, &t);
+        if (!refused)
+            fprintf(stderr, "  hostile state %zu was accepted\n", i);
+        CHECK(refused);
+        CHECK(same_state(&d->con, &pristine));
+    }
+    struct pci_bus_state bad_bus = bus;
+    bad_bus.config_address = 0x3;
+    CHECK(!pci_bus_restore(&d->bus, &bad_bus));
+    bad_bus = bus;
+    bad_bus.host_bridge.config[PCI_VENDOR_ID] ^= 0xff;
+    CHECK(!pci_bus_restore(&d->bus, &bad_bus));
+
+    /* The real state: restored, then the guest hears its host end went away and came back, and data flows. */
+    CHECK(pci_bus_restore(&d->bus, &bus));
+    CHECK(virtio_console_restore(&d->con, &s));
+    CHECK(d->con.port[AGENT].fd == -1 && d->con.port[AGENT].out_len == 0);
+    int sv2[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv2) == 0);
+    virtio_console_port_set_fd(&d->con, AGENT, sv2[0]);
+    CHECK(expect_control(d, AGENT, VIRTIO_CONSOLE_PORT_OPEN, 0));
+    CHECK(expect_control(d, AGENT, VIRTIO_CONSOLE_PORT_OPEN, 1));
+    CHECK(write(sv2[1], "after", 5) == 5);
+    virtio_console_port_io(&d->con, AGENT);
+    CHECK(drv_used(d, AGENT_RX, &id, &len) && len == 5 && memcmp(ram + rx, "after", 5) == 0);
+    send_tx(d, AGENT_TX, "again", 5);
+    memset(buf, 0, sizeof buf);
+    CHECK(read(sv2[1], buf, sizeof buf) == 5 && memcmp(buf, "again", 5) == 0);
+    close(sv[0]);
+    close(sv[1]);
+    close(sv2[0]);
+    close(sv2[1]);
+
+    /* The UART's registers and FIFO, and values its registers cannot hold. */
+    struct uart8250 u, v;
+    struct uart_state us;
+    uart_init(&u, UART_COM1_BASE, -1, NULL, NULL);
+    uout(&u, 1, 0x03);
+    uart_receive(&u, (const uint8_t *)"xyz", 3);
+    uart_save(&u, &us);
+    uart_init(&v, UART_COM1_BASE, -1, NULL, NULL);
+    CHECK(uart_restore(&v, &us) && uin(&v, 1) == 0x03 && uin(&v, 0) == 'x');
+    struct uart_state bad = us;
+    bad.rx_head = UART_FIFO_SIZE;
+    CHECK(!uart_restore(&v, &bad));
+    bad = us;
+    bad.rx_count = UART_FIFO_SIZE + 1;
+    CHECK(!uart_restore(&v, &bad));
+    bad = us;
+    bad.ier = 0xf0;
+    CHECK(!uart_restore(&v, &bad));
+    bad = us;
+    bad.thre_pending = 2;
+    CHECK(!uart_restore(&v, &bad));
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -635,6 +776,7 @@ int main(void)
     test_hostile_rings();
     test_hostile_registers();
     test_uart();
+    test_saved_state();
     printf("%s: %u checks, %u failed\n", failed ? "FAIL" : "PASS", checks, failed);
     free(ram);
     return failed ? 1 : 0;
