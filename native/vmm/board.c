@@ -4,7 +4,7 @@
  * channels. The devices themselves are in devices/ (plain-memory state, no
  * threads); this file wires them to KVM exits and to the control thread.
  *
- *   ports 0x3f8-0x3ff   8250 UART (ttyS0), IRQ 4 by KVM_IRQ_LINE, output to --serial-log
+ *   ports 0x3f8-0x3ff   8250 UART (ttyS0), IRQ 4 by KVM_IRQ_LINE, output to --serial-log (size-capped)
  *   ports 0xcf8-0xcff   PCI configuration mechanism #1 (bus 0: host bridge + virtio-console)
  *   ports 0x70-0x71     a read-only CMOS clock, so RTC reads are sane
  *   port  0x64 / 0xcf9  keyboard-controller and PCI resets: the guest asks to reboot
@@ -20,12 +20,14 @@
 #include "vmm.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -55,24 +57,92 @@ static void set_uart_irq(void *ctx, bool level) {
     (void)ioctl(b->vm->vm_fd, KVM_IRQ_LINE, &line);
 }
 
+/* ---- the serial log -------------------------------------------------------- */
+
+void serial_log_none(struct serial_log *log, uint64_t max_bytes) {
+    *log = (struct serial_log){.fd = -1, .max_bytes = max_bytes};
+}
+
+static int open_log_file(const char *path, int extra_flags) {
+    return open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NONBLOCK | extra_flags, 0600);
+}
+
+int serial_log_open(struct serial_log *log, const char *path, uint64_t max_bytes) {
+    serial_log_none(log, max_bytes);
+    if (strlen(path) + 3 > sizeof log->path) return errno = ENAMETOOLONG, -1; /* room for the rotated name, PATH.1 */
+    int fd = open_log_file(path, 0);
+    struct stat st;
+    if (fd < 0) return -1;
+    if (fstat(fd, &st) < 0) return close(fd), -1;
+    snprintf(log->path, sizeof log->path, "%s", path);
+    log->fd = fd;
+    log->bytes = (uint64_t)st.st_size; /* an existing log counts: appending must not take it past the cap */
+    return 0;
+}
+
+/*
+ * At the cap: PATH becomes PATH.1 (replacing the previous one), and writing
+ * goes on in a new, empty PATH. If a new file cannot be made, the current one
+ * is emptied instead: the cap holds either way.
+ */
+static void serial_log_rotate(struct serial_log *log) {
+    char old[SERIAL_LOG_PATH_MAX + 2];
+    snprintf(old, sizeof old, "%s.1", log->path);
+    int fd = rename(log->path, old) == 0 ? open_log_file(log->path, O_TRUNC) : -1;
+    if (fd >= 0) {
+        close(log->fd);
+        log->fd = fd;
+    } else if (ftruncate(log->fd, 0) < 0) {
+        close(log->fd); /* cannot keep it under the cap: stop logging rather than grow */
+        log->fd = -1;
+    }
+    log->bytes = 0;
+}
+
+/* One byte from the UART (vCPU thread, board lock held). A full or broken log loses the byte, like a cable nobody reads. */
+void serial_log_write(struct serial_log *log, uint8_t byte) {
+    if (log->fd < 0) return;
+    if (log->bytes >= log->max_bytes) serial_log_rotate(log);
+    if (log->fd < 0) return;
+    ssize_t n;
+    do n = write(log->fd, &byte, 1);
+    while (n < 0 && errno == EINTR);
+    if (n == 1) log->bytes++;
+}
+
+static void uart_to_log(void *ctx, uint8_t byte) {
+    struct board *b = ctx;
+    serial_log_write(&b->serial, byte);
+}
+
 /* ---- set-up -------------------------------------------------------------- */
 
-int board_init(struct board *b, struct vm *vm, int serial_fd, int agent_listen_fd, const char *agent_path) {
+int board_init(struct board *b, struct vm *vm, const struct serial_log *serial, int agent_listen_fd, const char *agent_path) {
     memset(b, 0, sizeof *b);
     b->vm = vm;
-    b->serial_fd = serial_fd;
+    b->serial = *serial;
     b->agent_listen_fd = agent_listen_fd;
     b->agent_fd = -1;
+    b->wake_fd = -1;
     snprintf(b->agent_path, sizeof b->agent_path, "%s", agent_path ? agent_path : "");
     if (pthread_mutex_init(&b->lock, NULL) != 0) return -1;
     b->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (b->wake_fd < 0) return -1;
     if (!guest_mem_add(&b->mem, 0, vm->ram_size, vm->ram)) return errno = EINVAL, -1;
     pci_bus_init(&b->pci, BOARD_PCI_MMIO_BASE, BOARD_PCI_MMIO_SIZE);
-    uart_init(&b->uart, UART_COM1_BASE, serial_fd, set_uart_irq, b);
+    uart_init(&b->uart, UART_COM1_BASE, -1, set_uart_irq, b);
+    uart_set_output(&b->uart, uart_to_log, b);
     if (!virtio_console_init(&b->con, agent_port_spec, 1, &b->mem, deliver_msi, b)) return errno = EINVAL, -1;
     if (pci_bus_add(&b->pci, &b->con.vp.pci) < 0) return errno = ENOSPC, -1;
     return 0;
+}
+
+void board_destroy(struct board *b) {
+    const int fds[] = {b->serial.fd, b->agent_listen_fd, b->agent_fd, b->wake_fd};
+    for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
+        if (fds[i] >= 0) close(fds[i]);
+    b->serial.fd = b->agent_listen_fd = b->agent_fd = b->wake_fd = -1;
+    pthread_mutex_destroy(&b->lock);
 }
 
 /* ---- CMOS clock ---------------------------------------------------------- */
@@ -237,9 +307,10 @@ void board_poll_handle(struct board *b, const struct pollfd *pfd, int n) {
  * when a client connects to the child's own agent socket. Interrupts that
  * were in flight are raised again on the new VM's irqchip.
  */
-void board_child_rebind(struct board *b, int agent_listen_fd, const char *agent_path, int serial_fd, struct board_stale *stale) {
+void board_child_rebind(struct board *b, int agent_listen_fd, const char *agent_path, const struct serial_log *serial,
+                        struct board_stale *stale) {
     *stale = (struct board_stale){.agent_fd = b->agent_fd, .agent_listen_fd = b->agent_listen_fd, .wake_fd = b->wake_fd,
-                                  .serial_fd = serial_fd >= 0 ? b->serial_fd : -1};
+                                  .serial_fd = b->serial.fd};
     pthread_mutex_init(&b->lock, NULL);
     b->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     b->agent_listen_fd = agent_listen_fd;
@@ -247,10 +318,7 @@ void board_child_rebind(struct board *b, int agent_listen_fd, const char *agent_
     b->agent_polled = 0;
     b->agent_connects = 0;
     snprintf(b->agent_path, sizeof b->agent_path, "%s", agent_path);
-    if (serial_fd >= 0) {
-        b->serial_fd = serial_fd;
-        uart_set_output_fd(&b->uart, serial_fd);
-    }
+    b->serial = *serial; /* the parent's log is the parent's: a child writes only its own */
     virtio_console_port_discard_output(&b->con, BOARD_AGENT_PORT); /* the parent's half-sent bytes are the parent's */
     virtio_console_port_set_fd(&b->con, BOARD_AGENT_PORT, -1);
     stale->hungup_fd = virtio_console_port_take_hungup_fd(&b->con, BOARD_AGENT_PORT);
@@ -264,43 +332,34 @@ void board_close_stale(const struct board_stale *stale) {
         if (fds[i] >= 0 && (i == 0 || fds[i] != fds[0])) close(fds[i]);
 }
 
-/* ---- start from a snapshot -------------------------------------------------- */
+/* ---- snapshots -------------------------------------------------------------- */
 
-/* The saved struct board points into this process's guest RAM and static data; anything else is not our snapshot. */
-static bool image_fits_this_process(const struct board *b, const struct vm *vm) {
-    return b->vm == vm && b->mem.count == 1 && b->mem.region[0].host == vm->ram && b->mem.region[0].size == vm->ram_size &&
-           b->con.vp.mem == &b->mem && b->con.vp.msi_ctx == b && b->pci.slot[1] == &b->con.vp.pci;
+_Static_assert(sizeof(struct board_state) == sizeof(struct pci_bus_state) + sizeof(struct virtio_console_state) +
+                                                 sizeof(struct uart_state) + 8,
+               "no implicit padding in saved state");
+
+void board_save(const struct board *b, struct board_state *s) {
+    memset(s, 0, sizeof *s);
+    pci_bus_save(&b->pci, &s->pci);
+    virtio_console_save(&b->con, &s->con);
+    uart_save(&b->uart, &s->uart);
+    s->cmos_index = b->cmos_index;
 }
 
 /*
- * Host descriptors recorded in the image are numbers from another process:
- * all are replaced, none is closed. The guest sees its agent port's host end
- * close (as a forked child does), and open when a client connects.
+ * Each device checks its own part against itself as board_init just built
+ * it: this process's RAM, callbacks and descriptors stay as they are, only
+ * plain values come in. Then the guest is told its agent port's host end
+ * closed (as in a forked child; it opens when a client connects), and
+ * interrupts that may have been in flight are raised again.
  */
-int board_restore(struct board *b, const void *image, struct vm *vm, int agent_listen_fd, const char *agent_path, int serial_fd) {
-    memcpy(b, image, sizeof *b);
-    if (!image_fits_this_process(b, vm)) return errno = EINVAL, -1;
-    if (pthread_mutex_init(&b->lock, NULL) != 0) return -1;
-    b->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (b->wake_fd < 0) return -1;
-    b->agent_listen_fd = agent_listen_fd;
-    b->agent_fd = -1;
-    b->agent_polled = 0;
-    b->agent_connects = 0;
-    snprintf(b->agent_path, sizeof b->agent_path, "%s", agent_path ? agent_path : "");
-    b->serial_fd = serial_fd;
-    uart_set_output_fd(&b->uart, serial_fd);
-    struct vcon_port *port = &b->con.port[BOARD_AGENT_PORT];
-    bool was_connected = port->fd >= 0;
-    port->hungup_fd = -1;
-    virtio_console_port_discard_output(&b->con, BOARD_AGENT_PORT);
-    /* A stand-in descriptor, so that letting go of it tells the guest the host end closed; nothing is ever read from it. */
-    port->fd = was_connected ? eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK) : -1;
-    int stand_in = port->fd;
-    virtio_console_port_set_fd(&b->con, BOARD_AGENT_PORT, -1);
-    int hungup = virtio_console_port_take_hungup_fd(&b->con, BOARD_AGENT_PORT);
-    if (stand_in >= 0) close(stand_in);
-    if (hungup >= 0 && hungup != stand_in) close(hungup);
+int board_restore(struct board *b, const struct board_state *s) {
+    static const uint8_t zero[sizeof s->reserved];
+    if (s->cmos_index > 0x7f || memcmp(s->reserved, zero, sizeof zero) || !pci_bus_restore(&b->pci, &s->pci) ||
+        !virtio_console_restore(&b->con, &s->con) || !uart_restore(&b->uart, &s->uart))
+        return errno = EINVAL, -1;
+    b->cmos_index = s->cmos_index;
+    virtio_console_port_set_fd(&b->con, BOARD_AGENT_PORT, -1); /* flushes the PORT_OPEN 0 the restore queued */
     virtio_pci_resignal(&b->con.vp);
     uart_resync_irq(&b->uart);
     return 0;

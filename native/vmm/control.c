@@ -13,6 +13,7 @@
 #include <inttypes.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,13 +23,12 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#define REPLY_MAX 65536
-#define MAX_ARGS 8
+#define REPLY_MAX (128 * 1024)
+#define MAX_ARGS (2 + VMM_MAX_FORK_BATCH) /* forks COUNT DIR... */
 #define GUEST_IO_MAX 4096
 
 enum line_outcome { LINE_OK, LINE_CLOSE, LINE_QUIT };
 
-static char reply[REPLY_MAX];
 static int signal_fd = -1;
 
 int control_listen(const char *path, int *fd_out) {
@@ -119,17 +119,62 @@ static int hex_digit(char ch) {
 
 /* ---- replies ------------------------------------------------------------ */
 
-static int reply_error(const char *message) {
-    /* messages are ours, but may embed a path: keep quotes and backslashes out of the JSON string */
-    char safe[256];
-    size_t n = 0;
-    for (; *message && n < sizeof safe - 1; message++) safe[n++] = (*message == '"' || *message == '\\') ? '\'' : *message;
-    safe[n] = '\0';
-    return snprintf(reply, sizeof reply, "{\"ok\":false,\"error\":\"%s\"}", safe);
+/*
+ * Every reply is built by appending to one bounded buffer. An append that
+ * would not fit is not written and marks the reply as overflowed; the
+ * request is then answered with an error instead (handle_line), so no reply
+ * is ever cut off mid-JSON or written past the buffer. The largest real
+ * reply, `forks 256` with every path at its longest, needs ~70 KiB.
+ */
+static struct {
+    char data[REPLY_MAX];
+    size_t len;
+    bool overflow;
+} out;
+
+static void out_reset(void) {
+    out.len = 0;
+    out.overflow = false;
 }
 
-static int reply_ok(void) {
-    return snprintf(reply, sizeof reply, "{\"ok\":true}");
+static void outf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void outf(const char *fmt, ...) {
+    if (out.overflow) return;
+    size_t room = sizeof out.data - 1 - out.len; /* one byte stays free for the newline */
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(out.data + out.len, room + 1, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n > room) {
+        out.data[out.len] = '\0';
+        out.overflow = true;
+        return;
+    }
+    out.len += (size_t)n;
+}
+
+/* A JSON string: paths and messages may hold quotes, backslashes or control bytes. */
+static void out_string(const char *s) {
+    outf("\"");
+    for (; *s && !out.overflow; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\') outf("\\%c", ch);
+        else if (ch < 0x20) outf("\\u%04x", ch);
+        else outf("%c", ch);
+    }
+    outf("\"");
+}
+
+static void reply_error(const char *message) {
+    out_reset();
+    outf("{\"ok\":false,\"error\":");
+    out_string(message);
+    outf("}");
+}
+
+static void reply_ok(void) {
+    out_reset();
+    outf("{\"ok\":true}");
 }
 
 static const char *phase_name(int phase, int user_paused) {
@@ -144,39 +189,39 @@ static uint64_t guest_u64(const struct vm *vm, uint64_t gpa) {
     return v;
 }
 
-static int cmd_status(struct vmm *v) {
+static void cmd_status(struct vmm *v) {
     struct vcpu *cpu = &v->cpu;
     int phase = atomic_load(&cpu->phase);
-    const char *reason = phase == VCPU_STOPPED ? cpu->stop_reason : "";
-    const char *detail = phase == VCPU_STOPPED ? cpu->stop_detail : "";
-    return snprintf(reply, sizeof reply,
-                    "{\"ok\":true,\"pid\":%d,\"ppid\":%d,\"depth\":%d,\"state\":\"%s\",\"reason\":\"%s\",\"detail\":\"%s\","
-                    "\"counter\":%" PRIu64 ",\"ack\":%" PRIu64 ",\"exits\":%" PRIu64 ",\"heartbeats\":%" PRIu64
-                    ",\"reports\":%" PRIu64 ",\"lastReport\":%" PRIu64 ",\"forks\":%" PRIu64 ",\"msrs\":%u,"
-                    "\"msrsNotRestored\":%u,\"timing\":{\"forkNs\":%" PRId64 ",\"builtNs\":%" PRId64 ",\"restoredNs\":%" PRId64
-                    ",\"firstRunNs\":%" PRId64 ",\"firstExitNs\":%" PRId64 "},\"guest\":\"%s\",\"agentSocket\":\"%s\","
-                    "\"agentConnected\":%s}",
-                    (int)getpid(), (int)getppid(), v->depth, phase_name(phase, v->user_paused), reason, detail,
-                    guest_u64(&v->vm, GUEST_DATA + GUEST_COUNTER), guest_u64(&v->vm, GUEST_DATA + GUEST_ACK),
-                    (uint64_t)atomic_load(&cpu->exits), (uint64_t)atomic_load(&cpu->heartbeats),
-                    (uint64_t)atomic_load(&cpu->reports), (uint64_t)atomic_load(&cpu->last_report), v->forks_done,
-                    v->vm.msr_count, v->state.msrs_not_restored, cpu->timing.fork_ns, cpu->timing.built_ns, cpu->timing.restored_ns,
-                    cpu->timing.first_run_ns, cpu->timing.first_exit_ns, v->board ? "linux" : "cpl3",
-                    v->board ? v->board->agent_path : "", v->board && v->board->agent_fd >= 0 ? "true" : "false");
+    outf("{\"ok\":true,\"pid\":%d,\"ppid\":%d,\"depth\":%d,\"state\":\"%s\",\"reason\":", (int)getpid(), (int)getppid(), v->depth,
+         phase_name(phase, v->user_paused));
+    out_string(phase == VCPU_STOPPED ? cpu->stop_reason : "");
+    outf(",\"detail\":");
+    out_string(phase == VCPU_STOPPED ? cpu->stop_detail : "");
+    outf(",\"counter\":%" PRIu64 ",\"ack\":%" PRIu64 ",\"exits\":%" PRIu64 ",\"heartbeats\":%" PRIu64 ",\"reports\":%" PRIu64
+         ",\"lastReport\":%" PRIu64 ",\"forks\":%" PRIu64 ",\"msrs\":%u,\"msrsNotRestored\":%u,"
+         "\"timing\":{\"forkNs\":%" PRId64 ",\"builtNs\":%" PRId64 ",\"restoredNs\":%" PRId64 ",\"firstRunNs\":%" PRId64
+         ",\"firstExitNs\":%" PRId64 "},\"guest\":\"%s\",\"agentSocket\":",
+         guest_u64(&v->vm, GUEST_DATA + GUEST_COUNTER), guest_u64(&v->vm, GUEST_DATA + GUEST_ACK), (uint64_t)atomic_load(&cpu->exits),
+         (uint64_t)atomic_load(&cpu->heartbeats), (uint64_t)atomic_load(&cpu->reports), (uint64_t)atomic_load(&cpu->last_report),
+         v->forks_done, v->vm.msr_count, v->state.msrs_not_restored, cpu->timing.fork_ns, cpu->timing.built_ns,
+         cpu->timing.restored_ns, cpu->timing.first_run_ns, cpu->timing.first_exit_ns, v->board ? "linux" : "cpl3");
+    out_string(v->board ? v->board->agent_path : "");
+    outf(",\"agentConnected\":%s,\"serialLogBytes\":%" PRIu64 "}", v->board && v->board->agent_fd >= 0 ? "true" : "false",
+         v->board ? v->board->serial.bytes : 0);
 }
 
-static int cmd_read(struct vmm *v, int argc, char **argv) {
+static void cmd_read(struct vmm *v, int argc, char **argv) {
     uint64_t gpa, len;
     if (argc != 3 || parse_u64(argv[1], &gpa) < 0 || parse_u64(argv[2], &len) < 0) return reply_error("usage: read GPA LEN");
     if (len > GUEST_IO_MAX) return reply_error("read is limited to 4096 bytes");
     const uint8_t *p = vm_guest_ptr(&v->vm, gpa, len);
     if (!p) return reply_error("guest range out of bounds");
-    int n = snprintf(reply, sizeof reply, "{\"ok\":true,\"hex\":\"");
-    for (uint64_t i = 0; i < len; i++) n += snprintf(reply + n, sizeof reply - (size_t)n, "%02x", p[i]);
-    return n + snprintf(reply + n, sizeof reply - (size_t)n, "\"}");
+    outf("{\"ok\":true,\"hex\":\"");
+    for (uint64_t i = 0; i < len; i++) outf("%02x", p[i]);
+    outf("\"}");
 }
 
-static int cmd_write(struct vmm *v, int argc, char **argv) {
+static void cmd_write(struct vmm *v, int argc, char **argv) {
     uint64_t gpa;
     if (argc != 3 || parse_u64(argv[1], &gpa) < 0) return reply_error("usage: write GPA HEX");
     size_t digits = strlen(argv[2]);
@@ -191,17 +236,17 @@ static int cmd_write(struct vmm *v, int argc, char **argv) {
     if (!p) return reply_error("guest range out of bounds");
     memcpy(p, bytes, digits / 2);
     vcpu_kick(&v->cpu);
-    return reply_ok();
+    reply_ok();
 }
 
-static int cmd_read64(struct vmm *v, int argc, char **argv) {
+static void cmd_read64(struct vmm *v, int argc, char **argv) {
     uint64_t gpa;
     if (argc != 2 || parse_u64(argv[1], &gpa) < 0) return reply_error("usage: read64 GPA");
     if (!vm_guest_ptr(&v->vm, gpa, 8)) return reply_error("guest range out of bounds");
-    return snprintf(reply, sizeof reply, "{\"ok\":true,\"value\":%" PRIu64 "}", guest_u64(&v->vm, gpa));
+    outf("{\"ok\":true,\"value\":%" PRIu64 "}", guest_u64(&v->vm, gpa));
 }
 
-static int cmd_write64(struct vmm *v, int argc, char **argv) {
+static void cmd_write64(struct vmm *v, int argc, char **argv) {
     uint64_t gpa, value;
     if (argc != 3 || parse_u64(argv[1], &gpa) < 0 || parse_u64(argv[2], &value) < 0) return reply_error("usage: write64 GPA VALUE");
     uint8_t *p = vm_guest_ptr(&v->vm, gpa, 8);
@@ -210,11 +255,11 @@ static int cmd_write64(struct vmm *v, int argc, char **argv) {
     if (gpa % 8 == 0) atomic_store((_Atomic uint64_t *)(void *)p, value);
     else memcpy(p, &value, 8);
     vcpu_kick(&v->cpu);
-    return reply_ok();
+    reply_ok();
 }
 
 /* Mailbox convenience for the test guest: argument first, then the command word the guest polls. */
-static int cmd_guest(struct vmm *v, int argc, char **argv) {
+static void cmd_guest(struct vmm *v, int argc, char **argv) {
     uint64_t command, arg = 0;
     if (argc < 2 || argc > 3 || parse_u64(argv[1], &command) < 0 || (argc == 3 && parse_u64(argv[2], &arg) < 0))
         return reply_error("usage: guest CMD [ARG]");
@@ -223,35 +268,35 @@ static int cmd_guest(struct vmm *v, int argc, char **argv) {
     atomic_store(&mailbox[GUEST_ARG / 8], arg);
     atomic_store(&mailbox[GUEST_CMD / 8], command);
     vcpu_kick(&v->cpu);
-    return snprintf(reply, sizeof reply, "{\"ok\":true,\"ack\":%" PRIu64 "}", ack);
+    outf("{\"ok\":true,\"ack\":%" PRIu64 "}", ack);
 }
 
 /* Why vcpu_park failed, for the reply. */
-static int park_error(void) {
-    return reply_error(errno == ETIMEDOUT ? "vcpu did not stop in time" : "vcpu is stopped");
+static void park_error(void) {
+    reply_error(errno == ETIMEDOUT ? "vcpu did not stop in time" : "vcpu is stopped");
 }
 
-static int cmd_pause(struct vmm *v) {
+static void cmd_pause(struct vmm *v) {
     if (v->user_paused) return reply_ok();
     if (vcpu_park(&v->cpu) < 0) return park_error();
     v->user_paused = 1;
-    return reply_ok();
+    reply_ok();
 }
 
-static int cmd_resume(struct vmm *v) {
+static void cmd_resume(struct vmm *v) {
     if (v->user_paused) vcpu_resume(&v->cpu);
     v->user_paused = 0;
-    return reply_ok();
+    reply_ok();
 }
 
 static uint64_t captured_msr(const struct machine_state *st, uint32_t count, uint32_t index) {
     for (uint32_t i = 0; i < count; i++)
-        if (st->vcpu.msrs->entries[i].index == index) return st->vcpu.msrs->entries[i].data;
+        if (st->msrs->entries[i].index == index) return st->msrs->entries[i].data;
     return 0;
 }
 
 /* A summary of the full machine state, captured now: lets tests compare a parent with its child. */
-static int cmd_state(struct vmm *v) {
+static void cmd_state(struct vmm *v) {
     if (!v->user_paused && vcpu_park(&v->cpu) < 0) return park_error();
     const char *failed = "?";
     int r = state_capture(&v->vm, &v->state, &failed);
@@ -264,83 +309,98 @@ static int cmd_state(struct vmm *v) {
     uint64_t apic_base = v->vm.has_sregs2 ? s2->apic_base : s1->apic_base;
     unsigned cs = v->vm.has_sregs2 ? s2->cs.selector : s1->cs.selector;
     const struct kvm_pit_channel_state *pit0 = &st->vm.pit.channels[0];
-    return snprintf(reply, sizeof reply,
-                    "{\"ok\":true,\"rip\":%llu,\"rflags\":%llu,\"cs\":%u,\"cr3\":%" PRIu64 ",\"efer\":%" PRIu64
-                    ",\"apicBase\":%" PRIu64 ",\"tsc\":%" PRIu64 ",\"tscOffset\":%" PRIu64 ",\"clockNs\":%llu,"
-                    "\"pit0\":{\"count\":%u,\"mode\":%u,\"rwMode\":%u},\"picMasterImr\":%u,\"ioapicId\":%u,"
-                    "\"lapicLvt0\":%u,\"mpState\":%u}",
-                    st->vcpu.regs.rip, st->vcpu.regs.rflags, cs, cr3, efer, apic_base,
-                    captured_msr(st, v->vm.msr_count, 0x10), st->vcpu.tsc_offset, st->vm.clock.clock, pit0->count,
-                    pit0->mode, pit0->read_state, st->vm.pic_master.chip.pic.imr, st->vm.ioapic.chip.ioapic.id,
-                    *(const uint32_t *)(const void *)(st->vcpu.lapic.regs + 0x350), st->vcpu.mp_state.mp_state);
+    uint32_t lvt0;
+    memcpy(&lvt0, st->vcpu.lapic.regs + 0x350, sizeof lvt0);
+    outf("{\"ok\":true,\"rip\":%llu,\"rflags\":%llu,\"cs\":%u,\"cr3\":%" PRIu64 ",\"efer\":%" PRIu64 ",\"apicBase\":%" PRIu64
+         ",\"tsc\":%" PRIu64 ",\"tscOffset\":%" PRIu64 ",\"clockNs\":%llu,\"pit0\":{\"count\":%u,\"mode\":%u,\"rwMode\":%u},"
+         "\"picMasterImr\":%u,\"ioapicId\":%u,\"lapicLvt0\":%u,\"mpState\":%u}",
+         st->vcpu.regs.rip, st->vcpu.regs.rflags, cs, cr3, efer, apic_base, captured_msr(st, v->vm.msr_count, 0x10),
+         st->vcpu.tsc_offset, st->vm.clock.clock, pit0->count, pit0->mode, pit0->read_state, st->vm.pic_master.chip.pic.imr,
+         st->vm.ioapic.chip.ioapic.id, lvt0, st->vcpu.mp_state.mp_state);
 }
 
-static int fork_reply(const struct fork_report *rep, int ok, const char *err) {
-    int n = snprintf(reply, sizeof reply, "{\"ok\":%s,", ok ? "true" : "false");
-    if (!ok) n += snprintf(reply + n, sizeof reply - (size_t)n, "\"error\":\"%s\",", err);
-    if (rep->count == 1)
-        n += snprintf(reply + n, sizeof reply - (size_t)n, "\"pid\":%d,\"socket\":\"%s\",\"agentSocket\":\"%s\",",
-                      rep->child[0].pid, rep->child[0].socket_path, rep->child[0].agent_path);
-    n += snprintf(reply + n, sizeof reply - (size_t)n, "\"children\":[");
-    for (int i = 0; i < rep->count; i++)
-        n += snprintf(reply + n, sizeof reply - (size_t)n, "%s{\"pid\":%d,\"socket\":\"%s\",\"agentSocket\":\"%s\"}",
-                      i ? "," : "", rep->child[i].pid, rep->child[i].socket_path, rep->child[i].agent_path);
-    return n + snprintf(reply + n, sizeof reply - (size_t)n,
-                        "],\"parkUs\":%.1f,\"captureUs\":%.1f,\"forkUs\":%.1f,\"pauseUs\":%.1f}", rep->park_ns / 1e3,
-                        rep->capture_ns / 1e3, rep->fork_ns / 1e3, rep->pause_ns / 1e3);
+static void fork_reply(const struct fork_report *rep, int ok, const char *err) {
+    outf("{\"ok\":%s,", ok ? "true" : "false");
+    if (!ok) {
+        outf("\"error\":");
+        out_string(err);
+        outf(",");
+    }
+    if (rep->count == 1) {
+        outf("\"pid\":%d,\"socket\":", rep->child[0].pid);
+        out_string(rep->child[0].socket_path);
+        outf(",\"agentSocket\":");
+        out_string(rep->child[0].agent_path);
+        outf(",");
+    }
+    outf("\"children\":[");
+    for (int i = 0; i < rep->count; i++) {
+        outf("%s{\"pid\":%d,\"socket\":", i ? "," : "", rep->child[i].pid);
+        out_string(rep->child[i].socket_path);
+        outf(",\"agentSocket\":");
+        out_string(rep->child[i].agent_path);
+        outf("}");
+    }
+    outf("],\"parkUs\":%.1f,\"captureUs\":%.1f,\"forkUs\":%.1f,\"pauseUs\":%.1f}", rep->park_ns / 1e3, rep->capture_ns / 1e3,
+         rep->fork_ns / 1e3, rep->pause_ns / 1e3);
 }
 
 static int plain_absolute_path(const char *p) {
     return p[0] == '/' && !strchr(p, '"') && !strchr(p, '\\');
 }
 
-/* fork [SOCKET_PATH [AGENT_SOCKET_PATH [SERIAL_LOG_PATH]]] | forks COUNT */
-static int cmd_fork(struct vmm *v, int argc, char **argv, int batch) {
+/*
+ * fork [SOCKET_PATH [AGENT_SOCKET_PATH [SERIAL_LOG_PATH]]]
+ * forks COUNT [RUN_DIR...]   (COUNT run directories, one per child, or none)
+ */
+static void cmd_fork(struct vmm *v, int argc, char **argv, int batch) {
     static struct fork_report rep;
+    static struct fork_paths chosen[VMM_MAX_FORK_BATCH];
     uint64_t count = 1;
-    struct fork_paths chosen = {0};
-    if (batch && (argc != 2 || parse_u64(argv[1], &count) < 0 || count < 1 || count > VMM_MAX_FORK_BATCH))
-        return reply_error("usage: forks COUNT (1..256)");
+    memset(chosen, 0, sizeof chosen);
+    if (batch && (argc < 2 || parse_u64(argv[1], &count) < 0 || count < 1 || count > VMM_MAX_FORK_BATCH ||
+                  (argc != 2 && (uint64_t)argc != 2 + count)))
+        return reply_error("usage: forks COUNT [RUN_DIR...] (COUNT 1..256, one run directory per child or none)");
     if (!batch && (argc > 4 || (argc > 2 && !v->board))) return reply_error("usage: fork [SOCKET_PATH [AGENT_SOCKET_PATH [SERIAL_LOG_PATH]]]");
-    for (int i = 1; !batch && i < argc; i++)
+    for (int i = batch ? 2 : 1; i < argc; i++)
         if (!plain_absolute_path(argv[i])) return reply_error("paths must be absolute and plain");
-    if (!batch && argc > 1) chosen.socket = argv[1];
-    if (!batch && argc > 2) chosen.agent_socket = argv[2];
-    if (!batch && argc > 3) chosen.serial_log = argv[3];
-    char err[200] = "";
-    int r = vmm_fork(v, (int)count, batch ? NULL : &chosen, &rep, err, sizeof err);
-    return fork_reply(&rep, r == 0, err);
+    for (int i = 2; batch && i < argc; i++) chosen[i - 2].run_dir = argv[i];
+    if (!batch && argc > 1) chosen[0].socket = argv[1];
+    if (!batch && argc > 2) chosen[0].agent_socket = argv[2];
+    if (!batch && argc > 3) chosen[0].serial_log = argv[3];
+    char err[300] = "";
+    int r = vmm_fork(v, (int)count, chosen, &rep, err, sizeof err);
+    fork_reply(&rep, r == 0, err);
 }
 
 /* snapshot DIR: DIR must exist and be empty of snapshot files; the writer child fills it (docs/vmm.md). */
-static int cmd_snapshot(struct vmm *v, int argc, char **argv) {
+static void cmd_snapshot(struct vmm *v, int argc, char **argv) {
     if (argc != 2 || !plain_absolute_path(argv[1])) return reply_error("usage: snapshot DIR (an absolute, plain path)");
     struct snapshot_report rep;
     char err[200] = "";
     if (vmm_snapshot(v, argv[1], &rep, err, sizeof err) < 0) return reply_error(err);
-    return snprintf(reply, sizeof reply, "{\"ok\":true,\"writer\":%d,\"parkUs\":%.1f,\"captureUs\":%.1f,\"forkUs\":%.1f,\"pauseUs\":%.1f}",
-                    rep.writer_pid, rep.park_ns / 1e3, rep.capture_ns / 1e3, rep.fork_ns / 1e3, rep.pause_ns / 1e3);
+    outf("{\"ok\":true,\"writer\":%d,\"parkUs\":%.1f,\"captureUs\":%.1f,\"forkUs\":%.1f,\"pauseUs\":%.1f}", rep.writer_pid,
+         rep.park_ns / 1e3, rep.capture_ns / 1e3, rep.fork_ns / 1e3, rep.pause_ns / 1e3);
 }
 
-static int dispatch(struct vmm *v, int argc, char **argv, enum line_outcome *outcome) {
+static void dispatch(struct vmm *v, int argc, char **argv, enum line_outcome *outcome) {
     const char *verb = argv[0];
-    if (!strcmp(verb, "ping")) return reply_ok();
-    if (!strcmp(verb, "status")) return cmd_status(v);
-    if (!strcmp(verb, "read")) return cmd_read(v, argc, argv);
-    if (!strcmp(verb, "write")) return cmd_write(v, argc, argv);
-    if (!strcmp(verb, "read64")) return cmd_read64(v, argc, argv);
-    if (!strcmp(verb, "write64")) return cmd_write64(v, argc, argv);
-    if (!strcmp(verb, "guest")) return cmd_guest(v, argc, argv);
-    if (!strcmp(verb, "pause")) return cmd_pause(v);
-    if (!strcmp(verb, "resume")) return cmd_resume(v);
-    if (!strcmp(verb, "state")) return cmd_state(v);
-    if (!strcmp(verb, "fork") || !strcmp(verb, "forks")) return cmd_fork(v, argc, argv, verb[4] == 's');
-    if (!strcmp(verb, "snapshot")) return cmd_snapshot(v, argc, argv);
-    if (!strcmp(verb, "quit")) {
+    if (!strcmp(verb, "ping")) reply_ok();
+    else if (!strcmp(verb, "status")) cmd_status(v);
+    else if (!strcmp(verb, "read")) cmd_read(v, argc, argv);
+    else if (!strcmp(verb, "write")) cmd_write(v, argc, argv);
+    else if (!strcmp(verb, "read64")) cmd_read64(v, argc, argv);
+    else if (!strcmp(verb, "write64")) cmd_write64(v, argc, argv);
+    else if (!strcmp(verb, "guest")) cmd_guest(v, argc, argv);
+    else if (!strcmp(verb, "pause")) cmd_pause(v);
+    else if (!strcmp(verb, "resume")) cmd_resume(v);
+    else if (!strcmp(verb, "state")) cmd_state(v);
+    else if (!strcmp(verb, "fork") || !strcmp(verb, "forks")) cmd_fork(v, argc, argv, verb[4] == 's');
+    else if (!strcmp(verb, "snapshot")) cmd_snapshot(v, argc, argv);
+    else if (!strcmp(verb, "quit")) {
         *outcome = LINE_QUIT;
-        return reply_ok();
-    }
-    return reply_error("unknown request");
+        reply_ok();
+    } else reply_error("unknown request");
 }
 
 /* ---- connection handling -------------------------------------------------- */
@@ -372,16 +432,16 @@ static int send_all(int fd, const char *buf, size_t len) {
 }
 
 static enum line_outcome handle_line(struct vmm *v, int fd, char *line) {
-    char *argv[MAX_ARGS];
+    static char *argv[MAX_ARGS]; /* the control thread is the only caller */
     enum line_outcome outcome = LINE_OK;
     int argc = split_args(line, argv);
-    int n;
     if (argc == 0) return LINE_OK;
-    if (argc < 0) n = reply_error("too many arguments");
-    else n = dispatch(v, argc, argv, &outcome);
-    if (n < 0 || (size_t)n >= sizeof reply - 1) n = reply_error("reply too large");
-    reply[n++] = '\n';
-    if (send_all(fd, reply, (size_t)n) < 0) return LINE_CLOSE;
+    out_reset();
+    if (argc < 0) reply_error("too many arguments");
+    else dispatch(v, argc, argv, &outcome);
+    if (out.overflow) reply_error("reply too large for the control channel");
+    out.data[out.len++] = '\n'; /* outf always leaves this byte free */
+    if (send_all(fd, out.data, out.len) < 0) return LINE_CLOSE;
     return outcome;
 }
 
@@ -407,8 +467,8 @@ static enum line_outcome on_client_readable(struct vmm *v, int i) {
     cl->used += (size_t)n;
     enum line_outcome o = drain_lines(v, cl);
     if (o == LINE_CLOSE && cl->used == sizeof cl->buf) {
-        snprintf(reply, sizeof reply, "{\"ok\":false,\"error\":\"line too long\"}\n");
-        send_all(cl->fd, reply, strlen(reply));
+        static const char too_long[] = "{\"ok\":false,\"error\":\"line too long\"}\n";
+        send_all(cl->fd, too_long, sizeof too_long - 1);
     }
     return o;
 }

@@ -41,7 +41,7 @@ struct child_slot {
     char ctl_path[108];
     int agent_fd; /* -1 without a board */
     char agent_path[108];
-    int serial_fd; /* -1: keep the parent's serial log */
+    struct serial_log serial; /* fd -1: the child has no serial log */
 };
 
 /* What the child's new control thread tidies up, after the vCPU already runs. */
@@ -60,7 +60,7 @@ static void close_sibling_slots(const struct child_takeover *t) {
         const struct child_slot *s = &t->slots[i];
         if (s->ctl_fd != t->own.ctl_fd) close(s->ctl_fd);
         if (s->agent_fd >= 0 && s->agent_fd != t->own.agent_fd) close(s->agent_fd);
-        if (s->serial_fd >= 0 && s->serial_fd != t->own.serial_fd) close(s->serial_fd);
+        if (s->serial.fd >= 0 && s->serial.fd != t->own.serial.fd) close(s->serial.fd);
     }
 }
 
@@ -108,7 +108,7 @@ static _Noreturn void child_continue(struct vmm *v, const struct child_slot *slo
     int ok = vm_build_kvm_objects(&v->vm) == 0;
     v->cpu.timing.built_ns = now_ns();
     ok = ok && state_restore(&v->vm, &v->state, &failed) == 0;
-    if (ok && v->board) board_child_rebind(v->board, own->agent_fd, own->agent_path, own->serial_fd, &takeover.board);
+    if (ok && v->board) board_child_rebind(v->board, own->agent_fd, own->agent_path, &own->serial, &takeover.board);
     v->cpu.timing.restored_ns = now_ns();
     if (vcpu_init_sync(&v->cpu) < 0) ok = 0, failed = "vcpu-sync";
     if (!ok) child_fail(v, failed);
@@ -128,36 +128,48 @@ static void close_slots(struct child_slot *slots, int n, int unlink_them) {
         if (unlink_them) unlink_own_sockets(s);
         close(s->ctl_fd);
         if (s->agent_fd >= 0) close(s->agent_fd);
-        if (s->serial_fd >= 0) close(s->serial_fd);
-        s->ctl_fd = s->agent_fd = s->serial_fd = -1;
+        if (s->serial.fd >= 0) close(s->serial.fd);
+        s->ctl_fd = s->agent_fd = s->serial.fd = -1;
     }
 }
 
-static int set_slot_path(char *dst, const char *chosen, const struct vmm *v, unsigned seq, const char *suffix) {
-    int n = chosen ? snprintf(dst, 108, "%s", chosen)
-                   : snprintf(dst, 108, "%s/vmm-%d-%u%s", v->ctl.socket_dir, (int)getpid(), seq, suffix);
-    return n < 0 || n >= 108 ? (errno = ENAMETOOLONG, -1) : 0;
+/* A chosen path, else one in the child's run directory, else a default next to this VMM's own socket. */
+static int set_slot_path(char *dst, size_t size, const char *chosen, const char *run_dir, const char *name, const struct vmm *v,
+                         unsigned seq, const char *suffix) {
+    int n = chosen    ? snprintf(dst, size, "%s", chosen)
+            : run_dir ? snprintf(dst, size, "%s/%s", run_dir, name)
+                      : snprintf(dst, size, "%s/vmm-%d-%u%s", v->ctl.socket_dir, (int)getpid(), seq, suffix);
+    return n < 0 || (size_t)n >= size ? (errno = ENAMETOOLONG, -1) : 0;
 }
 
-/* Control socket, agent socket (with a board) and serial log of one child. */
+/*
+ * Control socket, agent socket (with a board) and serial log of one child,
+ * all in the child's own run directory when one is given: a child must not
+ * depend on its parent's directory, which goes when the parent does. A child
+ * writes a serial log only where it is told to, or next to its socket when
+ * its parent has one: never into its parent's.
+ */
 static int prepare_slot(struct vmm *v, const struct fork_paths *chosen, struct child_slot *s, char *err, size_t errlen) {
     unsigned seq = v->ctl.next_child_seq++;
-    *s = (struct child_slot){.ctl_fd = -1, .agent_fd = -1, .serial_fd = -1};
+    *s = (struct child_slot){.ctl_fd = -1, .agent_fd = -1};
+    serial_log_none(&s->serial, v->board ? v->board->serial.max_bytes : SERIAL_LOG_DEFAULT_MAX);
     const struct fork_paths none = {0};
     if (!chosen) chosen = &none;
-    if (set_slot_path(s->ctl_path, chosen->socket, v, seq, ".sock") < 0 || control_listen(s->ctl_path, &s->ctl_fd) < 0)
+    if (set_slot_path(s->ctl_path, sizeof s->ctl_path, chosen->socket, chosen->run_dir, "control.sock", v, seq, ".sock") < 0 ||
+        control_listen(s->ctl_path, &s->ctl_fd) < 0)
         return snprintf(err, errlen, "cannot listen on child socket %s: %s", s->ctl_path, strerror(errno)), -1;
-    if (v->board && (set_slot_path(s->agent_path, chosen->agent_socket, v, seq, ".agent.sock") < 0 ||
-                     control_listen(s->agent_path, &s->agent_fd) < 0)) {
+    if (!v->board) return 0;
+    if (set_slot_path(s->agent_path, sizeof s->agent_path, chosen->agent_socket, chosen->run_dir, "agent.sock", v, seq, ".agent.sock") < 0 ||
+        control_listen(s->agent_path, &s->agent_fd) < 0) {
         snprintf(err, errlen, "cannot listen on child agent socket %s: %s", s->agent_path, strerror(errno));
         return close_slots(s, 1, 1), -1;
     }
-    if (v->board && chosen->serial_log) {
-        s->serial_fd = serial_log_open(chosen->serial_log);
-        if (s->serial_fd < 0) {
-            snprintf(err, errlen, "cannot open child serial log %s: %s", chosen->serial_log, strerror(errno));
-            return close_slots(s, 1, 1), -1;
-        }
+    bool wanted = chosen->serial_log || chosen->run_dir || v->board->serial.fd >= 0;
+    char log_path[SERIAL_LOG_PATH_MAX];
+    if (wanted && (set_slot_path(log_path, sizeof log_path, chosen->serial_log, chosen->run_dir, "serial.log", v, seq, ".serial.log") < 0 ||
+                   serial_log_open(&s->serial, log_path, s->serial.max_bytes) < 0)) {
+        snprintf(err, errlen, "cannot open child serial log %s: %s", log_path, strerror(errno));
+        return close_slots(s, 1, 1), -1;
     }
     return 0;
 }

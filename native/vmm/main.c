@@ -2,14 +2,18 @@
  * clade-vmm entry point.
  *
  *   clade-vmm run --socket PATH [--mem-mib N] [--idle-us N]
- *   clade-vmm run --socket PATH --kernel VMLINUX --initramfs FILE [--cmdline TEXT]
- *                 [--serial-log FILE] [--agent-socket PATH] [--mem-mib N]
- *   clade-vmm run --socket PATH --restore DIR [--serial-log FILE] [--agent-socket PATH] [--idle-us N]
+ *   clade-vmm run --socket PATH --kernel VMLINUX --initramfs FILE [--cmdline TEXT | --cmdline-fd FD]
+ *                 [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--mem-mib N]
+ *   clade-vmm run --socket PATH (--restore DIR | --restore-fds MEM_FD,STATE_FD)
+ *                 [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--idle-us N]
  *
  * Starts one VM, running the CPL3 test guest or (with --kernel) a Linux
  * guest booted by PVH, and serves the control protocol (docs/vmm.md) on
  * PATH. Prints one JSON line on stdout once it accepts requests. Every
  * forked child is a process of its own with its own sockets.
+ *
+ * Nothing secret belongs on the command line (every local user can read
+ * it): a kernel command line holding a token comes through --cmdline-fd.
  */
 #include "vmm.h"
 
@@ -19,6 +23,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -28,15 +34,18 @@
 #define DEFAULT_IDLE_US 10000
 #define DEFAULT_CMDLINE "console=ttyS0 panic=-1"
 #define CPUID_HYPERVISOR_BIT (1u << 31)
+#define CMDLINE_MAX 2048
 
 struct options {
     const char *socket_path;
     uint64_t mem_mib;
     uint64_t idle_us;
+    uint64_t serial_log_max;
+    int cmdline_fd;              /* -1: none */
+    int restore_fds[2];          /* memory.raw, state.bin; -1: none */
     const char *kernel, *initramfs, *cmdline, *serial_log, *agent_socket, *restore;
 };
 
-/* At a fixed address (static, non-PIE): a snapshot's device state points into it, so a start from that snapshot finds it in the same place. */
 static struct board linux_board;
 
 int64_t now_ns(void) {
@@ -56,24 +65,13 @@ int read_exact(int fd, void *buf, size_t len, off_t off) {
     return 0;
 }
 
-/*
- * The UART writes to the log from the vCPU thread with the device lock held:
- * if the log is a pipe or a FIFO nobody drains, a blocking write would stall
- * the guest and the control thread with it. Non-blocking, a full log loses
- * bytes instead, like a serial cable nobody reads.
- */
-int serial_log_open(const char *path) {
-    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-    if (fd >= 0) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-    return fd;
-}
-
 static int usage(void) {
     fprintf(stderr, "usage: clade-vmm run --socket PATH [--mem-mib N] [--idle-us N]\n"
-                    "       clade-vmm run --socket PATH --kernel VMLINUX --initramfs FILE [--cmdline TEXT]\n"
-                    "                     [--serial-log FILE] [--agent-socket PATH] [--mem-mib N]\n"
-                    "       clade-vmm run --socket PATH --restore DIR [--serial-log FILE] [--agent-socket PATH] [--idle-us N]\n");
-    return 2;
+                    "       clade-vmm run --socket PATH --kernel VMLINUX --initramfs FILE [--cmdline TEXT | --cmdline-fd FD]\n"
+                    "                     [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--mem-mib N]\n"
+                    "       clade-vmm run --socket PATH (--restore DIR | --restore-fds MEM_FD,STATE_FD)\n"
+                    "                     [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--idle-us N]\n");
+    return VMM_EXIT_USAGE;
 }
 
 static int parse_number(const char *s, uint64_t lo, uint64_t hi, uint64_t *out) {
@@ -96,8 +94,26 @@ static const char **string_option(struct options *o, const char *name) {
     return NULL;
 }
 
+/* An inherited descriptor number: 3 and up (0-2 are stdio). */
+static int parse_fd(const char *s, int *fd) {
+    uint64_t v;
+    if (parse_number(s, 3, 1 << 20, &v) < 0) return -1;
+    *fd = (int)v;
+    return 0;
+}
+
+static int parse_fd_pair(const char *s, int fds[2]) {
+    const char *comma = s ? strchr(s, ',') : NULL;
+    char first[16];
+    if (!comma || (size_t)(comma - s) >= sizeof first) return -1;
+    memcpy(first, s, (size_t)(comma - s));
+    first[comma - s] = '\0';
+    return parse_fd(first, &fds[0]) < 0 || parse_fd(comma + 1, &fds[1]) < 0 || fds[0] == fds[1] ? -1 : 0;
+}
+
 static int parse_options(int argc, char **argv, struct options *o) {
-    *o = (struct options){.idle_us = DEFAULT_IDLE_US, .cmdline = DEFAULT_CMDLINE};
+    *o = (struct options){.idle_us = DEFAULT_IDLE_US, .serial_log_max = SERIAL_LOG_DEFAULT_MAX, .cmdline_fd = -1,
+                          .restore_fds = {-1, -1}};
     if (argc < 2 || strcmp(argv[1], "run")) return -1;
     for (int i = 2; i < argc; i++) {
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
@@ -107,19 +123,30 @@ static int parse_options(int argc, char **argv, struct options *o) {
             if (parse_number(value, 2, BOARD_MAX_RAM >> 20, &o->mem_mib) < 0) return -1;
         } else if (!strcmp(argv[i], "--idle-us")) {
             if (parse_number(value, 0, 1000000, &o->idle_us) < 0) return -1;
+        } else if (!strcmp(argv[i], "--serial-log-max")) {
+            if (parse_number(value, 4096, 1ull << 40, &o->serial_log_max) < 0) return -1;
+        } else if (!strcmp(argv[i], "--cmdline-fd")) {
+            if (parse_fd(value, &o->cmdline_fd) < 0) return -1;
+        } else if (!strcmp(argv[i], "--restore-fds")) {
+            if (parse_fd_pair(value, o->restore_fds) < 0) return -1;
         } else return -1;
         i++;
     }
-    if (o->restore) return o->socket_path && !o->kernel && !o->initramfs && !o->mem_mib ? 0 : -1; /* the snapshot has them */
+    bool restoring = o->restore || o->restore_fds[0] >= 0;
+    if (o->restore && o->restore_fds[0] >= 0) return -1;
+    if (o->cmdline && o->cmdline_fd >= 0) return -1;
+    if (restoring) /* the snapshot has them */
+        return o->socket_path && !o->kernel && !o->initramfs && !o->mem_mib && !o->cmdline && o->cmdline_fd < 0 ? 0 : -1;
     if (!o->mem_mib) o->mem_mib = o->kernel ? DEFAULT_LINUX_MEM_MIB : DEFAULT_MEM_MIB;
-    if (!o->kernel && (o->mem_mib > MAX_MEM_MIB || o->initramfs || o->serial_log || o->agent_socket)) return -1;
+    if (!o->kernel && (o->mem_mib > MAX_MEM_MIB || o->initramfs || o->serial_log || o->agent_socket || o->cmdline || o->cmdline_fd >= 0))
+        return -1;
     if (o->kernel && !o->initramfs) return -1;
     return o->socket_path ? 0 : -1;
 }
 
 static int fail(const char *what) {
     fprintf(stderr, "clade-vmm: %s: %s\n", what, strerror(errno));
-    return 1;
+    return VMM_EXIT_FAILURE;
 }
 
 /* Linux looks for KVM's paravirtual leaves (kvmclock) only when CPUID says it runs on a hypervisor. */
@@ -129,26 +156,53 @@ static void mark_hypervisor_present(struct kvm_cpuid2 *cpuid) {
 }
 
 /* The host ends of a Linux guest's devices: the serial log and the agent's listening socket. */
-static int open_host_ends(const struct options *o, int *serial_fd, int *agent_fd) {
-    *serial_fd = o->serial_log ? serial_log_open(o->serial_log) : -1;
-    if (o->serial_log && *serial_fd < 0) return fail("open serial log");
+static int open_host_ends(const struct options *o, struct serial_log *serial, int *agent_fd) {
+    serial_log_none(serial, o->serial_log_max);
+    if (o->serial_log && serial_log_open(serial, o->serial_log, o->serial_log_max) < 0) return fail("open serial log");
     *agent_fd = -1;
     if (o->agent_socket && control_listen(o->agent_socket, agent_fd) < 0) return fail("listen on agent socket");
     return 0;
 }
 
+/*
+ * The guest's command line from an inherited descriptor (a pipe or a file),
+ * read to its end and closed: it may carry the agent's token, which must not
+ * show in this process's own command line.
+ */
+static int read_cmdline_fd(int fd, char *buf, size_t size) {
+    size_t used = 0;
+    for (;;) {
+        ssize_t n = read(fd, buf + used, size - 1 - used);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return close(fd), fail("read the kernel command line from --cmdline-fd");
+        if (n == 0) break;
+        used += (size_t)n;
+        if (used == size - 1) return close(fd), fprintf(stderr, "clade-vmm: kernel command line longer than %zu bytes\n", size - 1), VMM_EXIT_FAILURE;
+    }
+    close(fd);
+    while (used && (buf[used - 1] == '\n' || buf[used - 1] == '\r')) used--;
+    buf[used] = '\0';
+    if (strlen(buf) != used) return fprintf(stderr, "clade-vmm: the kernel command line holds a NUL byte\n"), VMM_EXIT_FAILURE;
+    return 0;
+}
+
 static int install_linux(struct vmm *v, const struct options *o) {
     struct board *board = &linux_board;
+    static char given[CMDLINE_MAX], cmdline[CMDLINE_MAX];
+    snprintf(given, sizeof given, "%s", o->cmdline ? o->cmdline : DEFAULT_CMDLINE);
+    if (o->cmdline_fd >= 0 && read_cmdline_fd(o->cmdline_fd, given, sizeof given)) return VMM_EXIT_FAILURE;
     /* The board's PCI bus 0 has no ACPI root-bridge object: the kernel finds it by the peer-bus scan. */
-    static char cmdline[2048];
-    if ((size_t)snprintf(cmdline, sizeof cmdline, "%s pci=lastbus=1", o->cmdline) >= sizeof cmdline)
-        return fprintf(stderr, "clade-vmm: command line too long\n"), 1;
+    if ((size_t)snprintf(cmdline, sizeof cmdline, "%s pci=lastbus=1", given) >= sizeof cmdline)
+        return fprintf(stderr, "clade-vmm: command line too long\n"), VMM_EXIT_FAILURE;
     struct pvh_boot boot = {.kernel = o->kernel, .initramfs = o->initramfs, .cmdline = cmdline};
     char err[256];
-    if (pvh_boot_install(&v->vm, &boot, err, sizeof err) < 0) return fprintf(stderr, "clade-vmm: %s\n", err), 1;
-    int serial_fd, agent_fd;
-    if (open_host_ends(o, &serial_fd, &agent_fd)) return 1;
-    if (board_init(board, &v->vm, serial_fd, agent_fd, o->agent_socket) < 0) return fail("devices");
+    if (pvh_boot_install(&v->vm, &boot, err, sizeof err) < 0) return fprintf(stderr, "clade-vmm: %s\n", err), VMM_EXIT_FAILURE;
+    explicit_bzero(given, sizeof given); /* the token stays in guest RAM only */
+    explicit_bzero(cmdline, sizeof cmdline);
+    struct serial_log serial;
+    int agent_fd;
+    if (open_host_ends(o, &serial, &agent_fd)) return VMM_EXIT_FAILURE;
+    if (board_init(board, &v->vm, &serial, agent_fd, o->agent_socket) < 0) return fail("devices");
     v->board = v->cpu.board = board;
     v->exit_on_stop = 1;
     return 0;
@@ -161,59 +215,97 @@ static int build_root_vm(struct vmm *v, const struct options *o) {
     if (vm_build_kvm_objects(&v->vm) < 0) return fail("create VM");
     vm_learn_features(&v->vm);
     if (vm_probe_msrs(&v->vm) < 0) return fail("list MSRs");
-    if (o->kernel ? install_linux(v, o) : cpl3_guest_install(&v->vm) < 0) return o->kernel ? 1 : fail("install CPL3 test guest");
+    if (o->kernel ? install_linux(v, o) : cpl3_guest_install(&v->vm) < 0) return o->kernel ? VMM_EXIT_FAILURE : fail("install CPL3 test guest");
     if (state_alloc(&v->vm, &v->state) < 0) return fail("allocate state buffers");
     return 0;
 }
 
-static int restore_failed(const char *what) {
+static int restore_failed(int status, const char *what) {
     fprintf(stderr, "clade-vmm: cannot start from snapshot: %s\n", what);
-    return 1;
+    return status;
+}
+
+/* KVM refusing a value that passed our checks is the state's fault too (EINVAL), other errors are the host's. */
+static int restore_step_failed(const char *step) {
+    char what[200];
+    snprintf(what, sizeof what, "KVM refused the saved %s (%s)%s", step, strerror(errno),
+             errno == EINVAL ? ": state.bin holds an impossible value" : "");
+    return restore_failed(errno == EINVAL ? VMM_EXIT_SNAPSHOT_REFUSED : VMM_EXIT_FAILURE, what);
+}
+
+/* The snapshot's two files as descriptors: inherited (--restore-fds), or opened here from DIR. */
+static int snapshot_fds(const struct options *o, int fds[2]) {
+    if (o->restore_fds[0] >= 0) {
+        fds[0] = o->restore_fds[0], fds[1] = o->restore_fds[1];
+        struct stat st;
+        if (fstat(fds[0], &st) < 0 || fstat(fds[1], &st) < 0) return fail("--restore-fds: not open descriptors");
+        return 0;
+    }
+    char path[4200];
+    static const char *const names[2] = {"memory.raw", "state.bin"};
+    for (int i = 0; i < 2; i++) {
+        snprintf(path, sizeof path, "%s/%s", o->restore, names[i]);
+        fds[i] = open(path, O_RDONLY | O_CLOEXEC);
+        if (fds[i] < 0) {
+            fprintf(stderr, "clade-vmm: cannot start from snapshot: cannot open %s: %s\n", path, strerror(errno));
+            if (i) close(fds[0]);
+            return VMM_EXIT_SNAPSHOT_REFUSED;
+        }
+    }
+    return 0;
 }
 
 /*
  * A root VM started from a snapshot (snapshot.c): guest RAM is the snapshot's
  * memory.raw mapped copy-on-write, the state is restored with the same code
- * as a forked child's, and the device state gets this process's host ends.
+ * as a forked child's, and a fresh board takes the checked device state.
  */
 static int restore_root_vm(struct vmm *v, const struct options *o) {
     char err[300];
-    void *board_image = NULL;
+    struct board_state *devices = NULL;
+    int fds[2];
     v->cpu.timing.fork_ns = now_ns(); /* status: a restored root's time zero is the start of its restore */
-    if (vm_open_kvm(&v->vm) < 0) return fail("open /dev/kvm");
-    if (snapshot_load(v, o->restore, &board_image, err, sizeof err) < 0) return restore_failed(err);
-    int r = 1;
+    int r = snapshot_fds(o, fds);
+    if (r) return r;
+    if (vm_open_kvm(&v->vm) < 0) return close(fds[0]), close(fds[1]), fail("open /dev/kvm");
+    r = snapshot_load(v, fds[0], fds[1], &devices, err, sizeof err);
+    if (r) return restore_failed(r, err);
     const char *failed = "vm";
-    if (vm_build_kvm_objects(&v->vm) < 0) fail("create VM");
-    else if (snapshot_check_host(&v->vm, err, sizeof err) < 0) restore_failed(err);
-    else if ((v->cpu.timing.built_ns = now_ns(), state_restore(&v->vm, &v->state, &failed)) < 0) fail(failed);
-    else r = 0;
-    if (r == 0 && board_image) {
-        int serial_fd, agent_fd;
-        if (open_host_ends(o, &serial_fd, &agent_fd)) r = 1;
-        else if (board_restore(&linux_board, board_image, &v->vm, agent_fd, o->agent_socket, serial_fd) < 0) {
-            r = restore_failed("the device state does not fit this clade-vmm build");
-            if (o->agent_socket) unlink(o->agent_socket);
-        } else {
+    if (vm_build_kvm_objects(&v->vm) < 0) r = fail("create VM");
+    else if (snapshot_check_host(&v->vm, err, sizeof err) < 0) r = restore_failed(VMM_EXIT_FAILURE, err);
+    else if ((v->cpu.timing.built_ns = now_ns(), state_restore(&v->vm, &v->state, &failed)) < 0) r = restore_step_failed(failed);
+    if (r == 0 && devices) {
+        struct serial_log serial;
+        int agent_fd = -1;
+        if (open_host_ends(o, &serial, &agent_fd)) r = VMM_EXIT_FAILURE;
+        else if (board_init(&linux_board, &v->vm, &serial, agent_fd, o->agent_socket) < 0) r = fail("devices");
+        else if (board_restore(&linux_board, devices) < 0)
+            r = restore_failed(VMM_EXIT_SNAPSHOT_REFUSED, "state.bin: the device state holds a value the devices cannot have");
+        if (r == 0) {
             v->board = v->cpu.board = &linux_board;
             v->exit_on_stop = 1;
-        }
+        } else if (o->agent_socket && agent_fd >= 0) unlink(o->agent_socket);
     }
     v->cpu.timing.restored_ns = now_ns();
-    free(board_image);
+    free(devices);
     return r;
 }
 
 int main(int argc, char **argv) {
     struct options o;
     if (parse_options(argc, argv, &o) < 0) return usage();
+    /* Least privilege: no setuid gains for anything this process might exec, files private to their owner. */
+    prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+    umask(077);
     /* Children are reaped by the kernel (no zombies); a dead parent's children are adopted by init. */
     signal(SIGCHLD, SIG_IGN);
     signal(SIGPIPE, SIG_IGN);
     static struct vmm v;
     v.cpu.vm = &v.vm;
     v.cpu.idle_us = (uint32_t)o.idle_us;
-    if (o.restore ? restore_root_vm(&v, &o) : build_root_vm(&v, &o)) return 1;
+    bool restoring = o.restore || o.restore_fds[0] >= 0;
+    int status = restoring ? restore_root_vm(&v, &o) : build_root_vm(&v, &o);
+    if (status) return status;
     int listen_fd;
     if (control_listen(o.socket_path, &listen_fd) < 0) {
         if (o.agent_socket) unlink(o.agent_socket);

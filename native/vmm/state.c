@@ -40,11 +40,11 @@ static int run_steps(const struct named_step *steps, size_t n, const struct vm *
 int state_alloc(const struct vm *vm, struct machine_state *st) {
     memset(st, 0, sizeof *st);
     if (vm->xsave_size) {
-        st->vcpu.xsave = calloc(1, vm->xsave_size);
-        if (!st->vcpu.xsave) return -1;
+        st->xsave = calloc(1, vm->xsave_size);
+        if (!st->xsave) return -1;
     }
-    st->vcpu.msrs = calloc(1, sizeof(struct kvm_msrs) + VMM_MAX_MSRS * sizeof(struct kvm_msr_entry));
-    return st->vcpu.msrs ? 0 : -1;
+    st->msrs = calloc(1, sizeof(struct kvm_msrs) + VMM_MAX_MSRS * sizeof(struct kvm_msr_entry));
+    return st->msrs ? 0 : -1;
 }
 
 /* ---- capture ---------------------------------------------------------- */
@@ -98,8 +98,8 @@ static int get_sregs(const struct vm *vm, struct machine_state *st) {
 }
 
 static int get_fpu(const struct vm *vm, struct machine_state *st) {
-    if (vm->has_xsave2) return ioctl(vm->vcpu_fd, KVM_GET_XSAVE2, st->vcpu.xsave);
-    if (vm->xsave_size) return ioctl(vm->vcpu_fd, KVM_GET_XSAVE, st->vcpu.xsave);
+    if (vm->has_xsave2) return ioctl(vm->vcpu_fd, KVM_GET_XSAVE2, st->xsave);
+    if (vm->xsave_size) return ioctl(vm->vcpu_fd, KVM_GET_XSAVE, st->xsave);
     return ioctl(vm->vcpu_fd, KVM_GET_FPU, &st->vcpu.fpu);
 }
 
@@ -108,7 +108,7 @@ static int get_xcrs(const struct vm *vm, struct machine_state *st) {
 }
 
 static int get_msrs(const struct vm *vm, struct machine_state *st) {
-    struct kvm_msrs *msrs = st->vcpu.msrs;
+    struct kvm_msrs *msrs = st->msrs;
     st->vcpu.host_tsc = __rdtsc();
     msrs->nmsrs = vm->msr_count;
     for (uint32_t i = 0; i < vm->msr_count; i++) msrs->entries[i] = (struct kvm_msr_entry){.index = vm->msr_index[i]};
@@ -208,7 +208,7 @@ static int set_msrs(const struct vm *vm, struct machine_state *st) {
         struct kvm_msrs hdr;
         struct kvm_msr_entry entries[VMM_MAX_MSRS];
     } batch;
-    struct kvm_msr_entry *all = st->vcpu.msrs->entries;
+    struct kvm_msr_entry *all = st->msrs->entries;
     uint32_t done = 0;
     st->msrs_not_restored = 0;
     if (!vm->has_tsc_offset_attr) advance_guest_tsc(all, vm->msr_count, st->vcpu.host_tsc);
@@ -236,7 +236,7 @@ static int set_xcrs(const struct vm *vm, struct machine_state *st) {
 }
 
 static int set_fpu(const struct vm *vm, struct machine_state *st) {
-    if (vm->xsave_size) return ioctl(vm->vcpu_fd, KVM_SET_XSAVE, st->vcpu.xsave);
+    if (vm->xsave_size) return ioctl(vm->vcpu_fd, KVM_SET_XSAVE, st->xsave);
     return ioctl(vm->vcpu_fd, KVM_SET_FPU, &st->vcpu.fpu);
 }
 

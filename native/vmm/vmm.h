@@ -31,6 +31,12 @@
 #define VMM_MAX_CPUID_ENTRIES 256
 #define VMM_MAX_FORK_BATCH 256
 
+/* Exit statuses of clade-vmm (docs/vmm.md, "Exit status"). */
+#define VMM_EXIT_FAILURE 1          /* could not start or run: the message says why */
+#define VMM_EXIT_USAGE 2            /* bad command line */
+#define VMM_EXIT_GUEST_FAILED 3     /* a Linux guest stopped other than by shutting down */
+#define VMM_EXIT_SNAPSHOT_REFUSED 4 /* the snapshot's files are damaged, forged or inconsistent: nothing was started */
+
 /* ---- vm.c ------------------------------------------------------------- */
 
 struct vm {
@@ -64,14 +70,13 @@ uint8_t *vm_guest_ptr(const struct vm *vm, uint64_t gpa, uint64_t len);
 
 /* ---- state.c ---------------------------------------------------------- */
 
+/* Plain data (KVM's own structs): saved as is in a snapshot's vCPU section. */
 struct vcpu_state {
     struct kvm_regs regs;
     struct kvm_sregs sregs;
     struct kvm_sregs2 sregs2;
     struct kvm_fpu fpu;
-    struct kvm_xsave *xsave; /* xsave_size bytes, allocated once, inherited by children */
     struct kvm_xcrs xcrs;
-    struct kvm_msrs *msrs; /* msr_count entries, allocated once */
     struct kvm_lapic_state lapic;
     struct kvm_vcpu_events events;
     struct kvm_mp_state mp_state;
@@ -91,6 +96,8 @@ struct vm_state {
 struct machine_state {
     struct vcpu_state vcpu;
     struct vm_state vm;
+    struct kvm_xsave *xsave; /* xsave_size bytes, allocated once, inherited by children */
+    struct kvm_msrs *msrs;   /* room for VMM_MAX_MSRS entries, allocated once */
     uint32_t msrs_not_restored; /* written by the last restore, reported by status */
 };
 
@@ -190,6 +197,27 @@ uint64_t acpi_tables_install(struct vm *vm);
 #define BOARD_MAX_RAM (3ull << 30)
 #define BOARD_AGENT_PORT 0 /* virtio-console port id of org.clade.agent */
 
+/*
+ * The serial console's log: append-only and non-blocking (a stuck reader
+ * never stalls the vCPU), and never larger than max_bytes. At the cap the
+ * file is renamed to PATH.1 (replacing the previous one) and PATH starts
+ * again, so a guest flooding its console costs at most two files' worth.
+ */
+#define SERIAL_LOG_DEFAULT_MAX (2ull << 20)
+#define SERIAL_LOG_PATH_MAX 512
+
+struct serial_log {
+    int fd; /* -1: no log, output is dropped */
+    uint64_t bytes; /* in the current file */
+    uint64_t max_bytes;
+    char path[SERIAL_LOG_PATH_MAX];
+};
+
+/* 0, or -1 with errno (ENAMETOOLONG when PATH.1 would not fit). */
+int serial_log_open(struct serial_log *log, const char *path, uint64_t max_bytes);
+void serial_log_none(struct serial_log *log, uint64_t max_bytes);
+void serial_log_write(struct serial_log *log, uint8_t byte);
+
 struct board {
     pthread_mutex_t lock; /* devices are single-threaded: vCPU exits and the control thread take turns */
     struct vm *vm;
@@ -198,13 +226,26 @@ struct board {
     struct uart8250 uart;
     struct virtio_console con;
     uint8_t cmos_index;
-    int serial_fd;
+    struct serial_log serial;
     int agent_listen_fd;
     int agent_fd; /* the connected host end, -1 when none */
     char agent_path[108];
     int wake_fd; /* eventfd: the vCPU thread tells the control thread to re-poll */
     unsigned agent_polled; /* under lock: what the control thread's poll set waits for on the agent port */
     uint64_t agent_connects;
+};
+
+/*
+ * The board's device state as plain data (a snapshot's device section):
+ * what the guest can change, and nothing of the host (no pointers,
+ * callbacks or descriptors). Every device keeps its own part.
+ */
+struct board_state {
+    struct pci_bus_state pci;
+    struct virtio_console_state con;
+    struct uart_state uart;
+    uint8_t cmos_index;
+    uint8_t reserved[7]; /* 0 */
 };
 
 /* Host descriptors a forked child inherited and closes once its vCPU runs. */
@@ -216,15 +257,25 @@ enum board_io_result { BOARD_IO_DONE, BOARD_IO_RESET };
 
 #define BOARD_MAX_POLLFDS 3
 
-int board_init(struct board *b, struct vm *vm, int serial_fd, int agent_listen_fd, const char *agent_path);
+/* The board takes over `serial` (its descriptor) and agent_listen_fd. */
+int board_init(struct board *b, struct vm *vm, const struct serial_log *serial, int agent_listen_fd, const char *agent_path);
+/* Closes what the board holds (not the agent socket's path). */
+void board_destroy(struct board *b);
 enum board_io_result board_io(struct board *b, uint16_t port, bool is_write, uint8_t *data, unsigned size);
 void board_mmio(struct board *b, uint64_t gpa, bool is_write, uint8_t *data, unsigned len);
 int board_poll_fill(struct board *b, struct pollfd *pfd); /* at most BOARD_MAX_POLLFDS */
 void board_poll_handle(struct board *b, const struct pollfd *pfd, int n);
-void board_child_rebind(struct board *b, int agent_listen_fd, const char *agent_path, int serial_fd, struct board_stale *stale);
+/* serial->fd < 0: the child logs nowhere (never into its parent's log). */
+void board_child_rebind(struct board *b, int agent_listen_fd, const char *agent_path, const struct serial_log *serial,
+                        struct board_stale *stale);
 void board_close_stale(const struct board_stale *stale);
-/* Start from a snapshot: `image` is the snapshotted struct board (same binary, same RAM address); new host ends replace its descriptors. */
-int board_restore(struct board *b, const void *image, struct vm *vm, int agent_listen_fd, const char *agent_path, int serial_fd);
+void board_save(const struct board *b, struct board_state *s);
+/*
+ * Start from a snapshot: b was just set up by board_init (this process's
+ * RAM, callbacks, descriptors); s is copied in only after every value has
+ * been checked. -1 if s is refused (b is then still a fresh board).
+ */
+int board_restore(struct board *b, const struct board_state *s);
 
 /* ---- fork.c ----------------------------------------------------------- */
 
@@ -238,9 +289,10 @@ struct fork_child {
 
 /* What a fork request may choose for each child; NULL fields get defaults. */
 struct fork_paths {
-    const char *socket;
+    const char *run_dir;      /* the child's own directory: control.sock, agent.sock and serial.log in it */
+    const char *socket;       /* or each path on its own */
     const char *agent_socket;
-    const char *serial_log; /* NULL: the child appends to its parent's serial log */
+    const char *serial_log;   /* NULL: next to the child's control socket, if the parent has a log */
 };
 
 struct fork_report {
@@ -263,13 +315,19 @@ struct snapshot_report {
 
 int vmm_snapshot(struct vmm *v, const char *dir, struct snapshot_report *rep, char *err, size_t errlen);
 
-/* ---- snapshot.c ------------------------------------------------------- */
+/* ---- snapshot_format.c, snapshot.c ------------------------------------ */
 
-/* state.bin, format 1 (docs/snapshots.md, "vmm engine"): a header, then sections. Little-endian (x86-64 only). */
+/*
+ * state.bin, format 2 (docs/snapshots.md, "vmm engine"): a header, then
+ * sections. Little-endian (x86-64 only). Every section is plain data: KVM's
+ * own structs for the CPU and VM, and the devices' *_state structs; nothing
+ * in it is a host address, a descriptor or a function.
+ */
 #define SNAPSHOT_MAGIC "CLADEVMS"
-#define SNAPSHOT_FORMAT 1u
+#define SNAPSHOT_FORMAT 2u
 #define SNAPSHOT_BUILD_ID_MAX 64u
 #define SNAPSHOT_STATE_MAX (16u << 20) /* far above any real state.bin: a bigger one is refused unread */
+#define SNAPSHOT_MAX_XSAVE (1u << 20)
 
 struct snapshot_header {
     char magic[8];
@@ -277,10 +335,10 @@ struct snapshot_header {
     uint32_t header_bytes;
     uint32_t build_id_len;
     uint32_t section_count;
-    uint8_t build_id[SNAPSHOT_BUILD_ID_MAX]; /* the GNU build id of the clade-vmm that wrote it */
+    uint8_t build_id[SNAPSHOT_BUILD_ID_MAX]; /* the GNU build id of the clade-vmm that wrote it (diagnostics only) */
     uint64_t ram_size;
-    uint64_t ram_host_addr; /* where guest RAM was mapped: device state points into it */
-    uint64_t total_bytes;   /* the whole file */
+    uint64_t checksum;    /* FNV-1a 64 of the whole file, this field taken as 0 */
+    uint64_t total_bytes; /* the whole file */
 };
 
 struct snapshot_section {
@@ -292,11 +350,11 @@ struct snapshot_section {
 enum snapshot_section_id {
     SNAP_VM_FACTS = 1, /* struct snapshot_vm_facts */
     SNAP_CPUID = 2,    /* kvm_cpuid_entry2[nent] (nent = bytes / entry size) */
-    SNAP_VCPU = 3,     /* struct vcpu_state of this build, pointers zeroed */
+    SNAP_VCPU = 3,     /* struct vcpu_state */
     SNAP_XSAVE = 4,    /* xsave_size bytes */
     SNAP_MSRS = 5,     /* kvm_msr_entry[msr_count] */
     SNAP_VM_STATE = 6, /* struct vm_state */
-    SNAP_BOARD = 7,    /* struct board of this build (Linux guests only) */
+    SNAP_BOARD = 7,    /* struct board_state (Linux guests only) */
 };
 
 struct snapshot_vm_facts {
@@ -305,20 +363,51 @@ struct snapshot_vm_facts {
     uint32_t msr_index[VMM_MAX_MSRS];
 };
 
+/* state.bin as plain values: what the writer encodes, and what the decoder hands out after checking it. */
+struct snapshot_image {
+    uint64_t ram_size;
+    uint32_t build_id_len;
+    uint8_t build_id[SNAPSHOT_BUILD_ID_MAX];
+    struct snapshot_vm_facts facts;
+    uint32_t cpuid_count;
+    struct kvm_cpuid_entry2 cpuid[VMM_MAX_CPUID_ENTRIES];
+    struct vcpu_state vcpu;
+    const uint8_t *xsave; /* facts.xsave_size bytes: the writer's buffer, or inside the decoded file */
+    struct kvm_msr_entry msrs[VMM_MAX_MSRS];
+    struct vm_state vm;
+    int has_board;
+    struct board_state board;
+};
+
+uint64_t snapshot_checksum(const uint8_t *buf, size_t len);
+/* A malloc'd state.bin for img; -1 when out of memory. */
+int snapshot_encode(const struct snapshot_image *img, uint8_t **out, size_t *len);
+/*
+ * Checks a state.bin completely (magic, format, checksum, section table,
+ * every size, count, index and flag) and copies its values into img.
+ * -1 with a message that names what is wrong. The device state is checked
+ * against the devices later, by board_restore.
+ */
+int snapshot_decode(const uint8_t *buf, size_t len, struct snapshot_image *img, char *err, size_t errlen);
+
 /* Runs in the writer child; never returns. Writes DIR/memory.raw, DIR/state.bin, then DIR/done (a JSON result line). */
 _Noreturn void snapshot_writer_main(const struct vmm *v, const char *dir);
 /*
- * Start from DIR: maps memory.raw copy-on-write at its recorded address and loads the checked state.bin into v
- * (after vm_open_kvm and state_alloc). *board_image gets the saved struct board (malloc'd), NULL for the CPL3 guest.
+ * Start from a snapshot's two files, given as open descriptors (closed by
+ * this call): loads the checked state.bin into v and maps memory.raw
+ * copy-on-write. Call after vm_open_kvm. *board gets the device state
+ * (malloc'd) for a Linux guest, else NULL. Returns 0 or the exit status to
+ * end with (VMM_EXIT_SNAPSHOT_REFUSED when the files are at fault).
  */
-int snapshot_load(struct vmm *v, const char *dir, void **board_image, char *err, size_t errlen);
+int snapshot_load(struct vmm *v, int mem_fd, int state_fd, struct board_state **board, char *err, size_t errlen);
 /* After the KVM objects are built: refuses a snapshot whose KVM features differ from this host's. */
 int snapshot_check_host(const struct vm *vm, char *err, size_t errlen);
 
 /* ---- control.c -------------------------------------------------------- */
 
 #define CONTROL_MAX_CLIENTS 32
-#define CONTROL_LINE_MAX 16384
+/* Room for `forks 256 DIR...` with every DIR as long as a socket path allows. */
+#define CONTROL_LINE_MAX 65536
 
 struct control_client {
     int fd;
@@ -356,6 +445,5 @@ struct vmm {
 int64_t now_ns(void);
 /* pread until `len` bytes are read at `off`; -1 on an error or a short file. */
 int read_exact(int fd, void *buf, size_t len, off_t off);
-int serial_log_open(const char *path); /* append-only and non-blocking: a stuck reader never stalls the vCPU */
 
 #endif

@@ -5,9 +5,11 @@ import { describe, expect, it } from 'vitest';
 
 // clade-vmm's device library (native/vmm/devices) on the host, no KVM: a test
 // program plays the guest's PCI, virtio and 8250 drivers against fake guest
-// RAM, including hostile rings and registers; the fuzz targets replay their
-// seed corpus, and when clang's libFuzzer is installed each fuzzer also runs
-// for a bounded time (native/vmm/devices/Makefile: fuzz-run).
+// RAM, including hostile rings and registers, and saves and restores the
+// devices' plain-data state (hostile states refused); the fuzz targets (rings,
+// PCI, and the loader of a snapshot's state.bin) replay their seed corpus, and
+// when clang's libFuzzer is installed each fuzzer also runs for a bounded time
+// (native/vmm/devices/Makefile: fuzz-run).
 const root = join(import.meta.dirname, '../..');
 const dir = join(root, 'native/vmm/devices');
 const build = join(root, 'native/vmm/build/devices');
@@ -49,11 +51,12 @@ describe('vmm devices', () => {
   }, 360_000);
 
   it.skipIf(!hasLibFuzzer())('survive a bounded fuzzing run', async () => {
-    // 2 targets x 30 s keeps the suite's fuzzing budget near one minute.
-    const r = await make('fuzz-run', 'FUZZ_SECONDS=30');
+    // 3 targets x 20 s keeps the suite's fuzzing budget near one minute.
+    const r = await make('fuzz-run', 'FUZZ_SECONDS=20');
     const out = r.out;
     expect(out).not.toMatch(/ERROR: (AddressSanitizer|libFuzzer|UndefinedBehaviorSanitizer)|runtime error|deadly signal/);
     expect(existsSync(join(build, 'fuzz-virtq'))).toBe(true);
+    expect(existsSync(join(build, 'fuzz-state'))).toBe(true);
     expect(r.status).toBe(0);
   }, 360_000);
 });
