@@ -6,6 +6,16 @@ import { encodeHostFrame, FrameDecoder, type Frame } from './frame.js';
 
 /** Biggest chunk of file data sent in one WRITE_DATA frame (leaves room for the token). */
 const WRITE_CHUNK = 512 * 1024;
+/** Protocol violations remembered for diagnostics; older ones are only counted. */
+const MAX_VIOLATIONS_KEPT = 32;
+/** Default wait for a request's reply. */
+export const REQUEST_TIMEOUT_MS = 30_000;
+/** The agent must take what the host writes within this long, or it is stuck. */
+const WRITE_STALL_MS = 60_000;
+/** A file read that brings no data for this long is given up. */
+const READ_IDLE_MS = 30_000;
+/** How long after a command's own timeout the host waits for its EXIT before killing it itself, and again after that. */
+export const EXIT_GRACE_MS = 5_000;
 
 export type ExecRequest = {
   argv?: string[];
@@ -21,6 +31,17 @@ export type ExecExit = { exitCode: number; signal?: number; timedOut: boolean };
 export type ExecHandlers = {
   onStdout?: (data: Buffer) => void;
   onStderr?: (data: Buffer) => void;
+};
+
+export type ReadFileOptions = {
+  /** Refuse files bigger than this with `too_large` (the agent checks before sending anything). */
+  maxBytes?: number;
+  /** Receive the file chunk by chunk instead of as one buffer (the result is then empty). */
+  onChunk?: (chunk: Buffer) => void;
+  /** Give up when no data arrives for this long (default 30 s; time the host itself holds the channel does not count). */
+  idleTimeoutMs?: number;
+  /** Stops the read: later data from the guest is dropped. */
+  signal?: AbortSignal;
 };
 
 /** A running command in the guest. */
@@ -51,12 +72,17 @@ export class AgentClient {
   private nextId = 1;
   private closedError?: CladeError;
   private token: Buffer;
-  /** Protocol violations seen from the guest; surfaced for diagnostics and tests. */
+  /** The latest protocol violations seen from the guest (at most 32), for diagnostics and tests. */
   readonly violations: string[] = [];
+  /** All protocol violations seen, including those no longer in `violations`. */
+  violationCount = 0;
+  /** Consumers that asked to stop reading from the guest until they catch up. */
+  private holds = 0;
+  private drainWait?: Promise<void>;
   private readonly decoder = new FrameDecoder({
-    frame: (f) => this.pending.get(f.id)?.onFrame(f),
+    frame: (f) => this.dispatch(f),
     violation: (kind, id, detail) => {
-      this.violations.push(`${kind}: ${detail}`);
+      this.noteViolation(`${kind}: ${detail}`);
       const p = this.pending.get(id);
       if (p && id !== 0) p.onClose(new CladeError('protocol_error', `the guest broke the agent protocol: ${detail}`));
     },
@@ -133,11 +159,68 @@ export class AgentClient {
     });
   }
 
-  /** Resolves once everything written to the channel has left this process. */
-  async drained(): Promise<void> {
+  /**
+   * Hands a frame to the request it answers. A malformed body fails that
+   * request only: nothing the guest sends may throw out of the socket handler.
+   */
+  private dispatch(f: Frame): void {
+    const p = this.pending.get(f.id);
+    if (!p) return;
+    try {
+      p.onFrame(f);
+    } catch (err) {
+      this.noteViolation(`malformed ${f.type.toString(16)} body for request ${f.id}: ${errorMessage(err)}`);
+      p.onClose(new CladeError('protocol_error', `the guest sent a malformed reply: ${errorMessage(err)}`));
+    }
+  }
+
+  private noteViolation(what: string): void {
+    this.violationCount++;
+    this.violations.push(what.slice(0, 200));
+    if (this.violations.length > MAX_VIOLATIONS_KEPT) this.violations.shift();
+  }
+
+  /**
+   * Stops reading from the guest until the returned function is called (by
+   * every holder): a slow consumer of output pauses the channel instead of
+   * letting the host buffer without bound. The guest then blocks on its side.
+   */
+  holdReading(): () => void {
+    if (this.holds++ === 0) this.socket?.pause();
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      if (--this.holds === 0) this.socket?.resume();
+    };
+  }
+
+  /** Resolves once everything written to the channel has left this process; a guest that takes nothing for `timeoutMs` is an error. */
+  async drained(timeoutMs = 10_000): Promise<void> {
     const s = this.socket;
     if (!s || s.writableLength === 0) return;
-    await new Promise<void>((resolve) => s.once('drain', () => resolve()));
+    await this.waitDrain(s, timeoutMs);
+  }
+
+  private waitDrain(s: Socket, timeoutMs: number): Promise<void> {
+    this.drainWait ??= new Promise<void>((resolve) => {
+      const done = () => {
+        this.drainWait = undefined;
+        s.off('drain', done);
+        s.off('close', done);
+        resolve();
+      };
+      s.once('drain', done);
+      s.once('close', done);
+    });
+    const wait = this.drainWait;
+    return new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new CladeError('timeout', `the guest agent took no input for ${Math.round(timeoutMs / 1000)} s; it may be stuck (kill the sandbox if this persists)`)), timeoutMs);
+      void wait.then(() => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
   }
 
   /** Signals a command's process group by its exec id. */
@@ -152,6 +235,7 @@ export class AgentClient {
 
   private attach(socket: Socket): void {
     this.socket = socket;
+    if (this.holds > 0) socket.pause();
     socket.on('data', (chunk: Buffer) => {
       if (this.socket === socket) this.decoder.push(chunk);
     });
@@ -183,7 +267,7 @@ export class AgentClient {
   }
 
   /** Sends one request and resolves with the fields of its OK reply. */
-  request(type: number, body?: FieldWriter, timeoutMs = 30_000): Promise<FieldReader> {
+  request(type: number, body?: FieldWriter, timeoutMs = REQUEST_TIMEOUT_MS): Promise<FieldReader> {
     const id = this.allocId();
     const reply = this.awaitReply(id, timeoutMs);
     this.send(type, id, body?.toBuffer()).catch((err) => this.pending.get(id)?.onClose(asCladeError(err)));
@@ -213,7 +297,7 @@ export class AgentClient {
     });
   }
 
-  async exec(req: ExecRequest, handlers: ExecHandlers = {}): Promise<ExecHandle> {
+  async exec(req: ExecRequest, handlers: ExecHandlers = {}, startTimeoutMs = REQUEST_TIMEOUT_MS): Promise<ExecHandle> {
     const body = new FieldWriter();
     if (req.argv) for (const a of req.argv) body.str(Tag.ARGV, a);
     else if (req.shell !== undefined) body.str(Tag.SHELL, req.shell);
@@ -231,17 +315,31 @@ export class AgentClient {
     let rejectExit!: (e: CladeError) => void;
     const exited = new Promise<ExecExit>((res, rej) => ((resolveExit = res), (rejectExit = rej)));
     exited.catch(() => undefined);
+    let exitWatch: NodeJS.Timeout | undefined;
     const started = new Promise<number>((resolveStart, rejectStart) => {
       let pid: number | undefined;
+      const startTimer = setTimeout(() => {
+        this.pending.delete(id);
+        const err = new CladeError('timeout', `the guest agent did not start the command within ${startTimeoutMs} ms`);
+        rejectStart(err);
+        rejectExit(err);
+      }, startTimeoutMs);
+      const end = () => {
+        clearTimeout(startTimer);
+        clearTimeout(exitWatch);
+        this.pending.delete(id);
+      };
       this.pending.set(id, {
         onFrame: (f) => {
           switch (f.type) {
             case MessageType.OK:
+              clearTimeout(startTimer);
               pid = new FieldReader(f.payload).u64(Tag.PID) ?? 0;
               resolveStart(pid);
+              if (req.timeoutMs) exitWatch = this.watchExit(id, req.timeoutMs, rejectExit, end);
               break;
             case MessageType.ERROR:
-              this.pending.delete(id);
+              end();
               rejectStart(agentError(f.payload));
               break;
             case MessageType.STDOUT:
@@ -251,25 +349,26 @@ export class AgentClient {
               handlers.onStderr?.(f.payload);
               break;
             case MessageType.EXIT: {
-              this.pending.delete(id);
               const r = new FieldReader(f.payload);
-              const signal = r.u64(Tag.SIGNAL);
-              resolveExit({ exitCode: r.i64(Tag.EXIT_CODE) ?? -1, timedOut: r.u64(Tag.TIMED_OUT) === 1, ...(signal ? { signal } : {}) });
+              const exit = { exitCode: r.i64(Tag.EXIT_CODE) ?? -1, timedOut: r.u64(Tag.TIMED_OUT) === 1, signal: r.u64(Tag.SIGNAL) };
+              end();
+              resolveExit({ exitCode: exit.exitCode, timedOut: exit.timedOut, ...(exit.signal ? { signal: exit.signal } : {}) });
               break;
             }
           }
         },
         onClose: (err) => {
-          this.pending.delete(id);
+          end();
           if (pid === undefined) rejectStart(err);
           rejectExit(err);
         },
       });
     });
+    started.catch(() => undefined); // a failed send below rejects it too; the send's error is the one thrown
     try {
       await this.send(MessageType.EXEC, id, body.toBuffer());
     } catch (err) {
-      this.pending.delete(id);
+      this.pending.get(id)?.onClose(asCladeError(err));
       throw err;
     }
     const pid = await started;
@@ -290,44 +389,93 @@ export class AgentClient {
     };
   }
 
-  async readFile(path: string, onChunk?: (chunk: Buffer) => void): Promise<Buffer> {
+  /**
+   * The guest kills a command at its timeout; if no EXIT comes by the timeout
+   * plus a grace period, the host kills the process group itself, and after a
+   * second grace period gives up waiting with a timeout error.
+   */
+  private watchExit(id: number, timeoutMs: number, rejectExit: (e: CladeError) => void, end: () => void): NodeJS.Timeout {
+    return setTimeout(() => {
+      void this.signalExec(id, 9).catch(() => undefined);
+      const last = setTimeout(() => {
+        if (!this.pending.has(id)) return;
+        end();
+        rejectExit(new CladeError('timeout', `the command ran past its ${timeoutMs} ms timeout and the guest did not report its end; it was sent SIGKILL`));
+      }, EXIT_GRACE_MS);
+      last.unref();
+    }, timeoutMs + EXIT_GRACE_MS).unref();
+  }
+
+  async readFile(path: string, opts: ReadFileOptions = {}): Promise<Buffer> {
     const chunks: Buffer[] = [];
+    let bytes = 0;
+    const idleMs = opts.idleTimeoutMs ?? READ_IDLE_MS;
     const id = this.allocId();
+    const body = new FieldWriter().str(Tag.PATH, path);
+    if (opts.maxBytes !== undefined) body.u64(Tag.LIMIT, opts.maxBytes);
     const done = new Promise<void>((resolve, reject) => {
+      let idle: NodeJS.Timeout;
+      const fail = (err: CladeError) => {
+        clearTimeout(idle);
+        this.pending.delete(id); // frames still on their way are dropped
+        reject(err);
+      };
+      const arm = () => {
+        clearTimeout(idle);
+        idle = setTimeout(() => (this.holds > 0 ? arm() : fail(new CladeError('timeout', `reading ${path}: no data from the guest for ${Math.round(idleMs / 1000)} s`))), idleMs);
+      };
+      arm();
+      opts.signal?.addEventListener('abort', () => fail(new CladeError('killed', `reading ${path} was cancelled`)), { once: true });
       this.pending.set(id, {
         onFrame: (f) => {
           if (f.type === MessageType.FILE_DATA) {
-            if (onChunk) onChunk(f.payload);
+            bytes += f.payload.length;
+            // An agent that ignores LIMIT (or a file that grows) is cut off here.
+            if (opts.maxBytes !== undefined && bytes > opts.maxBytes) return fail(tooLarge(path, opts.maxBytes));
+            arm();
+            if (opts.onChunk) opts.onChunk(f.payload);
             else chunks.push(f.payload);
             return;
           }
+          clearTimeout(idle);
           this.pending.delete(id);
-          settleReply(f, () => resolve(), reject);
+          settleReply(f, () => resolve(), (err) => reject(err.code === 'too_large' && opts.maxBytes !== undefined ? tooLarge(path, opts.maxBytes) : err));
         },
-        onClose: (err) => {
-          this.pending.delete(id);
-          reject(err);
-        },
+        onClose: (err) => fail(err),
       });
     });
-    await this.send(MessageType.READ_FILE, id, new FieldWriter().str(Tag.PATH, path).toBuffer());
+    await this.send(MessageType.READ_FILE, id, body.toBuffer());
     await done;
     return Buffer.concat(chunks);
   }
 
-  async writeFile(path: string, data: Buffer, mode?: number): Promise<number> {
+  /**
+   * Writes a file from a buffer or a stream of chunks; it appears under its
+   * name only when complete. If the source fails, the upload is discarded.
+   */
+  async writeFile(path: string, data: Buffer | AsyncIterable<Uint8Array>, mode?: number): Promise<number> {
     const open = new FieldWriter().str(Tag.PATH, path);
     if (mode !== undefined) open.u64(Tag.MODE, mode);
     const id = this.allocId();
-    const opened = this.awaitReply(id, 30_000);
+    const opened = this.awaitReply(id, REQUEST_TIMEOUT_MS);
     await this.send(MessageType.WRITE_OPEN, id, open.toBuffer());
     await opened;
-    for (let off = 0; off < data.length; off += WRITE_CHUNK) {
-      await this.send(MessageType.WRITE_DATA, id, data.subarray(off, off + WRITE_CHUNK));
+    let sent = 0;
+    try {
+      for await (const piece of Buffer.isBuffer(data) ? [data] : data) {
+        const buf = Buffer.isBuffer(piece) ? piece : Buffer.from(piece.buffer, piece.byteOffset, piece.byteLength);
+        for (let off = 0; off < buf.length; off += WRITE_CHUNK) await this.send(MessageType.WRITE_DATA, id, buf.subarray(off, off + WRITE_CHUNK));
+        sent += buf.length;
+      }
+    } catch (err) {
+      const discarded = this.awaitReply(id, REQUEST_TIMEOUT_MS);
+      await this.send(MessageType.WRITE_CLOSE, id, new FieldWriter().u64(Tag.DISCARD, 1).toBuffer()).catch(() => undefined);
+      await discarded.catch(() => undefined);
+      throw err;
     }
     const closed = this.awaitReply(id, 120_000);
     await this.send(MessageType.WRITE_CLOSE, id);
-    return (await closed).u64(Tag.SIZE) ?? data.length;
+    return (await closed).u64(Tag.SIZE) ?? sent;
   }
 
   async list(path: string): Promise<{ entries: FileEntry[]; truncated: boolean }> {
@@ -377,7 +525,7 @@ export class AgentClient {
     return new Promise((resolve, reject) => {
       const ok = socket.write(bytes, (err) => (err ? reject(new CladeError('killed', `agent channel write failed: ${err.message}`)) : undefined));
       if (ok) resolve();
-      else socket.once('drain', () => resolve());
+      else this.waitDrain(socket, WRITE_STALL_MS).then(resolve, reject);
     });
   }
 
@@ -423,6 +571,10 @@ function toEntry(r: FieldReader): FileEntry {
     mode: r.u64(Tag.MODE) ?? 0,
     mtimeMs: r.u64(Tag.MTIME_MS) ?? 0,
   };
+}
+
+function tooLarge(path: string, maxBytes: number): CladeError {
+  return new CladeError('too_large', `${path} is larger than the ${maxBytes}-byte limit for reading a file whole; read it as a stream instead (files.read(path, { format: 'stream' }), or GET /v1/sandboxes/<id>/files, which streams)`);
 }
 
 function asCladeError(err: unknown): CladeError {

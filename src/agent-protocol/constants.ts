@@ -63,6 +63,8 @@ export const Tag = {
   CREATED: 31,
   UPTIME_MS: 32,
   LAST_ID: 33,
+  LIMIT: 34,
+  DISCARD: 35,
 } as const;
 export type Tag = (typeof Tag)[keyof typeof Tag];
 

@@ -1,4 +1,5 @@
 import { request, type IncomingMessage } from 'node:http';
+import { Readable } from 'node:stream';
 import { CladeError, type CladeErrorCode } from '../core/errors.js';
 import { STATUS_OF } from './errors.js';
 
@@ -17,7 +18,8 @@ export function parseDaemonAddress(address: string): DaemonTarget {
   return { host: url.hostname.replace(/^\[(.*)\]$/, '$1'), port: Number(url.port || 80) };
 }
 
-type Body = object | Buffer | undefined;
+/** A JSON value, raw bytes, or `{ stream }`: bytes sent as the iterable yields them. */
+type Body = object | Buffer | { stream: AsyncIterable<Uint8Array> } | undefined;
 
 /**
  * A small HTTP client of the daemon's API. Error answers become CladeErrors
@@ -36,8 +38,19 @@ export class DaemonClient {
     return JSON.parse(text) as T;
   }
 
-  async bytes(method: string, path: string, body?: Body): Promise<Buffer> {
-    return readAll(await this.send(method, path, body));
+  /** The answer's body, refused with `too_large` past `maxBytes`. */
+  async bytes(method: string, path: string, body?: Body, maxBytes = Infinity): Promise<Buffer> {
+    return readAll(await this.send(method, path, body), maxBytes);
+  }
+
+  /** The answer's body as a web stream (errors before the answer starts reject). */
+  async stream(method: string, path: string): Promise<ReadableStream<Uint8Array>> {
+    return Readable.toWeb(await this.send(method, path, undefined)) as ReadableStream<Uint8Array>;
+  }
+
+  /** Sends raw bytes, from a buffer or streamed from an iterable, and answers with the JSON reply. */
+  async upload<T>(method: string, path: string, data: Buffer | AsyncIterable<Uint8Array>): Promise<T> {
+    return this.json<T>(method, path, Buffer.isBuffer(data) ? data : { stream: data });
   }
 
   /** Calls `onLine` for each NDJSON line of the answer as it arrives. */
@@ -58,8 +71,10 @@ export class DaemonClient {
 
   /** Sends a request; answers with an error status are thrown as CladeErrors. */
   private send(method: string, path: string, body: Body, headers: Record<string, string> = {}): Promise<IncomingMessage> {
-    const payload = body === undefined ? undefined : Buffer.isBuffer(body) ? body : Buffer.from(JSON.stringify(body));
-    const contentType = body === undefined ? {} : { 'content-type': Buffer.isBuffer(body) ? 'application/octet-stream' : 'application/json' };
+    const streamed = body !== undefined && 'stream' in body && typeof (body as { stream: unknown }).stream === 'object' ? (body as { stream: AsyncIterable<Uint8Array> }).stream : undefined;
+    const raw = Buffer.isBuffer(body) || streamed !== undefined;
+    const payload = body === undefined || streamed ? undefined : Buffer.isBuffer(body) ? body : Buffer.from(JSON.stringify(body));
+    const contentType = body === undefined ? {} : { 'content-type': raw ? 'application/octet-stream' : 'application/json' };
     const auth = this.token ? { authorization: `Bearer ${this.token}` } : {};
     return new Promise((resolve, reject) => {
       const req = request({ ...this.target, method, path, headers: { ...headers, ...contentType, ...auth } }, (res) => {
@@ -67,7 +82,8 @@ export class DaemonClient {
         void readAll(res).then((b) => reject(errorFromAnswer(res.statusCode ?? 500, b)), reject);
       });
       req.on('error', (err) => reject(new CladeError('unavailable', `cannot reach the clade daemon (${describeTarget(this.target)}): ${err.message}; start it with \`clade serve\``, { cause: err })));
-      req.end(payload);
+      if (streamed) Readable.from(streamed).once('error', (err) => req.destroy(err)).pipe(req);
+      else req.end(payload);
     });
   }
 }
@@ -87,11 +103,19 @@ function describeTarget(t: DaemonTarget): string {
   return 'socketPath' in t ? t.socketPath : `${t.host}:${t.port}`;
 }
 
-function readAll(res: IncomingMessage): Promise<Buffer> {
+function readAll(res: IncomingMessage, maxBytes = Infinity): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
-    res.on('data', (c: Buffer) => chunks.push(c));
+    let size = 0;
+    res.on('data', (c: Buffer) => {
+      size += c.length;
+      if (size > maxBytes) {
+        res.destroy();
+        reject(new CladeError('too_large', `the daemon's answer is larger than ${maxBytes} bytes; read it as a stream instead`));
+      } else chunks.push(c);
+    });
     res.on('end', () => resolve(Buffer.concat(chunks)));
-    res.on('error', reject);
+    res.on('error', (err) => reject(new CladeError('unavailable', `the daemon's answer broke off: ${err.message}`, { cause: err })));
+    res.on('aborted', () => reject(new CladeError('unavailable', "the daemon's answer broke off before its end")));
   });
 }

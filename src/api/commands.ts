@@ -4,6 +4,8 @@ import { toErrorBody, type ErrorBody } from './errors.js';
 
 /** Output of one background command the daemon keeps for clients that attach later (UTF-16 units). */
 const MAX_REPLAY_CHARS = 8 * 1024 * 1024;
+/** Kept lines grow by merging up to this size. */
+const MERGE_BELOW_CHARS = 64 * 1024;
 /** Background commands per sandbox, running or ended and not yet deleted (the agent runs at most 64). */
 const MAX_COMMANDS_PER_SANDBOX = 64;
 /** Ended commands kept per sandbox for late readers; older ones are forgotten first. */
@@ -73,8 +75,7 @@ export class BackgroundCommand {
 
   private push(line: OutputLine): void {
     const size = 'stdout' in line ? line.stdout.length : 'stderr' in line ? line.stderr.length : 0;
-    this.lines.push(line);
-    this.chars += size;
+    this.keep(line, size);
     while (this.chars > MAX_REPLAY_CHARS && this.lines.length > 1) {
       const old = this.lines.shift()!;
       const n = 'stdout' in old ? old.stdout.length : 'stderr' in old ? old.stderr.length : 0;
@@ -82,6 +83,15 @@ export class BackgroundCommand {
       this.dropped += n;
     }
     for (const f of this.followers) f(line);
+  }
+
+  /** Small pieces of one stream are merged into the previous line, so a byte-at-a-time command keeps few objects. */
+  private keep(line: OutputLine, size: number): void {
+    const last = this.lines[this.lines.length - 1];
+    if (last && 'stdout' in line && 'stdout' in last && last.stdout.length < MERGE_BELOW_CHARS) last.stdout += line.stdout;
+    else if (last && 'stderr' in line && 'stderr' in last && last.stderr.length < MERGE_BELOW_CHARS) last.stderr += line.stderr;
+    else this.lines.push({ ...line });
+    this.chars += size;
   }
 
   private end(line: OutputLine): void {

@@ -9,6 +9,8 @@ export class ConcurrencyGate {
   constructor(
     private readonly max: number,
     private readonly what: string,
+    /** An operation holds its place at most this long; then its caller gets a timeout and the place is free again. */
+    private readonly holdLimitMs = Infinity,
   ) {}
 
   private readonly byKey = new Map<string, number>();
@@ -24,7 +26,7 @@ export class ConcurrencyGate {
     if (sharing === 0) this.active++;
     this.byKey.set(key, sharing + 1);
     try {
-      return await fn();
+      return await this.bounded(fn);
     } finally {
       const left = this.byKey.get(key)! - 1;
       if (left === 0) {
@@ -42,10 +44,22 @@ export class ConcurrencyGate {
     if (this.active >= this.max) throw this.refusal();
     this.active++;
     try {
-      return await fn();
+      return await this.bounded(fn);
     } finally {
       this.active--;
     }
+  }
+
+  /** Runs fn, but stops waiting for it after the hold limit (fn itself goes on, and fails on its own deadlines). */
+  private bounded<T>(fn: () => Promise<T>): Promise<T> {
+    const work = fn();
+    if (!Number.isFinite(this.holdLimitMs)) return work;
+    let timer: NodeJS.Timeout | undefined;
+    const limit = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new CladeError('timeout', `gave up waiting after ${Math.round(this.holdLimitMs / 1000)} s: the sandbox is not answering; it keeps its own deadlines, kill it if it stays stuck`)), this.holdLimitMs);
+    });
+    work.catch(() => undefined);
+    return Promise.race([work, limit]).finally(() => clearTimeout(timer));
   }
 }
 

@@ -1,5 +1,6 @@
 import { rmSync } from 'node:fs';
 import { CladeError, errorMessage } from '../core/errors.js';
+import { pooledSlots } from '../core/pool.js';
 import { adoptSandbox, getLive, killPidQuietly, liveSandboxes, sandboxDir } from '../core/sandboxes.js';
 import { isSandboxVm } from '../engines/qemu/qemu-engine.js';
 import { isVmmProcess } from '../engines/vmm/vmm-engine.js';
@@ -55,8 +56,10 @@ export class SandboxRegistry {
 
   /** Holds room for `n` new sandboxes; call the returned function when they are added or failed. */
   reserve(n: number): () => void {
-    if (this.entries.size + this.reserved + n > this.maxSandboxes) {
-      throw new CladeError('unavailable', `this daemon runs at most ${this.maxSandboxes} sandboxes (${this.entries.size} running, ${this.reserved} starting); delete some or restart \`clade serve\` with a larger --max-sandboxes`);
+    // VMs pre-started for forks (prewarm) are VMs too: they count against the same limit.
+    const pooled = pooledSlots();
+    if (this.entries.size + this.reserved + pooled + n > this.maxSandboxes) {
+      throw new CladeError('unavailable', `this daemon runs at most ${this.maxSandboxes} sandboxes (${this.entries.size} running, ${this.reserved} starting, ${pooled} pre-started for forks); delete some or restart \`clade serve\` with a larger --max-sandboxes`);
     }
     this.reserved += n;
     let released = false;
@@ -138,12 +141,16 @@ export class SandboxRegistry {
     this.persist(id);
   }
 
+  /** The record goes last: a daemon that dies mid-way still knows the VM, or the VM is already gone. */
   async remove(id: string): Promise<void> {
     const sandbox = this.get(id);
     this.entries.delete(id);
     this.commands.dropSandbox(id);
-    this.store.remove(id);
-    await sandbox.kill();
+    try {
+      await sandbox.kill();
+    } finally {
+      this.store.remove(id);
+    }
   }
 
   /** Writes the record again if what a restarted daemon needs has changed (a fork moves the VM). */
@@ -160,23 +167,35 @@ export class SandboxRegistry {
 
   /** Kills expired sandboxes, forgets those whose VM ended on its own, and keeps records current. */
   startSweeping(): void {
-    this.sweeper = setInterval(() => void this.sweep(), SWEEP_MS);
+    let running = false;
+    this.sweeper = setInterval(() => {
+      if (running) return; // a slow sweep (a kill waiting on a VM) is not stacked on
+      running = true;
+      void this.sweep()
+        .catch((err: unknown) => this.log.warn({ err: errorMessage(err) }, 'sandbox sweep failed; will retry'))
+        .finally(() => (running = false));
+    }, SWEEP_MS);
     this.sweeper.unref();
   }
 
+  /** One failing sandbox (a full disk while saving its record, say) does not stop the others being swept. */
   private async sweep(): Promise<void> {
     const now = Date.now();
-    for (const [id, entry] of this.entries) {
-      if (!getLiveOrUndefined(id)) {
-        this.entries.delete(id);
-        this.commands.dropSandbox(id);
-        this.store.remove(id);
-        this.log.info({ sandboxId: id }, 'sandbox ended on its own; record removed');
-      } else if (entry.expiresAt !== null && entry.expiresAt <= now) {
-        this.log.info({ sandboxId: id }, 'sandbox lifetime is over; killing it');
-        await this.remove(id).catch(() => undefined);
-      } else {
-        this.persist(id);
+    for (const [id, entry] of [...this.entries]) {
+      try {
+        if (!getLiveOrUndefined(id)) {
+          this.entries.delete(id);
+          this.commands.dropSandbox(id);
+          this.store.remove(id);
+          this.log.info({ sandboxId: id }, 'sandbox ended on its own; record removed');
+        } else if (entry.expiresAt !== null && entry.expiresAt <= now) {
+          this.log.info({ sandboxId: id }, 'sandbox lifetime is over; killing it');
+          await this.remove(id);
+        } else {
+          this.persist(id);
+        }
+      } catch (err) {
+        this.log.warn({ sandboxId: id, err: errorMessage(err) }, 'could not sweep sandbox; will retry');
       }
     }
   }
@@ -202,7 +221,8 @@ export class SandboxRegistry {
   async adoptAll(): Promise<{ adopted: string[]; dropped: string[] }> {
     const adopted: string[] = [];
     const dropped: string[] = [];
-    for (const rec of this.store.loadAll()) {
+    const invalid = (file: string) => this.log.warn({ file }, 'sandbox record is invalid; removed without using it');
+    for (const rec of this.store.loadAll(invalid)) {
       try {
         await this.adoptOne(rec);
         adopted.push(rec.id);

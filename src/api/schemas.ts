@@ -88,6 +88,7 @@ export const ExecResult = Type.Object({
 });
 
 export const PathQuery = Type.Object({ path: Type.String({ minLength: 1, maxLength: 4095 }) }, { additionalProperties: false });
+export const ReadQuery = Type.Object({ path: Type.String({ minLength: 1, maxLength: 4095 }), maxBytes: Type.Optional(Type.String({ pattern: '^[0-9]{1,15}$', description: 'refuse a file bigger than this many bytes (413)' })) }, { additionalProperties: false });
 export const MkdirBody = Type.Object({ path: Type.String({ minLength: 1, maxLength: 4095 }) }, { additionalProperties: false });
 
 export const EntrySchema = Type.Object({

@@ -26,6 +26,20 @@ export const API_VERSION = '0.1.0';
 export const JSON_BODY_LIMIT = 8 * 1024 * 1024;
 /** How long a SIGTERM waits for requests in flight (long commands, streams) before cutting them. */
 const SHUTDOWN_GRACE_MS = 10_000;
+/**
+ * Connection limits: a request (headers and body) must arrive within
+ * REQUEST_TIMEOUT_MS, a connection with no traffic either way for
+ * IDLE_TIMEOUT_MS is closed (NDJSON streams send a blank keep-alive line
+ * meanwhile; a JSON request waiting on a long command lifts it for its own
+ * duration), and at most `maxConnections` are open per listener.
+ */
+const REQUEST_TIMEOUT_MS = 30 * 60_000;
+const HEADERS_TIMEOUT_MS = 30_000;
+const IDLE_TIMEOUT_MS = 10 * 60_000;
+const KEEP_ALIVE_TIMEOUT_MS = 60_000;
+/** A fork or snapshot holds one of the daemon's slots at most this long, even if its sandbox is stuck. */
+const GATE_HOLD_LIMIT_MS = 15 * 60_000;
+const ORPHAN_SWEEP_MS = 30_000;
 
 export const daemonPaths = {
   socket: () => join(cladeHome(), 'daemon.sock'),
@@ -45,6 +59,8 @@ export type ServeOptions = {
   /** Kill every sandbox on shutdown instead of leaving them for the next daemon. */
   stopOnExit: boolean;
   logLevel: string;
+  /** Open connections per listener; more are refused by the kernel's accept queue. */
+  maxConnections?: number;
 };
 
 export type Daemon = {
@@ -55,10 +71,13 @@ export type Daemon = {
 };
 
 /** Builds one listener's app; the unix one trusts its socket's file mode, the TCP one wants the token. */
-export async function buildApp(ctx: DaemonContext, log: Logger, auth?: { token: string }): Promise<FastifyInstance> {
+export async function buildApp(ctx: DaemonContext, log: Logger, auth?: { token: string }, maxConnections = 512): Promise<FastifyInstance> {
   const app: FastifyInstance = Fastify({
     loggerInstance: log as FastifyBaseLogger,
     bodyLimit: JSON_BODY_LIMIT,
+    connectionTimeout: IDLE_TIMEOUT_MS,
+    requestTimeout: REQUEST_TIMEOUT_MS,
+    keepAliveTimeout: KEEP_ALIVE_TIMEOUT_MS,
     genReqId: (req) => {
       const given = req.headers['x-request-id'];
       return typeof given === 'string' && /^[A-Za-z0-9._-]{1,64}$/.test(given) ? given : randomUUID();
@@ -87,6 +106,8 @@ export async function buildApp(ctx: DaemonContext, log: Logger, auth?: { token: 
   fileRoutes(app, ctx);
   snapshotRoutes(app, ctx);
   await app.ready();
+  app.server.maxConnections = maxConnections;
+  app.server.headersTimeout = HEADERS_TIMEOUT_MS;
   return app;
 }
 
@@ -97,6 +118,8 @@ export async function buildApp(ctx: DaemonContext, log: Logger, auth?: { token: 
  */
 export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
   const log = pino({ level: opts.logLevel, base: { pid: process.pid } });
+  // A daemon serves many sandboxes: a stray failure in one background task is logged, not fatal to all.
+  process.on('unhandledRejection', (reason) => log.error({ err: reason instanceof Error ? reason.message : String(reason) }, 'unhandled rejection (kept running)'));
   // The daemon runs its sandboxes itself; CLADE_DAEMON would make the SDK send them back to a daemon.
   delete process.env.CLADE_DAEMON;
   keepSandboxesOnExit();
@@ -105,7 +128,7 @@ export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
   const ctx: DaemonContext = {
     registry,
     metrics: new Metrics(() => registry.size, pooledSlots),
-    forkGate: new ConcurrencyGate(opts.maxConcurrentForks, 'forks, snapshots or snapshot starts'),
+    forkGate: new ConcurrencyGate(opts.maxConcurrentForks, 'forks, snapshots or snapshot starts', GATE_HOLD_LIMIT_MS),
     defaultTimeoutMs: opts.defaultTimeoutMs,
     startedAt: Date.now(),
     version: API_VERSION,
@@ -115,15 +138,25 @@ export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
   const reaped = reapOrphans();
   log.info({ adopted, dropped, reaped }, 'state recovered');
   registry.startSweeping();
+  // VMs a crash left without a record (a fork's children mid-way) are found once they are old enough to judge.
+  const reaper = setInterval(() => {
+    try {
+      const r = reapOrphans();
+      if (r.killed || r.removed) log.info({ reaped: r }, 'removed orphaned VMs');
+    } catch (err) {
+      log.warn({ err: err instanceof Error ? err.message : String(err) }, 'orphan sweep failed; will retry');
+    }
+  }, ORPHAN_SWEEP_MS);
+  reaper.unref();
 
   const apps: FastifyInstance[] = [];
-  const unixApp = await buildApp(ctx, log);
+  const unixApp = await buildApp(ctx, log, undefined, opts.maxConnections);
   await unixApp.listen({ path: opts.socketPath });
   chmodSync(opts.socketPath, 0o600);
   apps.push(unixApp);
   let tcpPort: number | undefined;
   if (opts.tcp) {
-    const tcpApp = await buildApp(ctx, log, { token: loadOrCreateToken(opts.tokenFile) });
+    const tcpApp = await buildApp(ctx, log, { token: loadOrCreateToken(opts.tokenFile) }, opts.maxConnections);
     await tcpApp.listen({ host: opts.tcp.host, port: opts.tcp.port });
     tcpPort = (tcpApp.server.address() as { port: number }).port;
     apps.push(tcpApp);
@@ -134,6 +167,7 @@ export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
   const close = () =>
     (closing ??= (async () => {
       log.info({ stopOnExit: opts.stopOnExit }, 'shutting down');
+      clearInterval(reaper);
       const cut = setTimeout(() => apps.forEach((a) => a.server.closeAllConnections()), SHUTDOWN_GRACE_MS);
       await Promise.all(apps.map((a) => a.close()));
       clearTimeout(cut);

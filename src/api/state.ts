@@ -1,5 +1,9 @@
-import { closeSync, existsSync, fsyncSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
-import { basename, join } from 'node:path';
+import { closeSync, constants, existsSync, fsyncSync, openSync, readdirSync, readSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
+import { Type } from '@sinclair/typebox';
+import { Value } from '@sinclair/typebox/value';
+import { memoryDir } from '../core/home.js';
+import { sandboxDir } from '../core/sandboxes.js';
 import type { Accelerator } from '../engines/qemu/accel.js';
 import type { LiveSandbox } from '../core/sandboxes.js';
 import { VmmVm } from '../engines/vmm/vmm-engine.js';
@@ -34,6 +38,47 @@ export type SandboxRecord = {
   /** Epoch ms after which the daemon kills the sandbox; null for no limit. */
   expiresAt: number | null;
 };
+
+const Hex64 = Type.String({ pattern: '^[0-9a-f]{64}$' });
+const SandboxId = Type.String({ pattern: '^sb-[0-9a-f]{12}$' });
+
+/** A record is read back like an API request: only a record of exactly this shape is used. */
+const SandboxRecordSchema = Type.Object({
+  id: SandboxId,
+  engine: Type.Optional(Type.Union([Type.Literal('qemu'), Type.Literal('vmm')])),
+  pid: Type.Integer({ minimum: 2, maximum: 2 ** 22 }),
+  startTicks: Type.Optional(Type.String({ pattern: '^[0-9]{1,20}$' })),
+  vmName: Type.String({ maxLength: 64 }),
+  runDir: Type.String({ maxLength: 4096 }),
+  agentSocket: Type.String({ maxLength: 4096 }),
+  tokenHex: Hex64,
+  accelerator: Type.Union([Type.Literal('kvm'), Type.Literal('tcg')]),
+  memory: Type.Object({ file: Type.String({ maxLength: 4096 }), shared: Type.Boolean() }),
+  shape: Type.Object({ imageDigest: Hex64, memoryMiB: Type.Integer({ minimum: 1, maximum: 1 << 20 }), cpus: Type.Integer({ minimum: 1, maximum: 1024 }) }),
+  env: Type.Record(Type.String({ maxLength: 4096 }), Type.String({ maxLength: 1 << 20 })),
+  parentId: Type.Optional(SandboxId),
+  snapshotTag: Type.Optional(Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' })),
+  interpreterExecId: Type.Optional(Type.Integer({ minimum: 1, maximum: 0xffff_ffff })),
+  agentIdCursor: Type.Integer({ minimum: 1, maximum: 0xffff_ffff }),
+  createdAt: Type.String({ maxLength: 64 }),
+  expiresAt: Type.Union([Type.Integer({ minimum: 0 }), Type.Null()]),
+});
+
+/**
+ * Beyond its shape, a record may only point where clade itself puts things:
+ * its run directory and sockets under its own sandbox directory, its RAM file
+ * in this home's RAM directory. Nothing read from disk is used as a path to delete or connect to otherwise.
+ */
+export function validRecord(raw: unknown): SandboxRecord | undefined {
+  if (!Value.Check(SandboxRecordSchema, raw)) return undefined;
+  const rec = raw as SandboxRecord;
+  const run = rec.runDir;
+  if (dirname(run) !== sandboxDir(rec.id) || !/^vm-\d{1,9}$/.test(basename(run))) return undefined;
+  if (rec.agentSocket !== join(run, 'agent.sock')) return undefined;
+  if (rec.vmName !== `clade-${rec.id}`) return undefined;
+  if (rec.memory.file !== '' && (dirname(rec.memory.file) !== memoryDir() || !/^[A-Za-z0-9._-]+\.mem$/.test(basename(rec.memory.file)))) return undefined;
+  return rec;
+}
 
 export function recordOf(live: LiveSandbox, extra: { expiresAt: number | null; snapshotTag?: string }): SandboxRecord {
   return {
@@ -74,8 +119,8 @@ export class StateStore {
     rmSync(join(this.dir, `${id}.json`), { force: true });
   }
 
-  /** Every readable record; unreadable ones are removed (a record is only useful if it parses). */
-  loadAll(): SandboxRecord[] {
+  /** Every valid record; invalid ones are removed (and reported), since nothing in them can be trusted. */
+  loadAll(onInvalid: (file: string) => void = () => undefined): SandboxRecord[] {
     const out: SandboxRecord[] = [];
     for (const f of readdirSync(this.dir)) {
       const path = join(this.dir, f);
@@ -83,9 +128,15 @@ export class StateStore {
         rmSync(path, { force: true }); // a temp file from a write that never finished
         continue;
       }
+      let rec: SandboxRecord | undefined;
       try {
-        out.push(JSON.parse(readFileSync(path, 'utf8')) as SandboxRecord);
+        rec = validRecord(JSON.parse(readNoFollow(path)));
       } catch {
+        rec = undefined;
+      }
+      if (rec && f === `${rec.id}.json`) out.push(rec);
+      else {
+        onInvalid(f);
         rmSync(path, { force: true });
       }
     }
@@ -114,4 +165,22 @@ export function writeAtomic(path: string, data: string): void {
   } finally {
     closeSync(dirFd);
   }
+}
+
+/** Records are small; one bigger than this, or a symlink in their place, is not ours. */
+function readNoFollow(path: string): string {
+  const fd = openSync(path, constants.O_RDONLY | constants.O_NOFOLLOW);
+  try {
+    const buf = Buffer.alloc(4 << 20);
+    let n = 0;
+    for (let got = 1; got > 0 && n < buf.length; n += got) got = readSyncSafe(fd, buf, n);
+    if (n >= buf.length) throw new Error('record too large');
+    return buf.toString('utf8', 0, n);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function readSyncSafe(fd: number, buf: Buffer, at: number): number {
+  return readSync(fd, buf, at, buf.length - at, null);
 }

@@ -170,7 +170,7 @@ export function buildProgram(): Command {
     .action(
       action(async (json: boolean) => {
         const all = listSnapshots();
-        emit(json, all.map(({ agent: _secret, ...m }) => m), () =>
+        emit(json, all.map(({ agent: _secret, hmac: _mac, ...m }) => m), () =>
           all.length === 0 ? 'no snapshots; make one with `clade snapshot create <tag>`' : table([['TAG', 'PARENT', 'IMAGE', 'MEMORY', 'CREATED'], ...all.map((m) => [m.tag, m.parent ?? '-', m.image.slice(0, 12), `${m.memoryMiB} MiB`, m.createdAt])]),
         );
       }),
@@ -180,7 +180,7 @@ export function buildProgram(): Command {
     .description('show a snapshot and check its files against their hashes')
     .action(
       action(async (json: boolean, tag: string) => {
-        const { agent: _secret, ...meta } = verifySnapshot(tag);
+        const { agent: _secret, hmac: _mac, ...meta } = await verifySnapshot(tag);
         emit(json, { ...meta, verified: true }, () => JSON.stringify({ ...meta, verified: true }, null, 2));
       }),
     );

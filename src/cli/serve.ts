@@ -14,6 +14,7 @@ type ServeFlags = {
   sandboxTimeout: number;
   stopOnExit?: boolean;
   logLevel: string;
+  maxConnections: number;
 };
 
 export function serveCommand(): Command {
@@ -26,6 +27,7 @@ export function serveCommand(): Command {
     .option('--max-sandboxes <n>', 'most sandboxes this daemon runs at once; more gets 503', positiveInt, 200)
     .option('--max-concurrent-forks <n>', 'forks, snapshots and snapshot starts at once; more gets 503', positiveInt, 4)
     .option('--sandbox-timeout <ms>', 'lifetime of a sandbox whose request sets no timeoutMs (0 = until deleted)', nonNegativeInt, DEFAULT_SANDBOX_LIFETIME_MS)
+    .option('--max-connections <n>', 'open connections per listener', positiveInt, 512)
     .option('--stop-on-exit', 'kill every sandbox on SIGTERM/SIGINT (default: leave them running for the next daemon to adopt)')
     .option('--log-level <level>', 'pino log level (JSON logs on stdout)', 'info');
 }
@@ -42,6 +44,7 @@ export async function runServe(flags: ServeFlags): Promise<void> {
     defaultTimeoutMs: flags.sandboxTimeout,
     stopOnExit: Boolean(flags.stopOnExit),
     logLevel: flags.logLevel,
+    maxConnections: flags.maxConnections,
   });
   await new Promise<void>((resolve) => {
     for (const sig of ['SIGTERM', 'SIGINT'] as const) process.once(sig, () => void daemon.close().then(resolve, resolve));

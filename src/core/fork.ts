@@ -7,7 +7,7 @@ import { FieldWriter } from '../agent-protocol/fields.js';
 import type { QemuVm } from '../engines/qemu/qemu-engine.js';
 import { VmmVm } from '../engines/vmm/vmm-engine.js';
 import { CladeError, errorMessage } from './errors.js';
-import { ensurePrivateDir, memoryDir } from './home.js';
+import { ensureMemoryDir, ensurePrivateDir } from './home.js';
 import { closePool, mapLimited, poolFor, START_CONCURRENCY, startSlot } from './pool.js';
 import { engine, LiveSandbox, newSandboxId, registerLive, sandboxDir } from './sandboxes.js';
 import { Snapshot, transientMemoryPath } from './snapshots.js';
@@ -44,7 +44,7 @@ async function promoteUnlessShared(sb: LiveSandbox): Promise<number> {
   const vm = sb.qemu('pre-started fork slots');
   if (vm.memory.shared) return 0;
   const t0 = performance.now();
-  const file = join(ensurePrivateDir(memoryDir()), `${sb.id}.mem`);
+  const file = join(ensureMemoryDir(), `${sb.id}.mem`);
   const next = await engine.promote(vm, file, sb.nextRunDir());
   await sb.replaceVm(next, undefined);
   return performance.now() - t0;
@@ -124,10 +124,10 @@ export async function startContinuation(sb: LiveSandbox): Promise<QemuVm> {
 }
 
 /** Takes warm slots for `memoryFile` from its pool and starts the rest. */
-export async function acquireSlots(sb: { shape: LiveSandbox['shape'] }, memoryFile: string, n: number): Promise<{ slots: QemuVm[]; warm: number; errors: CladeError[] }> {
+export async function acquireSlots(sb: { shape: LiveSandbox['shape'] }, memoryFile: string, n: number, memoryFd?: number): Promise<{ slots: QemuVm[]; warm: number; errors: CladeError[] }> {
   const warm = poolFor(memoryFile)?.take(n) ?? [];
   const missing = n - warm.length;
-  const started = await mapLimited(Array.from({ length: missing }), START_CONCURRENCY, () => startSlot(sb.shape, memoryFile));
+  const started = await mapLimited(Array.from({ length: missing }), START_CONCURRENCY, () => startSlot(sb.shape, memoryFile, memoryFd));
   const slots = [...warm];
   const errors: CladeError[] = [];
   for (const r of started) {

@@ -1,7 +1,8 @@
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync } from 'node:fs';
+import { closeSync, constants, existsSync, lstatSync, mkdirSync, openSync, statfsSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { CladeError } from './errors.js';
 
 /**
  * All of a user's clade state lives under one directory: `CLADE_HOME`, or
@@ -36,4 +37,62 @@ export function memoryDir(): string {
   const base = existsSync('/dev/shm') ? '/dev/shm' : join(cladeHome(), 'run');
   const tag = createHash('sha256').update(cladeHome()).digest('hex').slice(0, 10);
   return join(base, `clade-${tag}`);
+}
+
+/**
+ * Creates the RAM directory if needed and proves it private before any guest
+ * RAM goes in it: created without parents, then checked with lstat (a real
+ * directory, not a symlink, owned by this user, mode 0700). /dev/shm is
+ * shared by every local user, so a directory someone else made at this name,
+ * or loosened, is refused rather than used.
+ */
+export function ensureMemoryDir(): string {
+  const dir = memoryDir();
+  if (!dir.startsWith('/dev/shm/')) ensurePrivateDir(join(dir, '..'));
+  try {
+    mkdirSync(dir, { mode: 0o700 });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw new CladeError('unavailable', `cannot create the RAM directory ${dir}: ${(err as Error).message}`);
+  }
+  const st = lstatSync(dir);
+  const uid = process.getuid?.();
+  if (st.isSymbolicLink() || !st.isDirectory() || (uid !== undefined && st.uid !== uid) || (st.mode & 0o777) !== 0o700) {
+    const what = st.isSymbolicLink() ? 'a symlink' : !st.isDirectory() ? 'not a directory' : `owned by uid ${st.uid} with mode ${(st.mode & 0o777).toString(8)}`;
+    throw new CladeError('unavailable', `the RAM directory ${dir} is ${what}, not a private directory of yours (mode 700); guest RAM will not be put there. Remove it if it is yours (\`rm -rf ${dir}\`), or set CLADE_HOME to move clade elsewhere`);
+  }
+  return dir;
+}
+
+/**
+ * Creates a RAM file for a VM: exclusively (never an existing file, never
+ * through a symlink), mode 0600, in the checked RAM directory. Returns its
+ * open descriptor, which the VM process inherits and maps.
+ */
+export function createRamFile(path: string): number {
+  try {
+    return openSync(path, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+  } catch (err) {
+    throw new CladeError('internal', `cannot create the RAM file ${path}: ${(err as Error).message}`);
+  }
+}
+
+export function closeQuietly(fd: number): void {
+  try {
+    closeSync(fd);
+  } catch {
+    // Already closed.
+  }
+}
+
+/**
+ * Refuses a VM whose RAM could not all fit in the RAM directory's filesystem:
+ * a full tmpfs would kill the VM with SIGBUS when its guest touched the rest.
+ */
+export function assertRamFits(memoryMiB: number): void {
+  const dir = memoryDir();
+  const st = statfsSync(dir);
+  const freeMiB = Math.floor((Number(st.bavail) * Number(st.bsize)) / (1024 * 1024));
+  if (freeMiB < memoryMiB) {
+    throw new CladeError('unavailable', `not enough room for ${memoryMiB} MiB of guest RAM in ${dir} (${freeMiB} MiB free): kill some sandboxes, ask for less memory (memoryMiB), or enlarge /dev/shm`);
+  }
 }

@@ -9,11 +9,11 @@ import { rmSync } from 'node:fs';
 export const START_CONCURRENCY = 8;
 
 /** Starts one VM that waits to resume a snapshot whose RAM is `memoryFile`; its id becomes the new sandbox's id. */
-export async function startSlot(shape: MachineShape, memoryFile: string): Promise<QemuVm> {
+export async function startSlot(shape: MachineShape, memoryFile: string, memoryFd?: number): Promise<QemuVm> {
   const id = newSandboxId();
   const runDir = ensurePrivateDir(join(sandboxDir(id), 'vm-0'));
   try {
-    const vm = await engine.startSlot({ id, ...shape, runDir, baseMemoryFile: memoryFile });
+    const vm = await engine.startSlot({ id, ...shape, runDir, baseMemoryFile: memoryFile, ...(memoryFd !== undefined ? { baseMemoryFd: memoryFd } : {}) });
     await vm.qmp();
     return vm;
   } catch (err) {
@@ -62,6 +62,8 @@ export class SlotPool {
     readonly shape: MachineShape,
     private size: number,
     private readonly refillOnTake: boolean,
+    /** A persistent snapshot's checked memory file, held open while the pool lives. */
+    private readonly held?: { fd: number; close: () => Promise<void> },
   ) {
     installExitCleanup();
     onProcessExit(() => this.killSync());
@@ -99,7 +101,7 @@ export class SlotPool {
     this.starting += missing;
     const batch = mapLimited(Array.from({ length: missing }), START_CONCURRENCY, async () => {
       try {
-        const vm = await startSlot(this.shape, this.memoryFile);
+        const vm = await startSlot(this.shape, this.memoryFile, this.held?.fd);
         if (this.closed) await vm.kill();
         else this.ready.push(vm);
       } finally {
@@ -116,6 +118,7 @@ export class SlotPool {
     for (const w of this.waiters.splice(0)) w();
     await this.inFlight;
     await Promise.all(this.ready.splice(0).map((vm) => vm.kill().then(() => rmSync(sandboxDir(vm.id), { recursive: true, force: true }))));
+    await this.held?.close();
   }
 
   private killSync(): void {
@@ -132,12 +135,12 @@ export function poolFor(memoryFile: string): SlotPool | undefined {
   return pools.get(memoryFile);
 }
 
-export function ensurePool(memoryFile: string, shape: MachineShape, size: number, refillOnTake: boolean): SlotPool {
+export function ensurePool(memoryFile: string, shape: MachineShape, size: number, refillOnTake: boolean, held?: { fd: number; close: () => Promise<void> }): SlotPool {
   let pool = pools.get(memoryFile);
   if (!pool) {
-    pool = new SlotPool(memoryFile, shape, size, refillOnTake);
+    pool = new SlotPool(memoryFile, shape, size, refillOnTake, held);
     pools.set(memoryFile, pool);
-  }
+  } else void held?.close(); // the pool already holds the file open
   pool.resize(size);
   return pool;
 }

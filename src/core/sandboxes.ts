@@ -1,6 +1,8 @@
 import { randomBytes } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync, rmdirSync, rmSync, statSync } from 'node:fs';
-import { join } from 'node:path';
+import { existsSync, readdirSync, readFileSync, readlinkSync, rmdirSync, rmSync, statSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
+import { Type, type Static } from '@sinclair/typebox';
+import { Value } from '@sinclair/typebox/value';
 import { AgentClient } from '../agent-protocol/client.js';
 import { Tag } from '../agent-protocol/constants.js';
 import type { EngineName, MachineShape } from '../engines/engine.js';
@@ -8,8 +10,11 @@ import { isSandboxVm, QemuEngine, QemuVm, type AdoptableVm } from '../engines/qe
 import { isVmmProcess, VmmEngine, VmmVm, vmmUnavailableReason } from '../engines/vmm/vmm-engine.js';
 import { resolveImage } from '../images/store.js';
 import { CladeError, errorMessage } from './errors.js';
-import { ensurePrivateDir, homePaths, memoryDir } from './home.js';
+import { ensureMemoryDir, ensurePrivateDir, homePaths, memoryDir } from './home.js';
 import { attachInterpreter, type InterpreterSession } from './interpreter.js';
+import { killPidQuietly, processAlive } from './process.js';
+
+export { killPidQuietly } from './process.js';
 import type { Snapshot } from './snapshots.js';
 
 export type StartOptions = {
@@ -216,7 +221,7 @@ export async function startSandbox(opts: StartOptions = {}): Promise<LiveSandbox
   const agent = new AgentClient(token);
   try {
     const engineName = await chooseEngine(opts.engine);
-    const memoryFile = join(ensurePrivateDir(memoryDir()), `${id}.mem`);
+    const memoryFile = join(ensureMemoryDir(), `${id}.mem`);
     vm = await (engineName === 'vmm' ? vmmEngine : engine).boot({ id, ...shape, token, hostname: id, runDir, memoryFile });
     const deadline = started + bootTimeoutMs;
     const isAlive = () => vm!.alive();
@@ -338,36 +343,37 @@ function removeMemoryDirIfEmpty(): void {
   }
 }
 
-export function killPidQuietly(pid: number): void {
-  try {
-    process.kill(pid, 'SIGKILL');
-  } catch {
-    // Already gone.
-  }
-}
 
 /** A run directory or RAM file this young, with no owner recorded yet, may belong to a VM still starting. */
 const STARTING_GRACE_MS = 120_000;
+/** A VM process this young that no record names may be a fork child still being recorded. */
+const UNRECORDED_GRACE_MS = 30_000;
 
 /**
  * Removes what a process that died without cleaning up (SIGKILL, power loss)
- * left behind: VM processes whose owner is gone, their directories and RAM files.
+ * left behind: VM processes whose owner is gone, their directories and RAM
+ * files, and VM processes of this clade home that no record names at all
+ * (a fork's child whose owner died before it wrote the child's record).
  */
 export function reapOrphans(): { killed: number; removed: number } {
   const dir = homePaths.sandboxes();
   let killed = 0;
   let removed = 0;
   if (!existsSync(dir)) return { killed, removed };
+  const recorded = new Set<number>(liveSandboxes().flatMap((s) => [s.vm.pid, ...(s.warmPid ? [s.warmPid] : [])]));
   for (const id of readdirSync(dir)) {
-    if (live.has(id)) continue;
+    if (live.has(id) || !/^sb-[0-9a-f]{12}$/.test(id)) continue;
     const sbDir = join(dir, id);
-    const vms = readdirSync(sbDir).filter((d) => d.startsWith('vm-'));
+    const vms = readdirSync(sbDir).filter((d) => /^vm-\d+$/.test(d));
     const metas = vms.map((v) => readVmMeta(join(sbDir, v, 'vm.json'))).filter((m): m is VmMeta => m !== undefined);
     if (metas.length === 0) {
       if (Date.now() - statSync(sbDir).mtimeMs > STARTING_GRACE_MS) (rmSync(sbDir, { recursive: true, force: true }), removed++);
       continue;
     }
-    if (metas.some((m) => processAlive(m.ownerPid))) continue;
+    if (metas.some((m) => processAlive(m.ownerPid))) {
+      for (const m of metas) recorded.add(m.pid);
+      continue;
+    }
     for (const m of metas) {
       const ours = m.engine === 'vmm' ? m.startTicks !== undefined && isVmmProcess(m.pid, m.startTicks) : isSandboxVm(m.pid, id);
       if (ours) (killPidQuietly(m.pid), killed++);
@@ -376,15 +382,79 @@ export function reapOrphans(): { killed: number; removed: number } {
     rmSync(sbDir, { recursive: true, force: true });
     removed++;
   }
+  killed += reapUnrecordedVms(recorded);
   reapMemoryFiles();
   return { killed, removed };
 }
 
-type VmMeta = { engine?: 'qemu' | 'vmm'; pid: number; startTicks?: string; ownerPid: number; memory?: { file: string; shared: boolean } };
+/**
+ * VM processes of this clade home (their command line names a path under its
+ * sandboxes directory) that no live owner records. A process whose parent is
+ * still alive (other than init) is being started or forked right now and is left alone.
+ */
+function reapUnrecordedVms(recorded: Set<number>): number {
+  const marker = `${homePaths.sandboxes()}/`;
+  let killed = 0;
+  for (const p of vmProcesses()) {
+    if (recorded.has(p.pid) || !p.cmdline.includes(marker)) continue;
+    if (p.ppid > 1 && processAlive(p.ppid)) continue;
+    if (p.ageMs < UNRECORDED_GRACE_MS) continue;
+    killPidQuietly(p.pid);
+    killed++;
+  }
+  return killed;
+}
 
+type VmProcessInfo = { pid: number; ppid: number; cmdline: string; ageMs: number };
+
+/** This user's QEMU and clade-vmm processes, from /proc. */
+function vmProcesses(): VmProcessInfo[] {
+  const out: VmProcessInfo[] = [];
+  const uid = process.getuid?.();
+  let uptimeS = 0;
+  try {
+    uptimeS = Number(readFileSync('/proc/uptime', 'utf8').split(' ')[0]);
+  } catch {
+    return out;
+  }
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      if (uid !== undefined && statSync(`/proc/${entry}`).uid !== uid) continue;
+      const exe = readlinkSync(`/proc/${entry}/exe`);
+      if (!/(qemu-system-[a-z0-9_]+|clade-vmm)( \(deleted\))?$/.test(exe)) continue;
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      if (fields[0] === 'Z') continue;
+      const startedS = Number(fields[19]) / CLOCK_TICKS_PER_S;
+      out.push({ pid: Number(entry), ppid: Number(fields[1]), cmdline: readFileSync(`/proc/${entry}/cmdline`, 'utf8').replaceAll('\0', ' '), ageMs: (uptimeS - startedS) * 1000 });
+    } catch {
+      // Gone meanwhile, or not readable: not ours to judge.
+    }
+  }
+  return out;
+}
+
+/** USER_HZ: the unit of process start times in /proc, 100 on every Linux architecture clade runs on. */
+const CLOCK_TICKS_PER_S = 100;
+
+const VmMetaSchema = Type.Object({
+  engine: Type.Optional(Type.Union([Type.Literal('qemu'), Type.Literal('vmm')])),
+  pid: Type.Integer({ minimum: 2, maximum: 2 ** 22 }),
+  startTicks: Type.Optional(Type.String({ pattern: '^[0-9]{1,20}$' })),
+  ownerPid: Type.Integer({ minimum: 1, maximum: 2 ** 22 }),
+  memory: Type.Optional(Type.Object({ file: Type.String({ maxLength: 4096 }), shared: Type.Boolean() })),
+});
+type VmMeta = Static<typeof VmMetaSchema>;
+
+/** vm.json, checked: a RAM file it names must be in this home's RAM directory, or the record is ignored. */
 function readVmMeta(path: string): VmMeta | undefined {
   try {
-    return JSON.parse(readFileSync(path, 'utf8')) as VmMeta;
+    const raw: unknown = JSON.parse(readFileSync(path, 'utf8'));
+    if (!Value.Check(VmMetaSchema, raw)) return undefined;
+    const file = raw.memory?.file;
+    if (file && (dirname(file) !== memoryDir() || !/^[A-Za-z0-9._-]+\.mem$/.test(basename(file)))) return undefined;
+    return raw;
   } catch {
     return undefined;
   }
@@ -404,14 +474,5 @@ function reapMemoryFiles(): void {
     if (sb && existsSync(sandboxDir(sb[1]!))) continue;
     if (Date.now() - statSync(path).mtimeMs < STARTING_GRACE_MS && !owner) continue;
     rmSync(path, { force: true });
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

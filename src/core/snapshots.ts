@@ -1,10 +1,14 @@
-import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, existsSync, ftruncateSync, fstatSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { createHash, createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
+import { closeSync as closeSyncRaw, constants, existsSync, linkSync, lstatSync, openSync as openSyncRaw, readdirSync, readFileSync, readSync as readSyncRaw, renameSync, rmSync, writeSync } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
+import { Type, type Static } from '@sinclair/typebox';
+import { Value } from '@sinclair/typebox/value';
 import type { MachineShape } from '../engines/engine.js';
 import { resolveImage } from '../images/store.js';
-import { CladeError } from './errors.js';
-import { ensurePrivateDir, homePaths, memoryDir } from './home.js';
+import { CladeError, errorMessage } from './errors.js';
+import { cladeHome, ensureMemoryDir, ensurePrivateDir, homePaths } from './home.js';
+import { processAlive } from './process.js';
 
 /** What the host must know to talk to the agent inside a resumed snapshot. */
 export type AgentState = {
@@ -31,6 +35,8 @@ export class Snapshot {
     readonly shape: MachineShape,
     readonly agent: AgentState,
     readonly persistentTag?: string,
+    /** A persistent snapshot's checked memory.raw, open: VMs map it through this descriptor, not by name. */
+    readonly memoryFd?: number,
   ) {}
 
   retain(): void {
@@ -50,28 +56,52 @@ export class Snapshot {
 
 /** A tmpfs path for a transient snapshot's RAM; the owner pid in the name lets reapers find strays. */
 export function transientMemoryPath(): string {
-  return join(ensurePrivateDir(memoryDir()), `snap-${process.pid}-${randomBytes(6).toString('hex')}.mem`);
+  return join(ensureMemoryDir(), `snap-${process.pid}-${randomBytes(6).toString('hex')}.mem`);
 }
 
 // ---------------------------------------------------------------------------
 // Persistent snapshots: <home>/snapshots/<tag>/{memory.raw,state.bin,snapshot.json}
 
-export type SnapshotMeta = {
-  format: 1;
-  tag: string;
-  parent: string | null;
-  createdAt: string;
-  sandboxId: string;
-  /** Which engine took it, and the only one that starts it (absent in older snapshots: qemu). */
-  engine: 'qemu' | 'vmm';
-  image: string;
-  memoryMiB: number;
-  cpus: number;
-  files: Record<'memory.raw' | 'state.bin', { sha256: string; bytes: number }>;
-  agent: { token: string; nextId: number; interpreterExecId?: number };
-};
+const TAG_PATTERN = '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$';
+const TAG_RE = new RegExp(TAG_PATTERN);
+const HEX64 = '^[0-9a-f]{64}$';
+const FILE_NAMES = ['memory.raw', 'state.bin'] as const;
 
-const TAG_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+const FileSchema = Type.Object({ sha256: Type.String({ pattern: HEX64 }), bytes: Type.Integer({ minimum: 0, maximum: 2 ** 46 }) }, { additionalProperties: false });
+
+/**
+ * snapshot.json, format 2. It is read back like an API request: every field
+ * checked, and the HMAC (keyed by a secret of this clade home) must match, so
+ * a file written by anyone else, or edited, is refused before anything in it is used.
+ */
+export const SnapshotMetaSchema = Type.Object(
+  {
+    format: Type.Literal(2),
+    tag: Type.String({ pattern: TAG_PATTERN }),
+    parent: Type.Union([Type.String({ pattern: TAG_PATTERN }), Type.Null()]),
+    createdAt: Type.String({ maxLength: 64 }),
+    sandboxId: Type.String({ pattern: '^sb-[0-9a-f]{12}$' }),
+    /** Which engine took it, and the only one that starts it. */
+    engine: Type.Union([Type.Literal('qemu'), Type.Literal('vmm')]),
+    image: Type.String({ pattern: HEX64 }),
+    memoryMiB: Type.Integer({ minimum: 1, maximum: 1 << 20 }),
+    cpus: Type.Integer({ minimum: 1, maximum: 1024 }),
+    files: Type.Object({ 'memory.raw': FileSchema, 'state.bin': FileSchema }, { additionalProperties: false }),
+    agent: Type.Object(
+      {
+        token: Type.String({ pattern: HEX64 }),
+        nextId: Type.Integer({ minimum: 1, maximum: 0xffff_ffff }),
+        interpreterExecId: Type.Optional(Type.Integer({ minimum: 1, maximum: 0xffff_ffff })),
+      },
+      { additionalProperties: false },
+    ),
+    /** HMAC-SHA256 of the other fields (canonical JSON), keyed by <home>/snapshot.key. */
+    hmac: Type.String({ pattern: HEX64 }),
+  },
+  { additionalProperties: false },
+);
+export type SnapshotMeta = Static<typeof SnapshotMetaSchema>;
+type UnsignedMeta = Omit<SnapshotMeta, 'hmac'>;
 
 export function validateTag(tag: string): void {
   if (typeof tag !== 'string' || !TAG_RE.test(tag)) throw new CladeError('bad_request', `invalid snapshot tag ${JSON.stringify(tag)}: use 1-64 letters, digits, ".", "_" or "-"`);
@@ -82,155 +112,184 @@ export function snapshotDir(tag: string): string {
   return join(homePaths.snapshots(), tag);
 }
 
+// ---- the clade home's snapshot key ----------------------------------------
+
+const KEY_BYTES = 32;
+
+function keyPath(): string {
+  return join(cladeHome(), 'snapshot.key');
+}
+
 /**
- * Copies a frozen RAM file into the snapshot directory, skipping holes so the
- * copy stays sparse, and hashes it on the way.
+ * The secret that signs this clade home's snapshots: 32 random bytes in a
+ * 0600 file beside snapshots/ (never inside it, so copying a snapshot does not
+ * copy the key). Made on first use; a key file that is not a private regular
+ * file of this user is refused.
  */
-function copySparseHashed(src: string, dest: string): { sha256: string; bytes: number } {
-  const hash = createHash('sha256');
-  const inFd = openSync(src, 'r');
-  const outFd = openSync(dest, 'w', 0o600);
-  const buf = Buffer.alloc(1 << 20);
-  let off = 0;
-  try {
-    const size = fstatSync(inFd).size;
-    while (off < size) {
-      const n = readSync(inFd, buf, 0, buf.length, off);
-      if (n === 0) break;
-      const chunk = buf.subarray(0, n);
-      hash.update(chunk);
-      if (!isZero(chunk)) writeSync(outFd, chunk, 0, n, off);
-      off += n;
+export function snapshotKey(): Buffer {
+  const path = keyPath();
+  ensurePrivateDir(cladeHome());
+  if (!existsSync(path)) {
+    // Written whole under a temporary name, then linked into place: a second process never reads half a key.
+    const tmp = `${path}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
+    try {
+      const fd = openSyncExclusive(tmp);
+      try {
+        writeSync(fd, randomBytes(KEY_BYTES));
+      } finally {
+        closeSyncRaw(fd);
+      }
+      linkSync(tmp, path);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw new CladeError('internal', `cannot create the snapshot key ${path}: ${errorMessage(err)}`);
+    } finally {
+      rmSync(tmp, { force: true });
     }
-    ftruncateSync(outFd, size);
-  } finally {
-    closeSync(inFd);
-    closeSync(outFd);
   }
-  return { sha256: hash.digest('hex'), bytes: off };
+  const st = lstatSync(path);
+  if (!st.isFile() || st.uid !== process.getuid?.() || (st.mode & 0o077) !== 0 || st.size !== KEY_BYTES) {
+    throw new CladeError('integrity', `the snapshot key ${path} is not a ${KEY_BYTES}-byte file readable only by you; remove it (snapshots signed with it will no longer start) and try again`);
+  }
+  return readFileSync(path);
 }
 
-function isZero(b: Buffer): boolean {
-  for (let i = 0; i < b.length; i += 8) if (b.readBigUInt64LE(i) !== 0n) return false;
-  return true;
+function openSyncExclusive(path: string): number {
+  // O_NOFOLLOW: a symlink planted at the key's name is refused, not followed.
+  return openSyncRaw(path, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
 }
 
-function hashFile(path: string): string {
-  const hash = createHash('sha256');
-  const fd = openSync(path, 'r');
-  const buf = Buffer.alloc(1 << 20);
+/** JSON with object keys sorted at every level: the same meta always gives the same bytes. */
+function canonicalJson(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(',')}]`;
+  if (value && typeof value === 'object') {
+    const entries = Object.entries(value as Record<string, unknown>).filter(([, v]) => v !== undefined).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+    return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${canonicalJson(v)}`).join(',')}}`;
+  }
+  return JSON.stringify(value);
+}
+
+function macOf(meta: UnsignedMeta): Buffer {
+  return createHmac('sha256', snapshotKey()).update(canonicalJson(meta)).digest();
+}
+
+export function signMeta(meta: UnsignedMeta): SnapshotMeta {
+  return { ...meta, hmac: macOf(meta).toString('hex') };
+}
+
+// ---- reading and checking --------------------------------------------------
+
+/** Reads and authenticates snapshot.json; every failure is `integrity` (or `not_found`). */
+export function readSnapshotMeta(tag: string): SnapshotMeta {
+  const file = join(snapshotDir(tag), 'snapshot.json');
+  if (!existsSync(file)) throw new CladeError('not_found', `no snapshot ${JSON.stringify(tag)}; see \`clade snapshot ls\``);
+  const damaged = (why: string) => new CladeError('integrity', `snapshot ${tag} ${why}; it will not be resumed (delete it with \`clade snapshot rm ${tag}\`)`);
+  let raw: unknown;
   try {
-    for (;;) {
-      const n = readSync(fd, buf, 0, buf.length, null);
-      if (n === 0) break;
-      hash.update(buf.subarray(0, n));
-    }
-  } finally {
-    closeSync(fd);
+    const text = readFileNoFollow(file, 1 << 20);
+    raw = JSON.parse(text);
+  } catch {
+    throw damaged('has an unreadable snapshot.json');
   }
-  return hash.digest('hex');
+  if ((raw as { format?: unknown })?.format === 1) throw damaged('was written by an older clade, without a signature');
+  if (!Value.Check(SnapshotMetaSchema, raw)) {
+    const first = [...Value.Errors(SnapshotMetaSchema, raw)][0];
+    throw damaged(`has an invalid snapshot.json (${first ? `${first.path || '/'}: ${first.message}` : 'wrong shape'})`);
+  }
+  const meta = raw;
+  const { hmac, ...unsigned } = meta;
+  const expected = macOf(unsigned);
+  if (!timingSafeEqual(expected, Buffer.from(hmac, 'hex'))) throw damaged('is not signed by this clade home (snapshot.json was edited, or made with another key)');
+  if (meta.tag !== tag) throw damaged(`says it is snapshot ${meta.tag}`);
+  return meta;
 }
 
-/** Refuses a tag that is invalid or already taken, before any work is done for it. */
-export function assertTagFree(tag: string): void {
-  if (existsSync(snapshotDir(tag))) throw new CladeError('conflict', `snapshot ${tag} already exists; pick another tag or delete it with \`clade snapshot rm ${tag}\``);
+/** Valid snapshots, oldest first; damaged ones are left out (`clade snapshot inspect` says what is wrong). */
+export function listSnapshots(): SnapshotMeta[] {
+  if (!existsSync(homePaths.snapshots())) return [];
+  const out: SnapshotMeta[] = [];
+  for (const t of readdirSync(homePaths.snapshots())) {
+    if (!TAG_RE.test(t) || !existsSync(join(homePaths.snapshots(), t, 'snapshot.json'))) continue;
+    try {
+      out.push(readSnapshotMeta(t));
+    } catch {
+      // Damaged: not listed.
+    }
+  }
+  return out.sort((a, b) => a.createdAt.localeCompare(b.createdAt));
 }
 
-/** Writes a frozen snapshot to the clade home under `tag`. */
-export function persistSnapshot(snap: Snapshot, tag: string, sandboxId: string, parent: string | null): SnapshotMeta {
-  assertTagFree(tag);
+/** Hash checks already passed in this process, by file identity, so repeated starts stay fast. */
+const verified = new Map<string, string>();
+
+function identity(st: { dev: number; ino: number; size: number; mtimeMs: number; ctimeMs: number }): string {
+  return `${st.dev}:${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
+}
+
+/** A snapshot whose files passed their checks, held open: what was checked is what gets used. */
+export type OpenedSnapshot = {
+  meta: SnapshotMeta;
+  dir: string;
+  /** memory.raw and state.bin, opened read-only without following symlinks. */
+  files: Record<(typeof FILE_NAMES)[number], FileHandle>;
+  /** state.bin's bytes, read from its checked descriptor. */
+  state: Buffer;
+  close(): Promise<void>;
+};
+
+/**
+ * Opens a snapshot for resuming: the signed metadata, then each file opened
+ * once and checked through that descriptor (size and SHA-256), its parent and
+ * its image present. The caller hands the descriptors on and closes them.
+ */
+export async function openSnapshot(tag: string): Promise<OpenedSnapshot> {
+  const meta = readSnapshotMeta(tag);
   const dir = snapshotDir(tag);
-  // A deleted ancestor ends the recorded lineage; the new snapshot is complete on its own.
-  if (parent && !existsSync(join(snapshotDir(parent), 'snapshot.json'))) parent = null;
-  ensurePrivateDir(homePaths.snapshots());
-  const staging = `${dir}.partial-${process.pid}`;
-  rmSync(staging, { recursive: true, force: true });
-  ensurePrivateDir(staging);
+  const opened: FileHandle[] = [];
+  const closeAll = async () => void (await Promise.all(opened.map((h) => h.close().catch(() => undefined))));
   try {
-    const memory = copySparseHashed(snap.memoryFile, join(staging, 'memory.raw'));
-    writeFileSync(join(staging, 'state.bin'), snap.state, { mode: 0o600 });
-    const meta: SnapshotMeta = {
-      format: 1,
-      tag,
-      parent,
-      createdAt: new Date().toISOString(),
-      sandboxId,
-      engine: 'qemu',
-      image: snap.shape.image.manifest.digest,
-      memoryMiB: snap.shape.memoryMiB,
-      cpus: snap.shape.cpus,
-      files: { 'memory.raw': memory, 'state.bin': { sha256: createHash('sha256').update(snap.state).digest('hex'), bytes: snap.state.length } },
-      agent: { token: snap.agent.token.toString('hex'), nextId: snap.agent.nextId, ...(snap.agent.interpreterExecId ? { interpreterExecId: snap.agent.interpreterExecId } : {}) },
-    };
-    writeFileSync(join(staging, 'snapshot.json'), JSON.stringify(meta, null, 2) + '\n', { mode: 0o600 });
-    renameSync(staging, dir);
-    return meta;
+    const files = {} as OpenedSnapshot['files'];
+    let state = Buffer.alloc(0);
+    for (const name of FILE_NAMES) {
+      const expected = meta.files[name];
+      const handle = await open(join(dir, name), constants.O_RDONLY | constants.O_NOFOLLOW).catch((err: NodeJS.ErrnoException) => {
+        throw new CladeError('integrity', `snapshot ${tag} is missing ${name} (${err.code ?? err.message}); it cannot be resumed`);
+      });
+      opened.push(handle);
+      files[name] = handle;
+      const st = await handle.stat();
+      if (!st.isFile() || st.size !== expected.bytes) throw new CladeError('integrity', `snapshot ${tag}: ${name} has ${st.size} bytes, not the ${expected.bytes} recorded; it was modified or corrupted and will not be resumed`);
+      const key = join(dir, name);
+      if (name === 'state.bin') state = Buffer.from(await readWhole(handle, st.size));
+      if (verified.get(key) === identity(st)) continue;
+      const digest = name === 'state.bin' ? createHash('sha256').update(state).digest('hex') : await hashHandle(handle);
+      if (digest !== expected.sha256) throw new CladeError('integrity', `snapshot ${tag}: ${name} does not match its recorded SHA-256; it was modified or corrupted and will not be resumed`);
+      verified.set(key, identity(st));
+    }
+    if (meta.parent && !existsSync(join(snapshotDir(meta.parent), 'snapshot.json'))) {
+      throw new CladeError('integrity', `snapshot ${tag} depends on snapshot ${meta.parent}, which is missing`);
+    }
+    try {
+      resolveImage(meta.image);
+    } catch {
+      throw new CladeError('integrity', `snapshot ${tag} was made from image ${meta.image.slice(0, 12)}, which is not present; rebuild or restore that image`);
+    }
+    return { meta, dir, files, state, close: closeAll };
   } catch (err) {
-    rmSync(staging, { recursive: true, force: true });
+    await closeAll();
     throw err;
   }
 }
 
-export function readSnapshotMeta(tag: string): SnapshotMeta {
-  const file = join(snapshotDir(tag), 'snapshot.json');
-  if (!existsSync(file)) throw new CladeError('not_found', `no snapshot ${JSON.stringify(tag)}; see \`clade snapshot ls\``);
-  try {
-    return JSON.parse(readFileSync(file, 'utf8')) as SnapshotMeta;
-  } catch {
-    throw new CladeError('integrity', `snapshot ${tag} has an unreadable snapshot.json; delete it with \`clade snapshot rm ${tag}\``);
-  }
-}
-
-export function listSnapshots(): SnapshotMeta[] {
-  if (!existsSync(homePaths.snapshots())) return [];
-  return readdirSync(homePaths.snapshots())
-    .filter((t) => TAG_RE.test(t) && existsSync(join(homePaths.snapshots(), t, 'snapshot.json')))
-    .map((t) => readSnapshotMeta(t))
-    .sort((a, b) => a.createdAt.localeCompare(b.createdAt));
-}
-
-/** Hash checks already passed in this process, keyed by file identity, so repeated starts stay fast. */
-const verified = new Map<string, string>();
-
-function fileIdentity(path: string, st = statSync(path)): string {
-  return `${path}:${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
-}
-
-function rememberVerified(path: string, st = statSync(path)): void {
-  verified.set(path, fileIdentity(path, st));
-}
-
-/**
- * Checks a snapshot before anything resumes from it: every file matches its
- * recorded hash, its parent exists, and its image is present.
- */
-export function verifySnapshot(tag: string): SnapshotMeta {
-  const meta = readSnapshotMeta(tag);
-  const dir = snapshotDir(tag);
-  for (const [name, expected] of Object.entries(meta.files)) {
-    const path = join(dir, name);
-    if (!existsSync(path)) throw new CladeError('integrity', `snapshot ${tag} is missing ${name}; it cannot be resumed`);
-    const st = statSync(path);
-    if (verified.get(path) === fileIdentity(path, st)) continue;
-    if (st.size !== expected.bytes || hashFile(path) !== expected.sha256) {
-      throw new CladeError('integrity', `snapshot ${tag}: ${name} does not match its recorded SHA-256; it was modified or corrupted and will not be resumed`);
-    }
-    rememberVerified(path, st);
-  }
-  if (meta.parent && !existsSync(join(snapshotDir(meta.parent), 'snapshot.json'))) {
-    throw new CladeError('integrity', `snapshot ${tag} depends on snapshot ${meta.parent}, which is missing`);
-  }
-  try {
-    resolveImage(meta.image);
-  } catch {
-    throw new CladeError('integrity', `snapshot ${tag} was made from image ${meta.image.slice(0, 12)}, which is not present; rebuild or restore that image`);
-  }
-  return meta;
+/** Checks a snapshot as a start would (signature, every file's hash, parent, image) and returns its metadata. */
+export async function verifySnapshot(tag: string): Promise<SnapshotMeta> {
+  const opened = await openSnapshot(tag);
+  await opened.close();
+  return opened.meta;
 }
 
 /** The engine a snapshot starts on; the other one cannot read its files. */
 export function snapshotEngine(meta: SnapshotMeta): 'qemu' | 'vmm' {
-  return meta.engine ?? 'qemu';
+  return meta.engine;
 }
 
 /** Refuses to start a snapshot on an engine that did not take it. */
@@ -239,52 +298,129 @@ export function assertSnapshotEngine(meta: SnapshotMeta, wanted: 'qemu' | 'vmm',
   if (taken !== wanted) throw new CladeError('bad_request', `snapshot ${meta.tag} was taken on the ${taken} engine and can only be ${what} there (engine "${taken}"), not on the ${wanted} engine`);
 }
 
+// ---- writing ---------------------------------------------------------------
+
+/** Refuses a tag that is invalid or already taken, before any work is done for it. */
+export function assertTagFree(tag: string): void {
+  if (existsSync(snapshotDir(tag))) throw new CladeError('conflict', `snapshot ${tag} already exists; pick another tag or delete it with \`clade snapshot rm ${tag}\``);
+}
+
 /**
- * Moves a snapshot written into its staging directory (`stagingDir(tag)`) to
- * its place, with snapshot.json recording each file's SHA-256.
+ * Half-written snapshots live in snapshots/.staging/ (a name no tag can have),
+ * named <tag>.<pid>.<random>; those of processes that are gone are removed.
  */
-export function commitSnapshot(staging: string, meta: Omit<SnapshotMeta, 'files' | 'format' | 'createdAt'>): SnapshotMeta {
+function stagingRoot(): string {
+  ensurePrivateDir(homePaths.snapshots());
+  return ensurePrivateDir(join(homePaths.snapshots(), '.staging'));
+}
+
+export function reapStaging(): number {
+  const root = join(homePaths.snapshots(), '.staging');
+  if (!existsSync(root)) return 0;
+  let removed = 0;
+  for (const name of readdirSync(root)) {
+    const pid = Number(/\.(\d+)\.[0-9a-f]+$/.exec(name)?.[1]);
+    if (Number.isInteger(pid) && pid > 0 && processAlive(pid)) continue;
+    rmSync(join(root, name), { recursive: true, force: true });
+    removed++;
+  }
+  return removed;
+}
+
+/** A private, empty directory where snapshot `tag` is written before it is committed; the caller removes it on failure. */
+export function stagingDir(tag: string): string {
+  assertTagFree(tag);
+  reapStaging();
+  return ensurePrivateDir(join(stagingRoot(), `${tag}.${process.pid}.${randomBytes(4).toString('hex')}`));
+}
+
+/**
+ * Moves a snapshot written into its staging directory to its place, with
+ * snapshot.json recording each file's SHA-256 (hashed without blocking the
+ * event loop) and signed with the clade home's key.
+ */
+export async function commitSnapshot(staging: string, meta: Omit<UnsignedMeta, 'files' | 'format' | 'createdAt' | 'parent'> & { parent: string | null }, known: Partial<SnapshotMeta['files']> = {}): Promise<SnapshotMeta> {
   const files = {} as SnapshotMeta['files'];
-  for (const name of ['memory.raw', 'state.bin'] as const) files[name] = { sha256: hashFile(join(staging, name)), bytes: statSync(join(staging, name)).size };
+  for (const name of FILE_NAMES) files[name] = known[name] ?? (await hashFile(join(staging, name)));
+  // A deleted ancestor ends the recorded lineage; the new snapshot is complete on its own.
   const parent = meta.parent && existsSync(join(snapshotDir(meta.parent), 'snapshot.json')) ? meta.parent : null;
-  const full: SnapshotMeta = { format: 1, ...meta, parent, createdAt: new Date().toISOString(), files };
-  writeFileSync(join(staging, 'snapshot.json'), JSON.stringify(full, null, 2) + '\n', { mode: 0o600 });
+  const full = signMeta({ format: 2, ...meta, parent, createdAt: new Date().toISOString(), files });
+  const handle = await open(join(staging, 'snapshot.json'), constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+  try {
+    await handle.writeFile(JSON.stringify(full, null, 2) + '\n');
+  } finally {
+    await handle.close();
+  }
   assertTagFree(meta.tag);
   renameSync(staging, snapshotDir(meta.tag));
   // Hashed just now by this process: the first start from it need not hash again.
-  for (const name of Object.keys(files)) rememberVerified(join(snapshotDir(meta.tag), name));
+  for (const name of FILE_NAMES) {
+    const st = lstatSync(join(snapshotDir(meta.tag), name));
+    verified.set(join(snapshotDir(meta.tag), name), identity(st));
+  }
   return full;
 }
 
-/** A private, empty directory next to where snapshot `tag` will live; the caller removes it on failure. */
-export function stagingDir(tag: string): string {
-  assertTagFree(tag);
-  ensurePrivateDir(homePaths.snapshots());
-  const staging = `${snapshotDir(tag)}.partial-${process.pid}`;
-  rmSync(staging, { recursive: true, force: true });
-  return ensurePrivateDir(staging);
+/**
+ * Writes a frozen qemu snapshot to the clade home under `tag`: RAM copied
+ * sparsely (holes stay holes) and hashed on the way, asynchronously.
+ */
+export async function persistSnapshot(snap: Snapshot, tag: string, sandboxId: string, parent: string | null): Promise<SnapshotMeta> {
+  const staging = stagingDir(tag);
+  try {
+    const memory = await copySparseHashed(snap.memoryFile, join(staging, 'memory.raw'));
+    const state = await open(join(staging, 'state.bin'), constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+    try {
+      await state.writeFile(snap.state);
+    } finally {
+      await state.close();
+    }
+    return await commitSnapshot(
+      staging,
+      {
+        tag,
+        parent,
+        sandboxId,
+        engine: 'qemu',
+        image: snap.shape.image.manifest.digest,
+        memoryMiB: snap.shape.memoryMiB,
+        cpus: snap.shape.cpus,
+        agent: { token: snap.agent.token.toString('hex'), nextId: snap.agent.nextId, ...(snap.agent.interpreterExecId ? { interpreterExecId: snap.agent.interpreterExecId } : {}) },
+      },
+      { 'memory.raw': memory, 'state.bin': { sha256: createHash('sha256').update(snap.state).digest('hex'), bytes: snap.state.length } },
+    );
+  } catch (err) {
+    rmSync(staging, { recursive: true, force: true });
+    throw err;
+  }
 }
 
-/** Loads a verified persistent snapshot for resuming on the qemu engine. */
-export function loadSnapshot(tag: string): Snapshot {
-  const meta = verifySnapshot(tag);
-  assertSnapshotEngine(meta, 'qemu');
-  const dir = snapshotDir(tag);
+/** Loads a verified persistent snapshot for resuming on the qemu engine; the memory file stays open for the VMs that map it. */
+export async function loadSnapshot(tag: string): Promise<{ snapshot: Snapshot; opened: OpenedSnapshot }> {
+  const opened = await openSnapshot(tag);
+  const { meta } = opened;
+  try {
+    assertSnapshotEngine(meta, 'qemu');
+  } catch (err) {
+    await opened.close();
+    throw err;
+  }
   const shape: MachineShape = { image: resolveImage(meta.image), memoryMiB: meta.memoryMiB, cpus: meta.cpus };
-  return new Snapshot(`persist:${tag}`, join(dir, 'memory.raw'), readFileSync(join(dir, 'state.bin')), shape, {
+  const snapshot = new Snapshot(`persist:${tag}`, join(opened.dir, 'memory.raw'), opened.state, shape, {
     token: Buffer.from(meta.agent.token, 'hex'),
     nextId: meta.agent.nextId,
     ...(meta.agent.interpreterExecId ? { interpreterExecId: meta.agent.interpreterExecId } : {}),
-  }, tag);
+  }, tag, opened.files['memory.raw'].fd);
+  return { snapshot, opened };
 }
 
 export function childrenOf(tag: string): string[] {
   return listSnapshots().filter((m) => m.parent === tag).map((m) => m.tag);
 }
 
-/** Deletes a snapshot; one that others descend from needs `cascade`, which deletes them too. */
+/** Deletes a snapshot (damaged ones too); one that others descend from needs `cascade`, which deletes them too. */
 export function removeSnapshot(tag: string, opts: { cascade?: boolean } = {}): string[] {
-  readSnapshotMeta(tag);
+  if (!existsSync(snapshotDir(tag))) throw new CladeError('not_found', `no snapshot ${JSON.stringify(tag)}; see \`clade snapshot ls\``);
   const kids = childrenOf(tag);
   if (kids.length > 0 && !opts.cascade) {
     throw new CladeError('conflict', `snapshot ${tag} has descendants (${kids.join(', ')}); delete with cascade (\`clade snapshot rm ${tag} --cascade\`) to remove them too`);
@@ -294,4 +430,82 @@ export function removeSnapshot(tag: string, opts: { cascade?: boolean } = {}): s
   rmSync(snapshotDir(tag), { recursive: true, force: true });
   removed.push(tag);
   return removed;
+}
+
+// ---- file helpers ----------------------------------------------------------
+
+const CHUNK = 1 << 20;
+const ZERO_CHUNK = Buffer.alloc(CHUNK);
+
+/** Copies a frozen RAM file, skipping all-zero chunks so the copy stays sparse, and hashes it on the way. */
+async function copySparseHashed(src: string, dest: string): Promise<{ sha256: string; bytes: number }> {
+  const hash = createHash('sha256');
+  const input = await open(src, constants.O_RDONLY | constants.O_NOFOLLOW);
+  const output = await open(dest, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+  const buf = Buffer.alloc(CHUNK);
+  let off = 0;
+  try {
+    const size = (await input.stat()).size;
+    while (off < size) {
+      const { bytesRead } = await input.read(buf, 0, CHUNK, off);
+      if (bytesRead === 0) break;
+      const chunk = buf.subarray(0, bytesRead);
+      hash.update(chunk);
+      if (!chunk.equals(ZERO_CHUNK.subarray(0, bytesRead))) await output.write(chunk, 0, bytesRead, off);
+      off += bytesRead;
+    }
+    await output.truncate(size);
+  } finally {
+    await input.close();
+    await output.close();
+  }
+  return { sha256: hash.digest('hex'), bytes: off };
+}
+
+async function hashHandle(handle: FileHandle): Promise<string> {
+  const hash = createHash('sha256');
+  const buf = Buffer.alloc(CHUNK);
+  for (let off = 0; ; ) {
+    const { bytesRead } = await handle.read(buf, 0, CHUNK, off);
+    if (bytesRead === 0) break;
+    hash.update(buf.subarray(0, bytesRead));
+    off += bytesRead;
+  }
+  return hash.digest('hex');
+}
+
+async function hashFile(path: string): Promise<{ sha256: string; bytes: number }> {
+  const handle = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW);
+  try {
+    return { sha256: await hashHandle(handle), bytes: (await handle.stat()).size };
+  } finally {
+    await handle.close();
+  }
+}
+
+async function readWhole(handle: FileHandle, size: number): Promise<Buffer> {
+  const buf = Buffer.alloc(size);
+  for (let off = 0; off < size; ) {
+    const { bytesRead } = await handle.read({ buffer: buf, offset: off, length: size - off, position: off });
+    if (bytesRead === 0) throw new CladeError('integrity', 'a snapshot file ended early');
+    off += bytesRead;
+  }
+  return buf;
+}
+
+function readFileNoFollow(path: string, maxBytes: number): string {
+  const fd = openSyncRaw(path, constants.O_RDONLY | constants.O_NOFOLLOW);
+  try {
+    const buf = Buffer.alloc(maxBytes + 1);
+    let n = 0;
+    for (;;) {
+      const got = readSyncRaw(fd, buf, n, buf.length - n, null);
+      if (got === 0) break;
+      n += got;
+      if (n > maxBytes) throw new Error('too big');
+    }
+    return buf.toString('utf8', 0, n);
+  } finally {
+    closeSyncRaw(fd);
+  }
 }

@@ -28,6 +28,8 @@ export type SlotSpec = MachineShape & {
   runDir: string;
   /** The snapshot's RAM, mapped privately (copy-on-write). */
   baseMemoryFile: string;
+  /** The same file already open and checked: the VM maps it through this descriptor, not by name. */
+  baseMemoryFd?: number;
 };
 
 /** A running VM as the engine sees it. The agent channel is a unix socket. */

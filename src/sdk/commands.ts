@@ -10,6 +10,8 @@ export type CommandResult = {
   timedOut?: boolean;
   /** The signal that ended the command, if one did. */
   signal?: number;
+  /** Bytes of output left out of `stdout`/`stderr` because they passed the 16 MiB each keeps (the callbacks saw them). */
+  truncated?: { stdout: number; stderr: number };
 };
 
 export type CommandOptions = {
@@ -22,11 +24,16 @@ export type CommandOptions = {
   /** Data for the command's stdin; with `background`, `stdin: true` keeps it open for `sendStdin`. */
   stdin?: string | Uint8Array | boolean;
   background?: boolean;
+  /**
+   * Keep output for the result and the handle's `stdout`/`stderr` (default
+   * true). False for commands that print without end: only the callbacks see it.
+   */
+  captureOutput?: boolean;
 };
 
 const DEFAULT_TIMEOUT_MS = 60_000;
-/** Output kept in a CommandResult; the streaming callbacks see all of it. */
-const MAX_CAPTURE = 64 * 1024 * 1024;
+/** Output kept per stream in a CommandResult; the streaming callbacks see all of it. */
+export const MAX_CAPTURE_BYTES = 16 * 1024 * 1024;
 
 /** A command running in the background, in this process's sandbox or in a daemon's. */
 export interface CommandHandle {
@@ -50,25 +57,29 @@ class AgentCommandHandle implements CommandHandle {
 
   constructor(
     private readonly handle: ExecHandle,
-    private readonly capture: { stdout: () => string; stderr: () => string },
+    private readonly capture: { stdout: Capture; stderr: Capture },
   ) {
-    this.result = handle.exited.then((exit: ExecExit) => ({
-      exitCode: exit.exitCode,
-      stdout: capture.stdout(),
-      stderr: capture.stderr(),
-      ...(exit.timedOut ? { timedOut: true } : {}),
-      ...(exit.signal ? { signal: exit.signal } : {}),
-    }));
+    this.result = handle.exited.then((exit: ExecExit) => {
+      const dropped = { stdout: capture.stdout.dropped, stderr: capture.stderr.dropped };
+      return {
+        exitCode: exit.exitCode,
+        stdout: capture.stdout.text(),
+        stderr: capture.stderr.text(),
+        ...(exit.timedOut ? { timedOut: true } : {}),
+        ...(exit.signal ? { signal: exit.signal } : {}),
+        ...(dropped.stdout || dropped.stderr ? { truncated: dropped } : {}),
+      };
+    });
     this.result.catch(() => undefined);
   }
 
   /** Output so far. */
   get stdout(): string {
-    return this.capture.stdout();
+    return this.capture.stdout.text();
   }
 
   get stderr(): string {
-    return this.capture.stderr();
+    return this.capture.stderr.text();
   }
 
   get pid(): number {
@@ -127,8 +138,9 @@ export class AgentCommands implements CommandRunner {
 
   async run(cmd: string | string[], opts: CommandOptions): Promise<CommandResult | CommandHandle> {
     if (!this.live.alive) throw new CladeError('killed', `sandbox ${this.live.id} is not running`);
-    const out = new Capture(opts.onStdout);
-    const err = new Capture(opts.onStderr);
+    const limit = opts.captureOutput === false ? 0 : MAX_CAPTURE_BYTES;
+    const out = new Capture(limit, opts.onStdout);
+    const err = new Capture(limit, opts.onStderr);
     const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     const keepStdin = opts.stdin !== undefined && opts.stdin !== false;
     const handle = await this.live.agent.exec(
@@ -145,25 +157,41 @@ export class AgentCommands implements CommandRunner {
       handle.writeStdin(Buffer.from(opts.stdin));
       handle.closeStdin();
     }
-    const cmdHandle = new AgentCommandHandle(handle, { stdout: () => out.text(), stderr: () => err.text() });
+    const cmdHandle = new AgentCommandHandle(handle, { stdout: out, stderr: err });
     if (opts.background) return cmdHandle;
     return cmdHandle.wait();
   }
 }
 
-/** Collects a stream's output (bounded) and decodes UTF-8 across chunk boundaries. */
-class Capture {
-  private readonly chunks: Buffer[] = [];
-  private bytes = 0;
+/**
+ * Collects a stream's output up to `limit` bytes in one growing buffer, so a
+ * guest that writes a byte at a time costs no more than one that writes
+ * megabytes at once, and decodes UTF-8 across chunk boundaries for the callback.
+ */
+export class Capture {
+  private buf = Buffer.alloc(0);
+  private used = 0;
+  /** Bytes past the limit, seen by the callback but not kept. */
+  dropped = 0;
   private readonly decoder = new TextDecoder('utf-8');
 
-  constructor(private readonly onData?: (s: string) => void) {}
+  constructor(
+    private readonly limit: number,
+    private readonly onData?: (s: string) => void,
+  ) {}
 
   push(d: Buffer): void {
-    if (this.bytes < MAX_CAPTURE) {
-      this.chunks.push(d);
-      this.bytes += d.length;
+    const take = Math.min(d.length, this.limit - this.used);
+    if (take > 0) {
+      if (this.used + take > this.buf.length) {
+        const grown = Buffer.allocUnsafe(Math.min(this.limit, Math.max(this.used + take, this.buf.length * 2, 4096)));
+        this.buf.copy(grown, 0, 0, this.used);
+        this.buf = grown;
+      }
+      d.copy(this.buf, this.used, 0, take);
+      this.used += take;
     }
+    if (this.limit > 0) this.dropped += d.length - Math.max(take, 0);
     if (this.onData) {
       const text = this.decoder.decode(d, { stream: true });
       if (text) this.onData(text);
@@ -171,6 +199,6 @@ class Capture {
   }
 
   text(): string {
-    return Buffer.concat(this.chunks).toString('utf8');
+    return this.buf.toString('utf8', 0, this.used);
   }
 }

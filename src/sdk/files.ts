@@ -1,5 +1,5 @@
 import { posix } from 'node:path';
-import type { FileEntry } from '../agent-protocol/client.js';
+import type { AgentClient, FileEntry } from '../agent-protocol/client.js';
 import { CladeError } from '../core/errors.js';
 
 export type EntryInfo = {
@@ -14,11 +14,15 @@ export type EntryInfo = {
 export type WriteInfo = { name: string; path: string; type: 'file' };
 
 const HOME = '/root';
+/** Largest file `read` returns whole; bigger ones are read with `format: 'stream'`. */
+export const MAX_READ_BYTES = 256 * 1024 * 1024;
 
 /** The file operations of a sandbox's agent; a daemon client provides the same over HTTP. */
 export type FileOps = {
-  readFile(path: string): Promise<Buffer>;
-  writeFile(path: string, data: Buffer, mode?: number): Promise<unknown>;
+  readFile(path: string, maxBytes: number): Promise<Buffer>;
+  /** The file as a stream that pulls from the guest only as fast as it is read; errors before the first byte reject. */
+  readStream(path: string, maxBytes?: number): Promise<ReadableStream<Uint8Array>>;
+  writeFile(path: string, data: Buffer | AsyncIterable<Uint8Array>, mode?: number): Promise<unknown>;
   list(path: string): Promise<{ entries: FileEntry[] }>;
   stat(path: string): Promise<FileEntry>;
   mkdir(path: string): Promise<boolean>;
@@ -29,18 +33,33 @@ export type FileOps = {
 export class Files {
   constructor(private readonly ops: FileOps) {}
 
-  read(path: string, opts?: { format?: 'text' }): Promise<string>;
-  read(path: string, opts: { format: 'bytes' }): Promise<Uint8Array>;
-  async read(path: string, opts: { format?: 'text' | 'bytes' } = {}): Promise<string | Uint8Array> {
-    const data = await this.ops.readFile(guestPath(path));
+  /**
+   * Reads a file: whole, as text (default) or bytes, up to `maxBytes` (default
+   * 256 MiB; a bigger file is a `too_large` error), or as a stream of any size.
+   */
+  read(path: string, opts?: { format?: 'text'; maxBytes?: number }): Promise<string>;
+  read(path: string, opts: { format: 'bytes'; maxBytes?: number }): Promise<Uint8Array>;
+  read(path: string, opts: { format: 'stream'; maxBytes?: number }): Promise<ReadableStream<Uint8Array>>;
+  async read(path: string, opts: { format?: 'text' | 'bytes' | 'stream'; maxBytes?: number } = {}): Promise<string | Uint8Array | ReadableStream<Uint8Array>> {
+    if (opts.maxBytes !== undefined && (!Number.isSafeInteger(opts.maxBytes) || opts.maxBytes < 0)) throw new CladeError('bad_request', `maxBytes must be a non-negative integer, got ${opts.maxBytes}`);
+    if (opts.format === 'stream') return this.ops.readStream(guestPath(path), opts.maxBytes);
+    const maxBytes = opts.maxBytes ?? MAX_READ_BYTES;
+    const data = await this.ops.readFile(guestPath(path), maxBytes);
     return opts.format === 'bytes' ? new Uint8Array(data.buffer, data.byteOffset, data.length) : data.toString('utf8');
   }
 
-  /** Writes a whole file, creating parent directories; the file appears atomically. */
-  async write(path: string, data: string | Uint8Array | ArrayBuffer, opts: { mode?: number } = {}): Promise<WriteInfo> {
+  /**
+   * Writes a whole file, creating parent directories; the file appears
+   * atomically. A stream is sent as it is read (any size); if it fails, nothing appears.
+   */
+  async write(path: string, data: string | Uint8Array | ArrayBuffer | ReadableStream<Uint8Array> | AsyncIterable<Uint8Array>, opts: { mode?: number } = {}): Promise<WriteInfo> {
     const full = guestPath(path);
-    const buf = typeof data === 'string' ? Buffer.from(data, 'utf8') : data instanceof ArrayBuffer ? Buffer.from(data) : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-    await this.ops.writeFile(full, buf, opts.mode);
+    const body =
+      typeof data === 'string' ? Buffer.from(data, 'utf8')
+      : data instanceof ArrayBuffer ? Buffer.from(data)
+      : data instanceof Uint8Array ? Buffer.from(data.buffer, data.byteOffset, data.byteLength)
+      : (data as unknown as AsyncIterable<Uint8Array>); // web streams are async-iterable in Node
+    await this.ops.writeFile(full, body, opts.mode);
     return { name: posix.basename(full), path: full, type: 'file' };
   }
 
@@ -87,4 +106,70 @@ export function guestPath(path: string): string {
 
 function toInfo(e: FileEntry, path: string): EntryInfo {
   return { name: e.name || posix.basename(path), path, type: e.type, size: e.size, mode: e.mode, modifiedTime: new Date(e.mtimeMs) };
+}
+
+/** File operations straight through a sandbox's agent, in this process. */
+export function agentFileOps(agent: AgentClient): FileOps {
+  return {
+    readFile: (path, maxBytes) => agent.readFile(path, { maxBytes }),
+    readStream: (path, maxBytes) => agentReadStream(agent, path, maxBytes),
+    writeFile: (path, data, mode) => agent.writeFile(path, data, mode),
+    list: (path) => agent.list(path),
+    stat: (path) => agent.stat(path),
+    mkdir: (path) => agent.mkdir(path),
+    remove: (path, recursive) => agent.remove(path, recursive),
+  };
+}
+
+/** Chunks queued for a slow reader before the agent channel is paused. */
+const STREAM_QUEUE_CHUNKS = 8;
+
+/**
+ * A file read as a web stream. While the reader is slower than the guest, the
+ * sandbox's agent channel is paused (the guest waits), so memory stays at a
+ * few chunks whatever the file's size. Errors before the first chunk (no such
+ * file, too large) reject; later ones error the stream.
+ */
+async function agentReadStream(agent: AgentClient, path: string, maxBytes?: number): Promise<ReadableStream<Uint8Array>> {
+  const abort = new AbortController();
+  let release: (() => void) | undefined;
+  const unhold = () => {
+    release?.();
+    release = undefined;
+  };
+  let controller!: ReadableStreamDefaultController<Uint8Array>;
+  const stream = new ReadableStream<Uint8Array>(
+    {
+      start: (c) => void (controller = c),
+      pull: () => unhold(),
+      cancel: () => {
+        unhold();
+        abort.abort();
+      },
+    },
+    { highWaterMark: STREAM_QUEUE_CHUNKS },
+  );
+  let firstChunk!: () => void;
+  const first = new Promise<void>((resolve) => (firstChunk = resolve));
+  const done = agent.readFile(path, {
+    ...(maxBytes !== undefined ? { maxBytes } : {}),
+    signal: abort.signal,
+    onChunk: (chunk) => {
+      controller.enqueue(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.length));
+      if ((controller.desiredSize ?? 1) <= 0 && !release) release = agent.holdReading();
+      firstChunk();
+    },
+  });
+  done.then(
+    () => {
+      unhold();
+      controller.close();
+    },
+    (err: unknown) => {
+      unhold();
+      if (!abort.signal.aborted) controller.error(err);
+    },
+  );
+  await Promise.race([first, done]);
+  return stream;
 }

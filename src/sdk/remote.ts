@@ -36,8 +36,10 @@ export class RemoteSandbox {
   ) {
     const at = (path: string) => `${this.path('/files')}?path=${encodeURIComponent(path)}`;
     this.files = {
-      readFile: (path) => client.bytes('GET', at(path)),
-      writeFile: (path, data) => client.json('PUT', at(path), data),
+      // The daemon passes maxBytes to the guest, which refuses a bigger file before sending any of it.
+      readFile: (path, maxBytes) => client.bytes('GET', `${at(path)}&maxBytes=${maxBytes}`, undefined, maxBytes),
+      readStream: (path, maxBytes) => client.stream('GET', maxBytes === undefined ? at(path) : `${at(path)}&maxBytes=${maxBytes}`),
+      writeFile: (path, data) => client.upload('PUT', at(path), data),
       list: async (path) => ({ entries: (await client.json<WireEntry[]>('GET', `${this.path('/files/list')}?path=${encodeURIComponent(path)}`)).map(fromWire) }),
       stat: async (path) => fromWire(await client.json<WireEntry>('GET', `${this.path('/files/stat')}?path=${encodeURIComponent(path)}`)),
       mkdir: async (path) => (await client.json<{ created: boolean }>('POST', this.path('/files/mkdir'), { path })).created,

@@ -4,11 +4,11 @@ import { acquireSlots, ensureFreezable, forkSandbox, freezeAndContinue, MAX_FORK
 import { runCode, type CodeResult, type RunCodeOptions } from '../core/interpreter.js';
 import { ensurePool } from '../core/pool.js';
 import { checkEngine, getLive, type LiveSandbox, startSandbox } from '../core/sandboxes.js';
-import { assertSnapshotEngine, assertTagFree, loadSnapshot, persistSnapshot, readSnapshotMeta, snapshotEngine, type SnapshotMeta, verifySnapshot } from '../core/snapshots.js';
+import { assertSnapshotEngine, assertTagFree, loadSnapshot, persistSnapshot, readSnapshotMeta, snapshotEngine, type SnapshotMeta } from '../core/snapshots.js';
 import { snapshotVmmSandbox, startFromVmmSnapshot } from '../core/vmm-snapshots.js';
 import type { VmmSnapshotTimings } from '../engines/vmm/vmm-engine.js';
 import { AgentCommands, Commands } from './commands.js';
-import { Files } from './files.js';
+import { agentFileOps, Files } from './files.js';
 import { daemonClient, RemoteSandbox, type DaemonOptions } from './remote.js';
 
 export type SandboxCreateOptions = {
@@ -70,7 +70,7 @@ export class Sandbox implements AsyncDisposable {
     } else {
       this.live = impl;
       this.commands = new Commands(new AgentCommands(impl));
-      this.files = new Files(impl.agent);
+      this.files = new Files(agentFileOps(impl.agent));
     }
     if (opts.snapshotTag) this.snapshotTag = opts.snapshotTag;
     if (opts.timeoutMs) this.armLifetime(opts.timeoutMs);
@@ -117,14 +117,15 @@ export class Sandbox implements AsyncDisposable {
       const kids = await startFromVmmSnapshot(tag, count, opts.env ?? {});
       return kids.map((k) => (k instanceof CladeError ? k : new Sandbox(k, { snapshotTag: tag })));
     }
-    const snap = loadSnapshot(tag);
+    const { snapshot: snap, opened } = await loadSnapshot(tag);
     snap.retain();
     try {
-      const { slots, errors } = await acquireSlots(snap, snap.memoryFile, count);
+      const { slots, errors } = await acquireSlots(snap, snap.memoryFile, count, snap.memoryFd);
       const kids = await resumeChildren(snap, slots, opts.env ?? {}, undefined);
       return [...kids.map((k) => (k instanceof CladeError ? k : new Sandbox(k, { snapshotTag: tag }))), ...errors];
     } finally {
       snap.release();
+      await opened.close(); // the VMs hold their own mappings of the checked file
     }
   }
 
@@ -132,9 +133,10 @@ export class Sandbox implements AsyncDisposable {
   static async warmPool(tag: string, size: number): Promise<void> {
     checkCount('pool size', size, 0);
     // vmm snapshots start a clade-vmm process that maps memory.raw: nothing to pre-start.
-    if (snapshotEngine(verifySnapshot(tag)) === 'vmm') return;
-    const snap = loadSnapshot(tag);
-    await ensurePool(snap.memoryFile, snap.shape, size, true).whenFull();
+    if (snapshotEngine(readSnapshotMeta(tag)) === 'vmm') return;
+    const { snapshot: snap, opened } = await loadSnapshot(tag);
+    // The pool keeps the checked memory file open for the slots it starts later.
+    await ensurePool(snap.memoryFile, snap.shape, size, true, { fd: snap.memoryFd!, close: () => opened.close() }).whenFull();
   }
 
   /**
@@ -184,7 +186,7 @@ export class Sandbox implements AsyncDisposable {
     }
     const { snapshot } = await freezeAndContinue(this.local('snapshot'), async () => ({ slots: [], warm: 0 }));
     try {
-      const meta = persistSnapshot(snapshot, opts.tag, this.sandboxId, this.snapshotTag ?? null);
+      const meta = await persistSnapshot(snapshot, opts.tag, this.sandboxId, this.snapshotTag ?? null);
       this.snapshotTag = opts.tag;
       return meta;
     } finally {

@@ -31,7 +31,7 @@ afterAll(async () => {
 describe('persistent snapshots', () => {
   it('records files with their SHA-256 and the machine shape', () => {
     const meta = JSON.parse(readFileSync(join(snapshotDir(tag('base')), 'snapshot.json'), 'utf8'));
-    expect(meta).toMatchObject({ format: 1, tag: tag('base'), parent: null, memoryMiB: 1024, cpus: 1, sandboxId: warm.sandboxId });
+    expect(meta).toMatchObject({ format: 2, tag: tag('base'), parent: null, memoryMiB: 1024, cpus: 1, sandboxId: warm.sandboxId });
     expect(meta.files['memory.raw'].sha256).toMatch(/^[0-9a-f]{64}$/);
     expect(meta.files['state.bin'].bytes).toBeGreaterThan(1000);
   });

@@ -1,21 +1,28 @@
+import { Readable, Transform } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
 import { Type } from '@sinclair/typebox';
+import { CladeError } from '../../core/errors.js';
 import type { EntryInfo } from '../../sdk/files.js';
 import type { DaemonContext } from '../context.js';
-import { EntrySchema, IdParams, MkdirBody, PathQuery } from '../schemas.js';
+import { EntrySchema, IdParams, MkdirBody, PathQuery, ReadQuery } from '../schemas.js';
 
-/** Largest upload; the agent moves files in chunks, but the daemon holds the whole body in memory. */
-export const MAX_UPLOAD_BYTES = 256 * 1024 * 1024;
+/** Largest upload. Uploads stream through to the guest; the daemon holds only a few chunks of one. */
+export const MAX_UPLOAD_BYTES = 4 * 1024 * 1024 * 1024;
 
 type FileReq = { Params: { id: string }; Querystring: { path: string } };
 
 export function fileRoutes(app: FastifyInstance, ctx: DaemonContext): void {
   const { registry } = ctx;
 
-  app.get<FileReq>('/v1/sandboxes/:id/files', { schema: { tags: ['files'], summary: 'download a file (raw bytes)', params: IdParams, querystring: PathQuery } }, async (req, reply) => {
-    const data = await registry.get(req.params.id).files.read(req.query.path, { format: 'bytes' });
-    return reply.type('application/octet-stream').send(Buffer.from(data.buffer, data.byteOffset, data.byteLength));
-  });
+  app.get<{ Params: { id: string }; Querystring: { path: string; maxBytes?: string } }>(
+    '/v1/sandboxes/:id/files',
+    { schema: { tags: ['files'], summary: 'download a file (raw bytes, streamed as the client reads; with maxBytes, a bigger file is refused with 413 before any byte is sent)', params: IdParams, querystring: ReadQuery } },
+    async (req, reply) => {
+      const { path, maxBytes } = req.query;
+      const stream = await registry.get(req.params.id).files.read(path, { format: 'stream', ...(maxBytes !== undefined ? { maxBytes: Number(maxBytes) } : {}) });
+      return reply.type('application/octet-stream').send(Readable.fromWeb(stream as import('node:stream/web').ReadableStream<Uint8Array>));
+    },
+  );
 
   app.get<FileReq>('/v1/sandboxes/:id/files/list', { schema: { tags: ['files'], summary: 'list a directory', params: IdParams, querystring: PathQuery, response: { 200: Type.Array(EntrySchema) } } }, async (req) => {
     return (await registry.get(req.params.id).files.list(req.query.path)).map(entryJson);
@@ -36,17 +43,20 @@ export function fileRoutes(app: FastifyInstance, ctx: DaemonContext): void {
     return reply.status(204).send();
   });
 
-  // Uploads take any content type as raw bytes, in a scope of their own so JSON routes keep their parser.
+  // Uploads take any content type as raw bytes, streamed to the guest as they arrive, in a
+  // scope of their own so JSON routes keep their parser.
   void app.register(async (scope) => {
     scope.removeAllContentTypeParsers();
-    scope.addContentTypeParser('*', { parseAs: 'buffer', bodyLimit: MAX_UPLOAD_BYTES }, (_req, body, done) => done(null, body));
+    scope.addContentTypeParser('*', (_req, payload, done) => done(null, payload));
     scope.put<FileReq>(
       '/v1/sandboxes/:id/files',
-      { bodyLimit: MAX_UPLOAD_BYTES, schema: { tags: ['files'], summary: `upload a file (raw body, at most ${MAX_UPLOAD_BYTES} bytes); parents are created`, params: IdParams, querystring: PathQuery, response: { 200: Type.Object({ path: Type.String(), bytes: Type.Integer() }) } } },
+      { schema: { tags: ['files'], summary: `upload a file (raw body, streamed, at most ${MAX_UPLOAD_BYTES} bytes); parents are created; it appears only when complete`, params: IdParams, querystring: PathQuery, response: { 200: Type.Object({ path: Type.String(), bytes: Type.Integer() }) } } },
       async (req) => {
-        const data = (req.body as Buffer | undefined) ?? Buffer.alloc(0);
-        const info = await registry.get(req.params.id).files.write(req.query.path, data);
-        return { path: info.path, bytes: data.length };
+        const sandbox = registry.get(req.params.id);
+        const counted = countUpTo(MAX_UPLOAD_BYTES);
+        const source = (req.body as Readable | undefined) ?? Readable.from([]);
+        const info = await sandbox.files.write(req.query.path, source.pipe(counted.stream));
+        return { path: info.path, bytes: counted.bytes() };
       },
     );
   });
@@ -54,4 +64,17 @@ export function fileRoutes(app: FastifyInstance, ctx: DaemonContext): void {
 
 function entryJson(e: EntryInfo) {
   return { ...e, modifiedTime: e.modifiedTime.toISOString() };
+}
+
+/** Passes bytes through, counting them, and fails the stream (so the upload is discarded) past `max`. */
+function countUpTo(max: number): { stream: Transform; bytes: () => number } {
+  let n = 0;
+  const stream = new Transform({
+    transform(chunk: Buffer, _enc, cb) {
+      n += chunk.length;
+      if (n > max) cb(new CladeError('too_large', `the upload is larger than ${max} bytes`));
+      else cb(null, chunk);
+    },
+  });
+  return { stream, bytes: () => n };
 }

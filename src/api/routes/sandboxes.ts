@@ -8,7 +8,7 @@ import { toErrorBody } from '../errors.js';
 import { ChildResults, CodeBody, CodeResult, CommandSchema, CreateBody, ExecBody, ExecResult, ForkBody, IdParams, ListQuery, PatchSandboxBody, PrewarmBody, SandboxSchema, SnapshotBody, SnapshotSchema, StreamQuery } from '../schemas.js';
 import { Type } from '@sinclair/typebox';
 import { publicSnapshot } from './snapshots.js';
-import { ndjsonReply, startBackground } from './commands.js';
+import { holdAgentOf, ndjsonReply, startBackground } from './commands.js';
 
 type ExecOptions = Omit<CommandOptions, 'background'>;
 type IdReq = { Params: { id: string } };
@@ -18,6 +18,7 @@ export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
 
   app.post('/v1/sandboxes', { schema: { tags: ['sandboxes'], summary: 'boot a sandbox', body: CreateBody, response: { 201: SandboxSchema } } }, async (req, reply) => {
     const body = req.body as CreateBody;
+    allowLongWait(req);
     const release = registry.reserve(1);
     try {
       const { timeoutMs, ...opts } = body;
@@ -66,6 +67,7 @@ export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
       if (body.background) return reply.status(201).send(await startBackground(sandbox, body.cmd, opts, ctx));
       if (typeof body.stdin === 'boolean') throw new CladeError('bad_request', 'stdin: true (keep stdin open) needs background: true; send the data as a string instead');
       if (wantsStream(req)) return streamExec(sandbox, body.cmd, opts, reply, ctx);
+      allowLongWait(req); // the command's own timeout bounds this request
       return metrics.time('exec', () => sandbox.commands.run(body.cmd, opts));
     },
   );
@@ -79,16 +81,26 @@ export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
       const opts = body.timeoutMs !== undefined ? { timeoutMs: body.timeoutMs } : {};
       // The first call starts the interpreter, which a restarted daemon must find.
       const run = (more: RunCodeOptions) => metrics.time('code', () => sandbox.runCode(body.code, { ...opts, ...more })).finally(() => registry.persist(sandbox.sandboxId));
-      if (!wantsStream(req)) return run({});
-      return ndjsonReply(reply, (line) => run({ onStdout: (d) => line({ stdout: d }), onStderr: (d) => line({ stderr: d }) }).then((result) => ({ result })));
+      if (!wantsStream(req)) {
+        allowLongWait(req);
+        return run({});
+      }
+      return ndjsonReply(reply, (line) => run({ onStdout: (d) => line({ stdout: d }), onStderr: (d) => line({ stderr: d }) }).then((result) => ({ result })), undefined, holdAgentOf(sandbox.sandboxId));
     },
   );
 
   app.post<IdReq>('/v1/sandboxes/:id/prewarm', { schema: { tags: ['sandboxes'], summary: 'pre-start VM processes for the next forks of this sandbox', params: IdParams, body: PrewarmBody, response: { 200: Type.Object({ size: Type.Integer() }) } } }, async (req) => {
     const sandbox = registry.get(req.params.id);
     const { size } = req.body as { size: number };
-    // A first prewarm may move the sandbox to a VM process of its own RAM file, like a fork.
-    await registry.exclusive(sandbox.sandboxId, () => sandbox.prewarmForks(size));
+    allowLongWait(req);
+    // Pre-started VMs count against --max-sandboxes like running ones: hold room for them while they start.
+    const release = registry.reserve(size);
+    try {
+      // A first prewarm may move the sandbox to a VM process of its own RAM file, like a fork.
+      await registry.exclusive(sandbox.sandboxId, () => sandbox.prewarmForks(size));
+    } finally {
+      release();
+    }
     registry.persist(sandbox.sandboxId);
     return { size };
   });
@@ -97,6 +109,7 @@ export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
     const parent = registry.get(req.params.id);
     const body = req.body as { count?: number; timeoutMs?: number };
     const count = body.count ?? 1;
+    allowLongWait(req);
     const release = registry.reserve(count);
     try {
       // The core runs forks of one parent one after another and merges those that wait.
@@ -111,6 +124,7 @@ export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
   app.post<IdReq>('/v1/sandboxes/:id/snapshot', { schema: { tags: ['sandboxes'], summary: 'save the running state as a persistent snapshot', params: IdParams, body: SnapshotBody, response: { 201: SnapshotSchema } } }, async (req, reply) => {
     const sandbox = registry.get(req.params.id);
     const { tag } = req.body as { tag: string };
+    allowLongWait(req);
     const meta = await registry.exclusive(sandbox.sandboxId, () => ctx.forkGate.run(() => metrics.time('snapshot', () => sandbox.snapshot({ tag }))));
     registry.setSnapshotTag(sandbox.sandboxId, tag);
     return reply.status(201).send(publicSnapshot(meta));
@@ -120,6 +134,15 @@ export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
 export function childResult(kid: Sandbox | CladeError, add: (sb: Sandbox) => string): { sandboxId: string } | { error: { code: string; message: string } } {
   if (kid instanceof CladeError) return { error: toErrorBody(kid).body };
   return { sandboxId: add(kid) };
+}
+
+/**
+ * A JSON answer that waits on the guest (a long command, a big fork) sends
+ * nothing until it is ready: the connection's idle timeout is lifted for it,
+ * and the operation's own deadline bounds it instead.
+ */
+export function allowLongWait(req: FastifyRequest): void {
+  req.raw.socket?.setTimeout(0);
 }
 
 function wantsStream(req: FastifyRequest): boolean {
@@ -135,7 +158,7 @@ async function streamExec(sandbox: Sandbox, cmd: string | string[], opts: ExecOp
   // Output can arrive before the reply stream exists: keep it until then.
   const early: object[] = [];
   let line: (o: object) => void = (o) => early.push(o);
-  const handle = await sandbox.commands.run(cmd, { ...opts, background: true, onStdout: (d) => line({ stdout: d }), onStderr: (d) => line({ stderr: d }) });
+  const handle = await sandbox.commands.run(cmd, { ...opts, background: true, captureOutput: false, onStdout: (d) => line({ stdout: d }), onStderr: (d) => line({ stderr: d }) });
   return ndjsonReply(
     reply,
     (send) => {
@@ -144,5 +167,6 @@ async function streamExec(sandbox: Sandbox, cmd: string | string[], opts: ExecOp
       return ctx.metrics.time('exec', () => handle.wait()).then((r) => ({ exit: { exitCode: r.exitCode, ...(r.timedOut ? { timedOut: true } : {}), ...(r.signal ? { signal: r.signal } : {}) } }));
     },
     () => void handle.kill().catch(() => undefined),
+    holdAgentOf(sandbox.sandboxId),
   );
 }

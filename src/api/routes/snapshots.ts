@@ -1,16 +1,16 @@
 import type { FastifyInstance } from 'fastify';
 import { Type } from '@sinclair/typebox';
-import { listSnapshots, readSnapshotMeta, removeSnapshot, verifySnapshot, type SnapshotMeta } from '../../core/snapshots.js';
+import { listSnapshots, readSnapshotMeta, removeSnapshot, snapshotDir, verifySnapshot, type SnapshotMeta } from '../../core/snapshots.js';
 import { Sandbox } from '../../sdk/sandbox.js';
 import type { DaemonContext } from '../context.js';
 import { ChildResults, DeleteSnapshotQuery, SnapshotSchema, StartBody, TagParams } from '../schemas.js';
-import { childResult } from './sandboxes.js';
+import { allowLongWait, childResult } from './sandboxes.js';
 
 type TagReq = { Params: { tag: string } };
 
 /** A snapshot's metadata without the agent token, which only the host may hold. */
-export function publicSnapshot(meta: Omit<SnapshotMeta, 'agent'> & { agent?: unknown }): Omit<SnapshotMeta, 'agent'> {
-  const { agent: _secret, ...rest } = meta;
+export function publicSnapshot(meta: Omit<SnapshotMeta, 'agent' | 'hmac'> & { agent?: unknown; hmac?: unknown }): Omit<SnapshotMeta, 'agent' | 'hmac'> {
+  const { agent: _secret, hmac: _mac, ...rest } = meta;
   return rest;
 }
 
@@ -18,7 +18,7 @@ export function snapshotRoutes(app: FastifyInstance, ctx: DaemonContext): void {
   app.get('/v1/snapshots', { schema: { tags: ['snapshots'], summary: 'list persistent snapshots', response: { 200: Type.Array(SnapshotSchema) } } }, async () => listSnapshots().map(publicSnapshot));
 
   app.get<TagReq>('/v1/snapshots/:tag', { schema: { tags: ['snapshots'], summary: 'show a snapshot after checking its files against their SHA-256', params: TagParams, response: { 200: SnapshotSchema } } }, async (req) => ({
-    ...publicSnapshot(verifySnapshot(req.params.tag)),
+    ...publicSnapshot(await verifySnapshot(req.params.tag)),
     verified: true,
   }));
 
@@ -26,7 +26,7 @@ export function snapshotRoutes(app: FastifyInstance, ctx: DaemonContext): void {
     '/v1/snapshots/:tag',
     { schema: { tags: ['snapshots'], summary: 'delete a snapshot (cascade=1: also those made from it)', params: TagParams, querystring: DeleteSnapshotQuery, response: { 200: Type.Object({ removed: Type.Array(Type.String()) }) } } },
     async (req) => {
-      readSnapshotMeta(req.params.tag); // 404 before anything else
+      snapshotDir(req.params.tag); // 400 for a bad tag; removeSnapshot answers 404, and deletes damaged snapshots too
       return { removed: removeSnapshot(req.params.tag, { cascade: req.query.cascade === '1' }) };
     },
   );
@@ -37,6 +37,7 @@ export function snapshotRoutes(app: FastifyInstance, ctx: DaemonContext): void {
     async (req) => {
       const { count = 1, env, timeoutMs } = req.body;
       readSnapshotMeta(req.params.tag);
+      allowLongWait(req);
       const release = ctx.registry.reserve(count);
       try {
         const kids = await ctx.forkGate.run(() => ctx.metrics.time('start', () => Sandbox.fromSnapshot(req.params.tag, { count, ...(env ? { env } : {}) })));

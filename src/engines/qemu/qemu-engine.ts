@@ -1,8 +1,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, constants, existsSync, fstatSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { CladeError } from '../../core/errors.js';
+import { assertRamFits, closeQuietly, createRamFile } from '../../core/home.js';
 import { assertSocketPath, type BootSpec, type Engine, type MachineShape, type SlotSpec, type VmHandle } from '../engine.js';
+import { SerialLog } from '../serial-log.js';
 import { pickAccelerator, probeKvm, type Accelerator } from './accel.js';
 import { liveMigrate, loadState, saveDeviceState } from './migration.js';
 import { QmpClient } from './qmp.js';
@@ -16,6 +18,8 @@ type Launch = {
   shape: MachineShape;
   runDir: string;
   memory: { file: string; shared: boolean };
+  /** An open descriptor of memory.file that QEMU inherits and maps instead of opening the file by name. */
+  memoryFd?: number;
   /** Kernel command line additions; absent for VMs that will receive state instead of booting. */
   boot?: { token: Buffer; hostname: string };
 };
@@ -35,12 +39,14 @@ export class QemuEngine implements Engine {
   readonly name = 'qemu' as const;
 
   async boot(spec: BootSpec): Promise<QemuVm> {
-    return launch({ id: spec.id, shape: spec, runDir: spec.runDir, memory: { file: spec.memoryFile, shared: true }, boot: { token: spec.token, hostname: spec.hostname } });
+    return withNewRamFile(spec.memoryFile, spec.memoryMiB, (fd) =>
+      launch({ id: spec.id, shape: spec, runDir: spec.runDir, memory: { file: spec.memoryFile, shared: true }, memoryFd: fd, boot: { token: spec.token, hostname: spec.hostname } }),
+    );
   }
 
   /** Starts a VM that waits (`-incoming defer`) to resume a snapshot whose RAM is `baseMemoryFile`. */
   async startSlot(spec: SlotSpec): Promise<QemuVm> {
-    return launch({ id: spec.id, shape: spec, runDir: spec.runDir, memory: { file: spec.baseMemoryFile, shared: false } });
+    return launch({ id: spec.id, shape: spec, runDir: spec.runDir, memory: { file: spec.baseMemoryFile, shared: false }, ...(spec.baseMemoryFd !== undefined ? { memoryFd: spec.baseMemoryFd } : {}) });
   }
 
   /** Stops a VM and returns its device state; its RAM file no longer changes. */
@@ -64,7 +70,7 @@ export class QemuEngine implements Engine {
    * into a new QEMU process (a RAM copy; the guest pauses only at the end).
    */
   async promote(vm: QemuVm, memoryFile: string, runDir: string): Promise<QemuVm> {
-    const target = await launch({ id: vm.id, shape: vm.shape, runDir, memory: { file: memoryFile, shared: true } });
+    const target = await withNewRamFile(memoryFile, vm.shape.memoryMiB, (fd) => launch({ id: vm.id, shape: vm.shape, runDir, memory: { file: memoryFile, shared: true }, memoryFd: fd }));
     try {
       await liveMigrate(await vm.qmp(), await target.qmp(), join(runDir, 'promote.sock'));
       return target;
@@ -79,17 +85,45 @@ export class QemuEngine implements Engine {
   }
 }
 
-function runFiles(runDir: string) {
-  return { agent: join(runDir, 'agent.sock'), qmp: join(runDir, 'qmp.sock'), serial: join(runDir, 'serial.log') };
+/**
+ * A new VM's RAM file: made by us (exclusively, 0600, checked to fit in the
+ * RAM filesystem) and handed to QEMU as an open descriptor, so QEMU never
+ * creates or opens guest RAM by name.
+ */
+async function withNewRamFile<T>(file: string, memoryMiB: number, start: (fd: number) => Promise<T>): Promise<T> {
+  assertRamFits(memoryMiB);
+  const fd = createRamFile(file);
+  try {
+    return await start(fd);
+  } catch (err) {
+    rmSync(file, { force: true });
+    throw err;
+  } finally {
+    closeQuietly(fd); // QEMU holds its own
+  }
 }
+
+type RunFiles = { agent: string; qmp: string; console: string; serial: string; bootConfig: string };
+
+function runFiles(runDir: string): RunFiles {
+  const files = { agent: join(runDir, 'agent.sock'), qmp: join(runDir, 'qmp.sock'), console: join(runDir, 'console.sock'), serial: join(runDir, 'serial.log'), bootConfig: join(runDir, 'boot.cfg') };
+  assertSocketPath(files.console); // the longest socket name
+  return files;
+}
+
+/** The fd number an inherited descriptor gets in QEMU: after stdin, stdout, stderr. */
+const INHERITED_MEMORY_FD = 3;
 
 async function launch(l: Launch): Promise<QemuVm> {
   const accel = await pickAccelerator();
   const files = runFiles(l.runDir);
-  assertSocketPath(files.agent);
   const tscKhz = accel === 'tcg' ? (await probeKvm()).tscKhz : undefined;
-  const child = spawn(QEMU_BINARY, qemuArgs(l, accel, files, tscKhz), { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
+  if (l.boot) writeBootConfig(files.bootConfig, kernelCmdline(l, tscKhz));
+  const stdio: ('ignore' | 'pipe' | number)[] = ['ignore', 'ignore', 'pipe'];
+  if (l.memoryFd !== undefined) stdio[INHERITED_MEMORY_FD] = l.memoryFd;
+  const child = spawn(QEMU_BINARY, qemuArgs(l, accel, files), { stdio, detached: true });
   const vm = new QemuVm(l, spawnedProcess(child), accel, files);
+  if (l.boot) void removeOnceRead(files.bootConfig, files.qmp, () => vm.alive());
   try {
     await vm.started;
   } catch (err) {
@@ -162,26 +196,55 @@ function adoptedProcess(pid: number, id: string): VmProcess {
   return { pid, exited, started: Promise.resolve(), onQmpClosed: () => void setTimeout(check, 50) };
 }
 
-function qemuArgs(l: Launch, accel: Accelerator, files: { agent: string; qmp: string; serial: string }, tscKhz?: number): string[] {
+function kernelCmdline(l: Launch, tscKhz?: number): string {
   const cmdline = ['console=ttyS0', 'quiet', 'panic=-1', 'mitigations=off', 'random.trust_cpu=on', 'i8042.noaux'];
   // Under emulation the guest reads the host TSC; its own PIT calibration fails
   // when the host is busy and the kernel then hangs without a clocksource.
   if (tscKhz && tscKhz > 0) cmdline.push(`tsc_early_khz=${tscKhz}`, 'tsc=reliable');
   if (l.boot) cmdline.push(`clade.token=${l.boot.token.toString('hex')}`, `clade.id=${l.id}`, `clade.hostname=${l.boot.hostname}`);
+  return cmdline.join(' ');
+}
+
+/**
+ * The kernel command line carries the agent token, so it goes to QEMU in a
+ * 0600 config file (read with -readconfig) instead of on QEMU's own command
+ * line, which every local user can read in /proc.
+ */
+function writeBootConfig(path: string, cmdline: string): void {
+  if (/["\\\n]/.test(cmdline)) throw new CladeError('internal', 'the kernel command line may not contain quotes, backslashes or line breaks');
+  const fd = openSync(path, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+  try {
+    writeSync(fd, `[machine]\n  append = "${cmdline}"\n`);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** QEMU reads its config while parsing options, before it creates the QMP socket: then the file can go. */
+async function removeOnceRead(config: string, qmpSocket: string, alive: () => boolean): Promise<void> {
+  const deadline = Date.now() + 60_000;
+  while (!existsSync(qmpSocket) && alive() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+  rmSync(config, { force: true });
+}
+
+function qemuArgs(l: Launch, accel: Accelerator, files: RunFiles): string[] {
+  const memPath = l.memoryFd !== undefined ? `/proc/self/fd/${INHERITED_MEMORY_FD}` : l.memory.file;
   return [
     '-name', `clade-${l.id}`,
     '-M', 'microvm,pcie=on,rtc=on,memory-backend=ram',
-    '-object', `memory-backend-file,id=ram,size=${l.shape.memoryMiB}M,mem-path=${l.memory.file},share=${l.memory.shared ? 'on' : 'off'}`,
+    '-object', `memory-backend-file,id=ram,size=${l.shape.memoryMiB}M,mem-path=${memPath},share=${l.memory.shared ? 'on' : 'off'}`,
     ...(accel === 'kvm' ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', `tcg,tb-size=${TCG_TB_MIB}`, '-cpu', 'max']),
     '-smp', String(l.shape.cpus),
     '-m', `${l.shape.memoryMiB}M`,
     '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
     '-sandbox', 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny',
-    '-chardev', `file,id=serial,path=${files.serial},append=on`,
+    // The console goes to a socket that the host reads into a capped log (SerialLog); QEMU
+    // waits for that reader before it starts, so no boot message is lost.
+    '-chardev', `socket,id=serial,path=${files.console},server=on,wait=on`,
     '-serial', 'chardev:serial',
     '-kernel', l.shape.image.kernel,
     '-initrd', l.shape.image.initramfs,
-    '-append', cmdline.join(' '),
+    ...(l.boot ? ['-readconfig', files.bootConfig] : []),
     '-device', 'virtio-serial-pci,id=vs',
     '-chardev', `socket,id=agent,path=${files.agent},server=on,wait=off`,
     '-device', 'virtserialport,bus=vs.0,chardev=agent,name=org.clade.agent',
@@ -203,12 +266,13 @@ export class QemuVm implements VmHandle {
   private running = true;
   private stderrTail = '';
   private qmpClient?: Promise<QmpClient>;
+  private readonly serial: SerialLog;
 
   constructor(
     l: Launch,
     private readonly proc: VmProcess,
     accel: Accelerator,
-    private readonly files: { agent: string; qmp: string; serial: string },
+    private readonly files: RunFiles,
   ) {
     this.id = l.id;
     this.shape = l.shape;
@@ -220,8 +284,11 @@ export class QemuVm implements VmHandle {
     proc.stderr?.on('data', (d: Buffer) => {
       this.stderrTail = (this.stderrTail + d.toString('utf8')).slice(-4096);
     });
+    this.serial = new SerialLog(files.serial);
+    void this.serial.attach(files.console, Date.now() + 30_000, () => this.running);
     this.exited = proc.exited.then((exit) => {
       this.running = false;
+      this.serial.close();
       return exit;
     });
     this.started = proc.started.then(
@@ -286,7 +353,7 @@ export class QemuVm implements VmHandle {
   diagnostics(): string {
     let serial = '';
     try {
-      if (existsSync(this.files.serial)) serial = readFileSync(this.files.serial, 'utf8').slice(-2048);
+      if (existsSync(this.files.serial)) serial = readTail(this.files.serial, 2048);
     } catch {
       // The log may already be gone.
     }
@@ -303,7 +370,21 @@ export class QemuVm implements VmHandle {
       await this.exited;
     }
     void this.qmpClient?.then((q) => q.close()).catch(() => undefined);
+    this.serial.close();
     rmSync(this.runDir, { recursive: true, force: true });
     if (this.memory.shared) rmSync(this.memory.file, { force: true });
+  }
+}
+
+/** The last `bytes` of a file, without reading the rest. */
+function readTail(path: string, bytes: number): string {
+  const fd = openSync(path, constants.O_RDONLY | constants.O_NOFOLLOW);
+  try {
+    const size = fstatSync(fd).size;
+    const buf = Buffer.alloc(Math.min(bytes, size));
+    readSync(fd, buf, 0, buf.length, size - buf.length);
+    return buf.toString('utf8');
+  } finally {
+    closeSync(fd);
   }
 }
