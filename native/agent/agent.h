@@ -16,6 +16,7 @@
 #define FRAME_MAX (1024u * 1024u)
 #define TOKEN_LEN 32
 #define TRUNCATED_MS 2000 /* a partial frame with no progress for this long is dropped */
+#define SYNC_LEN (HDR_LEN + TOKEN_LEN) /* a host frame's header and token: where it can be recognized */
 
 #define MAX_EXECS 64
 #define MAX_WRITES 16
@@ -129,7 +130,9 @@ void log_msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int64_t now_ms(void);
 
 /* wire.c */
+#define PARSER_READ_MAX (64 * 1024) /* the most parser_feed is given at once */
 void parser_feed(const uint8_t *p, size_t n);
+void parser_resume(void);
 int64_t parser_deadline(void);
 void parser_check_timeout(int64_t now);
 void parser_reset(void);
@@ -150,6 +153,14 @@ void send_error(uint32_t id, const char *code, int err, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
 void send_errno(uint32_t id, int err, const char *what, const char *path);
 const char *errno_code(int err);
+
+/* sync.c */
+size_t sync_scan(const uint8_t *p, size_t n, bool *found);
+bool sync_token_current(void);
+void sync_reset(void);
+uint64_t sync_pos(void);
+void sync_rewind(uint64_t to);
+void sync_recent(uint64_t from, size_t len, uint8_t *out);
 
 /* exec.c */
 void exec_start(const struct req *r);
@@ -173,6 +184,7 @@ void file_stat(const struct req *r);
 void file_mkdir(const struct req *r);
 void file_remove(const struct req *r);
 void files_abort_writes(void);
+void files_abort_write(uint32_t id);
 
 /* boot.c */
 void boot_pid1(void);

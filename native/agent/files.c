@@ -298,15 +298,25 @@ void file_write_close(const struct req *r)
 	send_body(T_OK, r->id, &b);
 }
 
+static void abort_write(struct wfile *w)
+{
+	close(w->fd);
+	unlink(w->tmp);
+	w->used = false;
+}
+
 void files_abort_writes(void)
 {
-	for (size_t i = 0; i < MAX_WRITES; i++) {
-		if (writes[i].used) {
-			close(writes[i].fd);
-			unlink(writes[i].tmp);
-			writes[i].used = false;
-		}
-	}
+	for (size_t i = 0; i < MAX_WRITES; i++)
+		if (writes[i].used)
+			abort_write(&writes[i]);
+}
+
+void files_abort_write(uint32_t id)
+{
+	struct wfile *w = find_write(id);
+	if (w)
+		abort_write(w);
 }
 
 /* ---- LIST / STAT ---- */

@@ -249,7 +249,7 @@ void dispatch_frame(uint8_t type, uint32_t id, uint8_t *payload, size_t len)
 
 static void read_port(void)
 {
-	static uint8_t buf[64 * 1024];
+	static uint8_t buf[PARSER_READ_MAX];
 	ssize_t n = read(g.port_fd, buf, sizeof buf);
 	if (n > 0)
 		parser_feed(buf, (size_t)n);
@@ -268,14 +268,17 @@ static void port_async(bool on)
 	fcntl(g.port_fd, F_SETFL, on ? fl | O_ASYNC : fl & ~O_ASYNC);
 }
 
-static void check_reconnect(void)
+/* True if the host end is open again; bytes held from before are parsed then (which may lose it again). */
+static bool check_reconnect(void)
 {
 	struct pollfd p = {.fd = g.port_fd, .events = POLLIN};
-	if (poll(&p, 1, 0) >= 0 && !(p.revents & (POLLHUP | POLLERR | POLLNVAL))) {
-		g.connected = true;
-		port_async(false);
-		log_msg("host connected");
-	}
+	if (poll(&p, 1, 0) < 0 || (p.revents & (POLLHUP | POLLERR | POLLNVAL)))
+		return false;
+	g.connected = true;
+	port_async(false);
+	log_msg("host connected");
+	parser_resume();
+	return true;
 }
 
 static void host_lost(void)
@@ -286,7 +289,14 @@ static void host_lost(void)
 	if (!g.pid1)
 		leave();
 	port_async(true);
-	check_reconnect(); /* it may have reopened before O_ASYNC was set */
+}
+
+/* After a loss: the host end may have reopened before O_ASYNC was set, or be open already. */
+static void reconnect(void)
+{
+	while (!g.connected && check_reconnect())
+		if (!g.connected)
+			host_lost();
 }
 
 static int64_t earliest(int64_t a, int64_t b) { return a < 0 ? b : (b < 0 || a < b) ? a : b; }
@@ -326,8 +336,7 @@ static void __attribute__((noreturn)) serve(void)
 			leave();
 		if (was_connected && !g.connected)
 			host_lost();
-		else if (!g.connected)
-			check_reconnect();
+		reconnect();
 	}
 }
 
@@ -438,7 +447,7 @@ int main(int argc, char **argv)
 	if (g.pid1) {
 		fcntl(g.port_fd, F_SETOWN, getpid());
 		port_async(true);
-		check_reconnect();
+		reconnect();
 	}
 	serve();
 }

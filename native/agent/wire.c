@@ -49,16 +49,27 @@ static struct {
 	uint32_t id, len;
 	size_t have;     /* payload bytes stored (P_PAYLOAD) or skipped (P_DISCARD) */
 	int64_t last_ms; /* when the partial frame last made progress */
+	uint64_t pos;    /* stream bytes consumed, counted like sync_pos() */
+	uint64_t start;  /* stream position of the current frame's header (P_PAYLOAD, P_DISCARD) */
 } ps;
 
 /* +1: room for the NUL that req_parse writes after a trailing string field. */
 static uint8_t payload[FRAME_MAX + 1];
 
-void parser_reset(void)
+/* Forgets the frame under way; the stream goes on. */
+static void frame_reset(void)
 {
 	ps.state = P_HEADER;
 	ps.hlen = 0;
 	ps.resyncing = false;
+}
+
+/* A new stream: the host end was (re)opened. */
+void parser_reset(void)
+{
+	frame_reset();
+	ps.pos = 0;
+	sync_reset();
 }
 
 /* Drops leading header bytes until what is left could still start a frame. */
@@ -82,6 +93,7 @@ static void header_done(void)
 	ps.hlen = 0;
 	ps.have = 0;
 	ps.resyncing = false;
+	ps.start = ps.pos - HDR_LEN;
 	if (ps.len > FRAME_MAX) {
 		send_error(ps.id, "too_large", 0, "frame length %u exceeds the 1 MiB limit", ps.len);
 		ps.state = P_DISCARD;
@@ -97,6 +109,7 @@ static size_t feed_header(const uint8_t *p, size_t n)
 	size_t i = 0;
 	while (i < n && ps.hlen < HDR_LEN) {
 		ps.hdr[ps.hlen++] = p[i++];
+		ps.pos++;
 		if (ps.hlen <= sizeof MAGIC && ps.hdr[ps.hlen - 1] != MAGIC[ps.hlen - 1])
 			resync();
 	}
@@ -112,6 +125,7 @@ static size_t feed_payload(const uint8_t *p, size_t n)
 		take = n;
 	memcpy(payload + ps.have, p, take);
 	ps.have += take;
+	ps.pos += take;
 	if (ps.have == ps.len) {
 		ps.state = P_HEADER;
 		dispatch_frame(ps.type, ps.id, payload, ps.len);
@@ -126,35 +140,143 @@ static size_t feed_discard(size_t n)
 	if (take > n)
 		take = n;
 	ps.have += take;
+	ps.pos += take;
 	if (ps.have == ps.len)
 		ps.state = P_HEADER;
 	return take;
 }
 
-void parser_feed(const uint8_t *p, size_t n)
+/* Parses bytes that are known to hold no sync point the parser would misread; returns how many
+ * it took (fewer if a handler lost the host). */
+static size_t consume(const uint8_t *p, size_t n)
 {
-	/* A handler may lose the host (write error); the rest of this read is then stale. */
-	while (n > 0 && g.connected) {
+	size_t done = 0;
+	while (done < n && g.connected) {
 		size_t used;
 		switch (ps.state) {
 		case P_PAYLOAD:
-			used = feed_payload(p, n);
+			used = feed_payload(p + done, n - done);
 			break;
 		case P_DISCARD:
-			used = feed_discard(n);
+			used = feed_discard(n - done);
 			break;
 		default:
-			used = feed_header(p, n);
+			used = feed_header(p + done, n - done);
 			break;
 		}
-		p += used;
-		n -= used;
+		done += used;
 	}
+	return done;
+}
+
+static bool parser_partial(void) { return ps.state != P_HEADER || ps.hlen > 0; }
+
+/* Where the frame under way began (only meaningful while parser_partial()). */
+static uint64_t frame_start(void) { return ps.state == P_HEADER ? ps.pos - ps.hlen : ps.start; }
+
+/*
+ * A host frame begins at stream position `at`, but the parser is not at its
+ * start: what it holds is the remnant of a frame whose sender went away (or
+ * garbage), and is dropped. A frame that began before `at` is reported as
+ * `truncated`, under its id if its header was whole before `at`; not under
+ * the id of the new frame, though, whose reply that would look like.
+ */
+static void cut(uint64_t at)
+{
+	/* Garbage already reported as bad_frame is not a frame to report again. */
+	if (parser_partial() && frame_start() < at && !ps.resyncing) {
+		uint8_t new_hdr[HDR_LEN];
+		sync_recent(at, HDR_LEN, new_hdr);
+		bool whole = ps.state != P_HEADER && ps.start + HDR_LEN <= at;
+		uint32_t id = whole && ps.id != get_le32(new_hdr + 8) ? ps.id : 0;
+		if (whole && ps.type == T_WRITE_DATA)
+			files_abort_write(ps.id); /* its data has a hole now: the WRITE_CLOSE must fail */
+		send_error(id, "truncated", 0, "frame cut short after %llu bytes: a new host frame began",
+			   (unsigned long long)(at - frame_start()));
+	}
+	frame_reset();
+	ps.pos = at;
+}
+
+/*
+ * Bytes read but not parsed when a reply could not be written: the host end
+ * had closed. They are not necessarily stale: a host that reopened the port
+ * at once may have sent them before the agent saw the close, so they start
+ * the next connection's stream if it comes soon enough.
+ */
+static uint8_t held[PARSER_READ_MAX + SYNC_LEN];
+static size_t held_len;
+static int64_t held_ms;
+
+static void hold(const uint8_t *head, size_t k, const uint8_t *rest, size_t m)
+{
+	memcpy(held, head, k);
+	memcpy(held + k, rest, m);
+	held_len = k + m;
+	held_ms = now_ms();
+}
+
+void parser_feed(const uint8_t *p, size_t n)
+{
+	/*
+	 * The sync scan runs ahead of the parser to the end of the next sync point,
+	 * so bytes of a new host's first frame never complete an old partial frame
+	 * within one read. p[fed..] is not parsed yet, p[scanned..] not scanned yet.
+	 */
+	size_t fed = 0, scanned = 0;
+	uint8_t head[SYNC_LEN];
+	size_t k = 0; /* head[0..k): bytes of a sync point to parse before p[fed..] */
+	while (fed < n && g.connected) {
+		bool found = false;
+		scanned += sync_scan(p + scanned, n - scanned, &found);
+		if (!found) {
+			fed += consume(p + fed, n - fed);
+			break;
+		}
+		uint64_t base = sync_pos() - scanned; /* stream position of p[0] */
+		uint64_t at = sync_pos() - SYNC_LEN;  /* where the sync point's frame begins */
+		if (at >= base + fed) {
+			size_t upto = (size_t)(at - base);
+			fed += consume(p + fed, upto - fed);
+			if (fed < upto)
+				break;
+			if (!sync_token_current()) {
+				/* A FORK_FIXUP just now: scan the rest again for the new token. */
+				sync_rewind(base + fed);
+				scanned = fed;
+				continue;
+			}
+			if (parser_partial())
+				cut(at);
+			/* The sync point's bytes are parsed as the next frame's in the next round. */
+		} else if (!parser_partial() || frame_start() != at) {
+			/* It began in an earlier read, whose bytes the parser took for something else:
+			 * drop that and parse them again, as the start of a frame. */
+			k = (size_t)(base + fed - at);
+			sync_recent(at, k, head);
+			cut(at);
+			if (!g.connected)
+				break;
+			consume(head, k); /* part of a header and token: nothing to dispatch, no reply */
+			k = 0;
+		}
+	}
+	if (!g.connected && fed < n)
+		hold(head, k, p + fed, n - fed);
 	/* Taken after the handlers ran, so time spent serving does not count as a stall. */
 	ps.last_ms = now_ms();
 }
 
-static bool parser_partial(void) { return ps.state != P_HEADER || ps.hlen > 0; }
+void parser_resume(void)
+{
+	static uint8_t again[sizeof held];
+	size_t n = held_len;
+	held_len = 0;
+	if (n == 0 || now_ms() - held_ms > TRUNCATED_MS)
+		return;
+	memcpy(again, held, n); /* parser_feed may hold part of it again */
+	parser_feed(again, n);
+}
 
 int64_t parser_deadline(void) { return parser_partial() ? ps.last_ms + TRUNCATED_MS : -1; }
 
@@ -164,7 +286,7 @@ void parser_check_timeout(int64_t now)
 		return;
 	uint32_t id = ps.state == P_HEADER ? 0 : ps.id;
 	send_error(id, "truncated", 0, "frame incomplete for %d ms; dropped", TRUNCATED_MS);
-	parser_reset();
+	frame_reset();
 }
 
 /* ---- field decoding ---- */
