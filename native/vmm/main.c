@@ -271,8 +271,8 @@ static int restore_root_vm(struct vmm *v, const struct options *o) {
     r = snapshot_load(v, fds[0], fds[1], &devices, err, sizeof err);
     if (r) return restore_failed(r, err);
     const char *failed = "vm";
-    if (vm_build_kvm_objects(&v->vm) < 0) r = fail("create VM");
-    else if (snapshot_check_host(&v->vm, err, sizeof err) < 0) r = restore_failed(VMM_EXIT_FAILURE, err);
+    if (vm_build_kvm_objects(&v->vm) < 0) r = errno == EINVAL || errno == E2BIG ? restore_step_failed("CPUID") : fail("create VM");
+    else if (snapshot_check_host(&v->vm, err, sizeof err) < 0) r = restore_failed(VMM_EXIT_SNAPSHOT_FOREIGN, err);
     else if ((v->cpu.timing.built_ns = now_ns(), state_restore(&v->vm, &v->state, &failed)) < 0) r = restore_step_failed(failed);
     if (r == 0 && devices) {
         struct serial_log serial;

@@ -213,7 +213,7 @@ static uint8_t *read_state_file(int fd, size_t *len, char *err, size_t errlen) {
 static int load_facts(struct vm *vm, const struct snapshot_image *img, char *err, size_t errlen) {
     const struct snapshot_vm_facts *f = &img->facts;
     if ((int)f->has_sregs2 != vm->has_sregs2 || (int)f->has_xcrs != vm->has_xcrs || (int)f->has_debugregs != vm->has_debugregs)
-        return snprintf(err, errlen, HOST_DIFFERS), VMM_EXIT_FAILURE;
+        return snprintf(err, errlen, HOST_DIFFERS), VMM_EXIT_SNAPSHOT_FOREIGN;
     vm->cpuid->nent = img->cpuid_count; /* vm_open_kvm allocated VMM_MAX_CPUID_ENTRIES */
     memcpy(vm->cpuid->entries, img->cpuid, img->cpuid_count * sizeof img->cpuid[0]);
     vm->msr_count = f->msr_count;

@@ -36,6 +36,7 @@
 #define VMM_EXIT_USAGE 2            /* bad command line */
 #define VMM_EXIT_GUEST_FAILED 3     /* a Linux guest stopped other than by shutting down */
 #define VMM_EXIT_SNAPSHOT_REFUSED 4 /* the snapshot's files are damaged, forged or inconsistent: nothing was started */
+#define VMM_EXIT_SNAPSHOT_FOREIGN 5 /* the snapshot needs KVM features this host does not have (or lacks ones it has) */
 
 /* ---- vm.c ------------------------------------------------------------- */
 

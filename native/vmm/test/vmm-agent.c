@@ -15,18 +15,28 @@
  *        for MS milliseconds: connect to the agent socket and go away again (at once or after
  *        a whole HELLO; with "half" also after half a frame header), each time checking that
  *        the control socket still answers "status" within 3 s; exit 0 if it always did
+ *   vmm-agent tamper VMM SNAPSHOT_DIR WORK_DIR STRIDE
+ *        plays someone who edits state.bin: starts VMM from SNAPSHOT_DIR's memory.raw and an edited
+ *        copy of its state.bin (--restore-fds) once per edit: every STRIDE-th byte changed (as is,
+ *        and with the checksum recomputed, as a forger would), cut short at several lengths,
+ *        counts and sizes inflated. A start must be refused with exit status 4 (or 5: another
+ *        host's KVM) or come up and serve; never crash. Prints a summary; exit 0 if all held
  *
  * The frame format and message types are those of docs/protocol.md. Every
  * wait has a deadline: nothing here blocks for ever.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -309,6 +319,186 @@ static int cmd_fork_exec(char **argv) {
     return code == 0 ? 0 : 1;
 }
 
+
+/* ---- tamper: state.bin edits against the loader -------------------------------------- */
+
+#define STATE_CHECKSUM_AT 96 /* state.bin header: magic 8, four u32, build id 64, RAM size 8, checksum */
+#define STATE_HEADER 112
+
+struct tamper_tally {
+    unsigned starts, refused, foreign, started, crashed, other;
+};
+
+static uint64_t fnv1a64(const uint8_t *p, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ (i >= STATE_CHECKSUM_AT && i < STATE_CHECKSUM_AT + 8 ? 0 : p[i])) * 0x100000001b3ull;
+    return h;
+}
+
+static void forge_checksum(uint8_t *p, size_t n) {
+    if (n < STATE_HEADER) return;
+    uint64_t h = fnv1a64(p, n);
+    memcpy(p + STATE_CHECKSUM_AT, &h, 8);
+}
+
+static int write_file(const char *path, const uint8_t *p, size_t n) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) return -1;
+    size_t done = 0;
+    while (done < n) {
+        ssize_t w = write(fd, p + done, n - done);
+        if (w <= 0) break;
+        done += (size_t)w;
+    }
+    close(fd);
+    return done == n ? 0 : -1;
+}
+
+/* One start from memory.raw and `state`: how it ended. The process is always gone afterwards. */
+static void tamper_start(const char *vmm, const char *mem_path, const char *work, const uint8_t *state, size_t n,
+                         const char *what, struct tamper_tally *t) {
+    char state_path[512], sock[512];
+    snprintf(state_path, sizeof state_path, "%s/state.bin", work);
+    snprintf(sock, sizeof sock, "%s/t.sock", work);
+    unlink(sock);
+    if (write_file(state_path, state, n) < 0) return (void)t->other++;
+    int out[2];
+    if (pipe(out) < 0) return (void)t->other++;
+    t->starts++;
+    pid_t pid = fork();
+    if (pid == 0) {
+        int mem = open(mem_path, O_RDONLY), st = open(state_path, O_RDONLY), null = open("/dev/null", O_WRONLY);
+        if (mem < 0 || st < 0 || dup2(mem, 3) < 0 || dup2(st, 4) < 0 || dup2(out[1], 1) < 0 || dup2(null, 2) < 0) _exit(127);
+        execl(vmm, vmm, "run", "--socket", sock, "--restore-fds", "3,4", (char *)NULL);
+        _exit(127);
+    }
+    close(out[1]);
+    /* The ready line (stdout is a pipe: read, not recv), or EOF when the VMM exits without one. */
+    char line[256] = "";
+    size_t got = 0;
+    double deadline = now_ms() + 20000;
+    while (got < sizeof line - 1 && !memchr(line, '\n', got)) {
+        struct pollfd p = {.fd = out[0], .events = POLLIN};
+        int left = (int)(deadline - now_ms());
+        if (left <= 0 || poll(&p, 1, left) <= 0) break;
+        ssize_t n = read(out[0], line + got, sizeof line - 1 - got);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        got += (size_t)n;
+        line[got] = '\0';
+    }
+    close(out[0]);
+    int started = strstr(line, "\"ready\":true") != NULL;
+    if (started) {
+        char reply[256];
+        ctl_deadline(sock, "quit", reply, sizeof reply, 5000);
+    }
+    int status = 0;
+    for (int i = 0; i < 500 && waitpid(pid, &status, WNOHANG) == 0; i++) usleep(10000);
+    if (waitpid(pid, &status, WNOHANG) == 0) { /* still there: a hang counts as a failure too */
+        kill(pid, SIGKILL);
+        waitpid(pid, &status, 0);
+        t->other++;
+        printf("tamper %s: no answer, killed\n", what);
+        unlink(sock);
+        return;
+    }
+    unlink(sock);
+    if (started) t->started++;
+    else if (WIFSIGNALED(status)) t->crashed++, printf("tamper %s: killed by signal %d\n", what, WTERMSIG(status));
+    else if (WEXITSTATUS(status) == 4) t->refused++;
+    else if (WEXITSTATUS(status) == 5) t->foreign++;
+    else t->other++, printf("tamper %s: exit status %d\n", what, WEXITSTATUS(status));
+}
+
+static int tamper(const char *vmm, const char *snap, const char *work, size_t stride) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/state.bin", snap);
+    int fd = open(path, O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0 || st.st_size < STATE_HEADER || st.st_size > (1 << 24)) return fprintf(stderr, "tamper: cannot read %s\n", path), 2;
+    size_t n = (size_t)st.st_size;
+    uint8_t *orig = malloc(n), *buf = malloc(n);
+    if (!orig || !buf || read(fd, orig, n) != (ssize_t)n) return fprintf(stderr, "tamper: cannot read %s\n", path), 2;
+    close(fd);
+    snprintf(path, sizeof path, "%s/memory.raw", snap);
+    struct tamper_tally raw = {0}, forged = {0};
+    char what[64];
+    double t0 = now_ms();
+    memcpy(buf, orig, n);
+    tamper_start(vmm, path, work, buf, n, "unchanged", &forged);
+    int unchanged_ok = forged.started == 1;
+    forged = (struct tamper_tally){0};
+    for (size_t at = stride / 2; at < n; at += stride) {
+        memcpy(buf, orig, n);
+        buf[at] ^= 0xa5;
+        snprintf(what, sizeof what, "byte %zu", at);
+        tamper_start(vmm, path, work, buf, n, what, &raw);
+        if (at >= STATE_CHECKSUM_AT && at < STATE_CHECKSUM_AT + 8) continue;
+        forge_checksum(buf, n);
+        snprintf(what, sizeof what, "byte %zu, checksum forged", at);
+        tamper_start(vmm, path, work, buf, n, what, &forged);
+    }
+    /* Cut short: as is, and with the total and checksum made to match. */
+    const size_t cuts[] = {0, 7, STATE_HEADER - 1, STATE_HEADER, STATE_HEADER + 20, n / 3, n / 2, n - 8, n - 1};
+    for (size_t i = 0; i < sizeof cuts / sizeof cuts[0]; i++) {
+        memcpy(buf, orig, n);
+        snprintf(what, sizeof what, "cut to %zu", cuts[i]);
+        tamper_start(vmm, path, work, buf, cuts[i], what, &raw);
+        if (cuts[i] < STATE_HEADER) continue;
+        uint64_t total = cuts[i];
+        memcpy(buf + 104, &total, 8);
+        forge_checksum(buf, cuts[i]);
+        snprintf(what, sizeof what, "cut to %zu, total and checksum forged", cuts[i]);
+        tamper_start(vmm, path, work, buf, cuts[i], what, &forged);
+    }
+    /* Counts and sizes inflated: the section count, each section's length, the facts' MSR count and XSAVE size. */
+    size_t off = STATE_HEADER;
+    uint32_t sections;
+    memcpy(&sections, orig + 20, 4);
+    const uint64_t inflations[] = {8, 4096, 1ull << 32, ~0ull};
+    for (uint32_t s = 0; s < sections && off + 16 <= n; s++) {
+        uint32_t id;
+        uint64_t bytes;
+        memcpy(&id, orig + off, 4);
+        memcpy(&bytes, orig + off + 8, 8);
+        for (size_t k = 0; k < sizeof inflations / sizeof inflations[0]; k++) {
+            memcpy(buf, orig, n);
+            uint64_t big = bytes + inflations[k];
+            memcpy(buf + off + 8, &big, 8);
+            forge_checksum(buf, n);
+            snprintf(what, sizeof what, "section %u length +%llu", id, (unsigned long long)inflations[k]);
+            tamper_start(vmm, path, work, buf, n, what, &forged);
+        }
+        if (id == 1) { /* VM facts: msr_count, then xsave_size */
+            const uint32_t counts[] = {257, 1u << 20, 0xffffffffu};
+            for (int field = 0; field < 2; field++)
+                for (size_t k = 0; k < 3; k++) {
+                    memcpy(buf, orig, n);
+                    memcpy(buf + off + 16 + 4 * field, &counts[k], 4);
+                    forge_checksum(buf, n);
+                    snprintf(what, sizeof what, "%s = %u", field ? "xsave_size" : "msr_count", counts[k]);
+                    tamper_start(vmm, path, work, buf, n, what, &forged);
+                }
+        }
+        off += 16 + ((bytes + 7) & ~7ull);
+    }
+    memcpy(buf, orig, n);
+    uint32_t many = 0xffffffffu;
+    memcpy(buf + 20, &many, 4);
+    forge_checksum(buf, n);
+    tamper_start(vmm, path, work, buf, n, "section count inflated", &forged);
+    printf("tamper: %.0f ms; as edited: %u starts, %u refused (status 4), %u other, %u crashed; "
+           "checksum forged: %u starts, %u refused (status 4), %u refused as another host's (5), %u came up, %u other, %u crashed\n",
+           now_ms() - t0, raw.starts, raw.refused, raw.other, raw.crashed, forged.starts, forged.refused, forged.foreign, forged.started,
+           forged.other, forged.crashed);
+    int ok = unchanged_ok && raw.refused == raw.starts && forged.crashed == 0 && forged.other == 0;
+    printf("tamper: %s\n", ok ? "all held" : unchanged_ok ? "FAILED" : "FAILED (the unchanged snapshot did not start)");
+    free(orig);
+    free(buf);
+    return ok ? 0 : 1;
+}
+
 int main(int argc, char **argv) {
     uint8_t token[TOKEN_LEN], new_token[TOKEN_LEN];
     char reply[65536];
@@ -337,6 +527,7 @@ int main(int argc, char **argv) {
         if (token_arg(argv[4], token) < 0) return 2;
         return churn(argv[2], argv[3], token, atof(argv[5]), argc == 7 ? 3 : 2);
     }
+    if (argc == 6 && !strcmp(argv[1], "tamper")) return tamper(argv[2], argv[3], argv[4], (size_t)atol(argv[5]) ? (size_t)atol(argv[5]) : 1);
     fprintf(stderr, "usage: see the comment at the top of native/vmm/test/vmm-agent.c\n");
     return 2;
 }
