@@ -1,14 +1,14 @@
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { MachineShape } from '../engines/engine.js';
-import { type VmmSnapshotTimings, VmmVm } from '../engines/vmm/vmm-engine.js';
+import { type VmmSnapshotFds, type VmmSnapshotTimings, VmmVm } from '../engines/vmm/vmm-engine.js';
 import { resolveImage } from '../images/store.js';
 import { CladeError } from './errors.js';
 import { asCladeError, resumeAsNewSandbox } from './fork.js';
 import { ensurePrivateDir } from './home.js';
 import { mapLimited, START_CONCURRENCY } from './pool.js';
 import { chooseEngine, installExitCleanup, type LiveSandbox, newSandboxId, sandboxDir, vmmEngine } from './sandboxes.js';
-import { assertSnapshotEngine, commitSnapshot, snapshotDir, type SnapshotMeta, stagingDir, verifySnapshot } from './snapshots.js';
+import { assertSnapshotEngine, commitSnapshot, openSnapshot, snapshotDir, type SnapshotMeta, stagingDir } from './snapshots.js';
 
 /**
  * Persistent snapshots on the vmm engine (docs/snapshots.md, "vmm engine").
@@ -24,7 +24,7 @@ export function snapshotVmmSandbox(sb: LiveSandbox, tag: string, parent: string 
     try {
       await sb.agent.drained();
       const timings = await vm.snapshot(staging);
-      const meta = commitSnapshot(staging, {
+      const meta = await commitSnapshot(staging, {
         tag,
         parent,
         sandboxId: sb.id,
@@ -46,23 +46,33 @@ export function snapshotVmmSandbox(sb: LiveSandbox, tag: string, parent: string 
 /**
  * Starts `count` sandboxes from a vmm snapshot: one clade-vmm process each,
  * mapping memory.raw copy-on-write, then the after-fork fixup (new token,
- * entropy, clock, hostname, id) before any user command.
+ * entropy, clock, hostname, id) before any user command. The snapshot's files
+ * are opened once and checked through those descriptors (openSnapshot); each
+ * clade-vmm inherits the same descriptors, so what starts is what was checked,
+ * whatever happens to the paths meanwhile. clade-vmm checks state.bin once
+ * more itself and refuses a damaged or forged one (CladeError 'integrity').
  */
 export async function startFromVmmSnapshot(tag: string, count: number, env: Record<string, string>): Promise<(LiveSandbox | CladeError)[]> {
-  const meta = verifySnapshot(tag);
-  assertSnapshotEngine(meta, 'vmm');
-  await chooseEngine('vmm'); // says why not, where this host cannot run it
-  installExitCleanup();
-  const shape: MachineShape = { image: resolveImage(meta.image), memoryMiB: meta.memoryMiB, cpus: meta.cpus };
-  const results = await mapLimited(Array.from({ length: count }), START_CONCURRENCY, () => startOne(meta, shape, env));
-  return results.map((r) => (r.status === 'fulfilled' ? r.value : asCladeError(r.reason, `could not start a sandbox from snapshot ${tag}`)));
+  const opened = await openSnapshot(tag);
+  try {
+    const meta = opened.meta;
+    assertSnapshotEngine(meta, 'vmm');
+    await chooseEngine('vmm'); // says why not, where this host cannot run it
+    installExitCleanup();
+    const shape: MachineShape = { image: resolveImage(meta.image), memoryMiB: meta.memoryMiB, cpus: meta.cpus };
+    const fds: VmmSnapshotFds = { memory: opened.files['memory.raw'].fd, state: opened.files['state.bin'].fd };
+    const results = await mapLimited(Array.from({ length: count }), START_CONCURRENCY, () => startOne(meta, shape, env, fds));
+    return results.map((r) => (r.status === 'fulfilled' ? r.value : asCladeError(r.reason, `could not start a sandbox from snapshot ${tag}`)));
+  } finally {
+    await opened.close(); // every clade-vmm holds its own copies (and its mapping) by now
+  }
 }
 
-async function startOne(meta: SnapshotMeta, shape: MachineShape, env: Record<string, string>): Promise<LiveSandbox> {
+async function startOne(meta: SnapshotMeta, shape: MachineShape, env: Record<string, string>, fds: VmmSnapshotFds): Promise<LiveSandbox> {
   const t0 = performance.now();
   const id = newSandboxId();
   const runDir = ensurePrivateDir(join(sandboxDir(id), 'vm-0'));
-  const vm = await vmmEngine.restore({ id, runDir, snapshotDir: snapshotDir(meta.tag), shape }).catch((err: unknown) => {
+  const vm = await vmmEngine.restore({ id, runDir, snapshotDir: snapshotDir(meta.tag), shape, fds }).catch((err: unknown) => {
     rmSync(sandboxDir(id), { recursive: true, force: true });
     throw err;
   });

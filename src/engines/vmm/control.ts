@@ -1,11 +1,21 @@
 import { createConnection, type Socket } from 'node:net';
 import { CladeError, errorMessage } from '../../core/errors.js';
 
-/** A reply line longer than this is a broken VMM, not a big answer (a `forks 256` reply is ~40 KiB). */
+/** A reply line longer than this is a broken VMM, not a big answer (a `forks 256` reply is at most ~70 KiB; clade-vmm caps replies at 128 KiB). */
 const MAX_REPLY_BYTES = 256 * 1024;
 const DEFAULT_TIMEOUT_MS = 30_000;
 
 export type ControlReply = { ok: boolean; error?: string } & Record<string, unknown>;
+
+/** A request clade-vmm answered with ok: false; `reply` holds what else it said (a fork that failed half-way lists the children it made). */
+export class VmmRefusal extends CladeError {
+  constructor(
+    message: string,
+    readonly reply: ControlReply,
+  ) {
+    super('internal', message);
+  }
+}
 
 type Waiter = { resolve: (r: ControlReply) => void; reject: (e: CladeError) => void; timer: NodeJS.Timeout };
 
@@ -47,7 +57,7 @@ export class VmmControl {
       this.waiting.push({ resolve, reject, timer });
       this.socket!.write(line + '\n');
     }).then((reply) => {
-      if (!reply.ok) throw new CladeError('internal', `clade-vmm refused "${words[0]}": ${reply.error ?? 'no reason given'}`);
+      if (!reply.ok) throw new VmmRefusal(`clade-vmm refused "${words[0]}": ${reply.error ?? 'no reason given'}`, reply);
       return reply;
     });
   }

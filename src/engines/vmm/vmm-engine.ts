@@ -1,16 +1,25 @@
 import { spawn } from 'node:child_process';
-import { existsSync, readFileSync, readlinkSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, constants, existsSync, openSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { CladeError } from '../../core/errors.js';
 import { packageRoot } from '../../core/paths.js';
 import { ensureVmlinux } from '../../images/vmlinux.js';
 import { assertSocketPath, type BootSpec, type Engine, type MachineShape, type VmHandle } from '../engine.js';
 import { probeKvm } from '../qemu/accel.js';
-import { VmmControl } from './control.js';
+import { VmmControl, VmmRefusal } from './control.js';
 
 /** clade-vmm keeps guest RAM below the 32-bit PCI hole. */
 export const VMM_MAX_MEMORY_MIB = 3072;
+/** Children one `forks` request makes (clade-vmm's VMM_MAX_FORK_BATCH); larger forks are split, one pause each. */
+export const VMM_MAX_FORK_BATCH = 256;
+/** clade-vmm's exit status when a snapshot's files are damaged, forged or inconsistent (native/vmm/vmm.h). */
+export const VMM_EXIT_SNAPSHOT_REFUSED = 4;
+/** clade-vmm's exit status when a snapshot needs KVM features this host does not have. */
+export const VMM_EXIT_SNAPSHOT_FOREIGN = 5;
 const EXIT_POLL_MS = 500;
+/** Where clade-vmm finds what it inherits: the kernel command line, or a snapshot's two files (fd numbers in the child). */
+const CMDLINE_FD = 3;
+const SNAPSHOT_FDS = [3, 4] as const;
 
 export function vmmBinary(): string {
   return process.env.CLADE_VMM ?? join(packageRoot(), 'native', 'vmm', 'build', 'clade-vmm');
@@ -26,11 +35,15 @@ export async function vmmUnavailableReason(): Promise<string | undefined> {
 
 type Files = { control: string; agent: string; serial: string };
 
+/** A VM's files in its run directory; clade-vmm binds a forked child's in the child's own (`forks N DIR...`). */
 function runFiles(runDir: string): Files {
   const files = { control: join(runDir, 'control.sock'), agent: join(runDir, 'agent.sock'), serial: join(runDir, 'serial.log') };
   assertSocketPath(files.control); // the longest of the two socket names
   return files;
 }
+
+/** A snapshot's two files, open for reading: clade-vmm maps and reads these descriptors, never the paths. */
+export type VmmSnapshotFds = { memory: number; state: number };
 
 /**
  * The fork-native engine: one clade-vmm process per sandbox, guest RAM private
@@ -47,38 +60,92 @@ export class VmmEngine implements Engine {
     const files = runFiles(spec.runDir);
     const kernel = await ensureVmlinux(spec.image);
     const cmdline = ['console=ttyS0', 'quiet', 'panic=-1', 'mitigations=off', 'random.trust_cpu=on', 'i8042.noaux', `clade.token=${spec.token.toString('hex')}`, `clade.id=${spec.id}`, `clade.hostname=${spec.hostname}`];
-    const args = ['run', '--socket', files.control, '--agent-socket', files.agent, '--serial-log', files.serial, '--kernel', kernel, '--initramfs', spec.image.initramfs, '--mem-mib', String(spec.memoryMiB), '--cmdline', cmdline.join(' ')];
-    return startVmm(spec.id, spec, spec.runDir, files, args);
+    // The command line carries the agent's token: it goes through a pipe, never into clade-vmm's own argv,
+    // which every local user can read in /proc.
+    const args = ['run', '--socket', files.control, '--agent-socket', files.agent, '--serial-log', files.serial, '--kernel', kernel, '--initramfs', spec.image.initramfs, '--mem-mib', String(spec.memoryMiB), '--cmdline-fd', String(CMDLINE_FD)];
+    return startVmm(spec.id, spec, spec.runDir, files, args, { cmdline: cmdline.join(' ') });
   }
 
   /**
    * Starts a VM from a snapshot written by VmmVm.snapshot(): clade-vmm maps its
    * memory.raw copy-on-write (never writing it), so every VM started from one
-   * snapshot shares the file's page cache.
+   * snapshot shares the file's page cache. `fds` are the snapshot's files as the
+   * caller opened and checked them; clade-vmm inherits and uses exactly those
+   * (no path is opened again between the check and the use). Without them the
+   * files in `snapshotDir` are opened here. A state.bin clade-vmm refuses
+   * (damaged or forged) is a CladeError 'integrity'.
    */
-  async restore(spec: { id: string; runDir: string; snapshotDir: string; shape: MachineShape }): Promise<VmmVm> {
+  async restore(spec: { id: string; runDir: string; snapshotDir: string; shape: MachineShape; fds?: VmmSnapshotFds }): Promise<VmmVm> {
     const files = runFiles(spec.runDir);
-    const args = ['run', '--socket', files.control, '--agent-socket', files.agent, '--serial-log', files.serial, '--restore', spec.snapshotDir];
-    return startVmm(spec.id, spec.shape, spec.runDir, files, args);
+    const args = ['run', '--socket', files.control, '--agent-socket', files.agent, '--serial-log', files.serial, '--restore-fds', SNAPSHOT_FDS.join(',')];
+    if (spec.fds) return startVmm(spec.id, spec.shape, spec.runDir, files, args, { snapshot: spec.fds });
+    const fds = openSnapshotFiles(spec.snapshotDir);
+    try {
+      return await startVmm(spec.id, spec.shape, spec.runDir, files, args, { snapshot: fds });
+    } finally {
+      closeSync(fds.memory);
+      closeSync(fds.state);
+    }
   }
 }
 
-/** Spawns one root clade-vmm process and connects its control socket; a VMM that exits at once reports why. */
-async function startVmm(id: string, shape: MachineShape, runDir: string, files: Files, args: string[]): Promise<VmmVm> {
+/** memory.raw and state.bin of a snapshot directory, read-only, symlinks refused. */
+export function openSnapshotFiles(dir: string): VmmSnapshotFds {
+  const flags = constants.O_RDONLY | constants.O_NOFOLLOW; // close-on-exec, as every descriptor Node opens: only the child given them gets them
+  const open = (name: string) => {
+    try {
+      return openSync(join(dir, name), flags);
+    } catch (err) {
+      throw new CladeError('integrity', `the snapshot in ${dir} has no readable ${name} (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
+    }
+  };
+  const memory = open('memory.raw');
+  try {
+    return { memory, state: open('state.bin') };
+  } catch (err) {
+    closeSync(memory);
+    throw err;
+  }
+}
+
+/**
+ * Spawns one root clade-vmm process and connects its control socket; a VMM
+ * that exits at once reports why. What it inherits is only what it needs:
+ * no environment (nothing of ours, secrets included, reaches it), the kernel
+ * command line through a pipe, or a snapshot's two descriptors.
+ */
+async function startVmm(id: string, shape: MachineShape, runDir: string, files: Files, args: string[], pass: { cmdline?: string; snapshot?: VmmSnapshotFds }): Promise<VmmVm> {
+  const stdio: ('ignore' | 'pipe' | number)[] = ['ignore', 'ignore', 'pipe'];
+  if (pass.cmdline !== undefined) stdio[CMDLINE_FD] = 'pipe';
+  if (pass.snapshot) stdio.push(pass.snapshot.memory, pass.snapshot.state); // become fds 3 and 4 (SNAPSHOT_FDS)
   // Its own process group: a fork's children stay in it, and none of them gets the terminal's Ctrl-C.
-  const child = spawn(vmmBinary(), args, { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
+  const child = spawn(vmmBinary(), args, { stdio, detached: true, env: {} });
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => (stderr = (stderr + d.toString('utf8')).slice(-4096)));
+  let exitCode: number | null = null;
+  child.once('exit', (code) => (exitCode = code));
+  // 'close' comes after the exit and the end of its stderr: the reason it printed is all there then.
+  const closed = new Promise<void>((resolve) => child.once('close', () => resolve()));
   await new Promise<void>((resolve, reject) => {
     child.once('spawn', resolve);
     child.once('error', (err) => reject(new CladeError('unavailable', `cannot start clade-vmm: ${err.message}`)));
   });
+  if (pass.cmdline !== undefined) {
+    const pipe = child.stdio[CMDLINE_FD] as NodeJS.WritableStream & { on(e: 'error', f: () => void): void };
+    pipe.on('error', () => undefined); // a VMM that died at once is reported below, by its exit
+    pipe.end(pass.cmdline);
+  }
   const vm = new VmmVm(id, child.pid!, shape, runDir, files, () => stderr);
   try {
     await vm.connect(Date.now() + 10_000);
   } catch (err) {
     await vm.kill();
-    if (err instanceof CladeError && stderr.trim()) throw new CladeError(err.code, `${err.message}: ${stderr.trim()}`, { cause: err });
+    await Promise.race([closed, new Promise((r) => setTimeout(r, 2000))]);
+    const why = stderr.trim().replace(/^clade-vmm: /gm, '');
+    const status = exitCode;
+    if (status === VMM_EXIT_SNAPSHOT_REFUSED) throw new CladeError('integrity', `clade-vmm refused the snapshot: ${why || 'no reason given'}`, { cause: err });
+    if (status === VMM_EXIT_SNAPSHOT_FOREIGN) throw new CladeError('unavailable', `clade-vmm cannot start this snapshot here: ${why || 'no reason given'}`, { cause: err });
+    if (err instanceof CladeError && why) throw new CladeError(err.code, `${err.message}: ${why}`, { cause: err });
     throw err;
   }
   return vm;
@@ -156,28 +223,53 @@ export class VmmVm implements VmHandle {
   }
 
   /**
-   * Forks the running VM into `count` children in one pause. Each child's
-   * sockets are moved into its own run directory (a bound unix socket keeps
-   * working under a new name).
+   * Forks the running VM into one child per entry. clade-vmm binds each
+   * child's control and agent sockets and opens its serial log in the child's
+   * own run directory (which must exist), so a child depends on nothing of
+   * its parent's: it keeps working, and forking, after the parent is gone.
+   * Up to VMM_MAX_FORK_BATCH children take one pause of the parent; more are
+   * made in several batches, one pause each (the timings add up).
    */
   async fork(children: { id: string; runDir: string }[]): Promise<{ vms: VmmVm[]; timings: VmmForkTimings }> {
-    if (!this.control) throw new CladeError('killed', `sandbox ${this.id}'s VMM is not connected`);
-    const reply = await this.control.request(['forks', children.length], 60_000);
-    const made = (reply.children as VmmChild[] | undefined) ?? [];
-    const vms = made.map((c, i) => {
-      const target = children[i]!;
-      const files = runFiles(target.runDir);
-      renameSync(c.socket, files.control);
-      renameSync(c.agentSocket, files.agent);
-      return new VmmVm(target.id, c.pid, this.shape, target.runDir, files);
-    });
-    await Promise.all(vms.map((vm) => vm.connect(Date.now() + 10_000)));
-    const timings = { pauseUs: Number(reply.pauseUs), forkUs: Number(reply.forkUs), captureUs: Number(reply.captureUs), parkUs: Number(reply.parkUs) };
-    if (made.length < children.length) {
+    const vms: VmmVm[] = [];
+    const timings: VmmForkTimings = { pauseUs: 0, forkUs: 0, captureUs: 0, parkUs: 0 };
+    try {
+      for (let at = 0; at < children.length; at += VMM_MAX_FORK_BATCH) {
+        const batch = children.slice(at, at + VMM_MAX_FORK_BATCH);
+        const made = await this.forkBatch(batch, timings);
+        vms.push(...made);
+        if (made.length < batch.length) throw new CladeError('internal', `clade-vmm made ${vms.length} of ${children.length} children`);
+      }
+    } catch (err) {
       await Promise.all(vms.map((vm) => vm.kill()));
-      throw new CladeError('internal', `clade-vmm made ${made.length} of ${children.length} children`);
+      throw err;
     }
     return { vms, timings };
+  }
+
+  /** One `forks N DIR...` request: one pause of this VM for up to VMM_MAX_FORK_BATCH children. */
+  private async forkBatch(children: { id: string; runDir: string }[], timings: VmmForkTimings): Promise<VmmVm[]> {
+    if (!this.control) throw new CladeError('killed', `sandbox ${this.id}'s VMM is not connected`);
+    const files = children.map((c) => runFiles(c.runDir));
+    let reply: Record<string, unknown>;
+    try {
+      reply = await this.control.request(['forks', children.length, ...children.map((c) => c.runDir)], 60_000);
+    } catch (err) {
+      // A fork that failed half-way still made children: they run, and are ours to end.
+      const made = err instanceof VmmRefusal ? ((err.reply.children as VmmChild[] | undefined) ?? []) : [];
+      await Promise.all(made.map((c, i) => new VmmVm(children[i]!.id, c.pid, this.shape, children[i]!.runDir, files[i]!).kill()));
+      throw err;
+    }
+    const made = (reply.children as VmmChild[] | undefined) ?? [];
+    const vms = made.map((c, i) => new VmmVm(children[i]!.id, c.pid, this.shape, children[i]!.runDir, files[i]!));
+    for (const key of ['pauseUs', 'forkUs', 'captureUs', 'parkUs'] as const) timings[key] += Number(reply[key] ?? 0);
+    const connected = await Promise.allSettled(vms.map((vm) => vm.connect(Date.now() + 10_000)));
+    const failed = connected.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) {
+      await Promise.all(vms.map((vm) => vm.kill()));
+      throw failed.reason;
+    }
+    return vms;
   }
 
   /**
