@@ -23,12 +23,13 @@ function buildAll(): void {
  * the runner is killed and this throws a CladeError 'timeout' naming the last
  * stage reached.
  */
-export async function runCladePayload(script: string, opts: { required: string[]; timeoutMs: number; daemon?: boolean }): Promise<void> {
+export async function runCladePayload(script: string, opts: { required: string[]; timeoutMs: number }): Promise<void> {
   buildAll();
   const pkg = CLADE_IN_RUNNER.package;
   const before = runnerTraces();
   const r = await runInRunner({
-    files: [...(await cladeCarry({ daemon: opts.daemon ?? false })), { hostPath: join(root, 'test/runner/payload'), guestPath: `${pkg}/check` }],
+    // The run-time npm packages come along for every payload: the SDK's core needs some of them too (schemas).
+    files: [...(await cladeCarry({ daemon: true })), { hostPath: join(root, 'test/runner/payload'), guestPath: `${pkg}/check` }],
     command: `CLADE_HOME=${CLADE_IN_RUNNER.home} /opt/node/bin/node ${pkg}/check/${script} ${pkg}`,
     timeoutMs: opts.timeoutMs,
   });

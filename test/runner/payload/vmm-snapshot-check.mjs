@@ -1,17 +1,52 @@
 // Runs inside the runner VM with the built SDK: persistent snapshots on the
 // vmm engine. Snapshot a running sandbox, start two sandboxes from it (state
 // kept, each isolated and renamed, the interpreter kept and reseeded), a
-// snapshot of a snapshot's child (lineage), the engine and integrity checks,
-// removal with cascade, and nothing left behind. Prints "check ok NAME" /
+// snapshot of a snapshot's child (lineage), the engine and integrity checks
+// (the host's, and clade-vmm's own on edited files it is handed directly:
+// damaged, truncated, forged counts and device registers), removal with
+// cascade, and nothing left behind. Prints "check ok NAME" /
 // "check FAIL NAME: why", "timing" lines, then "done" (read by
 // test/runner/vmm-sdk.test.ts).
-import { existsSync, openSync, closeSync, readdirSync, statSync, writeSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, openSync, closeSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { check, checkNoVmmLeft, done, ms } from './checks.mjs';
 import { join } from 'node:path';
 
 const root = process.argv[2];
 const { Sandbox } = await import(`${root}/dist/sdk/index.js`);
 const { removeSnapshot, verifySnapshot } = await import(`${root}/dist/core/snapshots.js`);
+const { VmmEngine } = await import(`${root}/dist/engines/vmm/vmm-engine.js`);
+
+/** state.bin's checksum (FNV-1a 64 over the file, the field itself as zeros), recomputed as a forger would. */
+function forgeChecksum(buf) {
+  buf.fill(0, 96, 104);
+  let h = 0xcbf29ce484222325n;
+  for (const b of buf) h = ((h ^ BigInt(b)) * 0x100000001b3n) & 0xffffffffffffffffn;
+  buf.writeBigUInt64LE(h, 96);
+  return buf;
+}
+
+/**
+ * Starts clade-vmm straight from an edited copy of a snapshot (past the host's SHA-256 check, as if
+ * the files had been swapped after it): clade-vmm itself must refuse, and the engine say 'integrity'.
+ */
+async function startEdited(dir, name, edit) {
+  const copy = join(process.env.CLADE_HOME, 'tmp', `edited-${name}`);
+  const runDir = join(process.env.CLADE_HOME, 'tmp', `edited-${name}-run`);
+  mkdirSync(copy, { recursive: true });
+  mkdirSync(runDir, { recursive: true });
+  copyFileSync(join(dir, 'memory.raw'), join(copy, 'memory.raw'));
+  writeFileSync(join(copy, 'state.bin'), edit(readFileSync(join(dir, 'state.bin'))));
+  try {
+    const vm = await new VmmEngine().restore({ id: `edited-${name}`, runDir, snapshotDir: copy, shape: { memoryMiB: 512, cpus: 1 } });
+    await vm.kill();
+    return 'started';
+  } catch (e) {
+    return `${e.code}: ${e.message}`;
+  } finally {
+    rmSync(copy, { recursive: true, force: true });
+    rmSync(runDir, { recursive: true, force: true });
+  }
+}
 const snapshots = join(process.env.CLADE_HOME, 'snapshots');
 
 const errorCode = (p) => p.then(() => 'no error', (e) => e.code ?? String(e));
@@ -81,8 +116,36 @@ try {
   writeSync(fd, Buffer.from('tampered'), 0, 8, 4096 * 100);
   closeSync(fd);
   check('tampered-refused', (await errorCode(Sandbox.fromSnapshot('vmm-snap-2'))) === 'integrity');
+
+  // clade-vmm's own refusals, reached past the host's hash check.
+  const snapDir = join(snapshots, 'vmm-snap');
+  const boardAt = (buf) => { // the device section's payload: walk the section table
+    let off = 112;
+    for (let i = 0; i < buf.readUInt32LE(20); i++) {
+      const id = buf.readUInt32LE(off), bytes = Number(buf.readBigUInt64LE(off + 8));
+      if (id === 7) return off + 16;
+      off += 16 + Math.ceil(bytes / 8) * 8;
+    }
+    return -1;
+  };
+  const edits = {
+    'changed-byte': (b) => { b[b.length - 100] ^= 1; return b; },
+    truncated: (b) => b.subarray(0, b.length - 40),
+    'inflated-msr-count': (b) => { b.writeUInt32LE(1 << 20, 128); return forgeChecksum(b); },
+    'section-past-end': (b) => { b.writeBigUInt64LE(1n << 40n, 120); return forgeChecksum(b); },
+    // In the devices: the PCI config address register (first u32 of the device state) with reserved bits set.
+    'device-register': (b) => { b.writeUInt32LE(0xffffffff, boardAt(b)); return forgeChecksum(b); },
+    // A queue address where a host pointer used to be in the old format: far outside guest RAM.
+    'queue-outside-ram': (b) => { const q0 = boardAt(b) + 264 + 288; b.writeBigUInt64LE(0x7fff00000000n, q0); b[q0 + 28] = 1; return forgeChecksum(b); },
+  };
+  for (const [name, edit] of Object.entries(edits)) {
+    const outcome = await startEdited(snapDir, name, edit);
+    check(`vmm-refuses-${name}`, outcome.startsWith('integrity: clade-vmm refused the snapshot'), outcome);
+  }
+  check('vmm-starts-unedited-copy', (await startEdited(snapDir, 'none', (b) => b)) === 'started');
   check('rm-needs-cascade', (() => { try { removeSnapshot('vmm-snap'); return false; } catch (e) { return e.code === 'conflict'; } })());
-  check('rm-cascade', removeSnapshot('vmm-snap', { cascade: true }).length === 2 && readdirSync(snapshots).length === 0, readdirSync(snapshots).join(' '));
+  const tags = () => readdirSync(snapshots).filter((e) => !e.startsWith('.')); // .staging is the writers' scratch area
+  check('rm-cascade', removeSnapshot('vmm-snap', { cascade: true }).length === 2 && tags().length === 0, tags().join(' '));
   check('running-after-rm', (await kids[0].runCode('counter')).value === '7');
 } catch (err) {
   check('no-exception', false, err && err.stack ? err.stack : String(err));
