@@ -10,12 +10,20 @@ const WRITE_CHUNK = 512 * 1024;
 const MAX_VIOLATIONS_KEPT = 32;
 /** Default wait for a request's reply. */
 export const REQUEST_TIMEOUT_MS = 30_000;
-/** The agent must take what the host writes within this long, or it is stuck. */
-const WRITE_STALL_MS = 60_000;
-/** A file read that brings no data for this long is given up. */
-const READ_IDLE_MS = 30_000;
-/** How long after a command's own timeout the host waits for its EXIT before killing it itself, and again after that. */
-export const EXIT_GRACE_MS = 5_000;
+
+/** How long the host waits on the guest; every wait has one of these deadlines. */
+export type AgentDeadlines = {
+  /** A request's reply, and an EXEC's start. */
+  requestMs: number;
+  /** The agent must take what the host writes within this long, or it is stuck. */
+  writeStallMs: number;
+  /** A file read that brings no data for this long is given up. */
+  readIdleMs: number;
+  /** After a command's own timeout, how long the host waits for its EXIT before killing it itself, and again after that. */
+  exitGraceMs: number;
+};
+
+export const DEFAULT_DEADLINES: AgentDeadlines = { requestMs: REQUEST_TIMEOUT_MS, writeStallMs: 60_000, readIdleMs: 30_000, exitGraceMs: 5_000 };
 
 export type ExecRequest = {
   argv?: string[];
@@ -88,9 +96,12 @@ export class AgentClient {
     },
   });
 
-  constructor(token: Buffer) {
+  private readonly deadlines: AgentDeadlines;
+
+  constructor(token: Buffer, deadlines: Partial<AgentDeadlines> = {}) {
     if (token.length !== TOKEN_SIZE) throw new CladeError('internal', 'agent token must be 32 bytes');
     this.token = Buffer.from(token);
+    this.deadlines = { ...DEFAULT_DEADLINES, ...deadlines };
   }
 
   /** Connects to the socket QEMU serves, retrying while QEMU is still starting. */
@@ -267,7 +278,7 @@ export class AgentClient {
   }
 
   /** Sends one request and resolves with the fields of its OK reply. */
-  request(type: number, body?: FieldWriter, timeoutMs = REQUEST_TIMEOUT_MS): Promise<FieldReader> {
+  request(type: number, body?: FieldWriter, timeoutMs = this.deadlines.requestMs): Promise<FieldReader> {
     const id = this.allocId();
     const reply = this.awaitReply(id, timeoutMs);
     this.send(type, id, body?.toBuffer()).catch((err) => this.pending.get(id)?.onClose(asCladeError(err)));
@@ -297,7 +308,7 @@ export class AgentClient {
     });
   }
 
-  async exec(req: ExecRequest, handlers: ExecHandlers = {}, startTimeoutMs = REQUEST_TIMEOUT_MS): Promise<ExecHandle> {
+  async exec(req: ExecRequest, handlers: ExecHandlers = {}, startTimeoutMs = this.deadlines.requestMs): Promise<ExecHandle> {
     const body = new FieldWriter();
     if (req.argv) for (const a of req.argv) body.str(Tag.ARGV, a);
     else if (req.shell !== undefined) body.str(Tag.SHELL, req.shell);
@@ -401,15 +412,15 @@ export class AgentClient {
         if (!this.pending.has(id)) return;
         end();
         rejectExit(new CladeError('timeout', `the command ran past its ${timeoutMs} ms timeout and the guest did not report its end; it was sent SIGKILL`));
-      }, EXIT_GRACE_MS);
+      }, this.deadlines.exitGraceMs);
       last.unref();
-    }, timeoutMs + EXIT_GRACE_MS).unref();
+    }, timeoutMs + this.deadlines.exitGraceMs).unref();
   }
 
   async readFile(path: string, opts: ReadFileOptions = {}): Promise<Buffer> {
     const chunks: Buffer[] = [];
     let bytes = 0;
-    const idleMs = opts.idleTimeoutMs ?? READ_IDLE_MS;
+    const idleMs = opts.idleTimeoutMs ?? this.deadlines.readIdleMs;
     const id = this.allocId();
     const body = new FieldWriter().str(Tag.PATH, path);
     if (opts.maxBytes !== undefined) body.u64(Tag.LIMIT, opts.maxBytes);
@@ -457,7 +468,8 @@ export class AgentClient {
     const open = new FieldWriter().str(Tag.PATH, path);
     if (mode !== undefined) open.u64(Tag.MODE, mode);
     const id = this.allocId();
-    const opened = this.awaitReply(id, REQUEST_TIMEOUT_MS);
+    const opened = this.awaitReply(id, this.deadlines.requestMs);
+    opened.catch(() => undefined); // awaited below, unless the send fails first
     await this.send(MessageType.WRITE_OPEN, id, open.toBuffer());
     await opened;
     let sent = 0;
@@ -468,12 +480,13 @@ export class AgentClient {
         sent += buf.length;
       }
     } catch (err) {
-      const discarded = this.awaitReply(id, REQUEST_TIMEOUT_MS);
+      const discarded = this.awaitReply(id, this.deadlines.requestMs).catch(() => undefined);
       await this.send(MessageType.WRITE_CLOSE, id, new FieldWriter().u64(Tag.DISCARD, 1).toBuffer()).catch(() => undefined);
-      await discarded.catch(() => undefined);
+      await discarded;
       throw err;
     }
     const closed = this.awaitReply(id, 120_000);
+    closed.catch(() => undefined); // awaited below, unless the send fails first
     await this.send(MessageType.WRITE_CLOSE, id);
     return (await closed).u64(Tag.SIZE) ?? sent;
   }
@@ -525,7 +538,7 @@ export class AgentClient {
     return new Promise((resolve, reject) => {
       const ok = socket.write(bytes, (err) => (err ? reject(new CladeError('killed', `agent channel write failed: ${err.message}`)) : undefined));
       if (ok) resolve();
-      else this.waitDrain(socket, WRITE_STALL_MS).then(resolve, reject);
+      else this.waitDrain(socket, this.deadlines.writeStallMs).then(resolve, reject);
     });
   }
 
@@ -574,7 +587,7 @@ function toEntry(r: FieldReader): FileEntry {
 }
 
 function tooLarge(path: string, maxBytes: number): CladeError {
-  return new CladeError('too_large', `${path} is larger than the ${maxBytes}-byte limit for reading a file whole; read it as a stream instead (files.read(path, { format: 'stream' }), or GET /v1/sandboxes/<id>/files, which streams)`);
+  return new CladeError('too_large', `${path} is larger than the ${maxBytes}-byte limit of this read; read it as a stream without a limit instead (files.read(path, { format: 'stream' }), or GET /v1/sandboxes/<id>/files without maxBytes)`);
 }
 
 function asCladeError(err: unknown): CladeError {

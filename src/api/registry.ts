@@ -90,6 +90,7 @@ export class SandboxRegistry {
   add(sandbox: Sandbox, timeoutMs: number, snapshotTag?: string): SandboxView {
     const entry: Entry = { sandbox, expiresAt: timeoutMs > 0 ? Date.now() + timeoutMs : null, fingerprint: '', ...(snapshotTag ? { snapshotTag } : {}) };
     this.entries.set(sandbox.sandboxId, entry);
+    this.follow(sandbox.sandboxId);
     this.persist(sandbox.sandboxId);
     return this.view(sandbox.sandboxId);
   }
@@ -251,7 +252,21 @@ export class SandboxRegistry {
     });
     const entry: Entry = { sandbox: Sandbox.connectLocal(live.id), expiresAt: rec.expiresAt, fingerprint: '', ...(rec.snapshotTag ? { snapshotTag: rec.snapshotTag } : {}) };
     this.entries.set(rec.id, entry);
+    this.follow(rec.id);
     this.persist(rec.id);
+  }
+
+  /** The record follows the sandbox to each new VM process at once, before the old process is gone. */
+  private follow(id: string): void {
+    const live = getLiveOrUndefined(id);
+    if (!live) return;
+    live.onVmChanged = () => {
+      try {
+        this.persist(id);
+      } catch (err) {
+        this.log.warn({ sandboxId: id, err: errorMessage(err) }, 'could not rewrite the sandbox record; the sweep will retry');
+      }
+    };
   }
 
   private discard(rec: SandboxRecord): void {

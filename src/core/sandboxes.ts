@@ -65,6 +65,12 @@ export class LiveSandbox {
   /** Pid of the pre-started continuation, for synchronous cleanup at exit. */
   warmPid?: number;
   private exclusiveTail: Promise<unknown> = Promise.resolve();
+  /**
+   * Called when the sandbox has moved to another VM process, before the old
+   * one is killed: a daemon rewrites its record here, so a crash at any moment
+   * leaves a record naming a VM that still runs the guest.
+   */
+  onVmChanged?: () => void;
 
   constructor(
     readonly id: string,
@@ -131,9 +137,12 @@ export class LiveSandbox {
     this.generation = Math.max(this.generation, generation);
   }
 
-  /** A fresh directory for the next VM process of this sandbox. */
+  /** A fresh directory for the next VM process of this sandbox (one a crashed predecessor left is skipped). */
   nextRunDir(): string {
-    return ensurePrivateDir(join(sandboxDir(this.id), `vm-${++this.generation}`));
+    let dir: string;
+    do dir = join(sandboxDir(this.id), `vm-${++this.generation}`);
+    while (existsSync(dir));
+    return ensurePrivateDir(dir);
   }
 
   /** Puts the sandbox on another VM process (after a fork or promotion) and retires the old one. */
@@ -144,6 +153,7 @@ export class LiveSandbox {
     this.base = base;
     base?.retain();
     this.watch(next);
+    this.onVmChanged?.();
     await this.agent.rebind(next.agentSocket, Date.now() + 10_000);
     void old.kill().then(() => oldBase?.release());
   }
@@ -265,9 +275,9 @@ export async function adoptSandbox(spec: AdoptSpec): Promise<LiveSandbox> {
   agent.idCursor = spec.agentIdCursor;
   const deadline = Date.now() + 10_000;
   try {
+    if (vm instanceof QemuVm) await vm.resumeIfPaused(); // QEMU accepts a new control client once the old owner's is gone
     await agent.connect(vm.agentSocket, deadline, () => vm.alive());
     await agent.waitReady(deadline, () => vm.alive());
-    if (vm instanceof QemuVm) await vm.qmp(); // QEMU accepts a new control client once the old owner's is gone
   } catch (err) {
     agent.close();
     throw err;
@@ -346,8 +356,6 @@ function removeMemoryDirIfEmpty(): void {
 
 /** A run directory or RAM file this young, with no owner recorded yet, may belong to a VM still starting. */
 const STARTING_GRACE_MS = 120_000;
-/** A VM process this young that no record names may be a fork child still being recorded. */
-const UNRECORDED_GRACE_MS = 30_000;
 
 /**
  * Removes what a process that died without cleaning up (SIGKILL, power loss)
@@ -390,7 +398,8 @@ export function reapOrphans(): { killed: number; removed: number } {
 /**
  * VM processes of this clade home (their command line names a path under its
  * sandboxes directory) that no live owner records. A process whose parent is
- * still alive (other than init) is being started or forked right now and is left alone.
+ * still alive (other than init) is being started or forked right now and is
+ * left alone; one whose parent is gone can never be recorded any more.
  */
 function reapUnrecordedVms(recorded: Set<number>): number {
   const marker = `${homePaths.sandboxes()}/`;
@@ -398,25 +407,18 @@ function reapUnrecordedVms(recorded: Set<number>): number {
   for (const p of vmProcesses()) {
     if (recorded.has(p.pid) || !p.cmdline.includes(marker)) continue;
     if (p.ppid > 1 && processAlive(p.ppid)) continue;
-    if (p.ageMs < UNRECORDED_GRACE_MS) continue;
     killPidQuietly(p.pid);
     killed++;
   }
   return killed;
 }
 
-type VmProcessInfo = { pid: number; ppid: number; cmdline: string; ageMs: number };
+type VmProcessInfo = { pid: number; ppid: number; cmdline: string };
 
 /** This user's QEMU and clade-vmm processes, from /proc. */
 function vmProcesses(): VmProcessInfo[] {
   const out: VmProcessInfo[] = [];
   const uid = process.getuid?.();
-  let uptimeS = 0;
-  try {
-    uptimeS = Number(readFileSync('/proc/uptime', 'utf8').split(' ')[0]);
-  } catch {
-    return out;
-  }
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     try {
@@ -426,17 +428,14 @@ function vmProcesses(): VmProcessInfo[] {
       const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
       const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
       if (fields[0] === 'Z') continue;
-      const startedS = Number(fields[19]) / CLOCK_TICKS_PER_S;
-      out.push({ pid: Number(entry), ppid: Number(fields[1]), cmdline: readFileSync(`/proc/${entry}/cmdline`, 'utf8').replaceAll('\0', ' '), ageMs: (uptimeS - startedS) * 1000 });
+      // The exe link names the VM binary only once exec has replaced the starting process, cmdline included.
+      out.push({ pid: Number(entry), ppid: Number(fields[1]), cmdline: readFileSync(`/proc/${entry}/cmdline`, 'utf8').replaceAll('\0', ' ') });
     } catch {
       // Gone meanwhile, or not readable: not ours to judge.
     }
   }
   return out;
 }
-
-/** USER_HZ: the unit of process start times in /proc, 100 on every Linux architecture clade runs on. */
-const CLOCK_TICKS_PER_S = 100;
 
 const VmMetaSchema = Type.Object({
   engine: Type.Optional(Type.Union([Type.Literal('qemu'), Type.Literal('vmm')])),

@@ -50,6 +50,18 @@ describe('frame codec', () => {
     expect(frames.map((f) => f.id)).toEqual([10]);
   });
 
+  it('reassembles a maximal frame pushed one byte at a time in linear time', () => {
+    const frame = encodeGuestFrame(MessageType.STDOUT, 5, Buffer.alloc(MAX_PAYLOAD, 0x41));
+    const { d, frames } = collect();
+    const t0 = performance.now();
+    for (let i = 0; i < frame.length; i++) d.push(frame.subarray(i, i + 1));
+    const ms = performance.now() - t0;
+    expect(frames).toHaveLength(1);
+    expect(frames[0]!.payload.length).toBe(MAX_PAYLOAD);
+    // Copying the growing frame at every byte (quadratic) would take minutes.
+    expect(ms).toBeLessThan(5000);
+  });
+
   it('puts the token first in host frames and refuses oversized bodies', () => {
     const token = Buffer.alloc(32, 0xab);
     const f = encodeHostFrame(MessageType.HELLO, 3, token);

@@ -305,9 +305,23 @@ export class QemuVm implements VmHandle {
    * restarted after SIGKILL): this process becomes its owner, so reapers leave it alone.
    */
   static adopt(a: AdoptableVm): QemuVm {
-    const vm = new QemuVm({ id: a.id, shape: a.shape, runDir: a.runDir, memory: a.memory }, adoptedProcess(a.pid, a.id), a.accelerator, runFiles(a.runDir));
+    // An owner killed in the middle of a fork may have renamed the RAM file for the fork's snapshot:
+    // the VM still maps it, but it is no longer this VM's to freeze by name; the next fork first
+    // gives the VM a RAM file of its own again (promotion).
+    const memory = a.memory.shared && !existsSync(a.memory.file) ? { file: a.memory.file, shared: false } : a.memory;
+    const vm = new QemuVm({ id: a.id, shape: a.shape, runDir: a.runDir, memory }, adoptedProcess(a.pid, a.id), a.accelerator, runFiles(a.runDir));
     vm.recordOwner();
     return vm;
+  }
+
+  /**
+   * A VM whose owner was killed between pausing it (to freeze it for a fork or
+   * snapshot) and handing it on is still paused: it runs again from here.
+   */
+  async resumeIfPaused(): Promise<void> {
+    const qmp = await this.qmp();
+    const { status } = await qmp.execute<{ status: string }>('query-status');
+    if (status === 'paused' || status === 'postmigrate' || status === 'finish-migrate') await qmp.execute('cont');
   }
 
   /** vm.json names the process that owns the VM; reapOrphans kills VMs whose owner is gone. */
