@@ -7,6 +7,7 @@ import { SERIAL_LOG_MAX_BYTES } from '../../src/engines/serial-log.js';
 import { CladeError, Sandbox } from '../../src/sdk/index.js';
 import { TestDaemon } from '../helpers/daemon.js';
 import { remains, sandboxDirs } from '../helpers/leaks.js';
+import { request } from 'node:http';
 
 // Real VMs behind a real daemon, attacked from inside the guest (console
 // flood, a huge sparse file) and from the host (a RAM directory another user
@@ -78,6 +79,25 @@ describe('hardening with real VMs', () => {
     expect(Date.now() - t0).toBeLessThan(10_000);
     await expect(sb.files.read('/root/huge', { format: 'stream', maxBytes: 1024 })).rejects.toMatchObject({ code: 'too_large' });
     expect((await sb.commands.run('echo still-serving')).stdout).toBe('still-serving\n');
+  });
+});
+
+describe('uploads through the daemon', () => {
+  it('streams an upload to the guest, and discards one the client breaks off', async () => {
+    const MiB = 1024 * 1024;
+    const path = `/v1/sandboxes/${sb.sandboxId}/files?path=${encodeURIComponent('/root/partial')}`;
+    await new Promise<void>((resolve) => {
+      const req = request({ socketPath: daemon.socket, method: 'PUT', path, headers: { 'content-type': 'application/octet-stream', 'content-length': 10 * MiB } });
+      req.on('error', () => resolve());
+      req.write(Buffer.alloc(MiB, 1), () => setTimeout(() => (req.destroy(), resolve()), 500));
+    });
+    // The daemon sees the break, fails the stream, and the agent drops the temporary file.
+    for (let i = 0; i < 50 && (await sb.commands.run('ls -a /root | grep -c clade-tmp || true')).stdout.trim() !== '0'; i++) await new Promise((r) => setTimeout(r, 100));
+    expect(await sb.files.exists('/root/partial')).toBe(false);
+    expect((await sb.commands.run('ls -a /root | grep -c clade-tmp || true')).stdout.trim()).toBe('0');
+    const big = Buffer.alloc(48 * MiB, 7);
+    await sb.files.write('/root/whole', big);
+    expect((await sb.commands.run('stat -c %s /root/whole')).stdout.trim()).toBe(String(big.length));
   });
 });
 

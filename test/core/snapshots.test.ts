@@ -1,8 +1,9 @@
-import { randomBytes } from 'node:crypto';
-import { openSync, closeSync, readFileSync, renameSync, rmSync, writeSync, writeFileSync } from 'node:fs';
+import { createHmac, randomBytes } from 'node:crypto';
+import { openSync, closeSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { listSnapshots, removeSnapshot, snapshotDir } from '../../src/core/snapshots.js';
+import { homePaths } from '../../src/core/home.js';
+import { listSnapshots, reapStaging, removeSnapshot, snapshotDir } from '../../src/core/snapshots.js';
 import { CladeError, Sandbox } from '../../src/sdk/index.js';
 import { okAndTracked, remains } from '../helpers/leaks.js';
 
@@ -68,6 +69,38 @@ describe('persistent snapshots', () => {
     await expect(Sandbox.fromSnapshot(tag('tampered'))).rejects.toMatchObject({ code: 'integrity', message: expect.stringMatching(/state\.bin does not match/) });
   });
 
+  it('refuses a snapshot.json that was edited, or signed with another key, or is not valid', async () => {
+    const [src] = ok(await Sandbox.fromSnapshot(tag('base')));
+    await src!.snapshot({ tag: tag('forged') });
+    const file = join(snapshotDir(tag('forged')), 'snapshot.json');
+    const original = readFileSync(file, 'utf8');
+    const meta = JSON.parse(original) as Record<string, unknown> & { memoryMiB: number; hmac: string };
+    try {
+      // Edited, signature kept: the HMAC no longer matches.
+      writeFileSync(file, JSON.stringify({ ...meta, memoryMiB: 2048 }));
+      await expect(Sandbox.fromSnapshot(tag('forged'))).rejects.toMatchObject({ code: 'integrity', message: expect.stringMatching(/not signed by this clade home/) });
+      // Edited and signed again by someone without this home's key.
+      const { hmac: _h, ...rest } = meta;
+      const forged = createHmac('sha256', randomBytes(32)).update(JSON.stringify(rest)).digest('hex');
+      writeFileSync(file, JSON.stringify({ ...meta, memoryMiB: 2048, hmac: forged }));
+      await expect(Sandbox.fromSnapshot(tag('forged'))).rejects.toMatchObject({ code: 'integrity' });
+      // Fields that are not what clade writes are refused before anything is checked or used.
+      writeFileSync(file, JSON.stringify({ ...meta, image: '../../etc' }));
+      await expect(Sandbox.fromSnapshot(tag('forged'))).rejects.toMatchObject({ code: 'integrity', message: expect.stringMatching(/invalid snapshot\.json.*image/) });
+      expect(listSnapshots().map((m) => m.tag)).not.toContain(tag('forged'));
+    } finally {
+      writeFileSync(file, original);
+    }
+    ok(await Sandbox.fromSnapshot(tag('forged')));
+  });
+
+  it('reaps half-written snapshots of processes that are gone', () => {
+    const stray = join(homePaths.snapshots(), '.staging', `${tag('stray')}.999999999.0a0b0c0d`);
+    mkdirSync(stray, { recursive: true });
+    expect(reapStaging()).toBeGreaterThanOrEqual(1);
+    expect(existsSync(stray)).toBe(false);
+  });
+
   it('refuses a snapshot whose parent is missing', async () => {
     const [src] = ok(await Sandbox.fromSnapshot(tag('child')));
     await src!.snapshot({ tag: tag('orphan') });
@@ -83,7 +116,7 @@ describe('persistent snapshots', () => {
   it('deletes a lineage with cascade', () => {
     writeFileSync(join(snapshotDir(tag('base')), 'keep'), '');
     const removed = removeSnapshot(tag('base'), { cascade: true });
-    expect(removed).toEqual(expect.arrayContaining([tag('base'), tag('child'), tag('orphan'), tag('tampered')]));
+    expect(removed).toEqual(expect.arrayContaining([tag('base'), tag('child'), tag('orphan'), tag('tampered'), tag('forged')]));
     expect(listSnapshots().filter((m) => m.tag.startsWith(`test-${run}-`))).toEqual([]);
   });
 

@@ -1,4 +1,4 @@
-import { Readable, Transform } from 'node:stream';
+import { pipeline, Readable, Transform } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
 import { Type } from '@sinclair/typebox';
 import { CladeError } from '../../core/errors.js';
@@ -55,7 +55,9 @@ export function fileRoutes(app: FastifyInstance, ctx: DaemonContext): void {
         const sandbox = registry.get(req.params.id);
         const counted = countUpTo(MAX_UPLOAD_BYTES);
         const source = (req.body as Readable | undefined) ?? Readable.from([]);
-        const info = await sandbox.files.write(req.query.path, source.pipe(counted.stream));
+        // pipeline, not pipe: a client that breaks off fails the stream, and the upload is discarded.
+        pipeline(source, counted.stream, () => undefined);
+        const info = await sandbox.files.write(req.query.path, counted.stream);
         return { path: info.path, bytes: counted.bytes() };
       },
     );
