@@ -3,11 +3,13 @@ import { CladeError } from './errors.js';
 import type { LiveSandbox } from './sandboxes.js';
 
 export type CodeResult = {
-  /** repr() of the value of the last expression, if it had one. */
+  /** repr() of the value of the last expression, if it had one (at most 1 Mi characters; longer ones end with a note). */
   value?: string;
   stdout: string;
   stderr: string;
   error?: { name: string; value: string; traceback: string };
+  /** Bytes of output left out of `stdout`/`stderr` because they passed the 16 MiB each keeps (the callbacks saw them). */
+  truncated?: { stdout: number; stderr: number };
 };
 
 export type RunCodeOptions = {
@@ -19,69 +21,211 @@ export type RunCodeOptions = {
 };
 
 const INTERPRETER = ['python3', '-u', '/usr/lib/clade/interpreter.py'];
-const MAX_CAPTURE = 16 * 1024 * 1024;
+/** Output kept per stream in a CodeResult; the streaming callbacks see all of it. */
+export const MAX_CAPTURE_BYTES = 16 * 1024 * 1024;
+/** Longest marker payload (the result JSON) accepted; the interpreter caps the fields it puts there well below this. */
+export const MAX_MARKER_PAYLOAD = 32 * 1024 * 1024;
 
-type Request = {
-  nonce: string;
-  stdout: string;
-  stderr: string;
-  /** The result JSON, once the stdout marker has arrived. */
-  result?: string;
-  /** Whether the stderr marker has arrived: all of the request's stderr is in. */
-  stderrDone: boolean;
-  opts: RunCodeOptions;
-  resolve: (r: CodeResult) => void;
-  reject: (e: CladeError) => void;
+const RS = 0x1e;
+const NL = 0x0a;
+
+export type MarkerSink = {
+  /** User output, in order; the buffers may be views of the pushed chunks. */
+  text(data: Buffer): void;
+  /** The end-of-request marker for `nonce`, with what followed it on its line. */
+  marker(nonce: string, payload: Buffer): void;
+  /** A marker's line ran past the payload limit; its bytes up to the newline are dropped. */
+  overflow(nonce: string): void;
 };
 
 /**
- * Splits one output stream of the interpreter into the user's text and the
- * end-of-request marker `\x1eclade:<nonce>:<payload>\n`, holding back a tail
- * that could be the start of a marker split across chunks.
+ * Splits one output stream of the interpreter into the user's bytes and the
+ * end-of-request marker `\x1eclade:<nonce>:<payload>\n` of the running request.
+ *
+ * Every byte is looked at a bounded number of times whatever the chunking (a
+ * stream that arrives one byte at a time costs the same as one big chunk), no
+ * buffer grows with the output, and what is held back between chunks is at
+ * most a marker prefix (about 40 bytes) or a marker payload (up to
+ * MAX_MARKER_PAYLOAD). Output while no request runs is dropped.
  */
-class MarkerScanner {
-  private buf = '';
-  private readonly decoder = new TextDecoder();
+export class MarkerScanner {
+  /** Bytes of `prefix` matched at the end of the previous chunk (held back, not yet text). */
+  private matched = 0;
+  private prefix = Buffer.alloc(0);
+  private prefixNonce: string | undefined;
+  /** Inside a marker's line: its payload so far, or null once it ran past the limit. */
+  private payload: Buffer[] | null | undefined;
+  private payloadBytes = 0;
 
   constructor(
-    private readonly onText: (text: string) => void,
-    private readonly onMarker: (nonce: string, payload: string) => void,
+    private readonly sink: MarkerSink,
     private readonly nonce: () => string | undefined,
+    private readonly maxPayload = MAX_MARKER_PAYLOAD,
   ) {}
 
   push(chunk: Buffer): void {
-    this.buf += this.decoder.decode(chunk, { stream: true });
-    for (;;) {
+    let i = 0;
+    while (i < chunk.length) {
+      if (this.payload !== undefined) {
+        i = this.takePayload(chunk, i);
+        continue;
+      }
       const nonce = this.nonce();
       if (nonce === undefined) {
-        this.buf = '';
+        this.matched = 0;
         return;
       }
-      const marker = `\x1eclade:${nonce}:`;
-      const at = this.buf.indexOf(marker);
-      if (at < 0) {
-        const cut = this.buf.lastIndexOf('\x1e');
-        const keep = cut >= 0 && marker.startsWith(this.buf.slice(cut)) ? cut : this.buf.length;
-        this.text(this.buf.slice(0, keep));
-        this.buf = this.buf.slice(keep);
-        return;
+      if (nonce !== this.prefixNonce) {
+        this.prefixNonce = nonce;
+        this.prefix = Buffer.from(`\x1eclade:${nonce}:`, 'latin1');
+        this.matched = 0;
       }
-      this.text(this.buf.slice(0, at));
-      const nl = this.buf.indexOf('\n', at);
-      if (nl < 0) {
-        this.buf = this.buf.slice(at);
-        return;
-      }
-      const payload = this.buf.slice(at + marker.length, nl);
-      this.buf = this.buf.slice(nl + 1);
-      this.onMarker(nonce, payload);
+      i = this.matched > 0 ? this.continueMatch(chunk) : this.scanText(chunk, i);
     }
   }
 
-  private text(t: string): void {
-    if (t) this.onText(t);
+  /** A marker prefix held over from the previous chunk: finish it, or give its bytes back as text. */
+  private continueMatch(chunk: Buffer): number {
+    const prefix = this.prefix;
+    let j = 0;
+    let m = this.matched;
+    while (j < chunk.length && m < prefix.length && chunk[j] === prefix[m]) {
+      j++;
+      m++;
+    }
+    if (m === prefix.length) {
+      this.matched = 0;
+      this.payload = [];
+      this.payloadBytes = 0;
+      return j;
+    }
+    if (j === chunk.length) {
+      this.matched = m;
+      return j;
+    }
+    // Not a marker. The prefix holds RS only at its start, so no marker begins inside what matched.
+    this.sink.text(Buffer.from(prefix.subarray(0, this.matched)));
+    this.matched = 0;
+    return this.scanText(chunk, 0);
+  }
+
+  /** Text from `from` on: emitted in one piece up to a marker, or up to a marker prefix the chunk ends in. */
+  private scanText(chunk: Buffer, from: number): number {
+    const prefix = this.prefix;
+    let i = from;
+    for (;;) {
+      const at = chunk.indexOf(RS, i);
+      if (at < 0) {
+        this.emit(chunk, from, chunk.length);
+        return chunk.length;
+      }
+      let j = at;
+      let m = 0;
+      while (j < chunk.length && m < prefix.length && chunk[j] === prefix[m]) {
+        j++;
+        m++;
+      }
+      if (m === prefix.length) {
+        this.emit(chunk, from, at);
+        this.payload = [];
+        this.payloadBytes = 0;
+        return j;
+      }
+      if (j === chunk.length) {
+        this.emit(chunk, from, at);
+        this.matched = m;
+        return j;
+      }
+      i = j; // the bytes after `at` that matched hold no RS
+    }
+  }
+
+  private takePayload(chunk: Buffer, from: number): number {
+    const nl = chunk.indexOf(NL, from);
+    const end = nl < 0 ? chunk.length : nl;
+    const nonce = this.prefixNonce!;
+    if (this.payload) {
+      if (this.payloadBytes + (end - from) > this.maxPayload) {
+        this.payload = null;
+        this.sink.overflow(nonce);
+      } else if (end > from) {
+        this.payload.push(chunk.subarray(from, end));
+        this.payloadBytes += end - from;
+      }
+    }
+    if (nl < 0) return chunk.length;
+    const parts = this.payload;
+    this.payload = undefined;
+    if (parts) this.sink.marker(nonce, Buffer.concat(parts, this.payloadBytes));
+    return nl + 1;
+  }
+
+  private emit(chunk: Buffer, from: number, to: number): void {
+    if (to > from) this.sink.text(chunk.subarray(from, to));
   }
 }
+
+/**
+ * One stream's output of one request: kept up to `limit` bytes in one growing
+ * buffer (so output that arrives a byte at a time costs no more than one big
+ * chunk), and decoded as UTF-8 across chunk boundaries for the callback.
+ */
+export class OutputCapture {
+  private buf = Buffer.alloc(0);
+  private used = 0;
+  /** Bytes past the limit: the callback saw them, the result leaves them out. */
+  dropped = 0;
+  private readonly decoder = new TextDecoder('utf-8');
+
+  constructor(
+    private readonly limit: number,
+    private readonly onData?: (s: string) => void,
+  ) {}
+
+  push(d: Buffer): void {
+    const take = Math.min(d.length, this.limit - this.used);
+    if (take > 0) {
+      if (this.used + take > this.buf.length) {
+        const grown = Buffer.allocUnsafe(Math.min(this.limit, Math.max(this.used + take, this.buf.length * 2, 4096)));
+        this.buf.copy(grown, 0, 0, this.used);
+        this.buf = grown;
+      }
+      d.copy(this.buf, this.used, 0, take);
+      this.used += take;
+    }
+    this.dropped += d.length - take;
+    if (this.onData) {
+      const text = this.decoder.decode(d, { stream: true });
+      if (text) this.onData(text);
+    }
+  }
+
+  /** The end of the stream: a UTF-8 sequence cut short goes to the callback as U+FFFD, not into the next request. */
+  end(): void {
+    const rest = this.decoder.decode();
+    if (rest) this.onData?.(rest);
+  }
+
+  get bytes(): number {
+    return this.used;
+  }
+
+  text(): string {
+    return this.buf.toString('utf8', 0, this.used);
+  }
+}
+
+type Request = {
+  nonce: string;
+  stdout: OutputCapture;
+  stderr: OutputCapture;
+  /** The result JSON, once the stdout marker has arrived: all of the request's stdout is in. */
+  result?: Buffer;
+  /** Whether the stderr marker has arrived: all of the request's stderr is in. */
+  stderrDone: boolean;
+  resolve: (r: CodeResult) => void;
+  reject: (e: CladeError) => void;
+};
 
 /**
  * The host side of a sandbox's persistent Python process: one request at a
@@ -93,16 +237,8 @@ export class InterpreterSession {
   private current?: Request;
   private queue: Promise<unknown> = Promise.resolve();
   private nextId = 1;
-  private readonly out = new MarkerScanner(
-    (t) => this.append('stdout', t),
-    (nonce, payload) => this.marked(nonce, 'stdout', payload),
-    () => this.current?.nonce,
-  );
-  private readonly err = new MarkerScanner(
-    (t) => this.append('stderr', t),
-    (nonce) => this.marked(nonce, 'stderr', ''),
-    () => this.current?.nonce,
-  );
+  private readonly out = new MarkerScanner(this.sink('stdout'), () => this.current?.nonce);
+  private readonly err = new MarkerScanner(this.sink('stderr'), () => this.current?.nonce);
 
   constructor(
     private readonly sb: LiveSandbox,
@@ -114,8 +250,7 @@ export class InterpreterSession {
 
   onEnd = (): void => {
     this.detach();
-    this.current?.reject(new CladeError('killed', 'the Python interpreter exited; its state is lost (it restarts on the next runCode)'));
-    this.current = undefined;
+    this.fail(new CladeError('killed', 'the Python interpreter exited; its state is lost (it restarts on the next runCode)'));
   };
 
   /** Runs requests one after another, as the interpreter does. */
@@ -132,25 +267,31 @@ export class InterpreterSession {
       const timer = timeoutMs > 0 ? setTimeout(() => void this.interrupt(`code ran past its ${timeoutMs} ms timeout`), timeoutMs) : undefined;
       this.current = {
         nonce,
-        stdout: '',
-        stderr: '',
+        stdout: new OutputCapture(MAX_CAPTURE_BYTES, opts.onStdout),
+        stderr: new OutputCapture(MAX_CAPTURE_BYTES, opts.onStderr),
         stderrDone: false,
-        opts,
         resolve: (r) => (clearTimeout(timer), resolve(r)),
         reject: (e) => (clearTimeout(timer), reject(e)),
       };
       const line = JSON.stringify({ id: this.nextId++, nonce, ...payload }) + '\n';
-      this.sb.agent.writeStdinTo(this.execId, Buffer.from(line)).catch((err: unknown) => this.current?.reject(err as CladeError));
+      const req = this.current;
+      this.sb.agent.writeStdinTo(this.execId, Buffer.from(line)).catch((err: unknown) => {
+        if (this.current === req) this.fail(err instanceof CladeError ? err : new CladeError('killed', `could not send the code to the interpreter: ${String(err)}`));
+      });
     });
   }
 
   /** Kills the interpreter: Python cannot be interrupted reliably from outside, and a fresh one is started on demand. */
   private async interrupt(why: string): Promise<void> {
+    this.detach();
+    this.fail(new CladeError('timeout', `${why}; the interpreter was restarted and its state is lost`));
+    await this.sb.agent.signalExec(this.execId, 9).catch(() => undefined);
+  }
+
+  private fail(err: CladeError): void {
     const req = this.current;
     this.current = undefined;
-    this.detach();
-    req?.reject(new CladeError('timeout', `${why}; the interpreter was restarted and its state is lost`));
-    await this.sb.agent.signalExec(this.execId, 9).catch(() => undefined);
+    req?.reject(err);
   }
 
   /** Stops routing new runCode calls here; the next one starts a fresh interpreter. */
@@ -161,27 +302,66 @@ export class InterpreterSession {
     }
   }
 
-  private append(stream: 'stdout' | 'stderr', text: string): void {
-    const req = this.current;
-    if (!req) return;
-    if (req[stream].length < MAX_CAPTURE) req[stream] += text;
-    (stream === 'stdout' ? req.opts.onStdout : req.opts.onStderr)?.(text);
+  private sink(stream: 'stdout' | 'stderr'): MarkerSink {
+    return {
+      text: (data) => {
+        const req = this.current;
+        // After its marker a stream has nothing more for this request.
+        if (req && !(stream === 'stdout' ? req.result : req.stderrDone)) req[stream].push(data);
+      },
+      marker: (nonce, payload) => this.marked(nonce, stream, payload),
+      overflow: (nonce) => {
+        if (this.current?.nonce === nonce) this.fail(new CladeError('protocol_error', `the interpreter sent a result over ${MAX_MARKER_PAYLOAD} bytes`));
+      },
+    };
   }
 
-  private marked(nonce: string, stream: 'stdout' | 'stderr', payload: string): void {
+  private marked(nonce: string, stream: 'stdout' | 'stderr', payload: Buffer): void {
     const req = this.current;
     if (!req || req.nonce !== nonce) return;
-    if (stream === 'stdout') req.result = payload;
-    else req.stderrDone = true;
+    if (stream === 'stdout') {
+      req.result = payload;
+      req.stdout.end();
+    } else {
+      req.stderrDone = true;
+      req.stderr.end();
+    }
     if (req.result === undefined || !req.stderrDone) return;
     this.current = undefined;
-    try {
-      const r = JSON.parse(req.result) as { value?: string | null; error?: CodeResult['error'] };
-      req.resolve({ stdout: req.stdout, stderr: req.stderr, ...(r.value != null ? { value: r.value } : {}), ...(r.error ? { error: r.error } : {}) });
-    } catch {
+    const parsed = parseResult(req.result);
+    if (!parsed) {
       req.reject(new CladeError('protocol_error', 'the interpreter sent a malformed result'));
+      return;
     }
+    const dropped = { stdout: req.stdout.dropped, stderr: req.stderr.dropped };
+    req.resolve({
+      stdout: req.stdout.text(),
+      stderr: req.stderr.text(),
+      ...parsed,
+      ...(dropped.stdout || dropped.stderr ? { truncated: dropped } : {}),
+    });
   }
+}
+
+/** The interpreter runs in a guest that may be hostile: its result is checked field by field. */
+function parseResult(json: Buffer): Pick<CodeResult, 'value' | 'error'> | undefined {
+  let r: unknown;
+  try {
+    r = JSON.parse(json.toString('utf8'));
+  } catch {
+    return undefined;
+  }
+  if (typeof r !== 'object' || r === null || Array.isArray(r)) return undefined;
+  const { value, error } = r as { value?: unknown; error?: unknown };
+  if (value != null && typeof value !== 'string') return undefined;
+  const out: Pick<CodeResult, 'value' | 'error'> = value != null ? { value } : {};
+  if (error != null) {
+    if (typeof error !== 'object' || Array.isArray(error)) return undefined;
+    const { name, value: text, traceback } = error as Record<string, unknown>;
+    if (typeof name !== 'string' || typeof text !== 'string' || typeof traceback !== 'string') return undefined;
+    out.error = { name, value: text, traceback };
+  }
+  return out;
 }
 
 async function startInterpreter(sb: LiveSandbox): Promise<InterpreterSession> {
