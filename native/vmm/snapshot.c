@@ -31,6 +31,7 @@
 #define PAGE 4096u
 #define WRITE_CHUNK (1u << 20)
 #define MSR_IA32_TSC 0x10u
+#define RAM_ALIGN (2u << 20)
 #define HOST_DIFFERS                                                                                                       \
     "this host's KVM differs from the one the snapshot was taken on (XSAVE size, SREGS2, XCRS, debug registers or TSC "    \
     "offset control): take the snapshot again on this host"
@@ -187,11 +188,6 @@ _Noreturn void snapshot_writer_main(const struct vmm *v, const char *dir) {
 
 /* ---- loading ------------------------------------------------------------------ */
 
-static int refused(char *err, size_t errlen, const char *what) {
-    snprintf(err, errlen, "%s", what);
-    return VMM_EXIT_SNAPSHOT_REFUSED;
-}
-
 /* The whole of state.bin, read from its descriptor; it must be a regular file of a plausible size. */
 static uint8_t *read_state_file(int fd, size_t *len, char *err, size_t errlen) {
     struct stat st;
@@ -255,9 +251,19 @@ static int map_memory(struct vm *vm, int fd, uint64_t ram_size, char *err, size_
         snprintf(err, errlen, "memory.raw is not a regular file of %" PRIu64 " bytes, as state.bin records", ram_size);
         return VMM_EXIT_SNAPSHOT_REFUSED;
     }
-    void *got = mmap(NULL, ram_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, 0);
-    if (got == MAP_FAILED) return snprintf(err, errlen, "cannot map memory.raw: %s", strerror(errno)), VMM_EXIT_FAILURE;
-    madvise(got, ram_size, MADV_HUGEPAGE); /* where the page cache can back it with huge pages, forks copy fewer entries */
+    /* 2 MiB aligned, as fresh guest RAM is: the guest's private copies can then be huge pages, which keeps forks cheap. */
+    size_t span = (size_t)ram_size + RAM_ALIGN;
+    uint8_t *raw = mmap(NULL, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (raw == MAP_FAILED) return snprintf(err, errlen, "cannot reserve guest RAM: %s", strerror(errno)), VMM_EXIT_FAILURE;
+    uint8_t *aligned = (uint8_t *)(((uintptr_t)raw + RAM_ALIGN - 1) & ~(uintptr_t)(RAM_ALIGN - 1));
+    void *got = mmap(aligned, ram_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, 0);
+    if (got == MAP_FAILED) {
+        munmap(raw, span);
+        return snprintf(err, errlen, "cannot map memory.raw: %s", strerror(errno)), VMM_EXIT_FAILURE;
+    }
+    if (aligned > raw) munmap(raw, (size_t)(aligned - raw));
+    if (aligned + ram_size < raw + span) munmap(aligned + ram_size, (size_t)(raw + span - (aligned + ram_size)));
+    madvise(got, ram_size, MADV_HUGEPAGE);
     vm->ram = got;
     vm->ram_size = ram_size;
     return 0;
@@ -268,11 +274,11 @@ int snapshot_load(struct vmm *v, int mem_fd, int state_fd, struct board_state **
     size_t len = 0;
     uint8_t *buf = read_state_file(state_fd, &len, err, errlen);
     struct snapshot_image *img = buf ? malloc(sizeof *img) : NULL;
-    int r = !buf ? VMM_EXIT_SNAPSHOT_REFUSED : !img ? refused(err, errlen, "out of memory") : 0;
+    int r = !buf ? VMM_EXIT_SNAPSHOT_REFUSED : !img ? (snprintf(err, errlen, "out of memory"), VMM_EXIT_FAILURE) : 0;
     if (r == 0 && snapshot_decode(buf, len, img, err, errlen) < 0) r = VMM_EXIT_SNAPSHOT_REFUSED;
     if (r == 0) r = load_facts(&v->vm, img, err, errlen);
     if (r == 0) r = load_state(v, img, err, errlen);
-    if (r == 0 && img->has_board && !(*board = malloc(sizeof **board))) r = refused(err, errlen, "out of memory");
+    if (r == 0 && img->has_board && !(*board = malloc(sizeof **board))) r = (snprintf(err, errlen, "out of memory"), VMM_EXIT_FAILURE);
     if (r == 0 && img->has_board) **board = img->board;
     if (r == 0) r = map_memory(&v->vm, mem_fd, img->ram_size, err, errlen);
     if (r != 0) free(*board), *board = NULL;
