@@ -83,7 +83,9 @@ enum tag {
 	F_CREATED,
 	F_UPTIME_MS,
 	F_LAST_ID,
-	F_TAG_MAX = F_LAST_ID,
+	F_LIMIT,
+	F_DISCARD,
+	F_TAG_MAX = F_DISCARD,
 };
 
 /* A decoded host request. Strings point into the frame buffer, NUL-terminated in place. */

@@ -126,11 +126,16 @@ static int mkdir_p(const char *path, mode_t mode, bool *created)
 
 /* ---- READ_FILE ---- */
 
-static void stream_file(uint32_t id, int fd, const char *path, mode_t mode)
+static void stream_file(uint32_t id, int fd, const char *path, mode_t mode, uint64_t limit)
 {
 	uint8_t *buf = out_buffer();
 	uint64_t total = 0;
 	for (;;) {
+		if (total > limit) { /* the file grew while it was read */
+			send_error(id, "too_large", EFBIG, "%s grew past the %llu-byte read limit", path,
+				   (unsigned long long)limit);
+			return;
+		}
 		ssize_t n = read(fd, buf, FILE_CHUNK);
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -166,8 +171,11 @@ void file_read(const struct req *r)
 		send_error(r->id, "is_dir", EISDIR, "%s is a directory", path);
 	else if (!S_ISREG(st.st_mode))
 		send_error(r->id, "io", 0, "%s is not a regular file", path);
+	else if (r->has[F_LIMIT] && (uint64_t)st.st_size > r->num[F_LIMIT])
+		send_error(r->id, "too_large", EFBIG, "%s has %lld bytes, over the %llu-byte read limit", path,
+			   (long long)st.st_size, (unsigned long long)r->num[F_LIMIT]);
 	else
-		stream_file(r->id, fd, path, st.st_mode);
+		stream_file(r->id, fd, path, st.st_mode, r->has[F_LIMIT] ? r->num[F_LIMIT] : UINT64_MAX);
 	if (fd >= 0)
 		close(fd);
 }
@@ -284,9 +292,14 @@ void file_write_close(const struct req *r)
 	int err = w->err;
 	if (close(w->fd) < 0 && !err)
 		err = errno;
+	w->used = false;
+	if (r->has[F_DISCARD] && r->num[F_DISCARD]) { /* the host gave up on the upload */
+		unlink(w->tmp);
+		send_ok_empty(r->id);
+		return;
+	}
 	if (!err && rename(w->tmp, w->path) < 0)
 		err = errno;
-	w->used = false;
 	if (err) {
 		unlink(w->tmp);
 		send_errno(r->id, err, "cannot write", w->path);

@@ -305,7 +305,8 @@ static const uint8_t kinds[F_TAG_MAX + 1] = {
 	[F_ERRNO] = K_U64,        [F_PROTO_VERSION] = K_U64, [F_AGENT_VERSION] = K_STR,
 	[F_SEED] = K_BYTES,       [F_TIME_NS] = K_U64,     [F_HOSTNAME] = K_STR,
 	[F_SANDBOX_ID] = K_STR,   [F_NEW_TOKEN] = K_BYTES, [F_TRUNCATED] = K_U64,
-	[F_CREATED] = K_U64,      [F_UPTIME_MS] = K_U64,
+	[F_CREATED] = K_U64,      [F_UPTIME_MS] = K_U64,   [F_LIMIT] = K_U64,
+	[F_DISCARD] = K_U64,
 };
 
 __attribute__((format(printf, 3, 4))) static bool fail(char *why, size_t whylen, const char *fmt, ...)
