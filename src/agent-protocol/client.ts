@@ -1,5 +1,5 @@
 import { connect, type Socket } from 'node:net';
-import { CladeError, errorMessage } from '../core/errors.js';
+import { CladeError, errorMessage } from '../util/errors.js';
 import { MessageType, Tag, TOKEN_SIZE } from './constants.js';
 import { FieldReader, FieldWriter } from './fields.js';
 import { encodeHostFrame, FrameDecoder, type Frame } from './frame.js';

@@ -1,4 +1,4 @@
-import { CladeError } from '../core/errors.js';
+import { CladeError } from '../util/errors.js';
 import { FRAME_MAGIC, HEADER_SIZE, MAX_PAYLOAD, TOKEN_SIZE } from './constants.js';
 
 export type Frame = { type: number; id: number; payload: Buffer };

@@ -1,6 +1,6 @@
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import { closeSync, existsSync, openSync, readFileSync, writeSync } from 'node:fs';
-import { CladeError } from '../core/errors.js';
+import { CladeError } from '../util/errors.js';
 
 /** Reads the daemon's bearer token, creating it (mode 0600) on first start. */
 export function loadOrCreateToken(path: string): string {

@@ -1,6 +1,6 @@
 import { request, type IncomingMessage } from 'node:http';
 import { Readable } from 'node:stream';
-import { CladeError, type CladeErrorCode } from '../core/errors.js';
+import { CladeError, type CladeErrorCode } from '../util/errors.js';
 import { STATUS_OF } from './errors.js';
 
 /** Where a daemon listens: `unix:///path/to/daemon.sock` or `http://host:port`. */

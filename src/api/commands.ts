@@ -1,4 +1,4 @@
-import { CladeError } from '../core/errors.js';
+import { CladeError } from '../util/errors.js';
 import type { CommandHandle, CommandResult } from '../sdk/commands.js';
 import { toErrorBody, type ErrorBody } from './errors.js';
 

@@ -1,4 +1,4 @@
-import { CladeError } from '../core/errors.js';
+import { CladeError } from '../util/errors.js';
 import type { Metrics } from './metrics.js';
 import type { SandboxRegistry } from './registry.js';
 

@@ -1,5 +1,5 @@
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
-import { CladeError, errorMessage, type CladeErrorCode } from '../core/errors.js';
+import { CladeError, errorMessage, type CladeErrorCode } from '../util/errors.js';
 
 /** The one place where clade error codes become HTTP statuses (and back, in the client). */
 export const STATUS_OF: Record<CladeErrorCode, number> = {

@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
-import { packageRoot } from '../core/paths.js';
+import { packageRoot } from '../util/paths.js';
 import { ConcurrencyGate } from './context.js';
 import { Metrics } from './metrics.js';
 import { SandboxRegistry } from './registry.js';

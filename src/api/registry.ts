@@ -1,5 +1,5 @@
 import { rmSync } from 'node:fs';
-import { CladeError, errorMessage } from '../core/errors.js';
+import { CladeError, errorMessage } from '../util/errors.js';
 import { pooledSlots } from '../core/pool.js';
 import { adoptSandbox, getLive, killPidQuietly, liveSandboxes, sandboxDir } from '../core/sandboxes.js';
 import { isSandboxVm } from '../engines/qemu/qemu-engine.js';

@@ -85,6 +85,7 @@ export const ExecResult = Type.Object({
   stderr: Type.String(),
   timedOut: Type.Optional(Type.Boolean()),
   signal: Type.Optional(Type.Integer()),
+  truncated: Type.Optional(Type.Object({ stdout: Type.Integer(), stderr: Type.Integer() }, { description: 'bytes of output left out of stdout/stderr (each keeps 16 MiB)' })),
 });
 
 export const PathQuery = Type.Object({ path: Type.String({ minLength: 1, maxLength: 4095 }) }, { additionalProperties: false });
@@ -115,6 +116,7 @@ export const CodeResult = Type.Object({
   stdout: Type.String(),
   stderr: Type.String(),
   error: Type.Optional(Type.Object({ name: Type.String(), value: Type.String(), traceback: Type.String() })),
+  truncated: Type.Optional(Type.Object({ stdout: Type.Integer(), stderr: Type.Integer() }, { description: 'bytes of output left out of stdout/stderr (each keeps 16 MiB)' })),
 });
 
 export const SnapshotBody = Type.Object({ tag: Tag }, { additionalProperties: false });

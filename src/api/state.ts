@@ -2,12 +2,12 @@ import { closeSync, constants, existsSync, fsyncSync, openSync, readdirSync, rea
 import { basename, dirname, join } from 'node:path';
 import { Type } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
-import { memoryDir } from '../core/home.js';
+import { memoryDir } from '../util/home.js';
 import { sandboxDir } from '../core/sandboxes.js';
-import type { Accelerator } from '../engines/qemu/accel.js';
+import type { Accelerator } from '../util/kvm-probe.js';
 import type { LiveSandbox } from '../core/sandboxes.js';
 import { VmmVm } from '../engines/vmm/vmm-engine.js';
-import { ensurePrivateDir } from '../core/home.js';
+import { ensurePrivateDir } from '../util/home.js';
 
 /**
  * What the daemon keeps on disk about one sandbox: enough to take over its

@@ -1,6 +1,6 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { cladeHome } from '../core/home.js';
+import { cladeHome } from '../util/home.js';
 import { Sandbox } from '../sdk/sandbox.js';
 import { summarize, type Summary } from './stats.js';
 

@@ -1,7 +1,7 @@
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { CladeError } from '../core/errors.js';
-import { cladeHome } from '../core/home.js';
+import { CladeError } from '../util/errors.js';
+import { cladeHome } from '../util/home.js';
 import { getLive } from '../core/sandboxes.js';
 import { snapshotDir } from '../core/snapshots.js';
 import { Sandbox } from '../sdk/sandbox.js';

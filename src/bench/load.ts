@@ -2,8 +2,8 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { DaemonClient } from '../api/client.js';
 import type { SandboxView } from '../api/registry.js';
-import { cladeHome } from '../core/home.js';
-import { CladeError } from '../core/errors.js';
+import { cladeHome } from '../util/home.js';
+import { CladeError } from '../util/errors.js';
 import { summarize, type Summary } from './stats.js';
 
 export type LoadMode = 'fork' | 'create';

@@ -1,8 +1,8 @@
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { CladeError } from '../core/errors.js';
-import { cladeHome } from '../core/home.js';
-import { packageRoot } from '../core/paths.js';
+import { CladeError } from '../util/errors.js';
+import { cladeHome } from '../util/home.js';
+import { packageRoot } from '../util/paths.js';
 import { CLADE_IN_RUNNER, cladeCarry, GUEST_PATHS, qemuCarry } from '../runner/carry.js';
 import { shellQuote, type Carry } from '../runner/payload.js';
 import { runInRunner } from '../runner/runner.js';

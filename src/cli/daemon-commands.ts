@@ -1,7 +1,7 @@
 import { DaemonClient, parseDaemonAddress } from '../api/client.js';
 import { daemonPaths, socketAnswers } from '../api/server.js';
 import type { SandboxView } from '../api/registry.js';
-import { CladeError, type CladeErrorCode } from '../core/errors.js';
+import { CladeError, type CladeErrorCode } from '../util/errors.js';
 import type { SnapshotMeta } from '../core/snapshots.js';
 import { emit, table } from './output.js';
 

@@ -5,7 +5,7 @@ import { benchLoad, type LoadMode } from '../bench/load.js';
 import { benchVmm, vmmBenchRows, type EngineUnderTest } from '../bench/vmm.js';
 import { buildImage } from '../images/build.js';
 import { listImages, removeImage } from '../images/store.js';
-import { CladeError } from '../core/errors.js';
+import { CladeError } from '../util/errors.js';
 import { listSnapshots, removeSnapshot, verifySnapshot } from '../core/snapshots.js';
 import { Sandbox } from '../sdk/sandbox.js';
 import { runDemo } from './demo.js';

@@ -1,5 +1,5 @@
-import { CladeError, errorMessage } from '../core/errors.js';
-import type { ProgressEvent } from '../core/progress.js';
+import { CladeError, errorMessage } from '../util/errors.js';
+import type { ProgressEvent } from '../util/progress.js';
 
 /** Prints a result: JSON for scripts (--json), text for people. */
 export function emit(json: boolean, value: unknown, text: () => string): void {

@@ -1,5 +1,5 @@
 import { Option, type Command } from 'commander';
-import { CladeError } from '../core/errors.js';
+import { CladeError } from '../util/errors.js';
 import { imageCarry, kvmProbeCarry, qemuCarry } from '../runner/carry.js';
 import { checkRunner, type RunnerCheck } from '../runner/check.js';
 import { commandFromArgv, type Carry } from '../runner/payload.js';

@@ -1,5 +1,5 @@
 import { Command, Option } from 'commander';
-import { CladeError } from '../core/errors.js';
+import { CladeError } from '../util/errors.js';
 import { daemonPaths, startDaemon } from '../api/server.js';
 
 const DEFAULT_SANDBOX_LIFETIME_MS = 30 * 60_000;

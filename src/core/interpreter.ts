@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { CladeError } from './errors.js';
+import { CladeError } from '../util/errors.js';
 import type { LiveSandbox } from './sandboxes.js';
 
 export type CodeResult = {

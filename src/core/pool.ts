@@ -1,7 +1,7 @@
 import { join } from 'node:path';
 import type { MachineShape } from '../engines/engine.js';
 import type { QemuVm } from '../engines/qemu/qemu-engine.js';
-import { ensurePrivateDir } from './home.js';
+import { ensurePrivateDir } from '../util/home.js';
 import { engine, installExitCleanup, killPidQuietly, newSandboxId, onProcessExit, sandboxDir } from './sandboxes.js';
 import { rmSync } from 'node:fs';
 

@@ -9,12 +9,12 @@ import type { EngineName, MachineShape } from '../engines/engine.js';
 import { isSandboxVm, QemuEngine, QemuVm, type AdoptableVm } from '../engines/qemu/qemu-engine.js';
 import { isVmmProcess, VmmEngine, VmmVm, vmmUnavailableReason } from '../engines/vmm/vmm-engine.js';
 import { resolveImage } from '../images/store.js';
-import { CladeError, errorMessage } from './errors.js';
-import { ensureMemoryDir, ensurePrivateDir, homePaths, memoryDir } from './home.js';
+import { CladeError, errorMessage } from '../util/errors.js';
+import { ensureMemoryDir, ensurePrivateDir, homePaths, memoryDir } from '../util/home.js';
 import { attachInterpreter, type InterpreterSession } from './interpreter.js';
-import { killPidQuietly, processAlive } from './process.js';
+import { killPidQuietly, processAlive } from '../util/process.js';
 
-export { killPidQuietly } from './process.js';
+export { killPidQuietly } from '../util/process.js';
 import type { Snapshot } from './snapshots.js';
 
 export type StartOptions = {

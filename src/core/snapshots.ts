@@ -6,9 +6,9 @@ import { Type, type Static } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
 import type { MachineShape } from '../engines/engine.js';
 import { resolveImage } from '../images/store.js';
-import { CladeError, errorMessage } from './errors.js';
-import { cladeHome, ensureMemoryDir, ensurePrivateDir, homePaths } from './home.js';
-import { processAlive } from './process.js';
+import { CladeError, errorMessage } from '../util/errors.js';
+import { cladeHome, ensureMemoryDir, ensurePrivateDir, homePaths } from '../util/home.js';
+import { processAlive } from '../util/process.js';
 
 /** What the host must know to talk to the agent inside a resumed snapshot. */
 export type AgentState = {

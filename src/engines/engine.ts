@@ -1,4 +1,4 @@
-import { CladeError } from '../core/errors.js';
+import { CladeError } from '../util/errors.js';
 import type { ResolvedImage } from '../images/store.js';
 
 export type EngineName = 'qemu' | 'vmm';

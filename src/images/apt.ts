@@ -2,8 +2,8 @@ import { execFile } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { CladeError } from '../core/errors.js';
-import { homePaths } from '../core/home.js';
+import { CladeError } from '../util/errors.js';
+import { homePaths } from '../util/home.js';
 
 const run = promisify(execFile);
 

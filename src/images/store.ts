@@ -1,7 +1,7 @@
 import { existsSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { CladeError } from '../core/errors.js';
-import { ensurePrivateDir, homePaths } from '../core/home.js';
+import { CladeError } from '../util/errors.js';
+import { ensurePrivateDir, homePaths } from '../util/home.js';
 
 export type ImageManifest = {
   digest: string;

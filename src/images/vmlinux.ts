@@ -2,7 +2,7 @@ import { execFile } from 'node:child_process';
 import { existsSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { CladeError, errorMessage } from '../core/errors.js';
+import { CladeError, errorMessage } from '../util/errors.js';
 import type { ResolvedImage } from './store.js';
 
 const run = promisify(execFile);

@@ -1,6 +1,6 @@
-import { errorMessage } from '../core/errors.js';
-import type { ProgressFn } from '../core/progress.js';
-import { probeKvm, type KvmProbe } from '../engines/qemu/accel.js';
+import { errorMessage } from '../util/errors.js';
+import type { ProgressFn } from '../util/progress.js';
+import { probeKvm, type KvmProbe } from '../util/kvm-probe.js';
 import { GUEST_PATHS, imageCarry, kvmProbeCarry, qemuCarry } from './carry.js';
 import type { Carry } from './payload.js';
 import { runInRunner } from './runner.js';

@@ -1,6 +1,6 @@
 import { copyFileSync, existsSync, linkSync, lstatSync, mkdirSync, readdirSync, readlinkSync, realpathSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { dirname, join, posix } from 'node:path';
-import { CladeError } from '../core/errors.js';
+import { CladeError } from '../util/errors.js';
 import { writeCpio } from '../images/cpio.js';
 import { COMMAND_FILE } from './init-script.js';
 

@@ -1,5 +1,5 @@
 import type { ExecExit, ExecHandle } from '../agent-protocol/client.js';
-import { CladeError } from '../core/errors.js';
+import { CladeError } from '../util/errors.js';
 import type { LiveSandbox } from '../core/sandboxes.js';
 
 export type CommandResult = {

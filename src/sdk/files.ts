@@ -1,6 +1,6 @@
 import { posix } from 'node:path';
 import type { AgentClient, FileEntry } from '../agent-protocol/client.js';
-import { CladeError } from '../core/errors.js';
+import { CladeError } from '../util/errors.js';
 
 export type EntryInfo = {
   name: string;

@@ -1,4 +1,4 @@
 export { Sandbox, type SandboxCreateOptions, type SandboxInfo, type SnapshotInfo } from './sandbox.js';
 export { type CommandHandle, type CommandOptions, type CommandResult } from './commands.js';
 export { type EntryInfo, type WriteInfo } from './files.js';
-export { CladeError, type CladeErrorCode } from '../core/errors.js';
+export { CladeError, type CladeErrorCode } from '../util/errors.js';

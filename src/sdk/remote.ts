@@ -1,7 +1,7 @@
 import { DaemonClient, parseDaemonAddress } from '../api/client.js';
 import type { SandboxView } from '../api/registry.js';
 import type { FileEntry } from '../agent-protocol/client.js';
-import { CladeError, type CladeErrorCode } from '../core/errors.js';
+import { CladeError, type CladeErrorCode } from '../util/errors.js';
 import type { CodeResult, RunCodeOptions } from '../core/interpreter.js';
 import type { SnapshotMeta } from '../core/snapshots.js';
 import type { CommandHandle, CommandOptions, CommandResult, CommandRunner } from './commands.js';

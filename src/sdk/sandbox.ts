@@ -1,5 +1,5 @@
 import type { EngineName } from '../engines/engine.js';
-import { CladeError } from '../core/errors.js';
+import { CladeError } from '../util/errors.js';
 import { acquireSlots, ensureFreezable, forkSandbox, freezeAndContinue, MAX_FORK_COUNT, resumeChildren, startContinuation, type ForkTimings } from '../core/fork.js';
 import { runCode, type CodeResult, type RunCodeOptions } from '../core/interpreter.js';
 import { ensurePool } from '../core/pool.js';

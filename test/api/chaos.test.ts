@@ -1,6 +1,6 @@
 import { readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { homePaths } from '../../src/core/home.js';
+import { homePaths } from '../../src/util/home.js';
 import { TestDaemon } from '../helpers/daemon.js';
 import { waitFor } from '../helpers/leaks.js';
 

@@ -3,7 +3,7 @@ import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { spawnSync } from 'node:child_process';
-import { CladeError } from '../../src/core/errors.js';
+import { CladeError } from '../../src/util/errors.js';
 import { Sandbox } from '../../src/sdk/index.js';
 import { TestDaemon } from '../helpers/daemon.js';
 import { leftNothing, remains, vmPids, waitFor } from '../helpers/leaks.js';

@@ -2,7 +2,7 @@ import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSyn
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { homePaths, memoryDir } from '../../src/core/home.js';
+import { homePaths, memoryDir } from '../../src/util/home.js';
 import { SERIAL_LOG_MAX_BYTES } from '../../src/engines/serial-log.js';
 import { CladeError, Sandbox } from '../../src/sdk/index.js';
 import { TestDaemon } from '../helpers/daemon.js';

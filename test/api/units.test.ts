@@ -6,7 +6,9 @@ import { bearerMatches, loadOrCreateToken } from '../../src/api/auth.js';
 import { errorFromAnswer, parseDaemonAddress } from '../../src/api/client.js';
 import { STATUS_OF, toErrorBody } from '../../src/api/errors.js';
 import { StateStore, type SandboxRecord } from '../../src/api/state.js';
-import { CladeError } from '../../src/core/errors.js';
+import { sandboxDir } from '../../src/core/sandboxes.js';
+import { CladeError } from '../../src/util/errors.js';
+import { memoryDir } from '../../src/util/home.js';
 
 function scratch(): string {
   return mkdtempSync(join(tmpdir(), 'clade-unit-'));
@@ -17,12 +19,18 @@ describe('daemon building blocks (no VMs)', () => {
     const dir = scratch();
     try {
       const store = new StateStore(dir);
-      const rec = { id: 'sb-000000000001', pid: 1, tokenHex: 'ab'.repeat(32) } as SandboxRecord;
+      const rec = recordFixture('sb-000000000001');
       store.save(rec);
       store.save({ ...rec, pid: 2 });
       writeFileSync(join(dir, 'sandboxes', '.sb-000000000002.json.99.tmp'), '{"half');
       writeFileSync(join(dir, 'sandboxes', 'sb-000000000003.json'), '{"broken');
-      expect(store.loadAll()).toEqual([{ ...rec, pid: 2 }]);
+      // Well-formed JSON that points where clade never puts things is dropped too, unused.
+      store.save({ ...recordFixture('sb-000000000004'), runDir: '/etc' });
+      store.save({ ...recordFixture('sb-000000000005'), memory: { file: '/root/.ssh/id_rsa', shared: true } });
+      writeFileSync(join(dir, 'sandboxes', 'sb-000000000006.json'), JSON.stringify({ ...recordFixture('sb-000000000006'), id: '../../x' }));
+      const invalid: string[] = [];
+      expect(store.loadAll((f) => invalid.push(f))).toEqual([{ ...rec, pid: 2 }]);
+      expect(invalid.sort()).toEqual(['sb-000000000003.json', 'sb-000000000004.json', 'sb-000000000005.json', 'sb-000000000006.json']);
       expect(readdirSync(join(dir, 'sandboxes'))).toEqual(['sb-000000000001.json']);
       expect(statSync(join(dir, 'sandboxes', 'sb-000000000001.json')).mode & 0o777).toBe(0o600);
       expect(statSync(join(dir, 'sandboxes')).mode & 0o777).toBe(0o700);
@@ -63,3 +71,24 @@ describe('daemon building blocks (no VMs)', () => {
     expect(() => parseDaemonAddress('nope')).toThrow(CladeError);
   });
 });
+
+/** A record of the shape the daemon writes, for a sandbox of this clade home. */
+function recordFixture(id: string): SandboxRecord {
+  const runDir = join(sandboxDir(id), 'vm-0');
+  return {
+    id,
+    engine: 'qemu',
+    pid: 1234,
+    vmName: `clade-${id}`,
+    runDir,
+    agentSocket: join(runDir, 'agent.sock'),
+    tokenHex: 'ab'.repeat(32),
+    accelerator: 'tcg',
+    memory: { file: join(memoryDir(), `${id}.mem`), shared: true },
+    shape: { imageDigest: 'cd'.repeat(32), memoryMiB: 1024, cpus: 1 },
+    env: {},
+    agentIdCursor: 5,
+    createdAt: new Date(0).toISOString(),
+    expiresAt: null,
+  };
+}

@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MessageType, Tag } from '../../src/agent-protocol/constants.js';
 import { FieldWriter } from '../../src/agent-protocol/fields.js';
 import { encodeHostFrame } from '../../src/agent-protocol/frame.js';
-import { memoryDir } from '../../src/core/home.js';
+import { memoryDir } from '../../src/util/home.js';
 import { getLive } from '../../src/core/sandboxes.js';
 import { CladeError, Sandbox } from '../../src/sdk/index.js';
 import { okAndTracked, remains, vmPids } from '../helpers/leaks.js';

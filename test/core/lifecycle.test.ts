@@ -3,7 +3,7 @@ import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'nod
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { memoryDir } from '../../src/core/home.js';
+import { memoryDir } from '../../src/util/home.js';
 import { reapOrphans } from '../../src/core/sandboxes.js';
 import { writeCpio } from '../../src/images/cpio.js';
 import { resolveImage } from '../../src/images/store.js';

@@ -2,7 +2,7 @@ import { createHmac, randomBytes } from 'node:crypto';
 import { openSync, closeSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { homePaths } from '../../src/core/home.js';
+import { homePaths } from '../../src/util/home.js';
 import { listSnapshots, reapStaging, removeSnapshot, snapshotDir } from '../../src/core/snapshots.js';
 import { CladeError, Sandbox } from '../../src/sdk/index.js';
 import { okAndTracked, remains } from '../helpers/leaks.js';

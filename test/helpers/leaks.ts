@@ -1,6 +1,6 @@
 import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { homePaths, memoryDir } from '../../src/core/home.js';
+import { homePaths, memoryDir } from '../../src/util/home.js';
 import { isSandboxVm } from '../../src/engines/qemu/qemu-engine.js';
 import { CladeError, type Sandbox } from '../../src/sdk/index.js';
 

@@ -1,5 +1,5 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
-import { homePaths } from '../../src/core/home.js';
+import { homePaths } from '../../src/util/home.js';
 import { resolveImage } from '../../src/images/store.js';
 import { runInRunner as runInRunnerVm, type Carry, type RunnerOptions, type RunnerResult } from '../../src/runner/runner.js';
 

@@ -1,7 +1,7 @@
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { CladeError } from '../../src/core/errors.js';
+import { CladeError } from '../../src/util/errors.js';
 import { waitFor } from '../helpers/leaks.js';
 import { checkRunner, RUNNER_FAST_NS, runInRunner, runnerAvailable, runnerTraces } from './harness.js';
 

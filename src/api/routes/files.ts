@@ -1,7 +1,7 @@
 import { pipeline, Readable, Transform } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
 import { Type } from '@sinclair/typebox';
-import { CladeError } from '../../core/errors.js';
+import { CladeError } from '../../util/errors.js';
 import type { EntryInfo } from '../../sdk/files.js';
 import type { DaemonContext } from '../context.js';
 import { EntrySchema, IdParams, MkdirBody, PathQuery, ReadQuery } from '../schemas.js';

@@ -1,5 +1,5 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { CladeError } from '../../core/errors.js';
+import { CladeError } from '../../util/errors.js';
 import type { CommandOptions } from '../../sdk/commands.js';
 import type { RunCodeOptions } from '../../core/interpreter.js';
 import { Sandbox } from '../../sdk/sandbox.js';

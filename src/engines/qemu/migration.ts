@@ -1,6 +1,6 @@
 import { createServer, connect } from 'node:net';
 import { rmSync } from 'node:fs';
-import { CladeError } from '../../core/errors.js';
+import { CladeError } from '../../util/errors.js';
 import type { QmpClient } from './qmp.js';
 
 /** Device state of a microvm with its RAM in a shared file is ~50 KB; anything near this cap means RAM leaked into the stream. */

@@ -1,11 +1,11 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, constants, existsSync, fstatSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { CladeError } from '../../core/errors.js';
-import { assertRamFits, closeQuietly, createRamFile } from '../../core/home.js';
+import { CladeError } from '../../util/errors.js';
+import { assertRamFits, closeQuietly, createRamFile } from '../../util/home.js';
 import { assertSocketPath, type BootSpec, type Engine, type MachineShape, type SlotSpec, type VmHandle } from '../engine.js';
 import { SerialLog } from '../serial-log.js';
-import { pickAccelerator, probeKvm, type Accelerator } from './accel.js';
+import { pickAccelerator, probeKvm, type Accelerator } from '../../util/kvm-probe.js';
 import { liveMigrate, loadState, saveDeviceState } from './migration.js';
 import { QmpClient } from './qmp.js';
 

@@ -1,5 +1,5 @@
 import { connect, type Socket } from 'node:net';
-import { CladeError } from '../../core/errors.js';
+import { CladeError } from '../../util/errors.js';
 
 type QmpReply = { return?: unknown; error?: { class: string; desc: string }; event?: string; data?: unknown; id?: number };
 

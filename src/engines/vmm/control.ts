@@ -1,5 +1,5 @@
 import { createConnection, type Socket } from 'node:net';
-import { CladeError, errorMessage } from '../../core/errors.js';
+import { CladeError, errorMessage } from '../../util/errors.js';
 
 /** A reply line longer than this is a broken VMM, not a big answer (a `forks 256` reply is at most ~70 KiB; clade-vmm caps replies at 128 KiB). */
 const MAX_REPLY_BYTES = 256 * 1024;

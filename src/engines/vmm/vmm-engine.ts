@@ -1,11 +1,11 @@
 import { spawn } from 'node:child_process';
 import { closeSync, constants, existsSync, openSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { CladeError } from '../../core/errors.js';
-import { packageRoot } from '../../core/paths.js';
+import { CladeError } from '../../util/errors.js';
+import { packageRoot } from '../../util/paths.js';
 import { ensureVmlinux } from '../../images/vmlinux.js';
 import { assertSocketPath, type BootSpec, type Engine, type MachineShape, type VmHandle } from '../engine.js';
-import { probeKvm } from '../qemu/accel.js';
+import { probeKvm } from '../../util/kvm-probe.js';
 import { VmmControl, VmmRefusal } from './control.js';
 
 /** clade-vmm keeps guest RAM below the 32-bit PCI hole. */

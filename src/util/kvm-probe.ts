@@ -2,7 +2,7 @@ import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { packageRoot } from '../../core/paths.js';
+import { packageRoot } from './paths.js';
 
 const run = promisify(execFile);
 
