@@ -1,5 +1,5 @@
 import { CladeError } from '../util/errors.js';
-import type { CommandHandle, CommandResult } from '../sdk/commands.js';
+import type { CommandHandle, CommandResult } from '../core/commands.js';
 import { toErrorBody, type ErrorBody } from './errors.js';
 
 /** Output of one background command the daemon keeps for clients that attach later (UTF-16 units). */

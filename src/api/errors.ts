@@ -1,24 +1,9 @@
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
-import { CladeError, errorMessage, type CladeErrorCode } from '../util/errors.js';
+import { CladeError, errorMessage } from '../util/errors.js';
 
-/** The one place where clade error codes become HTTP statuses (and back, in the client). */
-export const STATUS_OF: Record<CladeErrorCode, number> = {
-  bad_request: 400,
-  auth: 401,
-  not_found: 404,
-  conflict: 409,
-  killed: 410,
-  too_large: 413,
-  agent_error: 422,
-  internal: 500,
-  integrity: 500,
-  boot_failed: 500,
-  protocol_error: 502,
-  unavailable: 503,
-  timeout: 504,
-};
+import { STATUS_OF, type ErrorBody } from '../wire/errors.js';
 
-export type ErrorBody = { code: CladeErrorCode; message: string };
+export { STATUS_OF, type ErrorBody } from '../wire/errors.js';
 
 /** Turns anything a handler throws (ours, fastify's validation and body errors) into `{ code, message }`. */
 export function toErrorBody(err: unknown): { status: number; body: ErrorBody } {

@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { packageRoot } from '../util/paths.js';
+import { SandboxManager } from '../core/manager.js';
 import { ConcurrencyGate } from './context.js';
 import { Metrics } from './metrics.js';
 import { SandboxRegistry } from './registry.js';
@@ -16,7 +17,7 @@ export async function openApiDocument(): Promise<string> {
   const scratch = mkdtempSync(join(tmpdir(), 'clade-openapi-'));
   try {
     const log = pino({ level: 'silent' });
-    const registry = new SandboxRegistry(new StateStore(scratch), 1, log);
+    const registry = new SandboxRegistry(new SandboxManager({}), new StateStore(scratch), 1, log);
     const ctx = { registry, metrics: new Metrics(() => 0, () => 0), forkGate: new ConcurrencyGate(1, 'forks'), defaultTimeoutMs: 0, startedAt: 0, version: API_VERSION };
     const app = await buildApp(ctx, log);
     const doc = JSON.stringify(app.swagger(), null, 2) + '\n';

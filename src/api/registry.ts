@@ -1,33 +1,17 @@
 import { rmSync } from 'node:fs';
+import type { SandboxManager } from '../core/manager.js';
+import type { SandboxRecord } from '../core/records.js';
+import { type LiveSandbox, sandboxDir } from '../core/sandbox.js';
 import { CladeError, errorMessage } from '../util/errors.js';
-import { pooledSlots } from '../core/pool.js';
-import { adoptSandbox, getLive, killPidQuietly, liveSandboxes, sandboxDir } from '../core/sandboxes.js';
-import { isSandboxVm } from '../engines/qemu/qemu-engine.js';
-import { isVmmProcess } from '../engines/vmm/vmm-engine.js';
-import { resolveImage } from '../images/store.js';
-import { Sandbox } from '../sdk/sandbox.js';
+import type { SandboxView } from '../wire/schemas.js';
 import { CommandTable } from './commands.js';
-import { recordOf, type SandboxRecord, type StateStore } from './state.js';
+import type { StateStore } from './state.js';
 
 const SWEEP_MS = 1000;
 /** Forks or snapshots of one sandbox that may wait for the one running; more are refused. */
 const MAX_WAITING_PER_SANDBOX = 32;
 
-type Entry = { sandbox: Sandbox; expiresAt: number | null; snapshotTag?: string; fingerprint: string };
-
-export type SandboxView = {
-  sandboxId: string;
-  parentId?: string;
-  snapshotTag?: string;
-  image: string;
-  engine: 'qemu' | 'vmm';
-  memoryMiB: number;
-  cpus: number;
-  accelerator: string;
-  pid: number;
-  startedAt: string;
-  expiresAt: string | null;
-};
+type Entry = { live: LiveSandbox; expiresAt: number | null; fingerprint: string };
 
 export type Logger = { info: (obj: object, msg: string) => void; warn: (obj: object, msg: string) => void };
 
@@ -45,6 +29,7 @@ export class SandboxRegistry {
   readonly commands = new CommandTable();
 
   constructor(
+    readonly manager: SandboxManager,
     private readonly store: StateStore,
     private readonly maxSandboxes: number,
     private readonly log: Logger,
@@ -57,7 +42,7 @@ export class SandboxRegistry {
   /** Holds room for `n` new sandboxes; call the returned function when they are added or failed. */
   reserve(n: number): () => void {
     // VMs pre-started for forks (prewarm) are VMs too: they count against the same limit.
-    const pooled = pooledSlots();
+    const pooled = this.manager.preparedVms;
     if (this.entries.size + this.reserved + pooled + n > this.maxSandboxes) {
       throw new CladeError('unavailable', `this daemon runs at most ${this.maxSandboxes} sandboxes (${this.entries.size} running, ${this.reserved} starting, ${pooled} pre-started for forks); delete some or restart \`clade serve\` with a larger --max-sandboxes`);
     }
@@ -70,8 +55,8 @@ export class SandboxRegistry {
   }
 
   /**
-   * Runs forks and snapshots of one sandbox one after another: each freezes the
-   * sandbox and moves it to a new VM process, which two at once would tear apart.
+   * Runs forks and snapshots of one sandbox one after another, with a bounded
+   * queue: each pauses the sandbox and may move it to a new VM process.
    */
   async exclusive<T>(id: string, fn: () => Promise<T>): Promise<T> {
     const lock = this.locks.get(id) ?? { tail: Promise.resolve(), waiting: 0 };
@@ -87,28 +72,27 @@ export class SandboxRegistry {
     }
   }
 
-  add(sandbox: Sandbox, timeoutMs: number, snapshotTag?: string): SandboxView {
-    const entry: Entry = { sandbox, expiresAt: timeoutMs > 0 ? Date.now() + timeoutMs : null, fingerprint: '', ...(snapshotTag ? { snapshotTag } : {}) };
-    this.entries.set(sandbox.sandboxId, entry);
-    this.follow(sandbox.sandboxId);
-    this.persist(sandbox.sandboxId);
-    return this.view(sandbox.sandboxId);
+  add(live: LiveSandbox, timeoutMs: number): SandboxView {
+    this.entries.set(live.id, { live, expiresAt: timeoutMs > 0 ? Date.now() + timeoutMs : null, fingerprint: '' });
+    this.follow(live);
+    this.persist(live.id);
+    return this.view(live.id);
   }
 
-  get(id: string): Sandbox {
+  get(id: string): LiveSandbox {
     const entry = this.entries.get(id);
     if (!entry) throw new CladeError('not_found', `no sandbox ${JSON.stringify(id)} in this daemon; list them with GET /v1/sandboxes (or \`clade ps\`)`);
-    return entry.sandbox;
+    return entry.live;
   }
 
   view(id: string): SandboxView {
     const entry = this.entries.get(id);
     if (!entry) throw new CladeError('not_found', `no sandbox ${JSON.stringify(id)} in this daemon`);
-    const live = getLive(id);
+    const live = entry.live;
     return {
       sandboxId: id,
       ...(live.parentId ? { parentId: live.parentId } : {}),
-      ...(entry.snapshotTag ? { snapshotTag: entry.snapshotTag } : {}),
+      ...(live.snapshotTag ? { snapshotTag: live.snapshotTag } : {}),
       image: live.shape.image.manifest.digest,
       engine: live.engineName,
       memoryMiB: live.shape.memoryMiB,
@@ -121,9 +105,9 @@ export class SandboxRegistry {
   }
 
   list(filter: { parentId?: string; snapshotTag?: string }): SandboxView[] {
-    return [...this.entries.keys()]
-      .filter((id) => getLiveOrUndefined(id) !== undefined)
-      .map((id) => this.view(id))
+    return [...this.entries.values()]
+      .filter((e) => e.live.alive)
+      .map((e) => this.view(e.live.id))
       .filter((v) => (filter.parentId === undefined || v.parentId === filter.parentId) && (filter.snapshotTag === undefined || v.snapshotTag === filter.snapshotTag));
   }
 
@@ -136,34 +120,38 @@ export class SandboxRegistry {
     return this.view(id);
   }
 
-  setSnapshotTag(id: string, tag: string): void {
-    const entry = this.entries.get(id);
-    if (entry) entry.snapshotTag = tag;
-    this.persist(id);
-  }
-
   /** The record goes last: a daemon that dies mid-way still knows the VM, or the VM is already gone. */
   async remove(id: string): Promise<void> {
-    const sandbox = this.get(id);
+    const live = this.get(id);
     this.entries.delete(id);
     this.commands.dropSandbox(id);
     try {
-      await sandbox.kill();
+      await live.kill();
     } finally {
       this.store.remove(id);
     }
   }
 
-  /** Writes the record again if what a restarted daemon needs has changed (a fork moves the VM). */
+  /** Writes the record again if what a restarted daemon needs has changed (a fork may move the VM). */
   persist(id: string): void {
     const entry = this.entries.get(id);
-    const live = getLiveOrUndefined(id);
-    if (!entry || !live) return;
-    const rec = recordOf(live, { expiresAt: entry.expiresAt, ...(entry.snapshotTag ? { snapshotTag: entry.snapshotTag } : {}) });
-    const fingerprint = `${rec.pid}:${rec.runDir}:${rec.interpreterExecId ?? 0}:${rec.memory.file}:${rec.expiresAt}:${rec.snapshotTag ?? ''}`;
+    if (!entry || !entry.live.alive) return;
+    const rec = this.manager.record(entry.live, entry.expiresAt);
+    const fingerprint = JSON.stringify([rec.vm, rec.interpreterExecId, rec.expiresAt, rec.snapshotTag]);
     if (fingerprint === entry.fingerprint) return;
     this.store.save(rec);
     entry.fingerprint = fingerprint;
+  }
+
+  /** The record follows the sandbox to each new VM process at once, before the old process is gone. */
+  private follow(live: LiveSandbox): void {
+    live.onVmChanged = () => {
+      try {
+        this.persist(live.id);
+      } catch (err) {
+        this.log.warn({ sandboxId: live.id, err: errorMessage(err) }, 'could not rewrite the sandbox record; the sweep will retry');
+      }
+    };
   }
 
   /** Kills expired sandboxes, forgets those whose VM ended on its own, and keeps records current. */
@@ -184,7 +172,7 @@ export class SandboxRegistry {
     const now = Date.now();
     for (const [id, entry] of [...this.entries]) {
       try {
-        if (!getLiveOrUndefined(id)) {
+        if (!entry.live.alive) {
           this.entries.delete(id);
           this.commands.dropSandbox(id);
           this.store.remove(id);
@@ -204,8 +192,8 @@ export class SandboxRegistry {
   /** Saves every record one last time; the VMs keep running for the next daemon. */
   detachAll(): void {
     clearInterval(this.sweeper);
-    for (const id of this.entries.keys()) {
-      this.entries.get(id)!.fingerprint = '';
+    for (const [id, entry] of this.entries) {
+      entry.fingerprint = '';
       this.persist(id);
     }
   }
@@ -225,7 +213,11 @@ export class SandboxRegistry {
     const invalid = (file: string) => this.log.warn({ file }, 'sandbox record is invalid; removed without using it');
     for (const rec of this.store.loadAll(invalid)) {
       try {
-        await this.adoptOne(rec);
+        if (rec.expiresAt !== null && rec.expiresAt <= Date.now()) throw new CladeError('timeout', 'its lifetime ended while no daemon ran');
+        const live = await this.manager.adopt(rec);
+        this.entries.set(live.id, { live, expiresAt: rec.expiresAt, fingerprint: '' });
+        this.follow(live);
+        this.persist(live.id);
         adopted.push(rec.id);
       } catch (err) {
         this.log.warn({ sandboxId: rec.id, err: errorMessage(err) }, 'could not adopt sandbox; removing it');
@@ -236,54 +228,11 @@ export class SandboxRegistry {
     return { adopted, dropped };
   }
 
-  private async adoptOne(rec: SandboxRecord): Promise<void> {
-    if (rec.expiresAt !== null && rec.expiresAt <= Date.now()) throw new CladeError('timeout', 'its lifetime ended while no daemon ran');
-    if (!recordedVmAlive(rec)) throw new CladeError('killed', 'its VM process is gone');
-    const image = resolveImage(rec.shape.imageDigest);
-    const live = await adoptSandbox({
-      vm: { engine: rec.engine ?? 'qemu', ...(rec.startTicks ? { startTicks: rec.startTicks } : {}), id: rec.id, pid: rec.pid, runDir: rec.runDir, memory: rec.memory, accelerator: rec.accelerator, shape: { image, memoryMiB: rec.shape.memoryMiB, cpus: rec.shape.cpus } },
-      token: Buffer.from(rec.tokenHex, 'hex'),
-      env: rec.env,
-      createdAt: new Date(rec.createdAt),
-      ...(rec.parentId ? { parentId: rec.parentId } : {}),
-      ...(rec.interpreterExecId ? { interpreterExecId: rec.interpreterExecId } : {}),
-      agentIdCursor: rec.agentIdCursor, // the agent's HELLO then moves it past every id the dead daemon used
-      runGeneration: Number(/vm-(\d+)$/.exec(rec.runDir)?.[1] ?? 0),
-    });
-    const entry: Entry = { sandbox: Sandbox.connectLocal(live.id), expiresAt: rec.expiresAt, fingerprint: '', ...(rec.snapshotTag ? { snapshotTag: rec.snapshotTag } : {}) };
-    this.entries.set(rec.id, entry);
-    this.follow(rec.id);
-    this.persist(rec.id);
-  }
-
-  /** The record follows the sandbox to each new VM process at once, before the old process is gone. */
-  private follow(id: string): void {
-    const live = getLiveOrUndefined(id);
-    if (!live) return;
-    live.onVmChanged = () => {
-      try {
-        this.persist(id);
-      } catch (err) {
-        this.log.warn({ sandboxId: id, err: errorMessage(err) }, 'could not rewrite the sandbox record; the sweep will retry');
-      }
-    };
-  }
-
   private discard(rec: SandboxRecord): void {
-    if (recordedVmAlive(rec)) killPidQuietly(rec.pid);
-    getLiveOrUndefined(rec.id)?.kill().catch(() => undefined);
+    this.manager.engine(rec.vm.engine).killRecorded(rec.vm);
+    this.manager.find(rec.id)?.kill().catch(() => undefined);
     rmSync(sandboxDir(rec.id), { recursive: true, force: true });
-    if (rec.memory.shared) rmSync(rec.memory.file, { force: true });
+    if (rec.vm.memory.shared) rmSync(rec.vm.memory.file, { force: true });
     this.store.remove(rec.id);
   }
-}
-
-/** The record's VM process still runs (a pid alone proves nothing: pids are reused). */
-function recordedVmAlive(rec: SandboxRecord): boolean {
-  if (rec.engine === 'vmm') return rec.startTicks !== undefined && isVmmProcess(rec.pid, rec.startTicks);
-  return isSandboxVm(rec.pid, rec.id);
-}
-
-function getLiveOrUndefined(id: string) {
-  return liveSandboxes().find((s) => s.id === id && s.alive);
 }

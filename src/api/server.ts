@@ -7,8 +7,8 @@ import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import { pino, type Logger } from 'pino';
 import { CladeError } from '../util/errors.js';
 import { cladeHome, ensurePrivateDir } from '../util/home.js';
-import { pooledSlots } from '../core/pool.js';
-import { keepSandboxesOnExit, reapOrphans } from '../core/sandboxes.js';
+import { defaultManager, keepSandboxesOnExit } from '../core/default.js';
+import type { SandboxManager } from '../core/manager.js';
 import { bearerMatches, loadOrCreateToken } from './auth.js';
 import { ConcurrencyGate, type DaemonContext } from './context.js';
 import { errorHandler } from './errors.js';
@@ -116,18 +116,16 @@ export async function buildApp(ctx: DaemonContext, log: Logger, auth?: { token: 
  * removes what nobody owns any more, then listens. Sandboxes outlive the
  * daemon unless `stopOnExit` is set.
  */
-export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
+export async function startDaemon(opts: ServeOptions, manager: SandboxManager = defaultManager()): Promise<Daemon> {
   const log = pino({ level: opts.logLevel, base: { pid: process.pid } });
   // A daemon serves many sandboxes: a stray failure in one background task is logged, not fatal to all.
   process.on('unhandledRejection', (reason) => log.error({ err: reason instanceof Error ? reason.message : String(reason) }, 'unhandled rejection (kept running)'));
-  // The daemon runs its sandboxes itself; CLADE_DAEMON would make the SDK send them back to a daemon.
-  delete process.env.CLADE_DAEMON;
   keepSandboxesOnExit();
   const store = new StateStore(ensurePrivateDir(opts.stateDir));
-  const registry = new SandboxRegistry(store, opts.maxSandboxes, log);
+  const registry = new SandboxRegistry(manager, store, opts.maxSandboxes, log);
   const ctx: DaemonContext = {
     registry,
-    metrics: new Metrics(() => registry.size, pooledSlots),
+    metrics: new Metrics(() => registry.size, () => manager.preparedVms),
     forkGate: new ConcurrencyGate(opts.maxConcurrentForks, 'forks, snapshots or snapshot starts', GATE_HOLD_LIMIT_MS),
     defaultTimeoutMs: opts.defaultTimeoutMs,
     startedAt: Date.now(),
@@ -135,13 +133,13 @@ export async function startDaemon(opts: ServeOptions): Promise<Daemon> {
   };
   await claimSocket(opts.socketPath);
   const { adopted, dropped } = await registry.adoptAll();
-  const reaped = reapOrphans();
+  const reaped = manager.reapOrphans();
   log.info({ adopted, dropped, reaped }, 'state recovered');
   registry.startSweeping();
   // VMs a crash left without a record (a fork's children mid-way) are found once they are old enough to judge.
   const reaper = setInterval(() => {
     try {
-      const r = reapOrphans();
+      const r = manager.reapOrphans();
       if (r.killed || r.removed) log.info({ reaped: r }, 'removed orphaned VMs');
     } catch (err) {
       log.warn({ err: err instanceof Error ? err.message : String(err) }, 'orphan sweep failed; will retry');

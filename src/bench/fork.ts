@@ -2,7 +2,7 @@ import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { CladeError } from '../util/errors.js';
 import { cladeHome } from '../util/home.js';
-import { getLive } from '../core/sandboxes.js';
+import { defaultManager } from '../core/default.js';
 import { snapshotDir } from '../core/snapshots.js';
 import { Sandbox } from '../sdk/sandbox.js';
 import { hostUsedBytes, privateBytes, pssBytes } from './memory.js';
@@ -122,7 +122,7 @@ export async function benchFork(opts: ForkBenchOptions): Promise<ForkBenchResult
           // Pool slots and children together: what the host gave these children.
           hostUsedByFanout = hostUsedBytes() - before;
           for (const k of kids) {
-            const pid = getLive(k.sandboxId).vm.pid;
+            const pid = defaultManager().get(k.sandboxId).vm.pid;
             childPss.push(pssBytes(pid) / 2 ** 20);
             childPrivate.push(privateBytes(pid) / 2 ** 20);
           }

@@ -1,7 +1,7 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { DaemonClient } from '../api/client.js';
-import type { SandboxView } from '../api/registry.js';
+import type { DaemonClient } from '../sdk/daemon-client.js';
+import type { SandboxView } from '../wire/schemas.js';
 import { cladeHome } from '../util/home.js';
 import { CladeError } from '../util/errors.js';
 import { summarize, type Summary } from './stats.js';

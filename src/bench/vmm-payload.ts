@@ -11,7 +11,7 @@
 //
 // Only the SDK and modules it already loads are imported: the runner has no
 // node_modules.
-import { getLive } from '../core/sandboxes.js';
+import { defaultManager } from '../core/default.js';
 import { VmmVm } from '../engines/vmm/vmm-engine.js';
 import { Sandbox } from '../sdk/index.js';
 import { pssBytes } from './memory.js';
@@ -98,7 +98,7 @@ async function recordHostForkWork(engine: EngineUnderTest, metricPrefix: string,
     return;
   }
   for (const kid of kids) {
-    const vm = getLive(kid.sandboxId).vm;
+    const vm = defaultManager().get(kid.sandboxId).vm;
     if (!(vm instanceof VmmVm)) continue;
     const t = (await vm.status()).timing;
     if (t.forkNs <= 0 || t.firstRunNs <= 0) continue;
@@ -151,7 +151,7 @@ async function fanouts(engine: EngineUnderTest, plan: VmmBenchPlan, parent: Sand
         if (timings) sample(engine, `fork${n}ParentPauseMs`, timings.parentPauseMs);
         if (n === 1) await within(STEP_TIMEOUT_MS, 'child status', recordHostForkWork(engine, 'hostForkWork', kids, timings?.childRestoreMs ?? []));
         else await within(timeoutMs, 'children status', recordHostForkWork(engine, `fork${n}HostForkWork`, kids, timings?.childRestoreMs ?? []));
-        if (n === 10 && i === 0) for (const k of kids) sample(engine, 'childPssMiB', pssBytes(getLive(k.sandboxId).vm.pid) / 2 ** 20);
+        if (n === 10 && i === 0) for (const k of kids) sample(engine, 'childPssMiB', pssBytes(defaultManager().get(k.sandboxId).vm.pid) / 2 ** 20);
       } catch (err) {
         note(engine, `fork of ${n} children, run ${i + 1}: ${(err as Error).message}`);
         if (n > 10) {

@@ -1,6 +1,6 @@
-import { DaemonClient, parseDaemonAddress } from '../api/client.js';
+import { DaemonClient, parseDaemonAddress } from '../sdk/daemon-client.js';
 import { daemonPaths, socketAnswers } from '../api/server.js';
-import type { SandboxView } from '../api/registry.js';
+import type { SandboxView } from '../wire/schemas.js';
 import { CladeError, type CladeErrorCode } from '../util/errors.js';
 import type { SnapshotMeta } from '../core/snapshots.js';
 import { emit, table } from './output.js';

@@ -4,7 +4,7 @@ import { freemem } from 'node:os';
 import { promisify } from 'node:util';
 import { cladeHome, ensurePrivateDir } from '../util/home.js';
 import { probeKvm } from '../util/kvm-probe.js';
-import { QEMU_BINARY } from '../engines/qemu/qemu-engine.js';
+import { QEMU_BINARY } from '../engines/qemu/qemu-vm.js';
 import { vmmUnavailableReason } from '../engines/vmm/vmm-engine.js';
 import { resolveImage } from '../images/store.js';
 

@@ -1,6 +1,20 @@
 import { randomBytes } from 'node:crypto';
+import type { AgentClient } from '../agent-protocol/client.js';
 import { CladeError } from '../util/errors.js';
-import type { LiveSandbox } from './sandboxes.js';
+import { MAX_CAPTURE_BYTES, OutputCapture } from './capture.js';
+
+export { MAX_CAPTURE_BYTES } from './capture.js';
+
+/** What the interpreter needs of its sandbox: the agent channel, the environment, and where to keep its session. */
+export type InterpreterHost = {
+  readonly id: string;
+  readonly agent: AgentClient;
+  readonly env: Record<string, string>;
+  readonly alive: boolean;
+  interpreter?: InterpreterSession;
+  /** Exec id of the persistent interpreter, once started (a fork's child inherits it). */
+  interpreterExecId?: number;
+};
 
 export type CodeResult = {
   /** repr() of the value of the last expression, if it had one (at most 1 Mi characters; longer ones end with a note). */
@@ -21,8 +35,6 @@ export type RunCodeOptions = {
 };
 
 const INTERPRETER = ['python3', '-u', '/usr/lib/clade/interpreter.py'];
-/** Output kept per stream in a CodeResult; the streaming callbacks see all of it. */
-export const MAX_CAPTURE_BYTES = 16 * 1024 * 1024;
 /** Longest marker payload (the result JSON) accepted; the interpreter caps the fields it puts there well below this. */
 export const MAX_MARKER_PAYLOAD = 32 * 1024 * 1024;
 
@@ -165,56 +177,6 @@ export class MarkerScanner {
   }
 }
 
-/**
- * One stream's output of one request: kept up to `limit` bytes in one growing
- * buffer (so output that arrives a byte at a time costs no more than one big
- * chunk), and decoded as UTF-8 across chunk boundaries for the callback.
- */
-export class OutputCapture {
-  private buf = Buffer.alloc(0);
-  private used = 0;
-  /** Bytes past the limit: the callback saw them, the result leaves them out. */
-  dropped = 0;
-  private readonly decoder = new TextDecoder('utf-8');
-
-  constructor(
-    private readonly limit: number,
-    private readonly onData?: (s: string) => void,
-  ) {}
-
-  push(d: Buffer): void {
-    const take = Math.min(d.length, this.limit - this.used);
-    if (take > 0) {
-      if (this.used + take > this.buf.length) {
-        const grown = Buffer.allocUnsafe(Math.min(this.limit, Math.max(this.used + take, this.buf.length * 2, 4096)));
-        this.buf.copy(grown, 0, 0, this.used);
-        this.buf = grown;
-      }
-      d.copy(this.buf, this.used, 0, take);
-      this.used += take;
-    }
-    this.dropped += d.length - take;
-    if (this.onData) {
-      const text = this.decoder.decode(d, { stream: true });
-      if (text) this.onData(text);
-    }
-  }
-
-  /** The end of the stream: a UTF-8 sequence cut short goes to the callback as U+FFFD, not into the next request. */
-  end(): void {
-    const rest = this.decoder.decode();
-    if (rest) this.onData?.(rest);
-  }
-
-  get bytes(): number {
-    return this.used;
-  }
-
-  text(): string {
-    return this.buf.toString('utf8', 0, this.used);
-  }
-}
-
 type Request = {
   nonce: string;
   stdout: OutputCapture;
@@ -241,7 +203,7 @@ export class InterpreterSession {
   private readonly err = new MarkerScanner(this.sink('stderr'), () => this.current?.nonce);
 
   constructor(
-    private readonly sb: LiveSandbox,
+    private readonly sb: InterpreterHost,
     readonly execId: number,
   ) {}
 
@@ -364,7 +326,7 @@ function parseResult(json: Buffer): Pick<CodeResult, 'value' | 'error'> | undefi
   return out;
 }
 
-async function startInterpreter(sb: LiveSandbox): Promise<InterpreterSession> {
+async function startInterpreter(sb: InterpreterHost): Promise<InterpreterSession> {
   let session: InterpreterSession | undefined;
   // Nothing is asked of the interpreter before it exists, so output before then is only noise.
   const handle = await sb.agent.exec(
@@ -378,7 +340,7 @@ async function startInterpreter(sb: LiveSandbox): Promise<InterpreterSession> {
   return session;
 }
 
-export async function runCode(sb: LiveSandbox, code: string, opts: RunCodeOptions = {}): Promise<CodeResult> {
+export async function runCode(sb: InterpreterHost, code: string, opts: RunCodeOptions = {}): Promise<CodeResult> {
   if (opts.language && opts.language !== 'python') throw new CladeError('bad_request', `language ${JSON.stringify(opts.language)} is not supported; use "python"`);
   if (typeof code !== 'string') throw new CladeError('bad_request', 'code must be a string');
   if (!sb.alive) throw new CladeError('killed', `sandbox ${sb.id} is not running`);
@@ -390,13 +352,13 @@ export async function runCode(sb: LiveSandbox, code: string, opts: RunCodeOption
  * In a fork, the interpreter process came along with the guest: attach to it
  * and reseed `random` and `numpy.random`, so siblings draw different numbers.
  */
-export async function reseedInterpreter(sb: LiveSandbox, execId: number): Promise<void> {
+export async function reseedInterpreter(sb: InterpreterHost, execId: number): Promise<void> {
   const session = attachInterpreter(sb, execId);
   await session.send({ reseed: randomBytes(16).toString('hex') }, { timeoutMs: 30_000 });
 }
 
 /** Attaches to an interpreter process already running in the guest (forked, or left by a previous daemon). */
-export function attachInterpreter(sb: LiveSandbox, execId: number): InterpreterSession {
+export function attachInterpreter(sb: InterpreterHost, execId: number): InterpreterSession {
   const session = new InterpreterSession(sb, execId);
   sb.agent.adopt(execId, { onStdout: session.onStdout, onStderr: session.onStderr, onExit: session.onEnd, onClose: session.onEnd });
   sb.interpreter = session;

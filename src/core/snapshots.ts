@@ -4,60 +4,11 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Type, type Static } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
-import type { MachineShape } from '../engines/engine.js';
+import type { MachineShape, SnapshotSource } from '../engines/engine.js';
 import { resolveImage } from '../images/store.js';
 import { CladeError, errorMessage } from '../util/errors.js';
-import { cladeHome, ensureMemoryDir, ensurePrivateDir, homePaths } from '../util/home.js';
+import { cladeHome, ensurePrivateDir, homePaths } from '../util/home.js';
 import { processAlive } from '../util/process.js';
-
-/** What the host must know to talk to the agent inside a resumed snapshot. */
-export type AgentState = {
-  /** The agent's token at freeze time; children replace it at once with FORK_FIXUP. */
-  token: Buffer;
-  /** Request ids below this may still be in use inside the guest. */
-  nextId: number;
-  /** Exec id of the persistent Python interpreter, if one was running. */
-  interpreterExecId?: number;
-};
-
-/**
- * A frozen machine: RAM file, device state, and the agent state. Live forks
- * make transient ones in tmpfs, deleted when the last VM mapping them ends;
- * `snapshot({ tag })` makes persistent ones under the clade home.
- */
-export class Snapshot {
-  private refs = 0;
-
-  constructor(
-    readonly id: string,
-    readonly memoryFile: string,
-    readonly state: Buffer,
-    readonly shape: MachineShape,
-    readonly agent: AgentState,
-    readonly persistentTag?: string,
-    /** A persistent snapshot's checked memory.raw, open: VMs map it through this descriptor, not by name. */
-    readonly memoryFd?: number,
-  ) {}
-
-  retain(): void {
-    this.refs++;
-  }
-
-  /** Transient snapshots delete their RAM file when the last VM using it is gone. */
-  release(): void {
-    this.refs--;
-    if (this.refs <= 0 && !this.persistentTag) rmSync(this.memoryFile, { force: true });
-  }
-
-  get inUse(): number {
-    return this.refs;
-  }
-}
-
-/** A tmpfs path for a transient snapshot's RAM; the owner pid in the name lets reapers find strays. */
-export function transientMemoryPath(): string {
-  return join(ensureMemoryDir(), `snap-${process.pid}-${randomBytes(6).toString('hex')}.mem`);
-}
 
 // ---------------------------------------------------------------------------
 // Persistent snapshots: <home>/snapshots/<tag>/{memory.raw,state.bin,snapshot.json}
@@ -233,6 +184,8 @@ export type OpenedSnapshot = {
   files: Record<(typeof FILE_NAMES)[number], FileHandle>;
   /** state.bin's bytes, read from its checked descriptor. */
   state: Buffer;
+  /** What an engine starts VMs from: these descriptors, never the paths. */
+  source(shape: MachineShape): SnapshotSource;
   close(): Promise<void>;
 };
 
@@ -273,7 +226,14 @@ export async function openSnapshot(tag: string): Promise<OpenedSnapshot> {
     } catch {
       throw new CladeError('integrity', `snapshot ${tag} was made from image ${meta.image.slice(0, 12)}, which is not present; rebuild or restore that image`);
     }
-    return { meta, dir, files, state, close: closeAll };
+    const source = (shape: MachineShape): SnapshotSource => ({
+      dir,
+      tag,
+      shape,
+      memory: { path: join(dir, 'memory.raw'), fd: files['memory.raw'].fd },
+      state: { fd: files['state.bin'].fd, bytes: state },
+    });
+    return { meta, dir, files, state, source, close: closeAll };
   } catch (err) {
     await closeAll();
     throw err;
@@ -361,59 +321,6 @@ export async function commitSnapshot(staging: string, meta: Omit<UnsignedMeta, '
   return full;
 }
 
-/**
- * Writes a frozen qemu snapshot to the clade home under `tag`: RAM copied
- * sparsely (holes stay holes) and hashed on the way, asynchronously.
- */
-export async function persistSnapshot(snap: Snapshot, tag: string, sandboxId: string, parent: string | null): Promise<SnapshotMeta> {
-  const staging = stagingDir(tag);
-  try {
-    const memory = await copySparseHashed(snap.memoryFile, join(staging, 'memory.raw'));
-    const state = await open(join(staging, 'state.bin'), constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
-    try {
-      await state.writeFile(snap.state);
-    } finally {
-      await state.close();
-    }
-    return await commitSnapshot(
-      staging,
-      {
-        tag,
-        parent,
-        sandboxId,
-        engine: 'qemu',
-        image: snap.shape.image.manifest.digest,
-        memoryMiB: snap.shape.memoryMiB,
-        cpus: snap.shape.cpus,
-        agent: { token: snap.agent.token.toString('hex'), nextId: snap.agent.nextId, ...(snap.agent.interpreterExecId ? { interpreterExecId: snap.agent.interpreterExecId } : {}) },
-      },
-      { 'memory.raw': memory, 'state.bin': { sha256: createHash('sha256').update(snap.state).digest('hex'), bytes: snap.state.length } },
-    );
-  } catch (err) {
-    rmSync(staging, { recursive: true, force: true });
-    throw err;
-  }
-}
-
-/** Loads a verified persistent snapshot for resuming on the qemu engine; the memory file stays open for the VMs that map it. */
-export async function loadSnapshot(tag: string): Promise<{ snapshot: Snapshot; opened: OpenedSnapshot }> {
-  const opened = await openSnapshot(tag);
-  const { meta } = opened;
-  try {
-    assertSnapshotEngine(meta, 'qemu');
-  } catch (err) {
-    await opened.close();
-    throw err;
-  }
-  const shape: MachineShape = { image: resolveImage(meta.image), memoryMiB: meta.memoryMiB, cpus: meta.cpus };
-  const snapshot = new Snapshot(`persist:${tag}`, join(opened.dir, 'memory.raw'), opened.state, shape, {
-    token: Buffer.from(meta.agent.token, 'hex'),
-    nextId: meta.agent.nextId,
-    ...(meta.agent.interpreterExecId ? { interpreterExecId: meta.agent.interpreterExecId } : {}),
-  }, tag, opened.files['memory.raw'].fd);
-  return { snapshot, opened };
-}
-
 export function childrenOf(tag: string): string[] {
   return listSnapshots().filter((m) => m.parent === tag).map((m) => m.tag);
 }
@@ -435,32 +342,6 @@ export function removeSnapshot(tag: string, opts: { cascade?: boolean } = {}): s
 // ---- file helpers ----------------------------------------------------------
 
 const CHUNK = 1 << 20;
-const ZERO_CHUNK = Buffer.alloc(CHUNK);
-
-/** Copies a frozen RAM file, skipping all-zero chunks so the copy stays sparse, and hashes it on the way. */
-async function copySparseHashed(src: string, dest: string): Promise<{ sha256: string; bytes: number }> {
-  const hash = createHash('sha256');
-  const input = await open(src, constants.O_RDONLY | constants.O_NOFOLLOW);
-  const output = await open(dest, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
-  const buf = Buffer.alloc(CHUNK);
-  let off = 0;
-  try {
-    const size = (await input.stat()).size;
-    while (off < size) {
-      const { bytesRead } = await input.read(buf, 0, CHUNK, off);
-      if (bytesRead === 0) break;
-      const chunk = buf.subarray(0, bytesRead);
-      hash.update(chunk);
-      if (!chunk.equals(ZERO_CHUNK.subarray(0, bytesRead))) await output.write(chunk, 0, bytesRead, off);
-      off += bytesRead;
-    }
-    await output.truncate(size);
-  } finally {
-    await input.close();
-    await output.close();
-  }
-  return { sha256: hash.digest('hex'), bytes: off };
-}
 
 async function hashHandle(handle: FileHandle): Promise<string> {
   const hash = createHash('sha256');

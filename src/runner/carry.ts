@@ -6,7 +6,7 @@ import { promisify } from 'node:util';
 import { CladeError, errorMessage } from '../util/errors.js';
 import { ensurePrivateDir } from '../util/home.js';
 import { packageRoot } from '../util/paths.js';
-import { QEMU_BINARY } from '../engines/qemu/qemu-engine.js';
+import { QEMU_BINARY } from '../engines/qemu/qemu-vm.js';
 import { resolveImage } from '../images/store.js';
 import { ensureVmlinux } from '../images/vmlinux.js';
 import { runnerCacheDir } from './base.js';

@@ -6,7 +6,7 @@ import { CladeError } from '../util/errors.js';
 import { ensurePrivateDir, homePaths } from '../util/home.js';
 import { noProgress, type ProgressFn } from '../util/progress.js';
 import { probeKvm } from '../util/kvm-probe.js';
-import { QEMU_BINARY } from '../engines/qemu/qemu-engine.js';
+import { QEMU_BINARY } from '../engines/qemu/qemu-vm.js';
 import { ensureRunnerBase } from './base.js';
 import { STATUS_PREFIX } from './init-script.js';
 import { packInitramfs, type Carry } from './payload.js';

@@ -1,10 +1,10 @@
-import { DaemonClient, parseDaemonAddress } from '../api/client.js';
-import type { SandboxView } from '../api/registry.js';
-import type { FileEntry } from '../agent-protocol/client.js';
-import { CladeError, type CladeErrorCode } from '../util/errors.js';
+import type { FileEntry } from '../core/files.js';
 import type { CodeResult, RunCodeOptions } from '../core/interpreter.js';
-import type { SnapshotMeta } from '../core/snapshots.js';
+import { CladeError, type CladeErrorCode } from '../util/errors.js';
+import type { SandboxView } from '../wire/schemas.js';
+import type { SandboxBackend, SandboxInfo, SnapshotInfo } from './backend.js';
 import type { CommandHandle, CommandOptions, CommandResult, CommandRunner } from './commands.js';
+import { DaemonClient, parseDaemonAddress } from './daemon-client.js';
 import type { FileOps } from './files.js';
 
 export type DaemonOptions = {
@@ -25,10 +25,11 @@ export function daemonClient(opts: DaemonOptions): DaemonClient | undefined {
 type ChildResult = { sandboxId: string } | { error: { code: CladeErrorCode; message: string } };
 type WireEntry = { name: string; type: FileEntry['type']; size: number; mode: number; modifiedTime: string };
 
-/** A sandbox that a daemon runs, driven over its HTTP API. */
-export class RemoteSandbox {
+/** A sandbox that a daemon runs, driven over its HTTP API. The daemon keeps its lifetime. */
+export class RemoteBackend implements SandboxBackend {
   readonly commands: CommandRunner = { run: (cmd, opts) => this.run(cmd, opts) };
   readonly files: FileOps;
+  private snapshotTag?: string;
 
   constructor(
     private readonly client: DaemonClient,
@@ -47,28 +48,47 @@ export class RemoteSandbox {
     };
   }
 
-  static async create(client: DaemonClient, body: Record<string, unknown>): Promise<RemoteSandbox> {
-    return new RemoteSandbox(client, await client.json<SandboxView>('POST', '/v1/sandboxes', body));
+  static async create(client: DaemonClient, body: Record<string, unknown>): Promise<RemoteBackend> {
+    return new RemoteBackend(client, await client.json<SandboxView>('POST', '/v1/sandboxes', body));
   }
 
-  static async start(client: DaemonClient, tag: string, body: { count: number; env?: Record<string, string> }): Promise<(RemoteSandbox | CladeError)[]> {
-    return RemoteSandbox.children(client, await client.json<ChildResult[]>('POST', `/v1/snapshots/${encodeURIComponent(tag)}/start`, body));
+  static async start(client: DaemonClient, tag: string, body: { count: number; env?: Record<string, string> }): Promise<(RemoteBackend | CladeError)[]> {
+    return RemoteBackend.children(client, await client.json<ChildResult[]>('POST', `/v1/snapshots/${encodeURIComponent(tag)}/start`, body));
   }
 
-  static async connect(client: DaemonClient, sandboxId: string): Promise<RemoteSandbox> {
-    return new RemoteSandbox(client, await client.json<SandboxView>('GET', `/v1/sandboxes/${encodeURIComponent(sandboxId)}`));
+  static async connect(client: DaemonClient, sandboxId: string): Promise<RemoteBackend> {
+    return new RemoteBackend(client, await client.json<SandboxView>('GET', `/v1/sandboxes/${encodeURIComponent(sandboxId)}`));
   }
 
   get id(): string {
     return this.view.sandboxId;
   }
 
-  async fork(count: number): Promise<(RemoteSandbox | CladeError)[]> {
-    return RemoteSandbox.children(this.client, await this.client.json<ChildResult[]>('POST', this.path('/fork'), { count }));
+  async fork(count: number): Promise<{ children: (RemoteBackend | CladeError)[] }> {
+    return { children: await RemoteBackend.children(this.client, await this.client.json<ChildResult[]>('POST', this.path('/fork'), { count })) };
   }
 
-  snapshot(tag: string): Promise<Omit<SnapshotMeta, 'agent'>> {
-    return this.client.json('POST', this.path('/snapshot'), { tag });
+  async snapshot(tag: string): Promise<{ info: SnapshotInfo }> {
+    const info = await this.client.json<SnapshotInfo>('POST', this.path('/snapshot'), { tag });
+    this.snapshotTag = tag;
+    return { info };
+  }
+
+  /** As the daemon described the sandbox when this handle was made (boot time is not reported: 0). */
+  info(): SandboxInfo {
+    const v = this.view;
+    const snapshotTag = this.snapshotTag ?? v.snapshotTag;
+    return {
+      sandboxId: v.sandboxId,
+      ...(v.parentId ? { parentId: v.parentId } : {}),
+      image: v.image,
+      engine: v.engine,
+      accelerator: v.accelerator,
+      pid: v.pid,
+      startedAt: new Date(v.startedAt),
+      bootMs: 0,
+      ...(snapshotTag ? { snapshotTag } : {}),
+    };
   }
 
   /** With output callbacks, the daemon streams the output as the code prints it. */
@@ -133,9 +153,9 @@ export class RemoteSandbox {
     return `/v1/sandboxes/${this.id}${suffix}`;
   }
 
-  private static async children(client: DaemonClient, results: ChildResult[]): Promise<(RemoteSandbox | CladeError)[]> {
+  private static async children(client: DaemonClient, results: ChildResult[]): Promise<(RemoteBackend | CladeError)[]> {
     return Promise.all(
-      results.map(async (r) => ('error' in r ? new CladeError(r.error.code, r.error.message) : RemoteSandbox.connect(client, r.sandboxId))),
+      results.map(async (r) => ('error' in r ? new CladeError(r.error.code, r.error.message) : RemoteBackend.connect(client, r.sandboxId))),
     );
   }
 }

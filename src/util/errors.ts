@@ -33,3 +33,8 @@ export class CladeError extends Error {
 export function errorMessage(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
+
+/** Any thrown value as a CladeError: itself if it is one, else an `internal` error that says what was being done. */
+export function asCladeError(err: unknown, what: string): CladeError {
+  return err instanceof CladeError ? err : new CladeError('internal', `${what}: ${errorMessage(err)}`, { cause: err });
+}

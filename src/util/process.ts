@@ -1,3 +1,5 @@
+import { readFileSync } from 'node:fs';
+
 /** Small questions about host processes, asked by pid. */
 
 /** True while a process with this pid exists (ours or another user's). */
@@ -15,5 +17,20 @@ export function killPidQuietly(pid: number): void {
     process.kill(pid, 'SIGKILL');
   } catch {
     // Already gone.
+  }
+}
+
+/** /proc/<pid>/stat from field 3 (state) on: the command name before it may hold spaces. */
+export function procStatFields(pid: number): string[] {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+}
+
+/** Field 22 of /proc/<pid>/stat: when the process started, which a reused pid does not share. */
+export function processStartTicks(pid: number): string | undefined {
+  try {
+    return procStatFields(pid)[19];
+  } catch {
+    return undefined;
   }
 }

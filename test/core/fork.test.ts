@@ -4,7 +4,7 @@ import { MessageType, Tag } from '../../src/agent-protocol/constants.js';
 import { FieldWriter } from '../../src/agent-protocol/fields.js';
 import { encodeHostFrame } from '../../src/agent-protocol/frame.js';
 import { memoryDir } from '../../src/util/home.js';
-import { getLive } from '../../src/core/sandboxes.js';
+import { defaultManager } from '../../src/core/default.js';
 import { CladeError, Sandbox } from '../../src/sdk/index.js';
 import { okAndTracked, remains, vmPids } from '../helpers/leaks.js';
 
@@ -72,9 +72,9 @@ describe('fork', () => {
     expect(pa.value).not.toBe(pb.value);
 
     // The parent's token opens nothing in the child.
-    const parentToken = getLive(parent.sandboxId).token;
+    const parentToken = defaultManager().get(parent.sandboxId).token;
     const forged = encodeHostFrame(MessageType.EXEC, 4_000_000_100, parentToken, new FieldWriter().str(Tag.SHELL, 'touch /tmp/forged').toBuffer());
-    await getLive(a!.sandboxId).agent.sendRaw(forged);
+    await defaultManager().get(a!.sandboxId).agent.sendRaw(forged);
     await new Promise((r) => setTimeout(r, 300));
     expect(await a!.files.exists('/tmp/forged')).toBe(false);
   });

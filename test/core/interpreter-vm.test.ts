@@ -1,6 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { InterpreterSession } from '../../src/core/interpreter.js';
-import { liveSandboxes } from '../../src/core/sandboxes.js';
+import { defaultManager } from '../../src/core/default.js';
 import { Sandbox } from '../../src/sdk/index.js';
 import { leftNothing } from '../helpers/leaks.js';
 
@@ -18,7 +17,7 @@ afterAll(async () => {
 
 /** The nonce of the request in flight, read from the host's side of the session. */
 async function nonceInFlight(): Promise<string> {
-  const live = liveSandboxes().find((l) => l.id === sb.sandboxId)!;
+  const live = defaultManager().get(sb.sandboxId);
   for (let i = 0; i < 200; i++) {
     const current = (live.interpreter as unknown as { current?: { nonce: string } } | undefined)?.current;
     if (current) return current.nonce;

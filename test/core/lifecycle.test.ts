@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { memoryDir } from '../../src/util/home.js';
-import { reapOrphans } from '../../src/core/sandboxes.js';
+import { defaultManager } from '../../src/core/default.js';
 import { writeCpio } from '../../src/images/cpio.js';
 import { resolveImage } from '../../src/images/store.js';
 import { Sandbox } from '../../src/sdk/index.js';
@@ -52,7 +52,7 @@ describe('sandbox lifecycle', () => {
     proc.kill('SIGKILL');
     await new Promise((r) => proc.once('exit', r));
     expect(vmPids(id)).toHaveLength(1); // nobody could clean up...
-    const reaped = reapOrphans(); // ...until the next clade process looks
+    const reaped = defaultManager().reapOrphans(); // ...until the next clade process looks
     expect(reaped.killed).toBeGreaterThanOrEqual(1);
     expect(await waitFor(() => leftNothing(id))).toBe(true);
   });

@@ -2,7 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { DaemonClient } from '../../src/api/client.js';
+import { DaemonClient } from '../../src/sdk/daemon-client.js';
 
 const MAIN = join(import.meta.dirname, '../../src/cli/main.ts');
 

@@ -7,8 +7,8 @@ import { AgentClient, type AgentDeadlines } from '../../src/agent-protocol/clien
 import { MessageType, Tag, TOKEN_SIZE } from '../../src/agent-protocol/constants.js';
 import { FieldWriter } from '../../src/agent-protocol/fields.js';
 import { encodeGuestFrame, FrameDecoder } from '../../src/agent-protocol/frame.js';
-import { LiveSandbox, registerLive } from '../../src/core/sandboxes.js';
-import type { QemuVm } from '../../src/engines/qemu/qemu-engine.js';
+import { LiveSandbox } from '../../src/core/sandbox.js';
+import type { Vm } from '../../src/engines/engine.js';
 import type { ResolvedImage } from '../../src/images/store.js';
 
 /** A request as the fake agent received it. */
@@ -88,8 +88,8 @@ export async function connectFake(agent: FakeAgent, deadlines: Partial<AgentDead
 }
 
 /**
- * A LiveSandbox whose "VM" is only the fake agent: enough for the SDK and the
- * daemon's routes to drive it as they drive a real one.
+ * A LiveSandbox whose "VM" is only the fake agent: enough for the core's
+ * commands, files and the daemon's routes to drive it as they drive a real one.
  */
 export function fakeLiveSandbox(agent: AgentClient, id = `sb-${randomBytes(6).toString('hex')}`): LiveSandbox {
   let markExited!: () => void;
@@ -97,6 +97,7 @@ export function fakeLiveSandbox(agent: AgentClient, id = `sb-${randomBytes(6).to
   let running = true;
   const image = { manifest: { digest: '0'.repeat(64) } } as unknown as ResolvedImage;
   const vm = {
+    engine: 'qemu',
     id,
     pid: 4_194_305, // above Linux's pid_max: no signal can reach a real process
     agentSocket: '',
@@ -111,10 +112,10 @@ export function fakeLiveSandbox(agent: AgentClient, id = `sb-${randomBytes(6).to
       running = false;
       markExited();
     },
-  } as unknown as QemuVm;
-  const live = new LiveSandbox(id, vm, agent, randomBytes(32), vm.shape, {}, new Date(), 0);
-  registerLive(live);
-  return live;
+    pids: () => [],
+    toRecord: () => ({ engine: 'qemu', id, pid: 4_194_305, runDir: join(tmpdir(), id, 'vm-0'), accelerator: 'tcg', memory: { file: '', shared: false }, shape: { imageDigest: '0'.repeat(64), memoryMiB: 256, cpus: 1 } }),
+  } as unknown as Vm;
+  return new LiveSandbox(id, vm, agent, randomBytes(32), vm.shape, {}, new Date(), 0, undefined, () => undefined);
 }
 
 /** This process's resident memory, MiB. */

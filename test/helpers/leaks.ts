@@ -1,7 +1,7 @@
 import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { homePaths, memoryDir } from '../../src/util/home.js';
-import { isSandboxVm } from '../../src/engines/qemu/qemu-engine.js';
+import { isSandboxVm } from '../../src/engines/qemu/qemu-vm.js';
 import { CladeError, type Sandbox } from '../../src/sdk/index.js';
 
 /** Pids of VM processes started for this sandbox id (found by their -name). */

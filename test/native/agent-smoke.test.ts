@@ -1,7 +1,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { startSandbox } from '../../src/core/sandboxes.js';
+import { defaultManager, killSandboxesOnExit } from '../../src/core/default.js';
 import { leftNothing } from '../helpers/leaks.js';
 
 const root = join(import.meta.dirname, '../..');
@@ -21,7 +21,8 @@ describe('guest agent', () => {
   // plus real reconnects: the host end closes mid-frame and reopens before the
   // agent notices (at once, and while the guest is busy).
   it('realigns its stream in a real guest when the host reconnects mid-frame', async () => {
-    const sb = await startSandbox();
+    killSandboxesOnExit();
+    const sb = await defaultManager().create();
     try {
       sb.agent.close(); // the port takes one host connection at a time
       const checks = ['hello', 'exec_exit_code', 'streams', 'resync_payload', 'resync_header', 'resync_tail', 'resync_split', 'resync_too_large', 'resync_same_id', 'resync_write', 'resync_no_false_alarm', 'reconnect', 'fork_fixup'];

@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MessageType, Tag } from '../../src/agent-protocol/constants.js';
 import { FieldWriter } from '../../src/agent-protocol/fields.js';
 import { encodeHeader, encodeHostFrame } from '../../src/agent-protocol/frame.js';
-import { liveSandboxes } from '../../src/core/sandboxes.js';
+import { defaultManager } from '../../src/core/default.js';
 import { CladeError, Sandbox } from '../../src/sdk/index.js';
 import { leftNothing, vmPids } from '../helpers/leaks.js';
 
@@ -157,7 +157,7 @@ describe('files', () => {
 });
 
 describe('hostile or broken input on the agent channel', () => {
-  const agent = () => liveSandboxes().find((l) => l.id === sb.sandboxId)!.agent;
+  const agent = () => defaultManager().get(sb.sandboxId).agent;
 
   it('refuses a request with the wrong token and keeps serving', async () => {
     const wrong = encodeHostFrame(MessageType.EXEC, 4_000_000_001, randomBytes(32), new FieldWriter().str(Tag.SHELL, 'touch /tmp/pwned').toBuffer());

@@ -1,13 +1,12 @@
 import { PassThrough } from 'node:stream';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance, FastifyReply } from 'fastify';
-import type { CommandOptions } from '../../sdk/commands.js';
-import type { Sandbox } from '../../sdk/sandbox.js';
+import { runCommand, type CommandHandle, type CommandOptions } from '../../core/commands.js';
+import type { LiveSandbox } from '../../core/sandbox.js';
 import type { CommandView } from '../commands.js';
 import type { DaemonContext } from '../context.js';
 import { toErrorBody } from '../errors.js';
-import { getLive } from '../../core/sandboxes.js';
-import { CommandParams, CommandSchema, IdParams, SignalBody, StdinBody } from '../schemas.js';
+import { CommandParams, CommandSchema, IdParams, SignalBody, StdinBody } from '../../wire/schemas.js';
 
 type CommandReq = { Params: { id: string; commandId: string } };
 
@@ -136,27 +135,21 @@ export function ndjsonReply(reply: FastifyReply, produce: (send: (o: object) => 
   return reply.header('content-type', 'application/x-ndjson').header('cache-control', 'no-store').send(body.out);
 }
 
-/** Pauses a daemon sandbox's agent channel: what a slow NDJSON client holds while it catches up. */
-export function holdAgentOf(sandboxId: string): () => () => void {
-  return () => {
-    try {
-      return getLive(sandboxId).agent.holdReading();
-    } catch {
-      return () => undefined; // the sandbox is gone: nothing left to pause
-    }
-  };
+/** Pauses a sandbox's agent channel: what a slow NDJSON client holds while it catches up. */
+export function holdAgentOf(sandbox: LiveSandbox): () => () => void {
+  return () => sandbox.agent.holdReading();
 }
 
 /** Starts a command the daemon keeps running and recording after this request ends. */
-export async function startBackground(sandbox: Sandbox, cmd: string | string[], opts: Omit<CommandOptions, 'background'>, ctx: DaemonContext): Promise<CommandView> {
-  const command = ctx.registry.commands.add(sandbox.sandboxId, cmd);
+export async function startBackground(sandbox: LiveSandbox, cmd: string | string[], opts: Omit<CommandOptions, 'background'>, ctx: DaemonContext): Promise<CommandView> {
+  const command = ctx.registry.commands.add(sandbox.id, cmd);
   try {
     // The daemon keeps only the command's bounded replay buffer, not a second copy of its output.
-    const handle = await sandbox.commands.run(cmd, { ...opts, background: true, captureOutput: false, onStdout: command.onStdout, onStderr: command.onStderr });
+    const handle = (await runCommand(sandbox, cmd, { ...opts, background: true, captureOutput: false, onStdout: command.onStdout, onStderr: command.onStderr })) as CommandHandle;
     command.watch(handle);
     return command.view();
   } catch (err) {
-    ctx.registry.commands.delete(sandbox.sandboxId, command.commandId);
+    ctx.registry.commands.delete(sandbox.id, command.commandId);
     throw err;
   }
 }
@@ -189,7 +182,7 @@ export function commandRoutes(app: FastifyInstance, ctx: DaemonContext): void {
         // follow() sends the end line itself.
         (send) => new Promise<undefined>((resolve) => (stop = command.follow(send, () => resolve(undefined)))),
         () => stop(),
-        holdAgentOf(req.params.id),
+        holdAgentOf(registry.get(req.params.id)),
       );
     },
   );

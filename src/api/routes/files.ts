@@ -2,9 +2,10 @@ import { pipeline, Readable, Transform } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
 import { Type } from '@sinclair/typebox';
 import { CladeError } from '../../util/errors.js';
-import type { EntryInfo } from '../../sdk/files.js';
+import { agentFileOps, Files, type EntryInfo } from '../../core/files.js';
+import type { LiveSandbox } from '../../core/sandbox.js';
 import type { DaemonContext } from '../context.js';
-import { EntrySchema, IdParams, MkdirBody, PathQuery, ReadQuery } from '../schemas.js';
+import { EntrySchema, IdParams, MkdirBody, PathQuery, ReadQuery } from '../../wire/schemas.js';
 
 /** Largest upload. Uploads stream through to the guest; the daemon holds only a few chunks of one. */
 export const MAX_UPLOAD_BYTES = 4 * 1024 * 1024 * 1024;
@@ -19,27 +20,27 @@ export function fileRoutes(app: FastifyInstance, ctx: DaemonContext): void {
     { schema: { tags: ['files'], summary: 'download a file (raw bytes, streamed as the client reads; with maxBytes, a bigger file is refused with 413 before any byte is sent)', params: IdParams, querystring: ReadQuery } },
     async (req, reply) => {
       const { path, maxBytes } = req.query;
-      const stream = await registry.get(req.params.id).files.read(path, { format: 'stream', ...(maxBytes !== undefined ? { maxBytes: Number(maxBytes) } : {}) });
+      const stream = await filesOf(registry.get(req.params.id)).read(path, { format: 'stream', ...(maxBytes !== undefined ? { maxBytes: Number(maxBytes) } : {}) });
       return reply.type('application/octet-stream').send(Readable.fromWeb(stream as import('node:stream/web').ReadableStream<Uint8Array>));
     },
   );
 
   app.get<FileReq>('/v1/sandboxes/:id/files/list', { schema: { tags: ['files'], summary: 'list a directory', params: IdParams, querystring: PathQuery, response: { 200: Type.Array(EntrySchema) } } }, async (req) => {
-    return (await registry.get(req.params.id).files.list(req.query.path)).map(entryJson);
+    return (await filesOf(registry.get(req.params.id)).list(req.query.path)).map(entryJson);
   });
 
   app.get<FileReq>('/v1/sandboxes/:id/files/stat', { schema: { tags: ['files'], summary: 'describe a file or directory', params: IdParams, querystring: PathQuery, response: { 200: EntrySchema } } }, async (req) => {
-    return entryJson(await registry.get(req.params.id).files.getInfo(req.query.path));
+    return entryJson(await filesOf(registry.get(req.params.id)).getInfo(req.query.path));
   });
 
   app.post<{ Params: { id: string }; Body: { path: string } }>(
     '/v1/sandboxes/:id/files/mkdir',
     { schema: { tags: ['files'], summary: 'create a directory and its parents', params: IdParams, body: MkdirBody, response: { 200: Type.Object({ created: Type.Boolean() }) } } },
-    async (req) => ({ created: await registry.get(req.params.id).files.makeDir(req.body.path) }),
+    async (req) => ({ created: await filesOf(registry.get(req.params.id)).makeDir(req.body.path) }),
   );
 
   app.delete<FileReq>('/v1/sandboxes/:id/files', { schema: { tags: ['files'], summary: 'remove a file or a directory tree', params: IdParams, querystring: PathQuery } }, async (req, reply) => {
-    await registry.get(req.params.id).files.remove(req.query.path);
+    await filesOf(registry.get(req.params.id)).remove(req.query.path);
     return reply.status(204).send();
   });
 
@@ -57,11 +58,15 @@ export function fileRoutes(app: FastifyInstance, ctx: DaemonContext): void {
         const source = (req.body as Readable | undefined) ?? Readable.from([]);
         // pipeline, not pipe: a client that breaks off fails the stream, and the upload is discarded.
         pipeline(source, counted.stream, () => undefined);
-        const info = await sandbox.files.write(req.query.path, counted.stream);
+        const info = await filesOf(sandbox).write(req.query.path, counted.stream);
         return { path: info.path, bytes: counted.bytes() };
       },
     );
   });
+}
+
+function filesOf(sandbox: LiveSandbox): Files {
+  return new Files(agentFileOps(sandbox.agent));
 }
 
 function entryJson(e: EntryInfo) {

@@ -1,13 +1,12 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { runCommand, type CommandHandle, type CommandOptions, type CommandResult } from '../../core/commands.js';
+import { runCode, type RunCodeOptions } from '../../core/interpreter.js';
+import type { LiveSandbox } from '../../core/sandbox.js';
 import { CladeError } from '../../util/errors.js';
-import type { CommandOptions } from '../../sdk/commands.js';
-import type { RunCodeOptions } from '../../core/interpreter.js';
-import { Sandbox } from '../../sdk/sandbox.js';
 import type { DaemonContext } from '../context.js';
-import { toErrorBody } from '../errors.js';
-import { ChildResults, CodeBody, CodeResult, CommandSchema, CreateBody, ExecBody, ExecResult, ForkBody, IdParams, ListQuery, PatchSandboxBody, PrewarmBody, SandboxSchema, SnapshotBody, SnapshotSchema, StreamQuery } from '../schemas.js';
+import { ChildResults, CodeBody, CodeResult, CommandSchema, CreateBody, ExecBody, ExecResult, ForkBody, IdParams, ListQuery, PatchSandboxBody, PrewarmBody, SandboxSchema, SnapshotBody, SnapshotSchema, StreamQuery } from '../../wire/schemas.js';
 import { Type } from '@sinclair/typebox';
-import { publicSnapshot } from './snapshots.js';
+import { allowLongWait, childResult, publicSnapshot } from './replies.js';
 import { holdAgentOf, ndjsonReply, startBackground } from './commands.js';
 
 type ExecOptions = Omit<CommandOptions, 'background'>;
@@ -15,6 +14,7 @@ type IdReq = { Params: { id: string } };
 
 export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
   const { registry, metrics } = ctx;
+  const { manager } = registry;
 
   app.post('/v1/sandboxes', { schema: { tags: ['sandboxes'], summary: 'boot a sandbox', body: CreateBody, response: { 201: SandboxSchema } } }, async (req, reply) => {
     const body = req.body as CreateBody;
@@ -22,8 +22,8 @@ export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
     const release = registry.reserve(1);
     try {
       const { timeoutMs, ...opts } = body;
-      const sandbox = await metrics.time('create', () => Sandbox.create(opts));
-      return reply.status(201).send(registry.add(sandbox, timeoutMs ?? ctx.defaultTimeoutMs));
+      const live = await metrics.time('create', () => manager.create(opts));
+      return reply.status(201).send(registry.add(live, timeoutMs ?? ctx.defaultTimeoutMs));
     } finally {
       release();
     }
@@ -68,7 +68,7 @@ export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
       if (typeof body.stdin === 'boolean') throw new CladeError('bad_request', 'stdin: true (keep stdin open) needs background: true; send the data as a string instead');
       if (wantsStream(req)) return streamExec(sandbox, body.cmd, opts, reply, ctx);
       allowLongWait(req); // the command's own timeout bounds this request
-      return metrics.time('exec', () => sandbox.commands.run(body.cmd, opts));
+      return metrics.time('exec', () => runCommand(sandbox, body.cmd, opts) as Promise<CommandResult>);
     },
   );
 
@@ -80,12 +80,12 @@ export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
       const body = req.body as { code: string; timeoutMs?: number };
       const opts = body.timeoutMs !== undefined ? { timeoutMs: body.timeoutMs } : {};
       // The first call starts the interpreter, which a restarted daemon must find.
-      const run = (more: RunCodeOptions) => metrics.time('code', () => sandbox.runCode(body.code, { ...opts, ...more })).finally(() => registry.persist(sandbox.sandboxId));
+      const run = (more: RunCodeOptions) => metrics.time('code', () => runCode(sandbox, body.code, { ...opts, ...more })).finally(() => registry.persist(sandbox.id));
       if (!wantsStream(req)) {
         allowLongWait(req);
         return run({});
       }
-      return ndjsonReply(reply, (line) => run({ onStdout: (d) => line({ stdout: d }), onStderr: (d) => line({ stderr: d }) }).then((result) => ({ result })), undefined, holdAgentOf(sandbox.sandboxId));
+      return ndjsonReply(reply, (line) => run({ onStdout: (d) => line({ stdout: d }), onStderr: (d) => line({ stderr: d }) }).then((result) => ({ result })), undefined, holdAgentOf(sandbox));
     },
   );
 
@@ -97,11 +97,11 @@ export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
     const release = registry.reserve(size);
     try {
       // A first prewarm may move the sandbox to a VM process of its own RAM file, like a fork.
-      await registry.exclusive(sandbox.sandboxId, () => sandbox.prewarmForks(size));
+      await registry.exclusive(sandbox.id, () => manager.prewarm(sandbox, size));
     } finally {
       release();
     }
-    registry.persist(sandbox.sandboxId);
+    registry.persist(sandbox.id);
     return { size };
   });
 
@@ -113,9 +113,9 @@ export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
     const release = registry.reserve(count);
     try {
       // The core runs forks of one parent one after another and merges those that wait.
-      const kids = await ctx.forkGate.runKeyed(parent.sandboxId, () => metrics.time('fork', () => parent.fork(count)));
-      registry.persist(parent.sandboxId); // the parent continues in a new VM process
-      return kids.map((k) => childResult(k, (sb) => registry.add(sb, body.timeoutMs ?? ctx.defaultTimeoutMs).sandboxId));
+      const { children } = await ctx.forkGate.runKeyed(parent.id, () => metrics.time('fork', () => manager.fork(parent, count)));
+      registry.persist(parent.id); // the parent may continue in a new VM process
+      return children.map((k) => childResult(k, (sb) => registry.add(sb, body.timeoutMs ?? ctx.defaultTimeoutMs).sandboxId));
     } finally {
       release();
     }
@@ -125,25 +125,13 @@ export function sandboxRoutes(app: FastifyInstance, ctx: DaemonContext): void {
     const sandbox = registry.get(req.params.id);
     const { tag } = req.body as { tag: string };
     allowLongWait(req);
-    const meta = await registry.exclusive(sandbox.sandboxId, () => ctx.forkGate.run(() => metrics.time('snapshot', () => sandbox.snapshot({ tag }))));
-    registry.setSnapshotTag(sandbox.sandboxId, tag);
+    const { meta } = await registry.exclusive(sandbox.id, () => ctx.forkGate.run(() => metrics.time('snapshot', () => manager.snapshot(sandbox, tag))));
+    registry.persist(sandbox.id);
     return reply.status(201).send(publicSnapshot(meta));
   });
 }
 
-export function childResult(kid: Sandbox | CladeError, add: (sb: Sandbox) => string): { sandboxId: string } | { error: { code: string; message: string } } {
-  if (kid instanceof CladeError) return { error: toErrorBody(kid).body };
-  return { sandboxId: add(kid) };
-}
 
-/**
- * A JSON answer that waits on the guest (a long command, a big fork) sends
- * nothing until it is ready: the connection's idle timeout is lifted for it,
- * and the operation's own deadline bounds it instead.
- */
-export function allowLongWait(req: FastifyRequest): void {
-  req.raw.socket?.setTimeout(0);
-}
 
 function wantsStream(req: FastifyRequest): boolean {
   return (req.query as { stream?: string }).stream === '1' || (req.headers.accept ?? '').includes('application/x-ndjson');
@@ -154,11 +142,11 @@ function wantsStream(req: FastifyRequest): boolean {
  * guest produces output, then `{"exit":{…}}` (or `{"error":{…}}`). A client
  * that hangs up kills the command, so nothing runs on unattended.
  */
-async function streamExec(sandbox: Sandbox, cmd: string | string[], opts: ExecOptions, reply: FastifyReply, ctx: DaemonContext): Promise<FastifyReply> {
+async function streamExec(sandbox: LiveSandbox, cmd: string | string[], opts: ExecOptions, reply: FastifyReply, ctx: DaemonContext): Promise<FastifyReply> {
   // Output can arrive before the reply stream exists: keep it until then.
   const early: object[] = [];
   let line: (o: object) => void = (o) => early.push(o);
-  const handle = await sandbox.commands.run(cmd, { ...opts, background: true, captureOutput: false, onStdout: (d) => line({ stdout: d }), onStderr: (d) => line({ stderr: d }) });
+  const handle = (await runCommand(sandbox, cmd, { ...opts, background: true, captureOutput: false, onStdout: (d) => line({ stdout: d }), onStderr: (d) => line({ stderr: d }) })) as CommandHandle;
   return ndjsonReply(
     reply,
     (send) => {
@@ -167,6 +155,6 @@ async function streamExec(sandbox: Sandbox, cmd: string | string[], opts: ExecOp
       return ctx.metrics.time('exec', () => handle.wait()).then((r) => ({ exit: { exitCode: r.exitCode, ...(r.timedOut ? { timedOut: true } : {}), ...(r.signal ? { signal: r.signal } : {}) } }));
     },
     () => void handle.kill().catch(() => undefined),
-    holdAgentOf(sandbox.sandboxId),
+    holdAgentOf(sandbox),
   );
 }

@@ -1,18 +1,12 @@
 import type { FastifyInstance } from 'fastify';
 import { Type } from '@sinclair/typebox';
-import { listSnapshots, readSnapshotMeta, removeSnapshot, snapshotDir, verifySnapshot, type SnapshotMeta } from '../../core/snapshots.js';
-import { Sandbox } from '../../sdk/sandbox.js';
+import { listSnapshots, readSnapshotMeta, removeSnapshot, snapshotDir, verifySnapshot } from '../../core/snapshots.js';
 import type { DaemonContext } from '../context.js';
-import { ChildResults, DeleteSnapshotQuery, SnapshotSchema, StartBody, TagParams } from '../schemas.js';
-import { allowLongWait, childResult } from './sandboxes.js';
+import { ChildResults, DeleteSnapshotQuery, SnapshotSchema, StartBody, TagParams } from '../../wire/schemas.js';
+import { allowLongWait, childResult, publicSnapshot } from './replies.js';
 
 type TagReq = { Params: { tag: string } };
 
-/** A snapshot's metadata without the agent token, which only the host may hold. */
-export function publicSnapshot(meta: Omit<SnapshotMeta, 'agent' | 'hmac'> & { agent?: unknown; hmac?: unknown }): Omit<SnapshotMeta, 'agent' | 'hmac'> {
-  const { agent: _secret, hmac: _mac, ...rest } = meta;
-  return rest;
-}
 
 export function snapshotRoutes(app: FastifyInstance, ctx: DaemonContext): void {
   app.get('/v1/snapshots', { schema: { tags: ['snapshots'], summary: 'list persistent snapshots', response: { 200: Type.Array(SnapshotSchema) } } }, async () => listSnapshots().map(publicSnapshot));
@@ -40,8 +34,8 @@ export function snapshotRoutes(app: FastifyInstance, ctx: DaemonContext): void {
       allowLongWait(req);
       const release = ctx.registry.reserve(count);
       try {
-        const kids = await ctx.forkGate.run(() => ctx.metrics.time('start', () => Sandbox.fromSnapshot(req.params.tag, { count, ...(env ? { env } : {}) })));
-        return kids.map((k) => childResult(k, (sb) => ctx.registry.add(sb, timeoutMs ?? ctx.defaultTimeoutMs, req.params.tag).sandboxId));
+        const kids = await ctx.forkGate.run(() => ctx.metrics.time('start', () => ctx.registry.manager.fromSnapshot(req.params.tag, { count, ...(env ? { env } : {}) })));
+        return kids.map((k) => childResult(k, (sb) => ctx.registry.add(sb, timeoutMs ?? ctx.defaultTimeoutMs).sandboxId));
       } finally {
         release();
       }

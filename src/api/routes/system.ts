@@ -1,6 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import type { DaemonContext } from '../context.js';
-import { Health, Version } from '../schemas.js';
+import { Health, Version } from '../../wire/schemas.js';
 
 export function systemRoutes(app: FastifyInstance, ctx: DaemonContext): void {
   app.get('/v1/health', { schema: { tags: ['system'], summary: 'liveness', response: { 200: Health } } }, async () => ({

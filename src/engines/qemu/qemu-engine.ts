@@ -1,28 +1,19 @@
-import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, constants, existsSync, fstatSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { constants, renameSync, rmSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { join } from 'node:path';
-import { CladeError } from '../../util/errors.js';
-import { assertRamFits, closeQuietly, createRamFile } from '../../util/home.js';
-import { assertSocketPath, type BootSpec, type Engine, type MachineShape, type SlotSpec, type VmHandle } from '../engine.js';
-import { SerialLog } from '../serial-log.js';
-import { pickAccelerator, probeKvm, type Accelerator } from '../../util/kvm-probe.js';
+import { mapLimited } from '../../util/concurrency.js';
+import { killPidQuietly } from '../../util/process.js';
+import { asCladeError, CladeError, errorMessage } from '../../util/errors.js';
+import { ensureMemoryDir } from '../../util/home.js';
+import { nextRunDir, type BootSpec, type Engine, type ForkResult, type MachineShape, type NewTarget, type PauseHooks, type SnapshotResult, type SnapshotSource, type Vm, type VmRecord } from '../engine.js';
+import { copySparseHashed, FrozenRam, transientMemoryPath } from './frozen.js';
 import { liveMigrate, loadState, saveDeviceState } from './migration.js';
-import { QmpClient } from './qmp.js';
+import { Pools, START_CONCURRENCY, startSlot } from './pool.js';
+import { isSandboxVm, launch, QemuVm, withNewRamFile } from './qemu-vm.js';
 
-export const QEMU_BINARY = process.env.CLADE_QEMU ?? 'qemu-system-x86_64';
-/** TCG's translation cache per VM; QEMU's default reserves far more than a sandbox uses. */
-const TCG_TB_MIB = 64;
-
-type Launch = {
-  id: string;
-  shape: MachineShape;
-  runDir: string;
-  memory: { file: string; shared: boolean };
-  /** An open descriptor of memory.file that QEMU inherits and maps instead of opening the file by name. */
-  memoryFd?: number;
-  /** Kernel command line additions; absent for VMs that will receive state instead of booting. */
-  boot?: { token: Buffer; hostname: string };
-};
+/** Children resumed at once; each activation is a short burst of QEMU work. */
+const ACTIVATE_CONCURRENCY = 16;
 
 /**
  * The portable engine: one QEMU process per sandbox, `-M microvm` with a
@@ -31,26 +22,218 @@ type Launch = {
  *
  * Forks: a VM's RAM is a file in tmpfs. To fork, the VM is stopped and its
  * device state saved (RAM excluded, `x-ignore-shared`); the RAM file is then
- * frozen as the snapshot's memory. Children, and the parent's own
- * continuation, are QEMU processes that map that file privately (copy-on-write)
- * and load the device state.
+ * frozen. Children, and the parent's own continuation, are QEMU processes
+ * that map that file privately (copy-on-write) and load the device state;
+ * they are started before the pause (or taken from a pool of pre-started
+ * ones), so the parent is stopped only to save and load ~50 KB of state.
  */
 export class QemuEngine implements Engine {
   readonly name = 'qemu' as const;
+  readonly processPattern = /qemu-system-[a-z0-9_]+( \(deleted\))?$/;
+  private readonly pools = new Pools();
+
+  async unavailableReason(): Promise<string | undefined> {
+    return undefined; // a missing QEMU binary is reported by the first start, with the command that installs it
+  }
 
   async boot(spec: BootSpec): Promise<QemuVm> {
-    return withNewRamFile(spec.memoryFile, spec.memoryMiB, (fd) =>
-      launch({ id: spec.id, shape: spec, runDir: spec.runDir, memory: { file: spec.memoryFile, shared: true }, memoryFd: fd, boot: { token: spec.token, hostname: spec.hostname } }),
+    const memoryFile = join(ensureMemoryDir(), `${spec.id}.mem`);
+    return withNewRamFile(memoryFile, spec.memoryMiB, (fd) =>
+      launch({ id: spec.id, shape: spec, runDir: spec.runDir, memory: { file: memoryFile, shared: true }, memoryFd: fd, boot: { token: spec.token, hostname: spec.hostname } }),
     );
   }
 
-  /** Starts a VM that waits (`-incoming defer`) to resume a snapshot whose RAM is `baseMemoryFile`. */
-  async startSlot(spec: SlotSpec): Promise<QemuVm> {
-    return launch({ id: spec.id, shape: spec, runDir: spec.runDir, memory: { file: spec.baseMemoryFile, shared: false }, ...(spec.baseMemoryFd !== undefined ? { memoryFd: spec.baseMemoryFd } : {}) });
+  async fork(parent: Vm, count: number, newTarget: NewTarget, hooks: PauseHooks): Promise<ForkResult> {
+    let slotErrors: CladeError[] = [];
+    let warmSlots = 0;
+    let coldSlots = 0;
+    const frozen = await this.freezeAndContinue(asQemu(parent), hooks, async (vm) => {
+      const r = await this.acquireSlots(vm.shape, vm.memory.file, count, newTarget);
+      slotErrors = r.errors;
+      warmSlots = r.warm;
+      coldSlots = r.slots.length - r.warm;
+      return r.slots;
+    });
+    const childRestoreMs: number[] = [];
+    const resumed = await mapLimited(frozen.slots, ACTIVATE_CONCURRENCY, (slot) => this.resumeSlot(slot, frozen.ram, childRestoreMs));
+    frozen.ram.release(); // the fork's own hold; each child holds one while it lives
+    const children = resumed.map((r) => (r.status === 'fulfilled' ? r.value : asCladeError(r.reason, 'child did not resume')));
+    return { parent: frozen.continuation, children: [...children, ...slotErrors], timings: { parentPauseMs: frozen.pauseMs, promoteMs: frozen.promoteMs, warmSlots, coldSlots, childRestoreMs } };
+  }
+
+  async snapshot(vm: Vm, dir: string, hooks: PauseHooks): Promise<SnapshotResult> {
+    const t0 = performance.now();
+    const frozen = await this.freezeAndContinue(asQemu(vm), hooks, async () => []);
+    try {
+      const memory = await copySparseHashed(frozen.ram.memoryFile, join(dir, 'memory.raw'));
+      const state = await open(join(dir, 'state.bin'), constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+      try {
+        await state.writeFile(frozen.ram.state);
+      } finally {
+        await state.close();
+      }
+      return {
+        parent: frozen.continuation,
+        hashed: { 'memory.raw': memory, 'state.bin': { sha256: createHash('sha256').update(frozen.ram.state).digest('hex'), bytes: frozen.ram.state.length } },
+        timings: { pauseMs: frozen.pauseMs, promoteMs: frozen.promoteMs, totalMs: performance.now() - t0 },
+      };
+    } finally {
+      frozen.ram.release();
+    }
+  }
+
+  async restore(source: SnapshotSource, count: number, newTarget: NewTarget): Promise<(Vm | CladeError)[]> {
+    const ram = new FrozenRam(source.memory.path, source.state.bytes, source.shape, true, source.memory.fd);
+    ram.retain();
+    try {
+      const { slots, errors } = await this.acquireSlots(source.shape, ram.memoryFile, count, newTarget, ram.memoryFd);
+      const resumed = await mapLimited(slots, ACTIVATE_CONCURRENCY, (slot) => this.resumeSlot(slot, ram, []));
+      return [...resumed.map((r) => (r.status === 'fulfilled' ? r.value : asCladeError(r.reason, `could not start a sandbox from snapshot ${source.tag}`))), ...errors];
+    } finally {
+      ram.release();
+    }
+  }
+
+  async adopt(record: VmRecord, shape: MachineShape): Promise<QemuVm> {
+    const vm = QemuVm.adopt(record, shape);
+    try {
+      await vm.resumeIfPaused(); // QEMU accepts a new control client once the old owner's is gone
+      return vm;
+    } catch (err) {
+      await vm.kill();
+      throw err;
+    }
+  }
+
+  recordedAlive(record: VmRecord): boolean {
+    return isSandboxVm(record.pid, record.id);
+  }
+  killRecorded(record: VmRecord): void {
+    if (this.recordedAlive(record)) killPidQuietly(record.pid);
+  }
+
+
+  /**
+   * Pre-starts `size` VM processes for the next fork of `vm` and one for its
+   * continuation. They map the VM's RAM file, which must be its own shared
+   * file: a VM that maps a frozen parent's RAM is first given one (a RAM copy).
+   */
+  async prewarm(vm: Vm, size: number, newTarget: NewTarget, hooks: PauseHooks): Promise<void> {
+    const own = await this.ownRamFile(asQemu(vm), hooks);
+    const pool = this.pools.ensure(own.vm.memory.file, own.vm.shape, size, false, newTarget);
+    if (size > 0 && !own.vm.warmContinuation) own.vm.setWarmContinuation(this.startContinuation(own.vm));
+    await Promise.all([pool.whenFull(), own.vm.warmContinuation?.catch(() => undefined)]);
+  }
+
+  async warmPool(source: SnapshotSource & { close(): Promise<void> }, size: number, newTarget: NewTarget): Promise<void> {
+    await this.pools.ensure(source.memory.path, source.shape, size, true, newTarget, { fd: source.memory.fd, close: () => source.close() }).whenFull();
+  }
+
+  get preparedVms(): number {
+    return this.pools.slots;
+  }
+
+  releaseAllSync(): void {
+    this.pools.killAllSync();
+  }
+
+  /** Makes sure the VM's RAM is a shared file it owns, so it can be frozen: otherwise it moves to a new process with one. */
+  private async ownRamFile(vm: QemuVm, hooks: PauseHooks): Promise<{ vm: QemuVm; promoteMs: number }> {
+    if (vm.memory.shared) return { vm, promoteMs: 0 };
+    const t0 = performance.now();
+    const file = join(ensureMemoryDir(), `${vm.id}.mem`);
+    const next = await this.promote(vm, file, nextRunDir(vm.runDir));
+    await hooks.moved(next);
+    return { vm: next, promoteMs: performance.now() - t0 };
+  }
+
+  /**
+   * Freezes a running VM and resumes it at once in a new VM process that maps
+   * the frozen RAM copy-on-write. `childSlots` are started before the pause,
+   * so the VM is stopped only to save ~50 KB of device state and load it into
+   * its continuation. Returns the frozen RAM, held once for the caller.
+   */
+  private async freezeAndContinue(start: QemuVm, hooks: PauseHooks, childSlots: (vm: QemuVm) => Promise<QemuVm[]>) {
+    if (!start.alive()) throw new CladeError('killed', `sandbox ${start.id} is not running`);
+    const { vm, promoteMs } = await this.ownRamFile(start, hooks);
+    const parentFile = vm.memory.file;
+    const [continuation, slots] = await Promise.all([this.takeContinuation(vm), childSlots(vm)]);
+    // No VM may open the parent's RAM file by name once it is frozen and renamed.
+    await this.pools.close(parentFile);
+    await hooks.beforePause();
+    const t0 = performance.now();
+    const frozenFile = transientMemoryPath();
+    let renamed = false;
+    let ram: FrozenRam;
+    try {
+      const state = await this.freeze(vm);
+      renameSync(parentFile, frozenFile);
+      renamed = true;
+      vm.releaseMemoryFile();
+      ram = new FrozenRam(frozenFile, state, vm.shape, false);
+      await this.activate(continuation, state);
+    } catch (err) {
+      await Promise.all([continuation.kill(), ...slots.map((k) => k.kill())]);
+      // Nobody has resumed from the RAM file yet, so the VM may own it and run on it again.
+      if (renamed) {
+        renameSync(frozenFile, parentFile);
+        vm.reclaimMemoryFile(parentFile);
+      }
+      if (vm.alive()) await this.resume(vm).catch(() => undefined);
+      throw new CladeError('internal', `fork of ${vm.id} failed while it was paused: ${errorMessage(err)}`, { cause: err });
+    }
+    ram.retain(); // held for the caller until every child is resumed
+    continuation.base = ram;
+    ram.retain();
+    await hooks.moved(continuation);
+    return { continuation, ram, slots, pauseMs: performance.now() - t0, promoteMs };
+  }
+
+  /** The VM process the parent continues in after a fork: pre-started by prewarm when possible, else started now (before the pause). */
+  private async takeContinuation(vm: QemuVm): Promise<QemuVm> {
+    const warm = vm.takeWarmContinuation();
+    if (warm) {
+      const next = await warm.catch(() => undefined);
+      if (next?.alive() && next.memory.file === vm.memory.file) return next;
+      await next?.kill();
+    }
+    return this.startContinuation(vm);
+  }
+
+  private startContinuation(vm: QemuVm): Promise<QemuVm> {
+    return startSlot(vm.shape, { id: vm.id, runDir: nextRunDir(vm.runDir) }, vm.memory.file);
+  }
+
+  /** Takes ready slots for `memoryFile` from its pool and starts the rest. */
+  private async acquireSlots(shape: MachineShape, memoryFile: string, n: number, newTarget: NewTarget, memoryFd?: number): Promise<{ slots: QemuVm[]; warm: number; errors: CladeError[] }> {
+    const warm = this.pools.get(memoryFile)?.take(n) ?? [];
+    const started = await mapLimited(Array.from({ length: n - warm.length }), START_CONCURRENCY, () => startSlot(shape, newTarget(), memoryFile, memoryFd));
+    const slots = [...warm];
+    const errors: CladeError[] = [];
+    for (const r of started) {
+      if (r.status === 'fulfilled') slots.push(r.value);
+      else errors.push(asCladeError(r.reason, 'could not start a VM for a child'));
+    }
+    return { slots, warm: warm.length, errors };
+  }
+
+  /** Loads the frozen state into a waiting slot and runs it; the slot then holds the frozen RAM. */
+  private async resumeSlot(slot: QemuVm, ram: FrozenRam, restoreMs: number[]): Promise<QemuVm> {
+    const t0 = performance.now();
+    try {
+      await this.activate(slot, ram.state);
+    } catch (err) {
+      await slot.kill();
+      throw err;
+    }
+    slot.base = ram;
+    ram.retain();
+    restoreMs.push(performance.now() - t0);
+    return slot;
   }
 
   /** Stops a VM and returns its device state; its RAM file no longer changes. */
-  async freeze(vm: QemuVm): Promise<Buffer> {
+  private async freeze(vm: QemuVm): Promise<Buffer> {
     if (!vm.memory.shared) throw new CladeError('internal', 'only a VM whose RAM is a shared file can be frozen; promote it first');
     const qmp = await vm.qmp();
     await qmp.execute('stop');
@@ -58,7 +241,7 @@ export class QemuEngine implements Engine {
   }
 
   /** Loads device state into a waiting slot and starts it. */
-  async activate(slot: QemuVm, state: Buffer): Promise<void> {
+  private async activate(slot: QemuVm, state: Buffer): Promise<void> {
     const qmp = await slot.qmp();
     await loadState(qmp, join(slot.runDir, 'load.sock'), state, true);
     await qmp.execute('cont');
@@ -69,336 +252,24 @@ export class QemuEngine implements Engine {
    * its own again, so it can be frozen: its whole RAM moves by live migration
    * into a new QEMU process (a RAM copy; the guest pauses only at the end).
    */
-  async promote(vm: QemuVm, memoryFile: string, runDir: string): Promise<QemuVm> {
+  private async promote(vm: QemuVm, memoryFile: string, runDir: string): Promise<QemuVm> {
     const target = await withNewRamFile(memoryFile, vm.shape.memoryMiB, (fd) => launch({ id: vm.id, shape: vm.shape, runDir, memory: { file: memoryFile, shared: true }, memoryFd: fd }));
     try {
       await liveMigrate(await vm.qmp(), await target.qmp(), join(runDir, 'promote.sock'));
       return target;
     } catch (err) {
       await target.kill();
+      rmSync(runDir, { recursive: true, force: true });
       throw err;
     }
   }
 
-  async resume(vm: QemuVm): Promise<void> {
+  private async resume(vm: QemuVm): Promise<void> {
     await (await vm.qmp()).execute('cont');
   }
 }
 
-/**
- * A new VM's RAM file: made by us (exclusively, 0600, checked to fit in the
- * RAM filesystem) and handed to QEMU as an open descriptor, so QEMU never
- * creates or opens guest RAM by name.
- */
-async function withNewRamFile<T>(file: string, memoryMiB: number, start: (fd: number) => Promise<T>): Promise<T> {
-  assertRamFits(memoryMiB);
-  const fd = createRamFile(file);
-  try {
-    return await start(fd);
-  } catch (err) {
-    rmSync(file, { force: true });
-    throw err;
-  } finally {
-    closeQuietly(fd); // QEMU holds its own
-  }
-}
-
-type RunFiles = { agent: string; qmp: string; console: string; serial: string; bootConfig: string };
-
-function runFiles(runDir: string): RunFiles {
-  const files = { agent: join(runDir, 'agent.sock'), qmp: join(runDir, 'qmp.sock'), console: join(runDir, 'console.sock'), serial: join(runDir, 'serial.log'), bootConfig: join(runDir, 'boot.cfg') };
-  assertSocketPath(files.console); // the longest socket name
-  return files;
-}
-
-/** The fd number an inherited descriptor gets in QEMU: after stdin, stdout, stderr. */
-const INHERITED_MEMORY_FD = 3;
-
-async function launch(l: Launch): Promise<QemuVm> {
-  const accel = await pickAccelerator();
-  const files = runFiles(l.runDir);
-  const tscKhz = accel === 'tcg' ? (await probeKvm()).tscKhz : undefined;
-  if (l.boot) writeBootConfig(files.bootConfig, kernelCmdline(l, tscKhz));
-  const stdio: ('ignore' | 'pipe' | number)[] = ['ignore', 'ignore', 'pipe'];
-  if (l.memoryFd !== undefined) stdio[INHERITED_MEMORY_FD] = l.memoryFd;
-  const child = spawn(QEMU_BINARY, qemuArgs(l, accel, files), { stdio, detached: true });
-  const vm = new QemuVm(l, spawnedProcess(child), accel, files);
-  if (l.boot) void removeOnceRead(files.bootConfig, files.qmp, () => vm.alive());
-  try {
-    await vm.started;
-  } catch (err) {
-    await vm.kill();
-    throw err;
-  }
-  return vm;
-}
-
-type Exit = { code: number | null; signal: string | null };
-
-/** How a QemuVm follows its process: a child it spawned, or a process it adopted by pid. */
-type VmProcess = {
-  pid: number;
-  started: Promise<void>;
-  exited: Promise<Exit>;
-  stderr?: NodeJS.ReadableStream;
-  /** Called when QEMU closes the QMP connection, which it does as it exits. */
-  onQmpClosed?: () => void;
-};
-
-function spawnedProcess(child: ChildProcess): VmProcess {
-  return {
-    pid: child.pid ?? -1,
-    stderr: child.stderr ?? undefined,
-    exited: new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal }))),
-    started: new Promise((resolve, reject) => {
-      child.once('spawn', () => resolve());
-      child.once('error', (err) => {
-        const hint = (err as NodeJS.ErrnoException).code === 'ENOENT' ? `${QEMU_BINARY} is not installed: run \`sudo apt-get install qemu-system-x86\` (or \`clade doctor\`)` : err.message;
-        reject(new CladeError('unavailable', hint));
-      });
-    }),
-  };
-}
-
-/** True while `pid` is the QEMU process started for sandbox `id` (pids get reused). */
-export function isSandboxVm(pid: number, id: string): boolean {
-  try {
-    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(`clade-${id}`);
-  } catch {
-    return false;
-  }
-}
-
-/** What is needed to take over a VM another process started (a restarted daemon). */
-export type AdoptableVm = {
-  id: string;
-  pid: number;
-  shape: MachineShape;
-  runDir: string;
-  memory: { file: string; shared: boolean };
-  accelerator: Accelerator;
-};
-
-/** An adopted process is not our child: its exit shows as its QMP socket closing, or its pid going. */
-function adoptedProcess(pid: number, id: string): VmProcess {
-  let check: () => void = () => undefined;
-  const exited = new Promise<Exit>((resolve) => {
-    check = () => {
-      if (isSandboxVm(pid, id)) return;
-      clearInterval(poll);
-      resolve({ code: null, signal: null });
-    };
-    const poll = setInterval(check, 1000);
-    poll.unref();
-  });
-  // QEMU closes QMP a moment before its /proc entry goes; look again shortly after. This timer is
-  // not unref'd: it keeps a process that is waiting for the VM to die (kill, shutdown) from exiting first.
-  return { pid, exited, started: Promise.resolve(), onQmpClosed: () => void setTimeout(check, 50) };
-}
-
-function kernelCmdline(l: Launch, tscKhz?: number): string {
-  const cmdline = ['console=ttyS0', 'quiet', 'panic=-1', 'mitigations=off', 'random.trust_cpu=on', 'i8042.noaux'];
-  // Under emulation the guest reads the host TSC; its own PIT calibration fails
-  // when the host is busy and the kernel then hangs without a clocksource.
-  if (tscKhz && tscKhz > 0) cmdline.push(`tsc_early_khz=${tscKhz}`, 'tsc=reliable');
-  if (l.boot) cmdline.push(`clade.token=${l.boot.token.toString('hex')}`, `clade.id=${l.id}`, `clade.hostname=${l.boot.hostname}`);
-  return cmdline.join(' ');
-}
-
-/**
- * The kernel command line carries the agent token, so it goes to QEMU in a
- * 0600 config file (read with -readconfig) instead of on QEMU's own command
- * line, which every local user can read in /proc.
- */
-function writeBootConfig(path: string, cmdline: string): void {
-  if (/["\\\n]/.test(cmdline)) throw new CladeError('internal', 'the kernel command line may not contain quotes, backslashes or line breaks');
-  const fd = openSync(path, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
-  try {
-    writeSync(fd, `[machine]\n  append = "${cmdline}"\n`);
-  } finally {
-    closeSync(fd);
-  }
-}
-
-/** QEMU reads its config while parsing options, before it creates the QMP socket: then the file can go. */
-async function removeOnceRead(config: string, qmpSocket: string, alive: () => boolean): Promise<void> {
-  const deadline = Date.now() + 60_000;
-  while (!existsSync(qmpSocket) && alive() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
-  rmSync(config, { force: true });
-}
-
-function qemuArgs(l: Launch, accel: Accelerator, files: RunFiles): string[] {
-  const memPath = l.memoryFd !== undefined ? `/proc/self/fd/${INHERITED_MEMORY_FD}` : l.memory.file;
-  return [
-    '-name', `clade-${l.id}`,
-    '-M', 'microvm,pcie=on,rtc=on,memory-backend=ram',
-    '-object', `memory-backend-file,id=ram,size=${l.shape.memoryMiB}M,mem-path=${memPath},share=${l.memory.shared ? 'on' : 'off'}`,
-    ...(accel === 'kvm' ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', `tcg,tb-size=${TCG_TB_MIB}`, '-cpu', 'max']),
-    '-smp', String(l.shape.cpus),
-    '-m', `${l.shape.memoryMiB}M`,
-    '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
-    '-sandbox', 'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny',
-    // The console goes to a socket that the host reads into a capped log (SerialLog); QEMU
-    // waits for that reader before it starts, so no boot message is lost.
-    '-chardev', `socket,id=serial,path=${files.console},server=on,wait=on`,
-    '-serial', 'chardev:serial',
-    '-kernel', l.shape.image.kernel,
-    '-initrd', l.shape.image.initramfs,
-    ...(l.boot ? ['-readconfig', files.bootConfig] : []),
-    '-device', 'virtio-serial-pci,id=vs',
-    '-chardev', `socket,id=agent,path=${files.agent},server=on,wait=off`,
-    '-device', 'virtserialport,bus=vs.0,chardev=agent,name=org.clade.agent',
-    '-qmp', `unix:${files.qmp},server=on,wait=off`,
-    ...(l.boot ? [] : ['-incoming', 'defer']),
-  ];
-}
-
-export class QemuVm implements VmHandle {
-  readonly id: string;
-  readonly pid: number;
-  readonly agentSocket: string;
-  readonly accelerator: Accelerator;
-  readonly shape: MachineShape;
-  readonly runDir: string;
-  readonly exited: Promise<{ code: number | null; signal: string | null }>;
-  readonly started: Promise<void>;
-  memory: { file: string; shared: boolean };
-  private running = true;
-  private stderrTail = '';
-  private qmpClient?: Promise<QmpClient>;
-  private readonly serial: SerialLog;
-
-  constructor(
-    l: Launch,
-    private readonly proc: VmProcess,
-    accel: Accelerator,
-    private readonly files: RunFiles,
-  ) {
-    this.id = l.id;
-    this.shape = l.shape;
-    this.runDir = l.runDir;
-    this.memory = { ...l.memory };
-    this.agentSocket = files.agent;
-    this.accelerator = accel;
-    this.pid = proc.pid;
-    proc.stderr?.on('data', (d: Buffer) => {
-      this.stderrTail = (this.stderrTail + d.toString('utf8')).slice(-4096);
-    });
-    this.serial = new SerialLog(files.serial);
-    void this.serial.attach(files.console, Date.now() + 30_000, () => this.running);
-    this.exited = proc.exited.then((exit) => {
-      this.running = false;
-      this.serial.close();
-      return exit;
-    });
-    this.started = proc.started.then(
-      () => this.recordOwner(),
-      (err: unknown) => {
-        this.running = false;
-        throw err;
-      },
-    );
-  }
-
-  /**
-   * Takes over a running VM that another clade process started (a daemon
-   * restarted after SIGKILL): this process becomes its owner, so reapers leave it alone.
-   */
-  static adopt(a: AdoptableVm): QemuVm {
-    // An owner killed in the middle of a fork may have renamed the RAM file for the fork's snapshot:
-    // the VM still maps it, but it is no longer this VM's to freeze by name; the next fork first
-    // gives the VM a RAM file of its own again (promotion).
-    const memory = a.memory.shared && !existsSync(a.memory.file) ? { file: a.memory.file, shared: false } : a.memory;
-    const vm = new QemuVm({ id: a.id, shape: a.shape, runDir: a.runDir, memory }, adoptedProcess(a.pid, a.id), a.accelerator, runFiles(a.runDir));
-    vm.recordOwner();
-    return vm;
-  }
-
-  /**
-   * A VM whose owner was killed between pausing it (to freeze it for a fork or
-   * snapshot) and handing it on is still paused: it runs again from here.
-   */
-  async resumeIfPaused(): Promise<void> {
-    const qmp = await this.qmp();
-    const { status } = await qmp.execute<{ status: string }>('query-status');
-    if (status === 'paused' || status === 'postmigrate' || status === 'finish-migrate') await qmp.execute('cont');
-  }
-
-  /** vm.json names the process that owns the VM; reapOrphans kills VMs whose owner is gone. */
-  recordOwner(): void {
-    writeFileSync(join(this.runDir, 'vm.json'), JSON.stringify({ engine: 'qemu', pid: this.pid, ownerPid: process.pid, accelerator: this.accelerator, memory: this.memory }) + '\n');
-  }
-
-  alive(): boolean {
-    return this.running;
-  }
-
-  /** The QMP control connection, opened on first use (QEMU creates the socket while starting). */
-  qmp(): Promise<QmpClient> {
-    this.qmpClient ??= (async () => {
-      const deadline = Date.now() + 10_000;
-      for (;;) {
-        try {
-          const client = await QmpClient.connect(this.files.qmp);
-          void client.closed.then(() => this.proc.onQmpClosed?.());
-          return client;
-        } catch (err) {
-          if (!this.running) throw new CladeError('boot_failed', `QEMU exited while starting: ${this.diagnostics()}`);
-          if (Date.now() > deadline) throw new CladeError('timeout', `QEMU control socket did not open: ${(err as Error).message}`);
-          await new Promise((r) => setTimeout(r, 5));
-        }
-      }
-    })();
-    return this.qmpClient;
-  }
-
-  /** Hands the RAM file to a snapshot: killing this VM will no longer delete it. */
-  releaseMemoryFile(): string {
-    const file = this.memory.file;
-    this.memory = { file, shared: false };
-    return file;
-  }
-
-  /** Takes the RAM file back (at `file`) after a fork that failed before anyone else mapped it. */
-  reclaimMemoryFile(file: string): void {
-    this.memory = { file, shared: true };
-  }
-
-  diagnostics(): string {
-    let serial = '';
-    try {
-      if (existsSync(this.files.serial)) serial = readTail(this.files.serial, 2048);
-    } catch {
-      // The log may already be gone.
-    }
-    return [serial.trim() && `console:\n${serial.trim()}`, this.stderrTail.trim() && `qemu:\n${this.stderrTail.trim()}`].filter(Boolean).join('\n');
-  }
-
-  async kill(): Promise<void> {
-    if (this.running) {
-      try {
-        process.kill(this.pid, 'SIGKILL');
-      } catch {
-        // Already gone.
-      }
-      await this.exited;
-    }
-    void this.qmpClient?.then((q) => q.close()).catch(() => undefined);
-    this.serial.close();
-    rmSync(this.runDir, { recursive: true, force: true });
-    if (this.memory.shared) rmSync(this.memory.file, { force: true });
-  }
-}
-
-/** The last `bytes` of a file, without reading the rest. */
-function readTail(path: string, bytes: number): string {
-  const fd = openSync(path, constants.O_RDONLY | constants.O_NOFOLLOW);
-  try {
-    const size = fstatSync(fd).size;
-    const buf = Buffer.alloc(Math.min(bytes, size));
-    readSync(fd, buf, 0, buf.length, size - buf.length);
-    return buf.toString('utf8');
-  } finally {
-    closeSync(fd);
-  }
+function asQemu(vm: Vm): QemuVm {
+  if (vm instanceof QemuVm) return vm;
+  throw new CladeError('internal', `the qemu engine was asked to handle a ${vm.engine} VM`);
 }

@@ -4,7 +4,10 @@ import { join } from 'node:path';
 import { CladeError } from '../../util/errors.js';
 import { packageRoot } from '../../util/paths.js';
 import { ensureVmlinux } from '../../images/vmlinux.js';
-import { assertSocketPath, type BootSpec, type Engine, type MachineShape, type VmHandle } from '../engine.js';
+import { mapLimited } from '../../util/concurrency.js';
+import { asCladeError } from '../../util/errors.js';
+import { killPidQuietly, processStartTicks, procStatFields } from '../../util/process.js';
+import { assertSocketPath, type BootSpec, type Engine, type ForkResult, type MachineShape, type NewTarget, type PauseHooks, type SnapshotResult, type SnapshotSource, type Vm, type VmRecord } from '../engine.js';
 import { probeKvm } from '../../util/kvm-probe.js';
 import { VmmControl, VmmRefusal } from './control.js';
 
@@ -17,6 +20,8 @@ export const VMM_EXIT_SNAPSHOT_REFUSED = 4;
 /** clade-vmm's exit status when a snapshot needs KVM features this host does not have. */
 export const VMM_EXIT_SNAPSHOT_FOREIGN = 5;
 const EXIT_POLL_MS = 500;
+/** clade-vmm processes started at once from one snapshot. */
+const RESTORE_CONCURRENCY = 8;
 /** Where clade-vmm finds what it inherits: the kernel command line, or a snapshot's two files (fd numbers in the child). */
 const CMDLINE_FD = 3;
 const SNAPSHOT_FDS = [3, 4] as const;
@@ -53,6 +58,53 @@ export type VmmSnapshotFds = { memory: number; state: number };
  */
 export class VmmEngine implements Engine {
   readonly name = 'vmm' as const;
+  readonly processPattern = /clade-vmm( \(deleted\))?$/;
+  /** Nothing is started ahead of time: a fork is fork(2) of the running VMM, a start maps the snapshot's file. */
+  readonly preparedVms = 0;
+
+  unavailableReason(): Promise<string | undefined> {
+    return vmmUnavailableReason();
+  }
+
+  /** One pause of the parent per VMM_MAX_FORK_BATCH children; the parent keeps running in its own process. */
+  async fork(parent: Vm, count: number, newTarget: NewTarget, hooks: PauseHooks): Promise<ForkResult> {
+    const vm = asVmm(parent);
+    const targets = Array.from({ length: count }, newTarget);
+    await hooks.beforePause();
+    const { vms, timings } = await vm.fork(targets);
+    return { parent: vm, children: vms, timings: { parentPauseMs: timings.pauseUs / 1000, promoteMs: 0, warmSlots: 0, coldSlots: 0, childRestoreMs: [] } };
+  }
+
+  /** clade-vmm's writer child writes the files while the VM runs on; the VM pauses only as for a fork. */
+  async snapshot(vm: Vm, dir: string, hooks: PauseHooks): Promise<SnapshotResult> {
+    await hooks.beforePause();
+    const t = await asVmm(vm).snapshot(dir);
+    return { parent: vm, hashed: {}, timings: { pauseMs: t.pauseUs / 1000, captureUs: t.captureUs, forkUs: t.forkUs, writeUs: t.writeUs, totalMs: t.totalMs } };
+  }
+
+  async adopt(record: VmRecord, shape: MachineShape): Promise<VmmVm> {
+    return VmmVm.adopt({ id: record.id, pid: record.pid, ...(record.startTicks ? { startTicks: record.startTicks } : {}), shape, runDir: record.runDir });
+  }
+
+  recordedAlive(record: VmRecord): boolean {
+    return record.startTicks !== undefined && isVmmProcess(record.pid, record.startTicks);
+  }
+  killRecorded(record: VmRecord): void {
+    if (this.recordedAlive(record)) killPidQuietly(record.pid);
+  }
+
+
+  async prewarm(): Promise<void> {
+    // A vmm fork is fork(2) of the running VMM: there is nothing to pre-start.
+  }
+
+  async warmPool(source: SnapshotSource & { close(): Promise<void> }): Promise<void> {
+    await source.close(); // a start maps memory.raw: nothing to pre-start
+  }
+
+  releaseAllSync(): void {
+    // Nothing started ahead of time.
+  }
 
   async boot(spec: BootSpec): Promise<VmmVm> {
     if (spec.memoryMiB > VMM_MAX_MEMORY_MIB) throw new CladeError('bad_request', `the vmm engine runs guests of at most ${VMM_MAX_MEMORY_MIB} MiB, got memoryMiB ${spec.memoryMiB}`);
@@ -67,26 +119,29 @@ export class VmmEngine implements Engine {
   }
 
   /**
-   * Starts a VM from a snapshot written by VmmVm.snapshot(): clade-vmm maps its
+   * Starts VMs from a snapshot written by VmmVm.snapshot(): each clade-vmm maps
    * memory.raw copy-on-write (never writing it), so every VM started from one
-   * snapshot shares the file's page cache. `fds` are the snapshot's files as the
+   * snapshot shares the file's page cache. The snapshot's files come as the
    * caller opened and checked them; clade-vmm inherits and uses exactly those
-   * (no path is opened again between the check and the use). Without them the
-   * files in `snapshotDir` are opened here. A state.bin clade-vmm refuses
-   * (damaged or forged) is a CladeError 'integrity'.
+   * descriptors (no path is opened again between the check and the use). A
+   * state.bin clade-vmm refuses (damaged or forged) is a CladeError 'integrity'.
    */
-  async restore(spec: { id: string; runDir: string; snapshotDir: string; shape: MachineShape; fds?: VmmSnapshotFds }): Promise<VmmVm> {
-    const files = runFiles(spec.runDir);
-    const args = ['run', '--socket', files.control, '--agent-socket', files.agent, '--serial-log', files.serial, '--restore-fds', SNAPSHOT_FDS.join(',')];
-    if (spec.fds) return startVmm(spec.id, spec.shape, spec.runDir, files, args, { snapshot: spec.fds });
-    const fds = openSnapshotFiles(spec.snapshotDir);
-    try {
-      return await startVmm(spec.id, spec.shape, spec.runDir, files, args, { snapshot: fds });
-    } finally {
-      closeSync(fds.memory);
-      closeSync(fds.state);
-    }
+  async restore(source: SnapshotSource, count: number, newTarget: NewTarget): Promise<(Vm | CladeError)[]> {
+    const fds: VmmSnapshotFds = { memory: source.memory.fd, state: source.state.fd };
+    const results = await mapLimited(Array.from({ length: count }), RESTORE_CONCURRENCY, () => this.restoreOne(newTarget(), source.shape, fds));
+    return results.map((r) => (r.status === 'fulfilled' ? r.value : asCladeError(r.reason, `could not start a sandbox from snapshot ${source.tag}`)));
   }
+
+  private async restoreOne(target: { id: string; runDir: string }, shape: MachineShape, fds: VmmSnapshotFds): Promise<VmmVm> {
+    const files = runFiles(target.runDir);
+    const args = ['run', '--socket', files.control, '--agent-socket', files.agent, '--serial-log', files.serial, '--restore-fds', SNAPSHOT_FDS.join(',')];
+    return startVmm(target.id, shape, target.runDir, files, args, { snapshot: fds });
+  }
+}
+
+function asVmm(vm: Vm): VmmVm {
+  if (vm instanceof VmmVm) return vm;
+  throw new CladeError('internal', `the vmm engine was asked to handle a ${vm.engine} VM`);
 }
 
 /** memory.raw and state.bin of a snapshot directory, read-only, symlinks refused. */
@@ -161,8 +216,9 @@ export type VmmProcessTiming = { forkNs: number; builtNs: number; restoredNs: nu
 export type VmmStatus = { pid: number; depth: number; state: string; timing: VmmProcessTiming };
 
 /** A running clade-vmm process: a root VM or a forked child. */
-export class VmmVm implements VmHandle {
-  readonly accelerator = 'kvm';
+export class VmmVm implements Vm {
+  readonly engine = 'vmm' as const;
+  readonly accelerator = 'kvm' as const;
   readonly memory = { file: '', shared: false }; // anonymous memory inside the process, nothing on disk
   readonly agentSocket: string;
   readonly exited: Promise<{ code: number | null; signal: string | null }>;
@@ -215,7 +271,16 @@ export class VmmVm implements VmHandle {
 
   /** vm.json names the owner (reapOrphans kills VMs whose owner is gone) and the start time that tells our process from a reused pid. */
   recordOwner(): void {
-    writeFileSync(join(this.runDir, 'vm.json'), JSON.stringify({ engine: 'vmm', pid: this.pid, startTicks: this.startTicks, ownerPid: process.pid, accelerator: this.accelerator }) + '\n');
+    writeFileSync(join(this.runDir, 'vm.json'), JSON.stringify({ ...this.toRecord(), ownerPid: process.pid }) + '\n', { mode: 0o600 });
+  }
+
+  toRecord(): VmRecord {
+    const { manifest } = this.shape.image;
+    return { engine: 'vmm', id: this.id, pid: this.pid, ...(this.startTicks ? { startTicks: this.startTicks } : {}), runDir: this.runDir, accelerator: this.accelerator, memory: { ...this.memory }, shape: { imageDigest: manifest.digest, memoryMiB: this.shape.memoryMiB, cpus: this.shape.cpus } };
+  }
+
+  pids(): number[] {
+    return [this.pid];
   }
 
   alive(): boolean {
@@ -340,21 +405,6 @@ async function waitForWriter(donePath: string, writerPid: number, deadline: numb
       throw new CladeError('timeout', 'the clade-vmm snapshot writer did not finish in time');
     }
     await new Promise((r) => setTimeout(r, 10));
-  }
-}
-
-/** /proc/<pid>/stat from field 3 (state) on: the command name before it may hold spaces. */
-function procStatFields(pid: number): string[] {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-}
-
-/** Field 22 of /proc/<pid>/stat: when the process started, which a reused pid does not share. */
-function processStartTicks(pid: number): string | undefined {
-  try {
-    return procStatFields(pid)[19];
-  } catch {
-    return undefined;
   }
 }
 

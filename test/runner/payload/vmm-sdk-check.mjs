@@ -36,7 +36,7 @@ async function forkInBatches(count) {
   const base = join(process.env.CLADE_HOME, 'tmp', 'batch-fork');
   mkdirSync(join(base, 'root'), { recursive: true });
   const proc = spawn(vmmBinary(), ['run', '--socket', join(base, 'root', 'control.sock'), '--mem-mib', '16', '--idle-us', '1000000'], { stdio: 'ignore', detached: true, env: {} });
-  const shape = { image: undefined, memoryMiB: 16, cpus: 1 };
+  const shape = { image: { manifest: { digest: '0'.repeat(64) } }, memoryMiB: 16, cpus: 1 }; // the test guest has no image
   const parent = new VmmVm('batch-root', proc.pid, shape, join(base, 'root'), { control: join(base, 'root', 'control.sock'), agent: '', serial: '' });
   let kids = [];
   try {

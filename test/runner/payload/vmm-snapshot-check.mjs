@@ -15,6 +15,7 @@ const root = process.argv[2];
 const { Sandbox } = await import(`${root}/dist/sdk/index.js`);
 const { removeSnapshot, verifySnapshot } = await import(`${root}/dist/core/snapshots.js`);
 const { VmmEngine } = await import(`${root}/dist/engines/vmm/vmm-engine.js`);
+const { resolveImage } = await import(`${root}/dist/images/store.js`);
 
 /** state.bin's checksum (FNV-1a 64 over the file, the field itself as zeros), recomputed as a forger would. */
 function forgeChecksum(buf) {
@@ -36,13 +37,19 @@ async function startEdited(dir, name, edit) {
   mkdirSync(runDir, { recursive: true });
   copyFileSync(join(dir, 'memory.raw'), join(copy, 'memory.raw'));
   writeFileSync(join(copy, 'state.bin'), edit(readFileSync(join(dir, 'state.bin'))));
+  const memory = openSync(join(copy, 'memory.raw'), 'r');
+  const state = openSync(join(copy, 'state.bin'), 'r');
   try {
-    const vm = await new VmmEngine().restore({ id: `edited-${name}`, runDir, snapshotDir: copy, shape: { memoryMiB: 512, cpus: 1 } });
+    const source = { dir: copy, tag: `edited-${name}`, shape: { image: resolveImage('default'), memoryMiB: 512, cpus: 1 }, memory: { path: join(copy, 'memory.raw'), fd: memory }, state: { fd: state, bytes: Buffer.alloc(0) } };
+    const [vm] = await new VmmEngine().restore(source, 1, () => ({ id: `edited-${name}`, runDir }));
+    if (vm instanceof Error) return `${vm.code}: ${vm.message}`;
     await vm.kill();
     return 'started';
   } catch (e) {
     return `${e.code}: ${e.message}`;
   } finally {
+    closeSync(memory);
+    closeSync(state);
     rmSync(copy, { recursive: true, force: true });
     rmSync(runDir, { recursive: true, force: true });
   }
@@ -61,7 +68,7 @@ try {
   let t0 = performance.now();
   const meta = await sb.snapshot({ tag: 'vmm-snap' });
   const st = sb.lastSnapshotTimings;
-  console.log(`timing snapshot-request-to-committed ${ms(t0)} pause ${(st.pauseUs / 1000).toFixed(2)} writer ${(st.writeUs / 1000).toFixed(1)} files-written ${st.totalMs.toFixed(1)}`);
+  console.log(`timing snapshot-request-to-committed ${ms(t0)} pause ${st.pauseMs.toFixed(2)} writer ${(st.writeUs / 1000).toFixed(1)} files-written ${st.totalMs.toFixed(1)}`);
   check('snapshot-meta', meta.engine === 'vmm' && meta.parent === null && meta.memoryMiB === 512 && meta.files["memory.raw"].bytes === 512 << 20 && /^[0-9a-f]{64}$/.test(meta.files['state.bin'].sha256), JSON.stringify(meta.files));
   const dir = join(snapshots, 'vmm-snap');
   const mem = statSync(join(dir, 'memory.raw'));
@@ -96,7 +103,7 @@ try {
   check('restored-reseeded', new Set(seeds).size === seeds.length, JSON.stringify(seeds));
   await kids[0].files.write('/root/kid0.txt', 'x');
   check('restored-isolated', !(await kids[1].files.exists('/root/kid0.txt')) && !(await sb.files.exists('/root/kid0.txt')));
-  verifySnapshot('vmm-snap');
+  await verifySnapshot('vmm-snap');
   check('memory-file-unchanged', true);
 
   const [grandchild] = await kids[1].fork(1);

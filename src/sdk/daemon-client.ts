@@ -1,7 +1,7 @@
 import { request, type IncomingMessage } from 'node:http';
 import { Readable } from 'node:stream';
 import { CladeError, type CladeErrorCode } from '../util/errors.js';
-import { STATUS_OF } from './errors.js';
+import { STATUS_OF } from '../wire/errors.js';
 
 /** Where a daemon listens: `unix:///path/to/daemon.sock` or `http://host:port`. */
 export type DaemonTarget = { socketPath: string } | { host: string; port: number };

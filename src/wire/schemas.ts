@@ -1,5 +1,8 @@
+// The daemon's wire types: TypeBox schemas that the daemon validates requests
+// with and documents (OpenAPI), and whose static types the SDK's daemon client
+// reads answers with. Shared by src/api and src/sdk, depending on neither.
 import { Type, type Static } from '@sinclair/typebox';
-import { MAX_FORK_COUNT } from '../core/fork.js';
+import { MAX_FORK_COUNT } from '../util/limits.js';
 
 /** Every request body and answer of the HTTP API; also the source of docs/openapi.json. */
 
@@ -43,6 +46,9 @@ export const SandboxSchema = Type.Object(
     expiresAt: Type.Union([Type.String(), Type.Null()]),
   },
 );
+
+/** A sandbox as the daemon describes it. */
+export type SandboxView = Static<typeof SandboxSchema>;
 
 export const ListQuery = Type.Object({ parentId: Type.Optional(Type.String()), snapshotTag: Type.Optional(Type.String()) }, { additionalProperties: false });
 

@@ -3,8 +3,9 @@ import type { AgentClient } from '../../src/agent-protocol/client.js';
 import { MAX_PAYLOAD, MessageType, Tag } from '../../src/agent-protocol/constants.js';
 import { FieldWriter } from '../../src/agent-protocol/fields.js';
 import { encodeHeader } from '../../src/agent-protocol/frame.js';
-import { MAX_CAPTURE_BYTES } from '../../src/sdk/commands.js';
-import { Sandbox } from '../../src/sdk/index.js';
+import { MAX_CAPTURE_BYTES } from '../../src/core/capture.js';
+import { runCommand, type CommandResult } from '../../src/core/commands.js';
+import { agentFileOps, Files } from '../../src/core/files.js';
 import { connectFake, FakeAgent, fakeLiveSandbox, rssMiB, type HostRequest } from '../helpers/fake-agent.js';
 
 // A guest that breaks the protocol on purpose: the host must fail the one
@@ -17,7 +18,7 @@ let client: AgentClient;
 beforeEach(async () => {
   agent = new FakeAgent();
   await agent.start();
-  client = await connectFake(agent, { requestMs: 1500, writeStallMs: 1500, readIdleMs: 1500, exitGraceMs: 300 });
+  client = await connectFake(agent, { requestMs: 600, writeStallMs: 600, readIdleMs: 600, exitGraceMs: 200 });
 });
 
 afterEach(async () => {
@@ -142,10 +143,9 @@ describe('a hostile agent', () => {
       })();
     };
     const live = fakeLiveSandbox(client);
-    const sb = Sandbox.connectLocal(live.id);
     const before = rssMiB();
     let seen = 0;
-    const r = await sb.commands.run('flood', { onStdout: (d) => (seen += d.length), timeoutMs: 0 });
+    const r = (await runCommand(live, 'flood', { onStdout: (d) => (seen += d.length), timeoutMs: 0 })) as CommandResult;
     const grew = rssMiB() - before;
     console.log(`guest sent 256 MiB + 50000 one-byte frames; host RSS grew ${grew} MiB (bound 200 MiB); result kept ${r.stdout.length} bytes, dropped ${r.truncated?.stdout}`);
     expect(seen).toBe(total);
@@ -169,7 +169,7 @@ describe('a hostile agent', () => {
       })();
     };
     const live = fakeLiveSandbox(client);
-    const sb = Sandbox.connectLocal(live.id);
+    const sb = { files: new Files(agentFileOps(live.agent)) };
     await expect(sb.files.read('/big', { maxBytes: 1024 * 1024 })).rejects.toMatchObject({ code: 'too_large', message: expect.stringMatching(/format: 'stream'/) });
     const stream = await sb.files.read('/big', { format: 'stream' });
     let n = 0;

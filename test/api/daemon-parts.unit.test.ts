@@ -3,10 +3,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { bearerMatches, loadOrCreateToken } from '../../src/api/auth.js';
-import { errorFromAnswer, parseDaemonAddress } from '../../src/api/client.js';
+import { errorFromAnswer, parseDaemonAddress } from '../../src/sdk/daemon-client.js';
 import { STATUS_OF, toErrorBody } from '../../src/api/errors.js';
 import { StateStore, type SandboxRecord } from '../../src/api/state.js';
-import { sandboxDir } from '../../src/core/sandboxes.js';
+import { sandboxDir } from '../../src/core/sandbox.js';
 import { CladeError } from '../../src/util/errors.js';
 import { memoryDir } from '../../src/util/home.js';
 
@@ -21,15 +21,17 @@ describe('daemon building blocks (no VMs)', () => {
       const store = new StateStore(dir);
       const rec = recordFixture('sb-000000000001');
       store.save(rec);
-      store.save({ ...rec, pid: 2 });
+      store.save({ ...rec, agentIdCursor: 2 });
       writeFileSync(join(dir, 'sandboxes', '.sb-000000000002.json.99.tmp'), '{"half');
       writeFileSync(join(dir, 'sandboxes', 'sb-000000000003.json'), '{"broken');
       // Well-formed JSON that points where clade never puts things is dropped too, unused.
-      store.save({ ...recordFixture('sb-000000000004'), runDir: '/etc' });
-      store.save({ ...recordFixture('sb-000000000005'), memory: { file: '/root/.ssh/id_rsa', shared: true } });
+      const four = recordFixture('sb-000000000004');
+      store.save({ ...four, vm: { ...four.vm, runDir: '/etc' } });
+      const five = recordFixture('sb-000000000005');
+      store.save({ ...five, vm: { ...five.vm, memory: { file: '/root/.ssh/id_rsa', shared: true } } });
       writeFileSync(join(dir, 'sandboxes', 'sb-000000000006.json'), JSON.stringify({ ...recordFixture('sb-000000000006'), id: '../../x' }));
       const invalid: string[] = [];
-      expect(store.loadAll((f) => invalid.push(f))).toEqual([{ ...rec, pid: 2 }]);
+      expect(store.loadAll((f) => invalid.push(f))).toEqual([{ ...rec, agentIdCursor: 2 }]);
       expect(invalid.sort()).toEqual(['sb-000000000003.json', 'sb-000000000004.json', 'sb-000000000005.json', 'sb-000000000006.json']);
       expect(readdirSync(join(dir, 'sandboxes'))).toEqual(['sb-000000000001.json']);
       expect(statSync(join(dir, 'sandboxes', 'sb-000000000001.json')).mode & 0o777).toBe(0o600);
@@ -77,15 +79,16 @@ function recordFixture(id: string): SandboxRecord {
   const runDir = join(sandboxDir(id), 'vm-0');
   return {
     id,
-    engine: 'qemu',
-    pid: 1234,
-    vmName: `clade-${id}`,
-    runDir,
-    agentSocket: join(runDir, 'agent.sock'),
+    vm: {
+      engine: 'qemu',
+      id,
+      pid: 1234,
+      runDir,
+      accelerator: 'tcg',
+      memory: { file: join(memoryDir(), `${id}.mem`), shared: true },
+      shape: { imageDigest: 'cd'.repeat(32), memoryMiB: 1024, cpus: 1 },
+    },
     tokenHex: 'ab'.repeat(32),
-    accelerator: 'tcg',
-    memory: { file: join(memoryDir(), `${id}.mem`), shared: true },
-    shape: { imageDigest: 'cd'.repeat(32), memoryMiB: 1024, cpus: 1 },
     env: {},
     agentIdCursor: 5,
     createdAt: new Date(0).toISOString(),

@@ -13,8 +13,8 @@ import { Metrics } from '../../src/api/metrics.js';
 import { SandboxRegistry } from '../../src/api/registry.js';
 import { buildApp } from '../../src/api/server.js';
 import { StateStore } from '../../src/api/state.js';
-import type { LiveSandbox } from '../../src/core/sandboxes.js';
-import { Sandbox } from '../../src/sdk/index.js';
+import { SandboxManager } from '../../src/core/manager.js';
+import type { LiveSandbox } from '../../src/core/sandbox.js';
 import { connectFake, FakeAgent, fakeLiveSandbox, rssMiB, type HostRequest } from '../helpers/fake-agent.js';
 
 // The daemon in front of a hostile guest and of slow clients: its routes fail
@@ -50,9 +50,9 @@ beforeAll(async () => {
   client = await connectFake(agent, { requestMs: 3000 });
   live = fakeLiveSandbox(client);
   const log = pino({ level: 'silent' });
-  registry = new SandboxRegistry(new StateStore(join(dir, 'state')), 10, log);
+  registry = new SandboxRegistry(new SandboxManager({}), new StateStore(join(dir, 'state')), 10, log);
   const ctx: DaemonContext = { registry, metrics: new Metrics(() => registry.size, () => 0), forkGate: new ConcurrencyGate(2, 'forks', 5000), defaultTimeoutMs: 0, startedAt: Date.now(), version: 'test' };
-  registry.add(Sandbox.connectLocal(live.id), 0);
+  registry.add(live, 0);
   app = await buildApp(ctx, log);
   await app.listen({ path: socketPath });
 });

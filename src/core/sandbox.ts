@@ -1,0 +1,101 @@
+import { randomBytes } from 'node:crypto';
+import { rmSync } from 'node:fs';
+import { join } from 'node:path';
+import type { AgentClient } from '../agent-protocol/client.js';
+import type { EngineName, MachineShape, Vm } from '../engines/engine.js';
+import { homePaths } from '../util/home.js';
+import type { CommandHost } from './commands.js';
+import type { InterpreterHost, InterpreterSession } from './interpreter.js';
+
+export function newSandboxId(): string {
+  return 'sb-' + randomBytes(6).toString('hex');
+}
+
+/** A sandbox's directory: one run directory per VM process it has had (vm-<n>). */
+export function sandboxDir(id: string): string {
+  return join(homePaths.sandboxes(), id);
+}
+
+/**
+ * A sandbox as the host sees it: its current VM process, the authenticated
+ * channel to its agent, and what it was made from. An engine may move a
+ * sandbox to another VM process (a qemu fork's parent continues in a new one),
+ * so `vm` changes while the sandbox's identity, token and agent channel stay.
+ */
+export class LiveSandbox implements CommandHost, InterpreterHost {
+  private killing?: Promise<void>;
+  private exclusiveTail: Promise<unknown> = Promise.resolve();
+  interpreter?: InterpreterSession;
+  interpreterExecId?: number;
+  /** The persistent snapshot this sandbox descends from, if any. */
+  snapshotTag?: string;
+  /**
+   * Called when the sandbox has moved to another VM process, before the old
+   * one is killed: a daemon rewrites its record here, so a crash at any moment
+   * leaves a record naming a VM that still runs the guest.
+   */
+  onVmChanged?: () => void;
+
+  constructor(
+    readonly id: string,
+    public vm: Vm,
+    readonly agent: AgentClient,
+    public token: Buffer,
+    readonly shape: MachineShape,
+    readonly env: Record<string, string>,
+    readonly createdAt: Date,
+    readonly bootMs: number,
+    readonly parentId: string | undefined,
+    /** Called once the sandbox is gone (killed, or its VM ended), to forget it. */
+    private readonly onGone: (sb: LiveSandbox) => void,
+  ) {
+    this.watch(vm);
+  }
+
+  get alive(): boolean {
+    return this.vm.alive() && !this.killing;
+  }
+
+  get engineName(): EngineName {
+    return this.vm.engine;
+  }
+
+  /**
+   * Runs operations that pause or move this sandbox's VM (fork, snapshot,
+   * prewarm) one at a time: two at once would freeze the same RAM twice.
+   */
+  exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.exclusiveTail.then(fn);
+    this.exclusiveTail = run.catch(() => undefined);
+    return run;
+  }
+
+  /** Puts the sandbox on another VM process and retires the old one; the agent channel follows. */
+  async replaceVm(next: Vm): Promise<void> {
+    if (next === this.vm) return;
+    const old = this.vm;
+    this.vm = next;
+    this.watch(next);
+    this.onVmChanged?.();
+    await this.agent.rebind(next.agentSocket, Date.now() + 10_000);
+    void old.kill();
+  }
+
+  /** Stops the VM, then removes the sandbox's directory (only once its processes are gone). Safe to call twice. */
+  kill(): Promise<void> {
+    this.killing ??= (async () => {
+      this.agent.close();
+      await this.vm.kill();
+      rmSync(sandboxDir(this.id), { recursive: true, force: true });
+      this.onGone(this);
+    })();
+    return this.killing;
+  }
+
+  /** If the current VM dies on its own (crash, guest poweroff), the sandbox ends. */
+  private watch(vm: Vm): void {
+    void vm.exited.then(() => {
+      if (this.vm === vm && !this.killing) void this.kill();
+    });
+  }
+}
