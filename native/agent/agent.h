@@ -9,12 +9,10 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-#define AGENT_VERSION "0.1.0"
-#define PROTO_VERSION 1
+#include "protocol.h"
 
-#define HDR_LEN 16
-#define FRAME_MAX (1024u * 1024u)
-#define TOKEN_LEN 32
+#define AGENT_VERSION "0.1.0"
+
 #define TRUNCATED_MS 2000 /* a partial frame with no progress for this long is dropped */
 #define SYNC_LEN (HDR_LEN + TOKEN_LEN) /* a host frame's header and token: where it can be recognized */
 
@@ -25,68 +23,6 @@
 #define OUT_CHUNK (64 * 1024)   /* largest STDOUT/STDERR frame */
 #define FILE_CHUNK (256 * 1024) /* largest FILE_DATA frame */
 #define SANDBOX_ID_MAX 255
-
-enum msg_type {
-	T_HELLO = 0x01,
-	T_EXEC = 0x02,
-	T_STDIN = 0x03,
-	T_SIGNAL = 0x04,
-	T_READ_FILE = 0x05,
-	T_WRITE_OPEN = 0x06,
-	T_WRITE_DATA = 0x07,
-	T_WRITE_CLOSE = 0x08,
-	T_LIST = 0x09,
-	T_STAT = 0x0a,
-	T_MKDIR = 0x0b,
-	T_REMOVE = 0x0c,
-	T_SHUTDOWN = 0x0d,
-	T_FORK_FIXUP = 0x0e,
-	T_OK = 0x80,
-	T_ERROR = 0x81,
-	T_STDOUT = 0x82,
-	T_STDERR = 0x83,
-	T_EXIT = 0x84,
-	T_FILE_DATA = 0x85,
-};
-
-enum tag {
-	F_ARGV = 1,
-	F_SHELL,
-	F_ENV,
-	F_CWD,
-	F_TIMEOUT_MS,
-	F_STDIN_OPEN,
-	F_PID,
-	F_EXIT_CODE,
-	F_SIGNAL,
-	F_TIMED_OUT,
-	F_TARGET,
-	F_PATH,
-	F_MODE,
-	F_SIZE,
-	F_TYPE,
-	F_MTIME_MS,
-	F_NAME,
-	F_ENTRY,
-	F_RECURSIVE,
-	F_CODE,
-	F_MESSAGE,
-	F_ERRNO,
-	F_PROTO_VERSION,
-	F_AGENT_VERSION,
-	F_SEED,
-	F_TIME_NS,
-	F_HOSTNAME,
-	F_SANDBOX_ID,
-	F_NEW_TOKEN,
-	F_TRUNCATED,
-	F_CREATED,
-	F_UPTIME_MS,
-	F_LAST_ID,
-	F_LIMIT,
-	F_DISCARD,
-	F_TAG_MAX = F_DISCARD,
-};
 
 /* A decoded host request. Strings point into the frame buffer, NUL-terminated in place. */
 struct req {

@@ -7,7 +7,7 @@
 #include <string.h>
 #include <sys/uio.h>
 
-static const uint8_t MAGIC[4] = {'C', 'L', 'D', '1'};
+static const uint8_t MAGIC[4] = PROTO_MAGIC; /* 4 bytes, no NUL */
 
 static uint16_t get_le16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 

@@ -1,9 +1,10 @@
-/** Constants of the agent protocol. docs/protocol.md is the specification. */
+// Generated from src/agent-protocol/protocol.json by `npm run protocol`: do not edit.
+// docs/protocol.md is the specification.
 export const PROTOCOL_VERSION = 1;
 export const FRAME_MAGIC = 0x31444c43; // "CLD1" little-endian
 export const HEADER_SIZE = 16;
 export const TOKEN_SIZE = 32;
-export const MAX_PAYLOAD = 1024 * 1024;
+export const MAX_PAYLOAD = 1048576;
 
 export const MessageType = {
   HELLO: 0x01,
@@ -68,4 +69,10 @@ export const Tag = {
 } as const;
 export type Tag = (typeof Tag)[keyof typeof Tag];
 
-export const EntryType = { FILE: 1, DIR: 2, SYMLINK: 3, OTHER: 4 } as const;
+export const EntryType = {
+  FILE: 1,
+  DIR: 2,
+  SYMLINK: 3,
+  OTHER: 4,
+} as const;
+export type EntryType = (typeof EntryType)[keyof typeof EntryType];

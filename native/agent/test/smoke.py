@@ -16,16 +16,8 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MAGIC = b"CLD1"
-FRAME_MAX = 1 << 20
-
-HELLO, EXEC, STDIN, SIGNAL, READ_FILE, WRITE_OPEN, WRITE_DATA, WRITE_CLOSE = range(1, 9)
-LIST, STAT, MKDIR, REMOVE, SHUTDOWN, FORK_FIXUP = range(9, 15)
-OK, ERROR, STDOUT, STDERR, EXIT, FILE_DATA = range(0x80, 0x86)
-
-(ARGV, SHELL, ENV, CWD, TIMEOUT_MS, STDIN_OPEN, PID, EXIT_CODE, SIG, TIMED_OUT, TARGET, PATH, MODE,
- SIZE, TYPE, MTIME_MS, NAME, ENTRY, RECURSIVE, CODE, MESSAGE, ERRNO, PROTO_VERSION, AGENT_VERSION,
- SEED, TIME_NS, HOSTNAME, SANDBOX_ID, NEW_TOKEN, TRUNCATED, CREATED, UPTIME_MS, LAST_ID) = range(1, 34)
+sys.path.insert(0, HERE)
+from protocol import *  # noqa: E402,F403 (message types and field tags, generated from protocol.json)
 
 
 def field(tag, value):
@@ -213,7 +205,7 @@ def t_hello_last_id(a, ctx):
 def t_exec_exit_code(a, ctx):
     exit_, out, _ = Run(a, *argv("sh", "-c", "echo hello; exit 3")).wait()
     assert out == b"hello\n" and exit_.u64(EXIT_CODE) == 3, (out, exit_.fields)
-    assert exit_.get(SIG) is None and exit_.u64(TIMED_OUT, 0) == 0
+    assert exit_.get(SIGNAL_TAG) is None and exit_.u64(TIMED_OUT, 0) == 0
 
 
 def t_streams(a, ctx):
@@ -251,7 +243,7 @@ def t_timeout(a, ctx):
     t0 = time.monotonic()
     exit_, _, _ = Run(a, *argv("sleep", "30"), (TIMEOUT_MS, 300)).wait()
     took = time.monotonic() - t0
-    assert exit_.u64(TIMED_OUT) == 1 and exit_.u64(SIG) == 9 and exit_.u64(EXIT_CODE) == 137, exit_.fields
+    assert exit_.u64(TIMED_OUT) == 1 and exit_.u64(SIGNAL_TAG) == 9 and exit_.u64(EXIT_CODE) == 137, exit_.fields
     assert took < 3, took
 
 
@@ -273,10 +265,10 @@ def t_not_found(a, ctx):
 def t_signal(a, ctx):
     run = Run(a, *argv("sleep", "30"))
     expect_ok(run.start)
-    expect_ok(a.request(SIGNAL, fields((TARGET, run.id), (SIG, 15))))
+    expect_ok(a.request(SIGNAL, fields((TARGET, run.id), (SIGNAL_TAG, 15))))
     exit_, _, _ = run.wait()
-    assert exit_.u64(SIG) == 15 and exit_.u64(EXIT_CODE) == 143, exit_.fields
-    expect_error(a.request(SIGNAL, fields((TARGET, 999999), (SIG, 15))), "not_found")
+    assert exit_.u64(SIGNAL_TAG) == 15 and exit_.u64(EXIT_CODE) == 143, exit_.fields
+    expect_error(a.request(SIGNAL, fields((TARGET, 999999), (SIGNAL_TAG, 15))), "not_found")
 
 
 def t_busy(a, ctx):
@@ -285,9 +277,9 @@ def t_busy(a, ctx):
         expect_ok(r.start)
     expect_error(Run(a, *argv("true")).start, "busy")
     for r in runs:
-        expect_ok(a.request(SIGNAL, fields((TARGET, r.id), (SIG, 9))))
+        expect_ok(a.request(SIGNAL, fields((TARGET, r.id), (SIGNAL_TAG, 9))))
     for r in runs:
-        assert r.wait()[0].u64(SIG) == 9
+        assert r.wait()[0].u64(SIGNAL_TAG) == 9
 
 
 def write_file(a, path, data, mode=None):
@@ -586,7 +578,7 @@ def t_reconnect(a, ctx):
                 unnoticed += cut
     finally:
         for h in hogs:
-            expect_ok(ctx["agent"].request(SIGNAL, fields((TARGET, h.id), (SIG, 9))))
+            expect_ok(ctx["agent"].request(SIGNAL, fields((TARGET, h.id), (SIGNAL_TAG, 9))))
     a = ctx["agent"]
     exit_, out, _ = Run(a, (SHELL, "echo after")).wait()
     assert out == b"after\n", out
