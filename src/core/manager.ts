@@ -20,9 +20,11 @@ import { assertSnapshotEngine, assertTagFree, commitSnapshot, openSnapshot, read
 export type { EngineName, ForkTimings } from '../engines/engine.js';
 
 export type StartOptions = {
+  /** Image name or digest (default: "default", made by `clade image build`). */
   image?: string;
   memoryMiB?: number;
   cpus?: number;
+  /** Environment variables every command in the sandbox gets. */
   env?: Record<string, string>;
   /** How long to wait for the guest agent to answer (default 90 s; TCG boots take seconds). */
   bootTimeoutMs?: number;

@@ -1,5 +1,5 @@
 import type { CodeResult, RunCodeOptions } from '../core/interpreter.js';
-import { checkCount, checkEngineName } from '../core/manager.js';
+import { checkCount, checkEngineName, type StartOptions } from '../core/manager.js';
 import type { SnapshotMeta } from '../core/snapshots.js';
 import type { EngineName, ForkTimings } from '../core/manager.js';
 import { CladeError } from '../util/errors.js';
@@ -9,18 +9,9 @@ import { Files } from './files.js';
 import { LocalBackend } from './local.js';
 import { daemonClient, RemoteBackend, type DaemonOptions } from './remote.js';
 
-export type SandboxCreateOptions = {
-  /** Image name or digest (default: "default", made by `clade image build`). */
-  image?: string;
-  memoryMiB?: number;
-  cpus?: number;
-  /** Environment variables every command in the sandbox gets. */
-  env?: Record<string, string>;
+export type SandboxCreateOptions = StartOptions & {
   /** Lifetime: the sandbox is killed this long after creation (0 or unset: until killed). */
   timeoutMs?: number;
-  /** How long to wait for the guest to boot and its agent to answer. */
-  bootTimeoutMs?: number;
-  engine?: EngineName;
 } & DaemonOptions;
 
 /** A child that could not be created; the other children of the same fork are unaffected. */
