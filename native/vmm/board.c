@@ -6,7 +6,7 @@
  *
  *   ports 0x3f8-0x3ff   8250 UART (ttyS0), IRQ 4 by KVM_IRQ_LINE, output to --serial-log (size-capped)
  *   ports 0xcf8-0xcff   PCI configuration mechanism #1 (bus 0: host bridge + virtio-console)
- *   ports 0x70-0x71     a read-only CMOS clock, so RTC reads are sane
+ *   ports 0x70-0x71     a read-only CMOS clock (devices/cmos.c), so RTC reads are sane
  *   port  0x64 / 0xcf9  keyboard-controller and PCI resets: the guest asks to reboot
  *   MMIO  0xe0000000+   PCI BARs (virtio-pci modern registers, MSI-X table)
  *   MSI-X               KVM_SIGNAL_MSI to the in-kernel LAPIC
@@ -28,11 +28,8 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
-#define CMOS_INDEX_PORT 0x70
-#define CMOS_DATA_PORT 0x71
 #define I8042_COMMAND_PORT 0x64
 #define I8042_DATA_PORT 0x60
 #define I8042_CMD_RESET 0xfe
@@ -132,6 +129,7 @@ int board_init(struct board *b, struct vm *vm, const struct serial_log *serial, 
     pci_bus_init(&b->pci, BOARD_PCI_MMIO_BASE, BOARD_PCI_MMIO_SIZE);
     uart_init(&b->uart, UART_COM1_BASE, -1, set_uart_irq, b);
     uart_set_output(&b->uart, uart_to_log, b);
+    cmos_init(&b->cmos);
     if (!virtio_console_init(&b->con, agent_port_spec, 1, &b->mem, deliver_msi, b)) return errno = EINVAL, -1;
     if (pci_bus_add(&b->pci, &b->con.vp.pci) < 0) return errno = ENOSPC, -1;
     return 0;
@@ -143,31 +141,6 @@ void board_destroy(struct board *b) {
         if (fds[i] >= 0) close(fds[i]);
     b->serial.fd = b->agent_listen_fd = b->agent_fd = b->wake_fd = -1;
     pthread_mutex_destroy(&b->lock);
-}
-
-/* ---- CMOS clock ---------------------------------------------------------- */
-
-static uint8_t bcd(int v) { return (uint8_t)((v / 10) << 4 | (v % 10)); }
-
-/* The host's UTC time in BCD, 24-hour mode, "update in progress" never set. */
-static uint8_t cmos_read(uint8_t index) {
-    time_t now = time(NULL);
-    struct tm tm;
-    gmtime_r(&now, &tm);
-    switch (index) {
-    case 0x00: return bcd(tm.tm_sec);
-    case 0x02: return bcd(tm.tm_min);
-    case 0x04: return bcd(tm.tm_hour);
-    case 0x06: return bcd(tm.tm_wday + 1);
-    case 0x07: return bcd(tm.tm_mday);
-    case 0x08: return bcd(tm.tm_mon + 1);
-    case 0x09: return bcd(tm.tm_year % 100);
-    case 0x32: return bcd(19 + tm.tm_year / 100);
-    case 0x0a: return 0x26; /* 32.768 kHz base, 1024 Hz rate, UIP clear */
-    case 0x0b: return 0x02; /* 24-hour, BCD, no interrupts */
-    case 0x0d: return 0x80; /* battery good */
-    default: return 0;
-    }
 }
 
 /* ---- waking the control thread ------------------------------------------------ */
@@ -204,17 +177,8 @@ static bool is_reset_request(uint16_t port, bool is_write, const uint8_t *data, 
     return port == PCI_RESET_PORT && (data[0] & PCI_RESET_BIT);
 }
 
-/* Ports with a fixed answer: the CMOS clock and an absent keyboard controller that still takes reset commands. */
-static bool legacy_io(struct board *b, uint16_t port, bool is_write, uint8_t *data, unsigned size) {
-    if (port == CMOS_INDEX_PORT && size == 1) {
-        if (is_write) b->cmos_index = data[0] & 0x7f; /* bit 7 is the NMI mask */
-        else data[0] = 0xff;
-        return true;
-    }
-    if (port == CMOS_DATA_PORT && size == 1) {
-        if (!is_write) data[0] = cmos_read(b->cmos_index);
-        return true;
-    }
+/* An absent keyboard controller that still takes reset commands. */
+static bool legacy_io(uint16_t port, bool is_write, uint8_t *data, unsigned size) {
     /* Output-buffer-full with no input pending: Linux's i8042 flush gives up at once ("no controller"),
        and its reboot path sees the input buffer empty and writes the reset command straight away. */
     if (port == I8042_COMMAND_PORT && !is_write) return memset(data, 0x01, size), true;
@@ -226,7 +190,8 @@ enum board_io_result board_io(struct board *b, uint16_t port, bool is_write, uin
     pthread_mutex_lock(&b->lock);
     bool handled = (port >= UART_COM1_BASE && port < UART_COM1_BASE + UART_PORTS && uart_io(&b->uart, port, is_write, data, size)) ||
                    (port == PCI_RESET_PORT && size == 1) || /* the reset control register, not config data */
-                   pci_io(&b->pci, port, is_write, data, size) || legacy_io(b, port, is_write, data, size);
+                   pci_io(&b->pci, port, is_write, data, size) || cmos_io(&b->cmos, port, is_write, data, size) ||
+                   legacy_io(port, is_write, data, size);
     bool wake = control_thread_is_behind(b); /* config space reaches the virtio registers too (PCI_CFG capability) */
     pthread_mutex_unlock(&b->lock);
     if (!handled && !is_write) memset(data, 0xff, size);
@@ -335,7 +300,7 @@ void board_close_stale(const struct board_stale *stale) {
 /* ---- snapshots -------------------------------------------------------------- */
 
 _Static_assert(sizeof(struct board_state) == sizeof(struct pci_bus_state) + sizeof(struct virtio_console_state) +
-                                                 sizeof(struct uart_state) + 8,
+                                                 sizeof(struct uart_state) + sizeof(struct cmos_state),
                "no implicit padding in saved state");
 
 void board_save(const struct board *b, struct board_state *s) {
@@ -343,7 +308,7 @@ void board_save(const struct board *b, struct board_state *s) {
     pci_bus_save(&b->pci, &s->pci);
     virtio_console_save(&b->con, &s->con);
     uart_save(&b->uart, &s->uart);
-    s->cmos_index = b->cmos_index;
+    cmos_save(&b->cmos, &s->cmos);
 }
 
 /*
@@ -354,11 +319,9 @@ void board_save(const struct board *b, struct board_state *s) {
  * interrupts that may have been in flight are raised again.
  */
 int board_restore(struct board *b, const struct board_state *s) {
-    static const uint8_t zero[sizeof s->reserved];
-    if (s->cmos_index > 0x7f || memcmp(s->reserved, zero, sizeof zero) || !pci_bus_restore(&b->pci, &s->pci) ||
-        !virtio_console_restore(&b->con, &s->con) || !uart_restore(&b->uart, &s->uart))
+    if (!cmos_restore(&b->cmos, &s->cmos) || !pci_bus_restore(&b->pci, &s->pci) || !virtio_console_restore(&b->con, &s->con) ||
+        !uart_restore(&b->uart, &s->uart))
         return errno = EINVAL, -1;
-    b->cmos_index = s->cmos_index;
     virtio_console_port_set_fd(&b->con, BOARD_AGENT_PORT, -1); /* flushes the PORT_OPEN 0 the restore queued */
     virtio_pci_resignal(&b->con.vp);
     uart_resync_irq(&b->uart);

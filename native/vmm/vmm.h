@@ -22,6 +22,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "devices/cmos.h"
 #include "devices/guest_mem.h"
 #include "devices/pci.h"
 #include "devices/uart8250.h"
@@ -226,7 +227,7 @@ struct board {
     struct pci_bus pci;
     struct uart8250 uart;
     struct virtio_console con;
-    uint8_t cmos_index;
+    struct cmos cmos;
     struct serial_log serial;
     int agent_listen_fd;
     int agent_fd; /* the connected host end, -1 when none */
@@ -245,8 +246,7 @@ struct board_state {
     struct pci_bus_state pci;
     struct virtio_console_state con;
     struct uart_state uart;
-    uint8_t cmos_index;
-    uint8_t reserved[7]; /* 0 */
+    struct cmos_state cmos;
 };
 
 /* Host descriptors a forked child inherited and closes once its vCPU runs. */
@@ -273,8 +273,9 @@ void board_close_stale(const struct board_stale *stale);
 void board_save(const struct board *b, struct board_state *s);
 /*
  * Start from a snapshot: b was just set up by board_init (this process's
- * RAM, callbacks, descriptors); s is copied in only after every value has
- * been checked. -1 if s is refused (b is then still a fresh board).
+ * RAM, callbacks, descriptors); each device takes its part only after
+ * checking every value of it. -1 if s is refused: b may then hold some
+ * devices' parts, so it must not run.
  */
 int board_restore(struct board *b, const struct board_state *s);
 

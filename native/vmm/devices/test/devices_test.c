@@ -765,6 +765,32 @@ static void test_saved_state(void)
     CHECK(!uart_restore(&v, &bad));
 }
 
+/* The CMOS clock: BCD time from the host, the index register as its only state. */
+static void test_cmos(void)
+{
+    struct cmos c, d;
+    struct cmos_state cs;
+    uint8_t b = 0x0b | 0x80; /* register B, with the NMI-mask bit set as Linux does */
+    cmos_init(&c);
+    CHECK(cmos_io(&c, CMOS_INDEX_PORT, true, &b, 1) && c.index == 0x0b);
+    CHECK(cmos_io(&c, CMOS_DATA_PORT, false, &b, 1) && b == 0x02); /* 24-hour, BCD */
+    b = 0x00;
+    cmos_io(&c, CMOS_INDEX_PORT, true, &b, 1);
+    CHECK(cmos_io(&c, CMOS_DATA_PORT, false, &b, 1) && (b & 0x0f) <= 9 && (b >> 4) <= 5); /* seconds in BCD */
+    CHECK(!cmos_io(&c, CMOS_DATA_PORT, false, &b, 2) && !cmos_io(&c, 0x72, false, &b, 1));
+    b = 0x32;
+    cmos_io(&c, CMOS_INDEX_PORT, true, &b, 1);
+    cmos_save(&c, &cs);
+    cmos_init(&d);
+    CHECK(cmos_restore(&d, &cs) && d.index == 0x32 && cmos_io(&d, CMOS_DATA_PORT, false, &b, 1) && b == 0x20); /* century */
+    struct cmos_state bad = cs;
+    bad.index = 0x80;
+    CHECK(!cmos_restore(&d, &bad) && d.index == 0x32);
+    bad = cs;
+    bad.reserved[6] = 1;
+    CHECK(!cmos_restore(&d, &bad));
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -777,6 +803,7 @@ int main(void)
     test_hostile_registers();
     test_uart();
     test_saved_state();
+    test_cmos();
     printf("%s: %u checks, %u failed\n", failed ? "FAIL" : "PASS", checks, failed);
     free(ram);
     return failed ? 1 : 0;

@@ -9,6 +9,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "../cmos.h"
 #include "../guest_mem.h"
 #include "../pci.h"
 #include "../virtio_console.h"
