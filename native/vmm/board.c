@@ -12,6 +12,8 @@
  *   MSI-X               KVM_SIGNAL_MSI to the in-kernel LAPIC
  *   every other port    reads all ones, writes are dropped (nothing there, as on a PC)
  *
+ * The vCPU loop reaches it through board_guest_ops.
+ *
  * Threads: the vCPU thread calls board_io/board_mmio on exits, the control
  * thread moves agent-socket data (board_poll_*). One mutex keeps them apart;
  * neither holds it while parked or forking, so a forked child starts with it
@@ -21,6 +23,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <poll.h>
 #include <stdio.h>
 #include <string.h>
@@ -185,8 +188,8 @@ static bool legacy_io(uint16_t port, bool is_write, uint8_t *data, unsigned size
     return false;
 }
 
-enum board_io_result board_io(struct board *b, uint16_t port, bool is_write, uint8_t *data, unsigned size) {
-    if (is_reset_request(port, is_write, data, size)) return BOARD_IO_RESET;
+enum guest_exit_result board_io(struct board *b, uint16_t port, bool is_write, uint8_t *data, unsigned size) {
+    if (is_reset_request(port, is_write, data, size)) return GUEST_EXIT_RESET;
     pthread_mutex_lock(&b->lock);
     bool handled = (port >= UART_COM1_BASE && port < UART_COM1_BASE + UART_PORTS && uart_io(&b->uart, port, is_write, data, size)) ||
                    (port == PCI_RESET_PORT && size == 1) || /* the reset control register, not config data */
@@ -196,7 +199,7 @@ enum board_io_result board_io(struct board *b, uint16_t port, bool is_write, uin
     pthread_mutex_unlock(&b->lock);
     if (!handled && !is_write) memset(data, 0xff, size);
     if (wake) wake_control_thread(b);
-    return BOARD_IO_DONE;
+    return GUEST_EXIT_DONE;
 }
 
 /* ---- MMIO ---------------------------------------------------------------- */
@@ -287,8 +290,6 @@ void board_child_rebind(struct board *b, int agent_listen_fd, const char *agent_
     virtio_console_port_discard_output(&b->con, BOARD_AGENT_PORT); /* the parent's half-sent bytes are the parent's */
     virtio_console_port_set_fd(&b->con, BOARD_AGENT_PORT, -1);
     stale->hungup_fd = virtio_console_port_take_hungup_fd(&b->con, BOARD_AGENT_PORT);
-    virtio_pci_resignal(&b->con.vp);
-    uart_resync_irq(&b->uart);
 }
 
 void board_close_stale(const struct board_stale *stale) {
@@ -327,3 +328,31 @@ int board_restore(struct board *b, const struct board_state *s) {
     uart_resync_irq(&b->uart);
     return 0;
 }
+
+/* ---- as the vCPU loop sees it ------------------------------------------------- */
+
+static enum guest_exit_result board_op_io(void *guest, uint16_t port, bool is_write, uint8_t *data, unsigned size) {
+    return board_io(guest, port, is_write, data, size);
+}
+
+static enum guest_exit_result board_op_mmio(void *guest, uint64_t gpa, bool is_write, uint8_t *data, unsigned len) {
+    board_mmio(guest, gpa, is_write, data, len);
+    return GUEST_EXIT_DONE;
+}
+
+/* An MSI raised just before the fork may only have reached the parent's irqchip: raise every enabled one again. */
+static void board_op_forked(void *guest) {
+    struct board *b = guest;
+    virtio_pci_resignal(&b->con.vp);
+    uart_resync_irq(&b->uart);
+}
+
+static void board_op_status(void *guest, struct text_buf *out) {
+    struct board *b = guest;
+    tb_printf(out, ",\"agentSocket\":");
+    tb_json_string(out, b->agent_path);
+    tb_printf(out, ",\"agentConnected\":%s,\"serialLogBytes\":%" PRIu64, b->agent_fd >= 0 ? "true" : "false", b->serial.bytes);
+}
+
+const struct guest_ops board_guest_ops = {
+    .name = "linux", .io = board_op_io, .mmio = board_op_mmio, .forked = board_op_forked, .status = board_op_status};

@@ -5,7 +5,8 @@
  * CONTROL_LINE_MAX, numbers must parse completely, guest ranges are checked.
  *
  * The control thread calls fork(2). In a child that thread becomes the vCPU
- * thread and a new control thread serves the child's own socket (fork.c).
+ * thread and a new thread serves the child's own socket (serve_forked_child,
+ * handed to the fork core).
  */
 #include "vmm.h"
 
@@ -13,39 +14,20 @@
 #include <inttypes.h>
 #include <poll.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #define REPLY_MAX (128 * 1024)
 #define MAX_ARGS (2 + VMM_MAX_FORK_BATCH) /* forks COUNT DIR... */
-#define GUEST_IO_MAX 4096
 
 enum line_outcome { LINE_OK, LINE_CLOSE, LINE_QUIT };
 
 static int signal_fd = -1;
-
-int control_listen(const char *path, int *fd_out) {
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    if (strlen(path) >= sizeof addr.sun_path) return errno = ENAMETOOLONG, -1;
-    strcpy(addr.sun_path, path);
-    /* Non-blocking: a client that gave up between poll and accept must not leave the control thread in accept. */
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0) return -1;
-    if (bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(fd, 64) < 0) {
-        int saved = errno;
-        close(fd);
-        return errno = saved, -1;
-    }
-    *fd_out = fd;
-    return 0;
-}
 
 static void set_path(struct control *c, const char *path) {
     snprintf(c->socket_path, sizeof c->socket_path, "%s", path);
@@ -79,27 +61,7 @@ static void drop_client(struct control *c, int i) {
     c->client[i] = NULL;
 }
 
-/* In a fresh child: forget the parent's listening socket and connections (without unlinking the parent's path). */
-void control_drop_inherited(struct control *c, int keep_fd, const char *new_path) {
-    for (int i = 0; i < CONTROL_MAX_CLIENTS; i++)
-        if (c->client[i]) drop_client(c, i);
-    close(c->listen_fd);
-    c->listen_fd = keep_fd;
-    c->next_child_seq = 0;
-    set_path(c, new_path);
-}
-
 /* ---- parsing ------------------------------------------------------------ */
-
-static int parse_u64(const char *s, uint64_t *out) {
-    if (!s || !*s || *s == '-') return -1;
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 0);
-    if (errno || *end) return -1;
-    *out = v;
-    return 0;
-}
 
 static int split_args(char *line, char **argv) {
     int argc = 0;
@@ -110,71 +72,28 @@ static int split_args(char *line, char **argv) {
     return argc;
 }
 
-static int hex_digit(char ch) {
-    if (ch >= '0' && ch <= '9') return ch - '0';
-    if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
-    if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
-    return -1;
-}
-
 /* ---- replies ------------------------------------------------------------ */
 
 /*
- * Every reply is built by appending to one bounded buffer. An append that
- * would not fit is not written and marks the reply as overflowed; the
- * request is then answered with an error instead (handle_line), so no reply
- * is ever cut off mid-JSON or written past the buffer. The largest real
- * reply, `forks 256` with every path at its longest, needs ~70 KiB.
+ * Every reply is built by appending to one bounded buffer (util.c). An
+ * append that would not fit marks the reply as overflowed; the request is
+ * then answered with an error instead (handle_line), so no reply is ever
+ * cut off mid-JSON. The largest real reply, `forks 256` with every path at
+ * its longest, needs ~70 KiB.
  */
-static struct {
-    char data[REPLY_MAX];
-    size_t len;
-    bool overflow;
-} out;
+static char out_storage[REPLY_MAX];
+static struct text_buf out = {.data = out_storage, .cap = sizeof out_storage};
 
-static void out_reset(void) {
-    out.len = 0;
-    out.overflow = false;
+void control_reply_error(struct text_buf *t, const char *message) {
+    tb_reset(t);
+    tb_printf(t, "{\"ok\":false,\"error\":");
+    tb_json_string(t, message);
+    tb_printf(t, "}");
 }
 
-static void outf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void outf(const char *fmt, ...) {
-    if (out.overflow) return;
-    size_t room = sizeof out.data - 1 - out.len; /* one byte stays free for the newline */
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(out.data + out.len, room + 1, fmt, ap);
-    va_end(ap);
-    if (n < 0 || (size_t)n > room) {
-        out.data[out.len] = '\0';
-        out.overflow = true;
-        return;
-    }
-    out.len += (size_t)n;
-}
-
-/* A JSON string: paths and messages may hold quotes, backslashes or control bytes. */
-static void out_string(const char *s) {
-    outf("\"");
-    for (; *s && !out.overflow; s++) {
-        unsigned char ch = (unsigned char)*s;
-        if (ch == '"' || ch == '\\') outf("\\%c", ch);
-        else if (ch < 0x20) outf("\\u%04x", ch);
-        else outf("%c", ch);
-    }
-    outf("\"");
-}
-
-static void reply_error(const char *message) {
-    out_reset();
-    outf("{\"ok\":false,\"error\":");
-    out_string(message);
-    outf("}");
-}
-
-static void reply_ok(void) {
-    out_reset();
-    outf("{\"ok\":true}");
+void control_reply_ok(struct text_buf *t) {
+    tb_reset(t);
+    tb_printf(t, "{\"ok\":true}");
 }
 
 static const char *phase_name(int phase, int user_paused) {
@@ -182,111 +101,41 @@ static const char *phase_name(int phase, int user_paused) {
     return user_paused ? "paused" : "running";
 }
 
-static uint64_t guest_u64(const struct vm *vm, uint64_t gpa) {
-    uint64_t v = 0;
-    const uint8_t *p = vm_guest_ptr(vm, gpa, 8);
-    if (p) memcpy(&v, p, 8);
-    return v;
-}
-
 static void cmd_status(struct vmm *v) {
     struct vcpu *cpu = &v->cpu;
     int phase = atomic_load(&cpu->phase);
-    outf("{\"ok\":true,\"pid\":%d,\"ppid\":%d,\"depth\":%d,\"state\":\"%s\",\"reason\":", (int)getpid(), (int)getppid(), v->depth,
-         phase_name(phase, v->user_paused));
-    out_string(phase == VCPU_STOPPED ? cpu->stop_reason : "");
-    outf(",\"detail\":");
-    out_string(phase == VCPU_STOPPED ? cpu->stop_detail : "");
-    outf(",\"counter\":%" PRIu64 ",\"ack\":%" PRIu64 ",\"exits\":%" PRIu64 ",\"heartbeats\":%" PRIu64 ",\"reports\":%" PRIu64
-         ",\"lastReport\":%" PRIu64 ",\"forks\":%" PRIu64 ",\"msrs\":%u,\"msrsNotRestored\":%u,"
-         "\"timing\":{\"forkNs\":%" PRId64 ",\"builtNs\":%" PRId64 ",\"restoredNs\":%" PRId64 ",\"firstRunNs\":%" PRId64
-         ",\"firstExitNs\":%" PRId64 "},\"guest\":\"%s\",\"agentSocket\":",
-         guest_u64(&v->vm, GUEST_DATA + GUEST_COUNTER), guest_u64(&v->vm, GUEST_DATA + GUEST_ACK), (uint64_t)atomic_load(&cpu->exits),
-         (uint64_t)atomic_load(&cpu->heartbeats), (uint64_t)atomic_load(&cpu->reports), (uint64_t)atomic_load(&cpu->last_report),
-         v->forks_done, v->vm.msr_count, v->state.msrs_not_restored, cpu->timing.fork_ns, cpu->timing.built_ns,
-         cpu->timing.restored_ns, cpu->timing.first_run_ns, cpu->timing.first_exit_ns, v->board ? "linux" : "cpl3");
-    out_string(v->board ? v->board->agent_path : "");
-    outf(",\"agentConnected\":%s,\"serialLogBytes\":%" PRIu64 "}", v->board && v->board->agent_fd >= 0 ? "true" : "false",
-         v->board ? v->board->serial.bytes : 0);
-}
-
-static void cmd_read(struct vmm *v, int argc, char **argv) {
-    uint64_t gpa, len;
-    if (argc != 3 || parse_u64(argv[1], &gpa) < 0 || parse_u64(argv[2], &len) < 0) return reply_error("usage: read GPA LEN");
-    if (len > GUEST_IO_MAX) return reply_error("read is limited to 4096 bytes");
-    const uint8_t *p = vm_guest_ptr(&v->vm, gpa, len);
-    if (!p) return reply_error("guest range out of bounds");
-    outf("{\"ok\":true,\"hex\":\"");
-    for (uint64_t i = 0; i < len; i++) outf("%02x", p[i]);
-    outf("\"}");
-}
-
-static void cmd_write(struct vmm *v, int argc, char **argv) {
-    uint64_t gpa;
-    if (argc != 3 || parse_u64(argv[1], &gpa) < 0) return reply_error("usage: write GPA HEX");
-    size_t digits = strlen(argv[2]);
-    if (digits % 2 || digits / 2 > GUEST_IO_MAX) return reply_error("hex must have an even length, at most 8192 digits");
-    uint8_t bytes[GUEST_IO_MAX];
-    for (size_t i = 0; i < digits / 2; i++) {
-        int hi = hex_digit(argv[2][2 * i]), lo = hex_digit(argv[2][2 * i + 1]);
-        if (hi < 0 || lo < 0) return reply_error("bad hex digit");
-        bytes[i] = (uint8_t)(hi << 4 | lo);
-    }
-    uint8_t *p = vm_guest_ptr(&v->vm, gpa, digits / 2);
-    if (!p) return reply_error("guest range out of bounds");
-    memcpy(p, bytes, digits / 2);
-    vcpu_kick(&v->cpu);
-    reply_ok();
-}
-
-static void cmd_read64(struct vmm *v, int argc, char **argv) {
-    uint64_t gpa;
-    if (argc != 2 || parse_u64(argv[1], &gpa) < 0) return reply_error("usage: read64 GPA");
-    if (!vm_guest_ptr(&v->vm, gpa, 8)) return reply_error("guest range out of bounds");
-    outf("{\"ok\":true,\"value\":%" PRIu64 "}", guest_u64(&v->vm, gpa));
-}
-
-static void cmd_write64(struct vmm *v, int argc, char **argv) {
-    uint64_t gpa, value;
-    if (argc != 3 || parse_u64(argv[1], &gpa) < 0 || parse_u64(argv[2], &value) < 0) return reply_error("usage: write64 GPA VALUE");
-    uint8_t *p = vm_guest_ptr(&v->vm, gpa, 8);
-    if (!p) return reply_error("guest range out of bounds");
-    /* An aligned 8-byte store: the running guest never sees a torn value. */
-    if (gpa % 8 == 0) atomic_store((_Atomic uint64_t *)(void *)p, value);
-    else memcpy(p, &value, 8);
-    vcpu_kick(&v->cpu);
-    reply_ok();
-}
-
-/* Mailbox convenience for the test guest: argument first, then the command word the guest polls. */
-static void cmd_guest(struct vmm *v, int argc, char **argv) {
-    uint64_t command, arg = 0;
-    if (argc < 2 || argc > 3 || parse_u64(argv[1], &command) < 0 || (argc == 3 && parse_u64(argv[2], &arg) < 0))
-        return reply_error("usage: guest CMD [ARG]");
-    _Atomic uint64_t *mailbox = (_Atomic uint64_t *)(void *)(v->vm.ram + GUEST_DATA);
-    uint64_t ack = atomic_load(&mailbox[GUEST_ACK / 8]);
-    atomic_store(&mailbox[GUEST_ARG / 8], arg);
-    atomic_store(&mailbox[GUEST_CMD / 8], command);
-    vcpu_kick(&v->cpu);
-    outf("{\"ok\":true,\"ack\":%" PRIu64 "}", ack);
+    tb_printf(&out, "{\"ok\":true,\"pid\":%d,\"ppid\":%d,\"depth\":%d,\"state\":\"%s\",\"reason\":", (int)getpid(), (int)getppid(),
+              v->depth, phase_name(phase, v->user_paused));
+    tb_json_string(&out, phase == VCPU_STOPPED ? cpu->stop_reason : "");
+    tb_printf(&out, ",\"detail\":");
+    tb_json_string(&out, phase == VCPU_STOPPED ? cpu->stop_detail : "");
+    tb_printf(&out,
+              ",\"exits\":%" PRIu64 ",\"forks\":%" PRIu64 ",\"msrs\":%u,\"msrsNotRestored\":%u,"
+              "\"timing\":{\"forkNs\":%" PRId64 ",\"builtNs\":%" PRId64 ",\"restoredNs\":%" PRId64 ",\"firstRunNs\":%" PRId64
+              ",\"firstExitNs\":%" PRId64 "},\"guest\":",
+              (uint64_t)atomic_load(&cpu->exits), v->forks_done, v->vm.msr_count, v->state.msrs_not_restored, cpu->timing.fork_ns,
+              cpu->timing.built_ns, cpu->timing.restored_ns, cpu->timing.first_run_ns, cpu->timing.first_exit_ns);
+    tb_json_string(&out, cpu->ops->name);
+    cpu->ops->status(cpu->guest, &out);
+    tb_printf(&out, "}");
 }
 
 /* Why vcpu_park failed, for the reply. */
 static void park_error(void) {
-    reply_error(errno == ETIMEDOUT ? "vcpu did not stop in time" : "vcpu is stopped");
+    control_reply_error(&out, errno == ETIMEDOUT ? "vcpu did not stop in time" : "vcpu is stopped");
 }
 
 static void cmd_pause(struct vmm *v) {
-    if (v->user_paused) return reply_ok();
+    if (v->user_paused) return control_reply_ok(&out);
     if (vcpu_park(&v->cpu) < 0) return park_error();
     v->user_paused = 1;
-    reply_ok();
+    control_reply_ok(&out);
 }
 
 static void cmd_resume(struct vmm *v) {
     if (v->user_paused) vcpu_resume(&v->cpu);
     v->user_paused = 0;
-    reply_ok();
+    control_reply_ok(&out);
 }
 
 static uint64_t captured_msr(const struct machine_state *st, uint32_t count, uint32_t index) {
@@ -301,7 +150,7 @@ static void cmd_state(struct vmm *v) {
     const char *failed = "?";
     int r = state_capture(&v->vm, &v->state, &failed);
     if (!v->user_paused) vcpu_resume(&v->cpu);
-    if (r < 0) return reply_error(failed);
+    if (r < 0) return control_reply_error(&out, failed);
     const struct machine_state *st = &v->state;
     const struct kvm_sregs2 *s2 = &st->vcpu.sregs2;
     const struct kvm_sregs *s1 = &st->vcpu.sregs;
@@ -311,42 +160,54 @@ static void cmd_state(struct vmm *v) {
     const struct kvm_pit_channel_state *pit0 = &st->vm.pit.channels[0];
     uint32_t lvt0;
     memcpy(&lvt0, st->vcpu.lapic.regs + 0x350, sizeof lvt0);
-    outf("{\"ok\":true,\"rip\":%llu,\"rflags\":%llu,\"cs\":%u,\"cr3\":%" PRIu64 ",\"efer\":%" PRIu64 ",\"apicBase\":%" PRIu64
-         ",\"tsc\":%" PRIu64 ",\"tscOffset\":%" PRIu64 ",\"clockNs\":%llu,\"pit0\":{\"count\":%u,\"mode\":%u,\"rwMode\":%u},"
-         "\"picMasterImr\":%u,\"ioapicId\":%u,\"lapicLvt0\":%u,\"mpState\":%u}",
-         st->vcpu.regs.rip, st->vcpu.regs.rflags, cs, cr3, efer, apic_base, captured_msr(st, v->vm.msr_count, 0x10),
-         st->vcpu.tsc_offset, st->vm.clock.clock, pit0->count, pit0->mode, pit0->read_state, st->vm.pic_master.chip.pic.imr,
-         st->vm.ioapic.chip.ioapic.id, lvt0, st->vcpu.mp_state.mp_state);
+    tb_printf(&out,
+              "{\"ok\":true,\"rip\":%llu,\"rflags\":%llu,\"cs\":%u,\"cr3\":%" PRIu64 ",\"efer\":%" PRIu64 ",\"apicBase\":%" PRIu64
+              ",\"tsc\":%" PRIu64 ",\"tscOffset\":%" PRIu64 ",\"clockNs\":%llu,\"pit0\":{\"count\":%u,\"mode\":%u,\"rwMode\":%u},"
+              "\"picMasterImr\":%u,\"ioapicId\":%u,\"lapicLvt0\":%u,\"mpState\":%u}",
+              st->vcpu.regs.rip, st->vcpu.regs.rflags, cs, cr3, efer, apic_base, captured_msr(st, v->vm.msr_count, 0x10),
+              st->vcpu.tsc_offset, st->vm.clock.clock, pit0->count, pit0->mode, pit0->read_state, st->vm.pic_master.chip.pic.imr,
+              st->vm.ioapic.chip.ioapic.id, lvt0, st->vcpu.mp_state.mp_state);
 }
 
 static void fork_reply(const struct fork_report *rep, int ok, const char *err) {
-    outf("{\"ok\":%s,", ok ? "true" : "false");
+    tb_printf(&out, "{\"ok\":%s,", ok ? "true" : "false");
     if (!ok) {
-        outf("\"error\":");
-        out_string(err);
-        outf(",");
+        tb_printf(&out, "\"error\":");
+        tb_json_string(&out, err);
+        tb_printf(&out, ",");
     }
     if (rep->count == 1) {
-        outf("\"pid\":%d,\"socket\":", rep->child[0].pid);
-        out_string(rep->child[0].socket_path);
-        outf(",\"agentSocket\":");
-        out_string(rep->child[0].agent_path);
-        outf(",");
+        tb_printf(&out, "\"pid\":%d,\"socket\":", rep->child[0].pid);
+        tb_json_string(&out, rep->child[0].socket_path);
+        tb_printf(&out, ",\"agentSocket\":");
+        tb_json_string(&out, rep->child[0].agent_path);
+        tb_printf(&out, ",");
     }
-    outf("\"children\":[");
+    tb_printf(&out, "\"children\":[");
     for (int i = 0; i < rep->count; i++) {
-        outf("%s{\"pid\":%d,\"socket\":", i ? "," : "", rep->child[i].pid);
-        out_string(rep->child[i].socket_path);
-        outf(",\"agentSocket\":");
-        out_string(rep->child[i].agent_path);
-        outf("}");
+        tb_printf(&out, "%s{\"pid\":%d,\"socket\":", i ? "," : "", rep->child[i].pid);
+        tb_json_string(&out, rep->child[i].socket_path);
+        tb_printf(&out, ",\"agentSocket\":");
+        tb_json_string(&out, rep->child[i].agent_path);
+        tb_printf(&out, "}");
     }
-    outf("],\"parkUs\":%.1f,\"captureUs\":%.1f,\"forkUs\":%.1f,\"pauseUs\":%.1f}", rep->park_ns / 1e3, rep->capture_ns / 1e3,
-         rep->fork_ns / 1e3, rep->pause_ns / 1e3);
+    tb_printf(&out, "],\"parkUs\":%.1f,\"captureUs\":%.1f,\"forkUs\":%.1f,\"pauseUs\":%.1f}", rep->park_ns / 1e3, rep->capture_ns / 1e3,
+              rep->fork_ns / 1e3, rep->pause_ns / 1e3);
 }
 
 static int plain_absolute_path(const char *p) {
     return p[0] == '/' && !strchr(p, '"') && !strchr(p, '\\');
+}
+
+/* In a forked child, on its new thread: forget the parent's clients and listening socket, serve the child's own. */
+static void serve_forked_child(struct vmm *v, int ctl_fd, const char *ctl_path) {
+    struct control *c = &v->ctl;
+    for (int i = 0; i < CONTROL_MAX_CLIENTS; i++)
+        if (c->client[i]) drop_client(c, i);
+    close(c->listen_fd); /* without unlinking: the path is the parent's */
+    c->listen_fd = ctl_fd;
+    set_path(c, ctl_path);
+    exit(control_serve(v));
 }
 
 /*
@@ -360,47 +221,54 @@ static void cmd_fork(struct vmm *v, int argc, char **argv, int batch) {
     memset(chosen, 0, sizeof chosen);
     if (batch && (argc < 2 || parse_u64(argv[1], &count) < 0 || count < 1 || count > VMM_MAX_FORK_BATCH ||
                   (argc != 2 && (uint64_t)argc != 2 + count)))
-        return reply_error("usage: forks COUNT [RUN_DIR...] (COUNT 1..256, one run directory per child or none)");
-    if (!batch && (argc > 4 || (argc > 2 && !v->board))) return reply_error("usage: fork [SOCKET_PATH [AGENT_SOCKET_PATH [SERIAL_LOG_PATH]]]");
+        return control_reply_error(&out, "usage: forks COUNT [RUN_DIR...] (COUNT 1..256, one run directory per child or none)");
+    if (!batch && (argc > 4 || (argc > 2 && !v->board)))
+        return control_reply_error(&out, "usage: fork [SOCKET_PATH [AGENT_SOCKET_PATH [SERIAL_LOG_PATH]]]");
     for (int i = batch ? 2 : 1; i < argc; i++)
-        if (!plain_absolute_path(argv[i])) return reply_error("paths must be absolute and plain");
+        if (!plain_absolute_path(argv[i])) return control_reply_error(&out, "paths must be absolute and plain");
     for (int i = 2; batch && i < argc; i++) chosen[i - 2].run_dir = argv[i];
     if (!batch && argc > 1) chosen[0].socket = argv[1];
     if (!batch && argc > 2) chosen[0].agent_socket = argv[2];
     if (!batch && argc > 3) chosen[0].serial_log = argv[3];
+    const struct fork_request req = {.count = (int)count, .paths = chosen, .default_dir = v->ctl.socket_dir, .child_main = serve_forked_child};
     char err[300] = "";
-    int r = vmm_fork(v, (int)count, chosen, &rep, err, sizeof err);
+    int r = vmm_fork(v, &req, &rep, err, sizeof err);
     fork_reply(&rep, r == 0, err);
 }
 
 /* snapshot DIR: DIR must exist and be empty of snapshot files; the writer child fills it (docs/vmm.md). */
 static void cmd_snapshot(struct vmm *v, int argc, char **argv) {
-    if (argc != 2 || !plain_absolute_path(argv[1])) return reply_error("usage: snapshot DIR (an absolute, plain path)");
+    if (argc != 2 || !plain_absolute_path(argv[1])) return control_reply_error(&out, "usage: snapshot DIR (an absolute, plain path)");
     struct snapshot_report rep;
     char err[200] = "";
-    if (vmm_snapshot(v, argv[1], &rep, err, sizeof err) < 0) return reply_error(err);
-    outf("{\"ok\":true,\"writer\":%d,\"parkUs\":%.1f,\"captureUs\":%.1f,\"forkUs\":%.1f,\"pauseUs\":%.1f}", rep.writer_pid,
-         rep.park_ns / 1e3, rep.capture_ns / 1e3, rep.fork_ns / 1e3, rep.pause_ns / 1e3);
+    if (vmm_snapshot(v, argv[1], &rep, err, sizeof err) < 0) return control_reply_error(&out, err);
+    tb_printf(&out, "{\"ok\":true,\"writer\":%d,\"parkUs\":%.1f,\"captureUs\":%.1f,\"forkUs\":%.1f,\"pauseUs\":%.1f}", rep.writer_pid,
+              rep.park_ns / 1e3, rep.capture_ns / 1e3, rep.fork_ns / 1e3, rep.pause_ns / 1e3);
 }
 
-static void dispatch(struct vmm *v, int argc, char **argv, enum line_outcome *outcome) {
+static bool extra_command(struct vmm *v, int argc, char **argv) {
+    for (const struct control_command *cmd = control_test_commands; cmd->verb; cmd++) {
+        if (strcmp(argv[0], cmd->verb)) continue;
+        cmd->run(v, argc, argv, &out);
+        return true;
+    }
+    return false;
+}
+
+static enum line_outcome dispatch(struct vmm *v, int argc, char **argv) {
     const char *verb = argv[0];
-    if (!strcmp(verb, "ping")) reply_ok();
+    if (!strcmp(verb, "ping")) control_reply_ok(&out);
     else if (!strcmp(verb, "status")) cmd_status(v);
-    else if (!strcmp(verb, "read")) cmd_read(v, argc, argv);
-    else if (!strcmp(verb, "write")) cmd_write(v, argc, argv);
-    else if (!strcmp(verb, "read64")) cmd_read64(v, argc, argv);
-    else if (!strcmp(verb, "write64")) cmd_write64(v, argc, argv);
-    else if (!strcmp(verb, "guest")) cmd_guest(v, argc, argv);
     else if (!strcmp(verb, "pause")) cmd_pause(v);
     else if (!strcmp(verb, "resume")) cmd_resume(v);
     else if (!strcmp(verb, "state")) cmd_state(v);
     else if (!strcmp(verb, "fork") || !strcmp(verb, "forks")) cmd_fork(v, argc, argv, verb[4] == 's');
     else if (!strcmp(verb, "snapshot")) cmd_snapshot(v, argc, argv);
     else if (!strcmp(verb, "quit")) {
-        *outcome = LINE_QUIT;
-        reply_ok();
-    } else reply_error("unknown request");
+        control_reply_ok(&out);
+        return LINE_QUIT;
+    } else if (!extra_command(v, argc, argv)) control_reply_error(&out, "unknown request");
+    return LINE_OK;
 }
 
 /* ---- connection handling -------------------------------------------------- */
@@ -431,17 +299,22 @@ static int send_all(int fd, const char *buf, size_t len) {
     return 0;
 }
 
+/* The reply in `out`, as one line. */
+static int send_reply(int fd) {
+    if (out.overflow) control_reply_error(&out, "reply too large for the control channel");
+    out.data[out.len++] = '\n'; /* the buffer always leaves this byte free */
+    return send_all(fd, out.data, out.len);
+}
+
 static enum line_outcome handle_line(struct vmm *v, int fd, char *line) {
     static char *argv[MAX_ARGS]; /* the control thread is the only caller */
     enum line_outcome outcome = LINE_OK;
     int argc = split_args(line, argv);
     if (argc == 0) return LINE_OK;
-    out_reset();
-    if (argc < 0) reply_error("too many arguments");
-    else dispatch(v, argc, argv, &outcome);
-    if (out.overflow) reply_error("reply too large for the control channel");
-    out.data[out.len++] = '\n'; /* outf always leaves this byte free */
-    if (send_all(fd, out.data, out.len) < 0) return LINE_CLOSE;
+    tb_reset(&out);
+    if (argc < 0) control_reply_error(&out, "too many arguments");
+    else outcome = dispatch(v, argc, argv);
+    if (send_reply(fd) < 0) return LINE_CLOSE;
     return outcome;
 }
 
@@ -487,30 +360,34 @@ static void accept_client(struct control *c) {
     close(fd); /* full: the peer sees EOF */
 }
 
-#define OWNER_SIGNAL -2
-#define OWNER_LISTEN -1
-#define OWNER_STOP -3
-#define OWNER_BOARD -4
+enum owner_kind { OWNER_SIGNAL, OWNER_STOP, OWNER_BOARD, OWNER_LISTEN, OWNER_CLIENT };
 
-static int build_pollset(struct vmm *v, struct pollfd *pfd, int *owner) {
+struct owner {
+    enum owner_kind kind;
+    int client; /* OWNER_CLIENT */
+};
+
+#define MAX_POLLFDS (CONTROL_MAX_CLIENTS + 3 + BOARD_MAX_POLLFDS)
+
+static int build_pollset(struct vmm *v, struct pollfd *pfd, struct owner *owner) {
     struct control *c = &v->ctl;
     int n = 0;
     pfd[n] = (struct pollfd){.fd = signal_fd, .events = POLLIN};
-    owner[n++] = OWNER_SIGNAL;
+    owner[n++] = (struct owner){OWNER_SIGNAL, -1};
     if (v->exit_on_stop) {
         pfd[n] = (struct pollfd){.fd = v->cpu.stop_fd, .events = POLLIN};
-        owner[n++] = OWNER_STOP;
+        owner[n++] = (struct owner){OWNER_STOP, -1};
     }
     if (v->board) {
         int added = board_poll_fill(v->board, pfd + n);
-        for (int i = 0; i < added; i++) owner[n++] = OWNER_BOARD;
+        for (int i = 0; i < added; i++) owner[n++] = (struct owner){OWNER_BOARD, -1};
     }
     pfd[n] = (struct pollfd){.fd = c->listen_fd, .events = POLLIN};
-    owner[n++] = OWNER_LISTEN;
+    owner[n++] = (struct owner){OWNER_LISTEN, -1};
     for (int i = 0; i < CONTROL_MAX_CLIENTS; i++) {
         if (!c->client[i]) continue;
         pfd[n] = (struct pollfd){.fd = c->client[i]->fd, .events = POLLIN};
-        owner[n++] = i;
+        owner[n++] = (struct owner){OWNER_CLIENT, i};
     }
     return n;
 }
@@ -531,8 +408,8 @@ static int report_stop(struct vmm *v) {
 int control_serve(struct vmm *v) {
     struct control *c = &v->ctl;
     for (;;) {
-        struct pollfd pfd[CONTROL_MAX_CLIENTS + 3 + BOARD_MAX_POLLFDS];
-        int owner[CONTROL_MAX_CLIENTS + 3 + BOARD_MAX_POLLFDS];
+        struct pollfd pfd[MAX_POLLFDS];
+        struct owner owner[MAX_POLLFDS];
         if (v->exit_on_stop && atomic_load(&v->cpu.phase) == VCPU_STOPPED) return report_stop(v);
         int n = build_pollset(v, pfd, owner);
         if (poll(pfd, (nfds_t)n, -1) < 0) {
@@ -541,17 +418,18 @@ int control_serve(struct vmm *v) {
         }
         int board_first = -1, board_count = 0;
         for (int k = 0; k < n; k++) {
-            if (owner[k] == OWNER_BOARD && board_first < 0) board_first = k;
-            if (owner[k] == OWNER_BOARD) board_count++;
-            if (!pfd[k].revents || owner[k] == OWNER_BOARD || owner[k] == OWNER_STOP) continue;
-            if (owner[k] == OWNER_SIGNAL) return shut_down(v), 0;
-            if (owner[k] == OWNER_LISTEN) {
+            if (owner[k].kind == OWNER_BOARD && board_first < 0) board_first = k;
+            if (owner[k].kind == OWNER_BOARD) board_count++;
+            if (!pfd[k].revents || owner[k].kind == OWNER_BOARD || owner[k].kind == OWNER_STOP) continue;
+            if (owner[k].kind == OWNER_SIGNAL) return shut_down(v), 0;
+            if (owner[k].kind == OWNER_LISTEN) {
                 accept_client(c);
                 continue;
             }
-            enum line_outcome o = on_client_readable(v, owner[k]);
+            int i = owner[k].client;
+            enum line_outcome o = on_client_readable(v, i);
             if (o == LINE_QUIT) return shut_down(v), 0;
-            if (o == LINE_CLOSE) drop_client(c, owner[k]);
+            if (o == LINE_CLOSE) drop_client(c, i);
         }
         if (board_count) board_poll_handle(v->board, pfd + board_first, board_count);
     }

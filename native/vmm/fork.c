@@ -8,10 +8,10 @@
  * Child: the inherited KVM VM belongs to the parent's process and cannot be
  * used, so it builds a new VM over the same host address of guest RAM and
  * restores the captured state; then the forking thread runs the vCPU itself
- * and a new thread serves control on the listening socket the parent
- * prepared before the pause (so it accepts connections the moment fork
- * returns). Closing inherited fds and stale KVM objects happens on that
- * control thread, off the path to a running child.
+ * and a new thread runs the caller's child_main with the listening socket
+ * the parent prepared before the pause (so it accepts connections the moment
+ * fork returns). Closing inherited fds and stale KVM objects happens on that
+ * thread, off the path to a running child.
  */
 #include "vmm.h"
 
@@ -27,14 +27,6 @@ static void child_fail(struct vmm *v, const char *step) {
     atomic_store(&v->cpu.phase, VCPU_STOPPED);
 }
 
-static void reset_child_counters(struct vcpu *cpu) {
-    atomic_store(&cpu->exits, 0);
-    atomic_store(&cpu->heartbeats, 0);
-    atomic_store(&cpu->reports, 0);
-    atomic_store(&cpu->last_report, 0);
-    cpu->timing.built_ns = cpu->timing.restored_ns = cpu->timing.first_run_ns = cpu->timing.first_exit_ns = 0;
-}
-
 /* The host ends one child gets, prepared by the parent before the pause so they work the moment it replies. */
 struct child_slot {
     int ctl_fd;
@@ -44,9 +36,10 @@ struct child_slot {
     struct serial_log serial; /* fd -1: the child has no serial log */
 };
 
-/* What the child's new control thread tidies up, after the vCPU already runs. */
+/* What the child's new thread tidies up, after the vCPU already runs. */
 static struct child_takeover {
     struct vmm *v;
+    vmm_child_main child_main;
     struct child_slot own;
     const struct child_slot *slots; /* every slot of the batch: the siblings' descriptors are not ours */
     int siblings;
@@ -64,19 +57,20 @@ static void close_sibling_slots(const struct child_takeover *t) {
     }
 }
 
-static void *child_control_main(void *arg) {
+static void *child_takeover_main(void *arg) {
     struct child_takeover *t = arg;
     close_sibling_slots(t);
-    control_drop_inherited(&t->v->ctl, t->own.ctl_fd, t->own.ctl_path);
     close(t->stale_kick_fd);
     close(t->stale_stop_fd);
     if (t->v->board) board_close_stale(&t->board);
     vm_close_kvm_objects_later(t->stale_vm_fd, t->stale_vcpu_fd, t->stale_run, t->v->vm.run_size);
-    exit(control_serve(t->v));
+    t->child_main(t->v, t->own.ctl_fd, t->own.ctl_path);
+    return NULL; /* not reached: child_main ends the process */
 }
 
-static void remember_takeover(struct vmm *v, const struct child_slot *slots, int index, int siblings) {
+static void remember_takeover(struct vmm *v, const struct child_slot *slots, int index, int siblings, vmm_child_main child_main) {
     takeover.v = v;
+    takeover.child_main = child_main;
     takeover.own = slots[index];
     takeover.slots = slots;
     takeover.siblings = siblings;
@@ -97,24 +91,28 @@ static void unlink_own_sockets(const struct child_slot *own) {
  * restore, rebind device descriptors, hand the control socket to a new
  * thread, and run the vCPU here.
  */
-static _Noreturn void child_continue(struct vmm *v, const struct child_slot *slots, int index, int siblings) {
-    remember_takeover(v, slots, index, siblings);
+static _Noreturn void child_continue(struct vmm *v, const struct child_slot *slots, int index, int siblings,
+                                     vmm_child_main child_main) {
+    remember_takeover(v, slots, index, siblings, child_main);
     const struct child_slot *own = &takeover.own;
     v->depth++;
     v->forks_done = 0;
+    v->next_child_seq = 0;
     v->user_paused = 0;
-    reset_child_counters(&v->cpu);
+    atomic_store(&v->cpu.exits, 0);
+    v->cpu.timing.built_ns = v->cpu.timing.restored_ns = v->cpu.timing.first_run_ns = v->cpu.timing.first_exit_ns = 0;
     const char *failed = "vm";
     int ok = vm_build_kvm_objects(&v->vm) == 0;
     v->cpu.timing.built_ns = now_ns();
     ok = ok && state_restore(&v->vm, &v->state, &failed) == 0;
     if (ok && v->board) board_child_rebind(v->board, own->agent_fd, own->agent_path, &own->serial, &takeover.board);
+    if (ok) v->cpu.ops->forked(v->cpu.guest);
     v->cpu.timing.restored_ns = now_ns();
     if (vcpu_init_sync(&v->cpu) < 0) ok = 0, failed = "vcpu-sync";
     if (!ok) child_fail(v, failed);
-    v->cpu.thread = pthread_self(); /* before the control thread exists: it may park us at once */
+    v->cpu.thread = pthread_self(); /* before the new thread exists: its control channel may park us at once */
     pthread_t control;
-    if (pthread_create(&control, NULL, child_control_main, &takeover) != 0) {
+    if (pthread_create(&control, NULL, child_takeover_main, &takeover) != 0) {
         unlink_own_sockets(own);
         _exit(1);
     }
@@ -133,12 +131,12 @@ static void close_slots(struct child_slot *slots, int n, int unlink_them) {
     }
 }
 
-/* A chosen path, else one in the child's run directory, else a default next to this VMM's own socket. */
-static int set_slot_path(char *dst, size_t size, const char *chosen, const char *run_dir, const char *name, const struct vmm *v,
+/* A chosen path, else one in the child's run directory, else a default in the parent's own directory. */
+static int set_slot_path(char *dst, size_t size, const char *chosen, const char *run_dir, const char *name, const char *default_dir,
                          unsigned seq, const char *suffix) {
     int n = chosen    ? snprintf(dst, size, "%s", chosen)
             : run_dir ? snprintf(dst, size, "%s/%s", run_dir, name)
-                      : snprintf(dst, size, "%s/vmm-%d-%u%s", v->ctl.socket_dir, (int)getpid(), seq, suffix);
+                      : snprintf(dst, size, "%s/vmm-%d-%u%s", default_dir, (int)getpid(), seq, suffix);
     return n < 0 || (size_t)n >= size ? (errno = ENAMETOOLONG, -1) : 0;
 }
 
@@ -149,24 +147,27 @@ static int set_slot_path(char *dst, size_t size, const char *chosen, const char 
  * writes a serial log only where it is told to, or next to its socket when
  * its parent has one: never into its parent's.
  */
-static int prepare_slot(struct vmm *v, const struct fork_paths *chosen, struct child_slot *s, char *err, size_t errlen) {
-    unsigned seq = v->ctl.next_child_seq++;
+static int prepare_slot(struct vmm *v, const struct fork_paths *chosen, const char *default_dir, struct child_slot *s, char *err,
+                        size_t errlen) {
+    unsigned seq = v->next_child_seq++;
     *s = (struct child_slot){.ctl_fd = -1, .agent_fd = -1};
     serial_log_none(&s->serial, v->board ? v->board->serial.max_bytes : SERIAL_LOG_DEFAULT_MAX);
     const struct fork_paths none = {0};
     if (!chosen) chosen = &none;
-    if (set_slot_path(s->ctl_path, sizeof s->ctl_path, chosen->socket, chosen->run_dir, "control.sock", v, seq, ".sock") < 0 ||
-        control_listen(s->ctl_path, &s->ctl_fd) < 0)
+    if (set_slot_path(s->ctl_path, sizeof s->ctl_path, chosen->socket, chosen->run_dir, "control.sock", default_dir, seq, ".sock") < 0 ||
+        unix_listen(s->ctl_path, &s->ctl_fd) < 0)
         return snprintf(err, errlen, "cannot listen on child socket %s: %s", s->ctl_path, strerror(errno)), -1;
     if (!v->board) return 0;
-    if (set_slot_path(s->agent_path, sizeof s->agent_path, chosen->agent_socket, chosen->run_dir, "agent.sock", v, seq, ".agent.sock") < 0 ||
-        control_listen(s->agent_path, &s->agent_fd) < 0) {
+    if (set_slot_path(s->agent_path, sizeof s->agent_path, chosen->agent_socket, chosen->run_dir, "agent.sock", default_dir, seq,
+                      ".agent.sock") < 0 ||
+        unix_listen(s->agent_path, &s->agent_fd) < 0) {
         snprintf(err, errlen, "cannot listen on child agent socket %s: %s", s->agent_path, strerror(errno));
         return close_slots(s, 1, 1), -1;
     }
     bool wanted = chosen->serial_log || chosen->run_dir || v->board->serial.fd >= 0;
     char log_path[SERIAL_LOG_PATH_MAX];
-    if (wanted && (set_slot_path(log_path, sizeof log_path, chosen->serial_log, chosen->run_dir, "serial.log", v, seq, ".serial.log") < 0 ||
+    if (wanted && (set_slot_path(log_path, sizeof log_path, chosen->serial_log, chosen->run_dir, "serial.log", default_dir, seq,
+                                 ".serial.log") < 0 ||
                    serial_log_open(&s->serial, log_path, s->serial.max_bytes) < 0)) {
         snprintf(err, errlen, "cannot open child serial log %s: %s", log_path, strerror(errno));
         return close_slots(s, 1, 1), -1;
@@ -174,10 +175,9 @@ static int prepare_slot(struct vmm *v, const struct fork_paths *chosen, struct c
     return 0;
 }
 
-static int prepare_slots(struct vmm *v, int count, const struct fork_paths *paths, struct child_slot *slots, char *err,
-                         size_t errlen) {
-    for (int i = 0; i < count; i++) {
-        if (prepare_slot(v, paths ? &paths[i] : NULL, &slots[i], err, errlen) < 0) {
+static int prepare_slots(struct vmm *v, const struct fork_request *req, struct child_slot *slots, char *err, size_t errlen) {
+    for (int i = 0; i < req->count; i++) {
+        if (prepare_slot(v, req->paths ? &req->paths[i] : NULL, req->default_dir, &slots[i], err, errlen) < 0) {
             close_slots(slots, i, 1);
             return -1;
         }
@@ -186,37 +186,38 @@ static int prepare_slots(struct vmm *v, int count, const struct fork_paths *path
 }
 
 /* Park (unless the user already paused the VM) and capture; on failure the vCPU is left as it was. */
-static int stop_and_capture(struct vmm *v, struct fork_report *rep, int64_t t0, char *err, size_t errlen) {
+static int stop_and_capture(struct vmm *v, int64_t t0, int64_t *park_ns, int64_t *capture_ns, char *err, size_t errlen) {
     if (!v->user_paused && vcpu_park(&v->cpu) < 0) {
         if (errno == ETIMEDOUT) snprintf(err, errlen, "vcpu did not stop in time: nothing forked");
         else snprintf(err, errlen, "vcpu is stopped (%s): nothing to fork", v->cpu.stop_reason);
         return -1;
     }
     int64_t parked = now_ns();
-    rep->park_ns = parked - t0;
+    *park_ns = parked - t0;
     const char *failed = "?";
     if (state_capture(&v->vm, &v->state, &failed) < 0) {
         snprintf(err, errlen, "state capture failed at %s: %s", failed, strerror(errno));
         if (!v->user_paused) vcpu_resume(&v->cpu);
         return -1;
     }
-    rep->capture_ns = now_ns() - parked;
+    *capture_ns = now_ns() - parked;
     return 0;
 }
 
-int vmm_fork(struct vmm *v, int count, const struct fork_paths *paths, struct fork_report *rep, char *err, size_t errlen) {
+int vmm_fork(struct vmm *v, const struct fork_request *req, struct fork_report *rep, char *err, size_t errlen) {
     static struct child_slot slots[VMM_MAX_FORK_BATCH];
     memset(rep, 0, sizeof *rep);
+    int count = req->count;
     if (count < 1 || count > VMM_MAX_FORK_BATCH) return snprintf(err, errlen, "fork count out of range"), -1;
-    if (prepare_slots(v, count, paths, slots, err, errlen) < 0) return -1;
+    if (prepare_slots(v, req, slots, err, errlen) < 0) return -1;
     int64_t t0 = now_ns();
-    if (stop_and_capture(v, rep, t0, err, errlen) < 0) return close_slots(slots, count, 1), -1;
+    if (stop_and_capture(v, t0, &rep->park_ns, &rep->capture_ns, err, errlen) < 0) return close_slots(slots, count, 1), -1;
     int64_t own_fork_ns = v->cpu.timing.fork_ns, forks_started = now_ns();
     int made = 0;
     for (; made < count; made++) {
         v->cpu.timing.fork_ns = now_ns(); /* the child inherits this: its time zero */
         pid_t pid = fork();
-        if (pid == 0) child_continue(v, slots, made, count);
+        if (pid == 0) child_continue(v, slots, made, count, req->child_main);
         if (pid < 0) {
             snprintf(err, errlen, "fork: %s", strerror(errno));
             break;
@@ -229,7 +230,7 @@ int vmm_fork(struct vmm *v, int count, const struct fork_paths *paths, struct fo
     rep->fork_ns = now_ns() - forks_started;
     if (!v->user_paused) vcpu_resume(&v->cpu);
     rep->pause_ns = now_ns() - t0;
-    close_slots(slots, made, 0);                          /* the children own these now */
+    close_slots(slots, made, 0);                /* the children own these now */
     close_slots(slots + made, count - made, 1); /* never handed to a child */
     rep->count = made;
     v->forks_done += (uint64_t)made;
@@ -243,10 +244,9 @@ int vmm_fork(struct vmm *v, int count, const struct fork_paths *paths, struct fo
  * at once with the writer's pid; the writer reports in dir/done.
  */
 int vmm_snapshot(struct vmm *v, const char *dir, struct snapshot_report *rep, char *err, size_t errlen) {
-    struct fork_report timing = {0};
     memset(rep, 0, sizeof *rep);
     int64_t t0 = now_ns();
-    if (stop_and_capture(v, &timing, t0, err, errlen) < 0) return -1;
+    if (stop_and_capture(v, t0, &rep->park_ns, &rep->capture_ns, err, errlen) < 0) return -1;
     int64_t forked = now_ns();
     pid_t pid = fork();
     if (pid == 0) snapshot_writer_main(v, dir);
@@ -254,7 +254,6 @@ int vmm_snapshot(struct vmm *v, const char *dir, struct snapshot_report *rep, ch
     rep->fork_ns = now_ns() - forked;
     if (!v->user_paused) vcpu_resume(&v->cpu);
     rep->pause_ns = now_ns() - t0;
-    rep->park_ns = timing.park_ns, rep->capture_ns = timing.capture_ns;
     if (pid < 0) return snprintf(err, errlen, "fork: %s", strerror(saved)), -1;
     rep->writer_pid = pid;
     return 0;

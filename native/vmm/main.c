@@ -47,23 +47,7 @@ struct options {
 };
 
 static struct board linux_board;
-
-int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-int read_exact(int fd, void *buf, size_t len, off_t off) {
-    uint8_t *p = buf;
-    while (len) {
-        ssize_t n = pread(fd, p, len, off);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) return -1;
-        p += n, len -= (size_t)n, off += n;
-    }
-    return 0;
-}
+static struct cpl3_guest test_guest;
 
 static int usage(void) {
     fprintf(stderr, "usage: clade-vmm run --socket PATH [--mem-mib N] [--idle-us N]\n"
@@ -160,7 +144,7 @@ static int open_host_ends(const struct options *o, struct serial_log *serial, in
     serial_log_none(serial, o->serial_log_max);
     if (o->serial_log && serial_log_open(serial, o->serial_log, o->serial_log_max) < 0) return fail("open serial log");
     *agent_fd = -1;
-    if (o->agent_socket && control_listen(o->agent_socket, agent_fd) < 0) return fail("listen on agent socket");
+    if (o->agent_socket && unix_listen(o->agent_socket, agent_fd) < 0) return fail("listen on agent socket");
     return 0;
 }
 
@@ -186,6 +170,14 @@ static int read_cmdline_fd(int fd, char *buf, size_t size) {
     return 0;
 }
 
+/* The Linux guest's machine answers the vCPU's exits; a guest that stops ends this process. */
+static void attach_board(struct vmm *v, struct board *board) {
+    v->board = board;
+    v->cpu.ops = &board_guest_ops;
+    v->cpu.guest = board;
+    v->exit_on_stop = 1;
+}
+
 static int install_linux(struct vmm *v, const struct options *o) {
     struct board *board = &linux_board;
     static char given[CMDLINE_MAX], cmdline[CMDLINE_MAX];
@@ -203,8 +195,7 @@ static int install_linux(struct vmm *v, const struct options *o) {
     int agent_fd;
     if (open_host_ends(o, &serial, &agent_fd)) return VMM_EXIT_FAILURE;
     if (board_init(board, &v->vm, &serial, agent_fd, o->agent_socket) < 0) return fail("devices");
-    v->board = v->cpu.board = board;
-    v->exit_on_stop = 1;
+    attach_board(v, board);
     return 0;
 }
 
@@ -215,7 +206,12 @@ static int build_root_vm(struct vmm *v, const struct options *o) {
     if (vm_build_kvm_objects(&v->vm) < 0) return fail("create VM");
     vm_learn_features(&v->vm);
     if (vm_probe_msrs(&v->vm) < 0) return fail("list MSRs");
-    if (o->kernel ? install_linux(v, o) : cpl3_guest_install(&v->vm) < 0) return o->kernel ? VMM_EXIT_FAILURE : fail("install CPL3 test guest");
+    if (o->kernel) {
+        int r = install_linux(v, o);
+        if (r) return r;
+    } else if (cpl3_guest_install(&v->vm, &test_guest, &v->cpu) < 0) {
+        return fail("install CPL3 test guest");
+    }
     if (state_alloc(&v->vm, &v->state) < 0) return fail("allocate state buffers");
     return 0;
 }
@@ -281,10 +277,10 @@ static int restore_root_vm(struct vmm *v, const struct options *o) {
         else if (board_init(&linux_board, &v->vm, &serial, agent_fd, o->agent_socket) < 0) r = fail("devices");
         else if (board_restore(&linux_board, devices) < 0)
             r = restore_failed(VMM_EXIT_SNAPSHOT_REFUSED, "state.bin: the device state holds a value the devices cannot have");
-        if (r == 0) {
-            v->board = v->cpu.board = &linux_board;
-            v->exit_on_stop = 1;
-        } else if (o->agent_socket && agent_fd >= 0) unlink(o->agent_socket);
+        if (r == 0) attach_board(v, &linux_board);
+        else if (o->agent_socket && agent_fd >= 0) unlink(o->agent_socket);
+    } else if (r == 0) {
+        cpl3_guest_attach(&test_guest, &v->vm, &v->cpu);
     }
     v->cpu.timing.restored_ns = now_ns();
     free(devices);
@@ -307,7 +303,7 @@ int main(int argc, char **argv) {
     int status = restoring ? restore_root_vm(&v, &o) : build_root_vm(&v, &o);
     if (status) return status;
     int listen_fd;
-    if (control_listen(o.socket_path, &listen_fd) < 0) {
+    if (unix_listen(o.socket_path, &listen_fd) < 0) {
         if (o.agent_socket) unlink(o.agent_socket);
         return fail("listen on control socket");
     }

@@ -82,16 +82,6 @@ static int page_is_zero(const uint8_t *p) {
     return 1;
 }
 
-static int write_all_at(int fd, const uint8_t *p, size_t len, off_t at) {
-    while (len) {
-        ssize_t n = pwrite(fd, p, len, at);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) return -1;
-        p += n, len -= (size_t)n, at += n;
-    }
-    return 0;
-}
-
 /* Guest RAM as a sparse file: runs of non-zero pages are written, all-zero pages stay holes. */
 static int write_memory(const struct vm *vm, int dirfd, uint64_t *data_bytes) {
     int fd = openat(dirfd, "memory.raw", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);

@@ -85,8 +85,7 @@ static void park_until_resumed(struct vcpu *cpu) {
     pthread_mutex_unlock(&cpu->lock);
 }
 
-/* A heartbeat is the guest's "nothing to do": idle like HLT would, until the timeout or a kick. */
-static void idle_wait(struct vcpu *cpu) {
+void vcpu_idle(struct vcpu *cpu) {
     if (cpu->idle_us == 0 || atomic_load(&cpu->park_requested)) return;
     struct pollfd p = {.fd = cpu->kick_fd, .events = POLLIN};
     int timeout_ms = (int)((cpu->idle_us + 999) / 1000);
@@ -103,51 +102,26 @@ static int io_is_sane(const struct kvm_run *run, size_t run_size) {
     return run->io.data_offset < run_size && bytes <= run_size - run->io.data_offset;
 }
 
-/* String I/O (rep ins/outs) arrives as count items of size bytes each: one device access per item. */
-static int board_port_io(struct vcpu *cpu, struct kvm_run *run) {
-    uint8_t *data = (uint8_t *)run + run->io.data_offset;
-    bool is_write = run->io.direction == KVM_EXIT_IO_OUT;
-    for (uint32_t i = 0; i < run->io.count; i++, data += run->io.size)
-        if (board_io(cpu->board, run->io.port, is_write, data, run->io.size) == BOARD_IO_RESET)
-            return stop_for_good(cpu, "shutdown", "guest requested a reset"), -1;
-    return 0;
+static int guest_reset(struct vcpu *cpu) {
+    return stop_for_good(cpu, "shutdown", "guest requested a reset"), -1;
 }
 
+/* String I/O (rep ins/outs) arrives as count items of size bytes each: one access of the guest's machine per item. */
 static int handle_io(struct vcpu *cpu) {
     struct kvm_run *run = cpu->vm->run;
     if (!io_is_sane(run, cpu->vm->run_size)) return stop_for_good(cpu, "bad-io-exit", "size/offset out of range"), -1;
-    if (cpu->board) return board_port_io(cpu, run);
-    /* The test guest has no device behind any port: reads float high, as on real hardware; writes are dropped. */
-    if (run->io.direction == KVM_EXIT_IO_IN)
-        memset((uint8_t *)run + run->io.data_offset, 0xff, (size_t)run->io.size * run->io.count);
+    uint8_t *data = (uint8_t *)run + run->io.data_offset;
+    bool is_write = run->io.direction == KVM_EXIT_IO_OUT;
+    for (uint32_t i = 0; i < run->io.count; i++, data += run->io.size)
+        if (cpu->ops->io(cpu->guest, run->io.port, is_write, data, run->io.size) == GUEST_EXIT_RESET) return guest_reset(cpu);
     return 0;
-}
-
-static uint64_t mmio_value(const struct kvm_run *run) {
-    uint64_t v = 0;
-    uint32_t len = run->mmio.len <= sizeof v ? run->mmio.len : sizeof v;
-    memcpy(&v, run->mmio.data, len);
-    return v;
 }
 
 static int handle_mmio(struct vcpu *cpu) {
     struct kvm_run *run = cpu->vm->run;
-    if (cpu->board) {
-        if (run->mmio.len == 0 || run->mmio.len > sizeof run->mmio.data) return stop_for_good(cpu, "bad-mmio-exit", "length out of range"), -1;
-        board_mmio(cpu->board, run->mmio.phys_addr, run->mmio.is_write, run->mmio.data, run->mmio.len);
-        return 0;
-    }
-    if (!run->mmio.is_write) {
-        memset(run->mmio.data, 0xff, sizeof run->mmio.data);
-        return 0;
-    }
-    if (run->mmio.phys_addr == MMIO_REPORT) {
-        atomic_store(&cpu->last_report, mmio_value(run));
-        atomic_fetch_add(&cpu->reports, 1);
-    } else if (run->mmio.phys_addr == MMIO_HEARTBEAT) {
-        atomic_fetch_add(&cpu->heartbeats, 1);
-        idle_wait(cpu);
-    }
+    if (run->mmio.len == 0 || run->mmio.len > sizeof run->mmio.data) return stop_for_good(cpu, "bad-mmio-exit", "length out of range"), -1;
+    if (cpu->ops->mmio(cpu->guest, run->mmio.phys_addr, run->mmio.is_write, run->mmio.data, run->mmio.len) == GUEST_EXIT_RESET)
+        return guest_reset(cpu);
     return 0;
 }
 

@@ -8,8 +8,13 @@
  *   vcpu.c     the vCPU thread: KVM_RUN loop, exit handling, park/resume
  *   fork.c     the fork core: park, capture, fork(2), child rebuild
  *   control.c  the control channel (unix socket, line protocol)
+ *   control_test.c  control requests only the test build has (guest memory, the test guest's mailbox)
  *   board.c    the Linux guest's machine: devices/ wired to exits, interrupts, the agent socket
  *   guest/     the PVH loader for Linux (pvh.c) and the test guest that stays at CPL3 (cpl3.c)
+ *   util.c     shared helpers: clock, whole reads and writes, unix listen, the reply buffer
+ *
+ * The vCPU loop knows no particular guest: each machine (the Linux board,
+ * the CPL3 test guest) is one struct guest_ops.
  */
 #ifndef CLADE_VMM_H
 #define CLADE_VMM_H
@@ -38,6 +43,35 @@
 #define VMM_EXIT_GUEST_FAILED 3     /* a Linux guest stopped other than by shutting down */
 #define VMM_EXIT_SNAPSHOT_REFUSED 4 /* the snapshot's files are damaged, forged or inconsistent: nothing was started */
 #define VMM_EXIT_SNAPSHOT_FOREIGN 5 /* the snapshot needs KVM features this host does not have (or lacks ones it has) */
+
+/* ---- util.c ----------------------------------------------------------- */
+
+int64_t now_ns(void); /* CLOCK_MONOTONIC */
+/* pread until `len` bytes are read at `off`; -1 on an error or a short file. */
+int read_exact(int fd, void *buf, size_t len, off_t off);
+/* pwrite all of `len` at `at`; -1 on an error. */
+int write_all_at(int fd, const void *buf, size_t len, off_t at);
+/* A bound, listening, non-blocking, close-on-exec unix stream socket at path; 0, or -1 with errno. */
+int unix_listen(const char *path, int *fd_out);
+/* A decimal or 0x hex number that must parse completely (no sign); 0 or -1. */
+int parse_u64(const char *s, uint64_t *out);
+
+/*
+ * A bounded text buffer (control replies, status fields). An append that
+ * would not fit is not written and marks the buffer as overflowed, so a
+ * reply is never cut off mid-JSON; one byte always stays free.
+ */
+struct text_buf {
+    char *data;
+    size_t cap;
+    size_t len;
+    bool overflow;
+};
+
+void tb_init(struct text_buf *t, char *storage, size_t cap);
+void tb_reset(struct text_buf *t);
+void tb_printf(struct text_buf *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void tb_json_string(struct text_buf *t, const char *s); /* quoted and escaped */
 
 /* ---- vm.c ------------------------------------------------------------- */
 
@@ -111,6 +145,26 @@ int state_restore(const struct vm *vm, struct machine_state *st, const char **fa
 
 enum vcpu_phase { VCPU_RUNNING, VCPU_PARKED, VCPU_STOPPED };
 
+/*
+ * The machine around the vCPU: what answers its port and MMIO exits. The
+ * vCPU loop calls only these; the Linux board (board.c) and the CPL3 test
+ * guest (guest/cpl3.c) are the two implementations. Calls come from the
+ * vCPU thread; `status` from the control thread.
+ */
+enum guest_exit_result { GUEST_EXIT_DONE, GUEST_EXIT_RESET };
+
+struct guest_ops {
+    const char *name; /* `status` reports it as "guest" */
+    /* One port access (string I/O comes item by item); data holds `size` bytes to write or to fill. */
+    enum guest_exit_result (*io)(void *guest, uint16_t port, bool is_write, uint8_t *data, unsigned size);
+    /* One MMIO access of 1-8 bytes outside guest RAM. */
+    enum guest_exit_result (*mmio)(void *guest, uint64_t gpa, bool is_write, uint8_t *data, unsigned len);
+    /* In a forked child, before its vCPU first runs: per-process counters start again, interrupts in flight are raised again. */
+    void (*forked)(void *guest);
+    /* The guest's own fields of the `status` reply, each as `,"name":value`. */
+    void (*status)(void *guest, struct text_buf *out);
+};
+
 struct vcpu_timing {
     int64_t fork_ns;       /* CLOCK_MONOTONIC just before fork(2), 0 in the root VMM */
     int64_t built_ns;      /* child: new VM, irqchip, PIT and vCPU created */
@@ -130,13 +184,11 @@ struct vcpu {
     int resume_ticket; /* under lock: bumped by vcpu_resume */
     int kick_fd;       /* eventfd: ends an idle wait early */
     int stop_fd;       /* eventfd: written once when the vCPU stops for good, wakes the control thread */
-    struct board *board; /* NULL for the CPL3 test guest */
-    uint32_t idle_us;  /* how long a heartbeat exit idles the vCPU */
+    const struct guest_ops *ops; /* the machine that answers exits */
+    void *guest;                 /* its state, passed to every op */
+    uint32_t idle_us;  /* how long vcpu_idle waits at most */
     atomic_int phase;
     atomic_uint_fast64_t exits;
-    atomic_uint_fast64_t heartbeats;
-    atomic_uint_fast64_t reports;
-    atomic_uint_fast64_t last_report;
     char stop_reason[32];  /* set once before phase becomes VCPU_STOPPED */
     char stop_detail[160];
     struct vcpu_timing timing;
@@ -149,6 +201,8 @@ _Noreturn void vcpu_run_on_this_thread(struct vcpu *cpu);
 int vcpu_park(struct vcpu *cpu);
 void vcpu_resume(struct vcpu *cpu);
 void vcpu_kick(struct vcpu *cpu);
+/* The guest has nothing to do (a heartbeat, like HLT): wait up to idle_us, or until kicked or asked to park. vCPU thread only. */
+void vcpu_idle(struct vcpu *cpu);
 
 /* ---- guest/cpl3.c ----------------------------------------------------- */
 
@@ -173,7 +227,21 @@ void vcpu_kick(struct vcpu *cpu);
 #define MMIO_REPORT (GUEST_MMIO_BASE + 0x0)
 #define MMIO_HEARTBEAT (GUEST_MMIO_BASE + 0x8)
 
-int cpl3_guest_install(struct vm *vm);
+/* The test guest's side of the VMM: the MMIO registers it writes, and what status reports of it. */
+struct cpl3_guest {
+    struct vcpu *cpu; /* a heartbeat idles it */
+    const struct vm *vm;
+    atomic_uint_fast64_t heartbeats;
+    atomic_uint_fast64_t reports;
+    atomic_uint_fast64_t last_report;
+};
+
+extern const struct guest_ops cpl3_guest_ops;
+
+/* Writes page tables, GDT, TSS and code into guest RAM and sets the vCPU at CPL3; then g answers its exits. */
+int cpl3_guest_install(struct vm *vm, struct cpl3_guest *g, struct vcpu *cpu);
+/* A start from a snapshot: RAM and registers come from the snapshot, only the VMM side is set up. */
+void cpl3_guest_attach(struct cpl3_guest *g, const struct vm *vm, struct vcpu *cpu);
 
 /* ---- guest/pvh.c ------------------------------------------------------ */
 
@@ -254,19 +322,20 @@ struct board_stale {
     int agent_fd, agent_listen_fd, wake_fd, serial_fd, hungup_fd;
 };
 
-enum board_io_result { BOARD_IO_DONE, BOARD_IO_RESET };
-
 #define BOARD_MAX_POLLFDS 3
+
+/* The board as the vCPU loop sees it (ctx: struct board *). */
+extern const struct guest_ops board_guest_ops;
 
 /* The board takes over `serial` (its descriptor) and agent_listen_fd. */
 int board_init(struct board *b, struct vm *vm, const struct serial_log *serial, int agent_listen_fd, const char *agent_path);
 /* Closes what the board holds (not the agent socket's path). */
 void board_destroy(struct board *b);
-enum board_io_result board_io(struct board *b, uint16_t port, bool is_write, uint8_t *data, unsigned size);
+enum guest_exit_result board_io(struct board *b, uint16_t port, bool is_write, uint8_t *data, unsigned size);
 void board_mmio(struct board *b, uint64_t gpa, bool is_write, uint8_t *data, unsigned len);
 int board_poll_fill(struct board *b, struct pollfd *pfd); /* at most BOARD_MAX_POLLFDS */
 void board_poll_handle(struct board *b, const struct pollfd *pfd, int n);
-/* serial->fd < 0: the child logs nowhere (never into its parent's log). */
+/* In a forked child: its own host ends. serial->fd < 0: the child logs nowhere (never into its parent's log). */
 void board_child_rebind(struct board *b, int agent_listen_fd, const char *agent_path, const struct serial_log *serial,
                         struct board_stale *stale);
 void board_close_stale(const struct board_stale *stale);
@@ -297,6 +366,21 @@ struct fork_paths {
     const char *serial_log;   /* NULL: next to the child's control socket, if the parent has a log */
 };
 
+/*
+ * A forked child's own start: runs on the child's new thread once its vCPU
+ * runs (the forking thread became the vCPU thread), with the listening
+ * control socket the parent bound for it. Never returns. The control channel
+ * passes its own, so the fork core knows nothing of the protocol.
+ */
+typedef void (*vmm_child_main)(struct vmm *v, int ctl_fd, const char *ctl_path);
+
+struct fork_request {
+    int count;                       /* 1..VMM_MAX_FORK_BATCH */
+    const struct fork_paths *paths;  /* count entries, or NULL: every path a default */
+    const char *default_dir;         /* where a child's files go when its paths name none */
+    vmm_child_main child_main;
+};
+
 struct fork_report {
     int count;
     struct fork_child child[VMM_MAX_FORK_BATCH];
@@ -306,8 +390,13 @@ struct fork_report {
     int64_t pause_ns;   /* stop request until the parent vCPU resumed */
 };
 
-/* Returns 0/-1 in the parent; never returns in a child (its forking thread becomes the vCPU thread). */
-int vmm_fork(struct vmm *v, int count, const struct fork_paths *paths, struct fork_report *rep, char *err, size_t errlen);
+/*
+ * Forks the running VM into req->count children with one pause of the
+ * parent. Returns 0/-1 in the parent (-1: rep lists the children made, err
+ * says why); never returns in a child: its forking thread becomes the vCPU
+ * thread and req->child_main runs on a new one.
+ */
+int vmm_fork(struct vmm *v, const struct fork_request *req, struct fork_report *rep, char *err, size_t errlen);
 
 /* Snapshot to disk: park, capture, fork(2) one writer child that saves RAM and state to DIR (snapshot.c), resume. */
 struct snapshot_report {
@@ -422,13 +511,25 @@ struct control {
     char socket_path[108];
     char socket_dir[108];
     struct control_client *client[CONTROL_MAX_CLIENTS];
-    uint32_t next_child_seq;
 };
 
-int control_listen(const char *path, int *fd_out);
 int control_init(struct control *c, int listen_fd, const char *path);
 int control_serve(struct vmm *v); /* returns the process exit code */
-void control_drop_inherited(struct control *c, int keep_fd, const char *new_path);
+
+/*
+ * Requests beyond the protocol's own: the test build links control_test.c
+ * (guest memory reads and writes, the test guest's mailbox), the product
+ * build an empty list (control_test_none.c). A request answers by appending
+ * to `out` (control_reply_*).
+ */
+struct control_command {
+    const char *verb;
+    void (*run)(struct vmm *v, int argc, char **argv, struct text_buf *out);
+};
+
+extern const struct control_command control_test_commands[]; /* ends with a NULL verb */
+void control_reply_ok(struct text_buf *out);
+void control_reply_error(struct text_buf *out, const char *message);
 
 /* ---- main.c ----------------------------------------------------------- */
 
@@ -437,15 +538,12 @@ struct vmm {
     struct vcpu cpu;
     struct machine_state state;
     struct control ctl;
-    struct board *board; /* NULL for the CPL3 test guest */
+    struct board *board; /* the Linux guest's devices and host ends; NULL for the CPL3 test guest */
     int exit_on_stop;    /* Linux guests: the process ends when the vCPU stops (reset, shutdown, error) */
     int depth;       /* 0 for the root VMM, +1 per fork generation */
     int user_paused; /* a "pause" request holds the vCPU parked */
     uint64_t forks_done;
+    uint32_t next_child_seq; /* names of default child paths */
 };
-
-int64_t now_ns(void);
-/* pread until `len` bytes are read at `off`; -1 on an error or a short file. */
-int read_exact(int fd, void *buf, size_t len, off_t off);
 
 #endif

@@ -6,9 +6,13 @@
  * The IDT is left empty (limit 0) on purpose: any guest exception then
  * escalates to a triple fault, which is how the tests provoke a
  * KVM_EXIT_SHUTDOWN that the VMM must report.
+ *
+ * Its machine (cpl3_guest_ops) has no devices: ports read all ones, and two
+ * MMIO registers outside RAM take the guest's reports and heartbeats.
  */
 #include "../vmm.h"
 
+#include <inttypes.h>
 #include <string.h>
 #include <sys/ioctl.h>
 
@@ -104,7 +108,15 @@ static int set_cpl3_sregs(struct vm *vm) {
     return ioctl(vm->vcpu_fd, KVM_SET_SREGS, &s);
 }
 
-int cpl3_guest_install(struct vm *vm) {
+void cpl3_guest_attach(struct cpl3_guest *g, const struct vm *vm, struct vcpu *cpu) {
+    memset(g, 0, sizeof *g);
+    g->vm = vm;
+    g->cpu = cpu;
+    cpu->ops = &cpl3_guest_ops;
+    cpu->guest = g;
+}
+
+int cpl3_guest_install(struct vm *vm, struct cpl3_guest *g, struct vcpu *cpu) {
     size_t code_size = (size_t)(cpl3_guest_code_end - cpl3_guest_code);
     if (vm->ram_size < GUEST_STACK_TOP || code_size > GUEST_DATA - GUEST_CODE) return -1;
     build_page_tables(vm);
@@ -112,5 +124,60 @@ int cpl3_guest_install(struct vm *vm) {
     memcpy(vm->ram + GUEST_CODE, cpl3_guest_code, code_size);
     if (set_cpl3_sregs(vm) < 0) return -1;
     struct kvm_regs regs = {.rip = GUEST_CODE, .rsp = GUEST_STACK_TOP, .rflags = RFLAGS_RESERVED};
-    return ioctl(vm->vcpu_fd, KVM_SET_REGS, &regs);
+    if (ioctl(vm->vcpu_fd, KVM_SET_REGS, &regs) < 0) return -1;
+    cpl3_guest_attach(g, vm, cpu);
+    return 0;
 }
+
+/* ---- its machine ------------------------------------------------------------- */
+
+/* No device behind any port: reads float high, as on real hardware; writes are dropped. */
+static enum guest_exit_result cpl3_io(void *guest, uint16_t port, bool is_write, uint8_t *data, unsigned size) {
+    (void)guest, (void)port;
+    if (!is_write) memset(data, 0xff, size);
+    return GUEST_EXIT_DONE;
+}
+
+static enum guest_exit_result cpl3_mmio(void *guest, uint64_t gpa, bool is_write, uint8_t *data, unsigned len) {
+    struct cpl3_guest *g = guest;
+    if (!is_write) {
+        memset(data, 0xff, len);
+        return GUEST_EXIT_DONE;
+    }
+    uint64_t value = 0;
+    memcpy(&value, data, len <= sizeof value ? len : sizeof value);
+    if (gpa == MMIO_REPORT) {
+        atomic_store(&g->last_report, value);
+        atomic_fetch_add(&g->reports, 1);
+    } else if (gpa == MMIO_HEARTBEAT) {
+        atomic_fetch_add(&g->heartbeats, 1);
+        vcpu_idle(g->cpu);
+    }
+    return GUEST_EXIT_DONE;
+}
+
+/* A forked child counts its own reports and heartbeats. */
+static void cpl3_forked(void *guest) {
+    struct cpl3_guest *g = guest;
+    atomic_store(&g->heartbeats, 0);
+    atomic_store(&g->reports, 0);
+    atomic_store(&g->last_report, 0);
+}
+
+static uint64_t guest_word(const struct vm *vm, uint64_t gpa) {
+    const uint8_t *p = vm_guest_ptr(vm, gpa, 8);
+    uint64_t v = 0;
+    if (p) memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static void cpl3_status(void *guest, struct text_buf *out) {
+    struct cpl3_guest *g = guest;
+    tb_printf(out, ",\"counter\":%" PRIu64 ",\"ack\":%" PRIu64 ",\"heartbeats\":%" PRIu64 ",\"reports\":%" PRIu64
+                   ",\"lastReport\":%" PRIu64,
+              guest_word(g->vm, GUEST_DATA + GUEST_COUNTER), guest_word(g->vm, GUEST_DATA + GUEST_ACK),
+              (uint64_t)atomic_load(&g->heartbeats), (uint64_t)atomic_load(&g->reports), (uint64_t)atomic_load(&g->last_report));
+}
+
+const struct guest_ops cpl3_guest_ops = {
+    .name = "cpl3", .io = cpl3_io, .mmio = cpl3_mmio, .forked = cpl3_forked, .status = cpl3_status};

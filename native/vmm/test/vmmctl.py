@@ -17,7 +17,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BINARY = os.path.join(HERE, "..", "build", "clade-vmm")
+# The test build: the product plus the requests tests need (read/write guest memory, the test guest's mailbox).
+BINARY = os.path.join(HERE, "..", "build", "clade-vmm-test")
 PR_SET_CHILD_SUBREAPER = 36
 
 GUEST_DATA = 0x10000
@@ -36,6 +37,7 @@ class Conn:
     def __init__(self, path, timeout=5.0):
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.timeout = timeout
         self.sock.settimeout(timeout)
         self.sock.connect(path)
         self.buf = b""
@@ -50,8 +52,14 @@ class Conn:
         reply, self.buf = self.buf.split(b"\n", 1)
         return json.loads(reply)
 
-    def req(self, line, ok=True):
-        reply = self.raw(line + "\n")
+    def req(self, line, ok=True, timeout=None):
+        if timeout is not None:  # a request that takes long by nature (forking many children under emulation)
+            self.sock.settimeout(timeout)
+        try:
+            reply = self.raw(line + "\n")
+        finally:
+            if timeout is not None:
+                self.sock.settimeout(self.timeout)
         if ok and not reply.get("ok"):
             raise VmmError(f"{self.path}: {line!r} -> {reply}")
         return reply
@@ -103,8 +111,9 @@ class Fleet:
     def fork(self, conn, *args):
         return self.track(conn.req(" ".join(("fork",) + args)))
 
-    def forks(self, conn, count):
-        return self.track(conn.req(f"forks {count}"))
+    def forks(self, conn, count, *dirs):
+        """One pause for all; under emulation forking many children takes seconds."""
+        return self.track(conn.req(" ".join((f"forks {count}",) + dirs), timeout=65))
 
     def snapshot(self, conn, directory, timeout=30.0):
         """Snapshot to disk: the VMM replies at once, its writer child reports in DIR/done."""
