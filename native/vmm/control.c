@@ -6,7 +6,9 @@
  *
  * The control thread calls fork(2). In a child that thread becomes the vCPU
  * thread and a new thread serves the child's own socket (serve_forked_child,
- * handed to the fork core).
+ * handed to the fork core). A fork of many children is answered once the
+ * spawner has reported them all; meanwhile this thread goes on serving
+ * everyone else, and the requesting client's next lines wait their turn.
  */
 #include "vmm.h"
 
@@ -24,8 +26,10 @@
 
 #define REPLY_MAX (128 * 1024)
 #define MAX_ARGS (2 + VMM_MAX_FORK_BATCH) /* forks COUNT DIR... */
+/* A spawner forking 256 children takes well under a second on hardware, seconds under emulation. */
+#define SPAWN_TIMEOUT_MS 60000
 
-enum line_outcome { LINE_OK, LINE_CLOSE, LINE_QUIT };
+enum line_outcome { LINE_OK, LINE_CLOSE, LINE_QUIT, LINE_DEFERRED };
 
 static int signal_fd = -1;
 
@@ -55,9 +59,15 @@ int control_init(struct control *c, int listen_fd, const char *path) {
     return signal_fd < 0 ? -1 : 0;
 }
 
+/* A fork still waiting for its spawner is dropped with its client; the spawner and its children carry on. */
 static void drop_client(struct control *c, int i) {
-    close(c->client[i]->fd);
-    free(c->client[i]);
+    struct control_client *cl = c->client[i];
+    close(cl->fd);
+    if (cl->pending) {
+        if (cl->pending->spawner_fd >= 0) close(cl->pending->spawner_fd);
+        free(cl->pending);
+    }
+    free(cl);
     c->client[i] = NULL;
 }
 
@@ -191,8 +201,8 @@ static void fork_reply(const struct fork_report *rep, int ok, const char *err) {
         tb_json_string(&out, rep->child[i].agent_path);
         tb_printf(&out, "}");
     }
-    tb_printf(&out, "],\"parkUs\":%.1f,\"captureUs\":%.1f,\"forkUs\":%.1f,\"pauseUs\":%.1f}", rep->park_ns / 1e3, rep->capture_ns / 1e3,
-              rep->fork_ns / 1e3, rep->pause_ns / 1e3);
+    tb_printf(&out, "],\"parkUs\":%.1f,\"captureUs\":%.1f,\"forkUs\":%.1f,\"pauseUs\":%.1f,\"spawnUs\":%.1f}", rep->park_ns / 1e3,
+              rep->capture_ns / 1e3, rep->fork_ns / 1e3, rep->pause_ns / 1e3, rep->spawn_ns / 1e3);
 }
 
 static int plain_absolute_path(const char *p) {
@@ -214,26 +224,38 @@ static void serve_forked_child(struct vmm *v, int ctl_fd, const char *ctl_path) 
  * fork [SOCKET_PATH [AGENT_SOCKET_PATH [SERIAL_LOG_PATH]]]
  * forks COUNT [RUN_DIR...]   (COUNT run directories, one per child, or none)
  */
-static void cmd_fork(struct vmm *v, int argc, char **argv, int batch) {
-    static struct fork_report rep;
+static enum line_outcome cmd_fork(struct vmm *v, struct control_client *cl, int argc, char **argv, int batch) {
     static struct fork_paths chosen[VMM_MAX_FORK_BATCH];
     uint64_t count = 1;
     memset(chosen, 0, sizeof chosen);
     if (batch && (argc < 2 || parse_u64(argv[1], &count) < 0 || count < 1 || count > VMM_MAX_FORK_BATCH ||
-                  (argc != 2 && (uint64_t)argc != 2 + count)))
-        return control_reply_error(&out, "usage: forks COUNT [RUN_DIR...] (COUNT 1..256, one run directory per child or none)");
-    if (!batch && (argc > 4 || (argc > 2 && !v->board)))
-        return control_reply_error(&out, "usage: fork [SOCKET_PATH [AGENT_SOCKET_PATH [SERIAL_LOG_PATH]]]");
+                  (argc != 2 && (uint64_t)argc != 2 + count))) {
+        control_reply_error(&out, "usage: forks COUNT [RUN_DIR...] (COUNT 1..256, one run directory per child or none)");
+        return LINE_OK;
+    }
+    if (!batch && (argc > 4 || (argc > 2 && !v->board))) {
+        control_reply_error(&out, "usage: fork [SOCKET_PATH [AGENT_SOCKET_PATH [SERIAL_LOG_PATH]]]");
+        return LINE_OK;
+    }
     for (int i = batch ? 2 : 1; i < argc; i++)
-        if (!plain_absolute_path(argv[i])) return control_reply_error(&out, "paths must be absolute and plain");
+        if (!plain_absolute_path(argv[i])) return control_reply_error(&out, "paths must be absolute and plain"), LINE_OK;
     for (int i = 2; batch && i < argc; i++) chosen[i - 2].run_dir = argv[i];
     if (!batch && argc > 1) chosen[0].socket = argv[1];
     if (!batch && argc > 2) chosen[0].agent_socket = argv[2];
     if (!batch && argc > 3) chosen[0].serial_log = argv[3];
+    struct fork_report *rep = malloc(sizeof *rep);
+    if (!rep) return control_reply_error(&out, "out of memory: nothing forked"), LINE_OK;
     const struct fork_request req = {.count = (int)count, .paths = chosen, .default_dir = v->ctl.socket_dir, .child_main = serve_forked_child};
     char err[300] = "";
-    int r = vmm_fork(v, &req, &rep, err, sizeof err);
-    fork_reply(&rep, r == 0, err);
+    int r = vmm_fork(v, &req, rep, err, sizeof err);
+    if (r == 1) { /* the spawner is at work: answered when it has reported every child */
+        cl->pending = rep;
+        cl->pending_deadline = now_ns() + (int64_t)SPAWN_TIMEOUT_MS * 1000000;
+        return LINE_DEFERRED;
+    }
+    fork_reply(rep, r == 0, err);
+    free(rep);
+    return LINE_OK;
 }
 
 /* snapshot DIR: DIR must exist and be empty of snapshot files; the writer child fills it (docs/vmm.md). */
@@ -255,14 +277,14 @@ static bool extra_command(struct vmm *v, int argc, char **argv) {
     return false;
 }
 
-static enum line_outcome dispatch(struct vmm *v, int argc, char **argv) {
+static enum line_outcome dispatch(struct vmm *v, struct control_client *cl, int argc, char **argv) {
     const char *verb = argv[0];
     if (!strcmp(verb, "ping")) control_reply_ok(&out);
     else if (!strcmp(verb, "status")) cmd_status(v);
     else if (!strcmp(verb, "pause")) cmd_pause(v);
     else if (!strcmp(verb, "resume")) cmd_resume(v);
     else if (!strcmp(verb, "state")) cmd_state(v);
-    else if (!strcmp(verb, "fork") || !strcmp(verb, "forks")) cmd_fork(v, argc, argv, verb[4] == 's');
+    else if (!strcmp(verb, "fork") || !strcmp(verb, "forks")) return cmd_fork(v, cl, argc, argv, verb[4] == 's');
     else if (!strcmp(verb, "snapshot")) cmd_snapshot(v, argc, argv);
     else if (!strcmp(verb, "quit")) {
         control_reply_ok(&out);
@@ -306,30 +328,32 @@ static int send_reply(int fd) {
     return send_all(fd, out.data, out.len);
 }
 
-static enum line_outcome handle_line(struct vmm *v, int fd, char *line) {
+static enum line_outcome handle_line(struct vmm *v, struct control_client *cl, char *line) {
     static char *argv[MAX_ARGS]; /* the control thread is the only caller */
     enum line_outcome outcome = LINE_OK;
     int argc = split_args(line, argv);
     if (argc == 0) return LINE_OK;
     tb_reset(&out);
     if (argc < 0) control_reply_error(&out, "too many arguments");
-    else outcome = dispatch(v, argc, argv);
-    if (send_reply(fd) < 0) return LINE_CLOSE;
+    else outcome = dispatch(v, cl, argc, argv);
+    if (outcome == LINE_DEFERRED) return outcome;
+    if (send_reply(cl->fd) < 0) return LINE_CLOSE;
     return outcome;
 }
 
-/* Runs every complete line in the client's buffer. */
+/* Runs every complete line in the client's buffer, up to one whose answer has to wait. */
 static enum line_outcome drain_lines(struct vmm *v, struct control_client *cl) {
-    for (;;) {
+    while (!cl->pending) {
         char *nl = memchr(cl->buf, '\n', cl->used);
         if (!nl) return cl->used == sizeof cl->buf ? LINE_CLOSE : LINE_OK;
         *nl = '\0';
         size_t consumed = (size_t)(nl - cl->buf) + 1;
-        enum line_outcome o = handle_line(v, cl->fd, cl->buf);
+        enum line_outcome o = handle_line(v, cl, cl->buf);
         memmove(cl->buf, cl->buf + consumed, cl->used - consumed);
         cl->used -= consumed;
-        if (o != LINE_OK) return o;
+        if (o != LINE_OK && o != LINE_DEFERRED) return o;
     }
+    return LINE_OK;
 }
 
 static enum line_outcome on_client_readable(struct vmm *v, int i) {
@@ -346,6 +370,26 @@ static enum line_outcome on_client_readable(struct vmm *v, int i) {
     return o;
 }
 
+/* The spawner of this client's fork reported (or it is overdue): answer once every child is accounted for. */
+static enum line_outcome on_spawner_report(struct vmm *v, int i, bool overdue) {
+    struct control_client *cl = v->ctl.client[i];
+    struct fork_report *rep = cl->pending;
+    int r;
+    if (overdue) {
+        snprintf(rep->error, sizeof rep->error, "the spawner did not make %d children within %d s", rep->wanted, SPAWN_TIMEOUT_MS / 1000);
+        vmm_fork_abandon(v, rep);
+        r = rep->count == rep->wanted ? 0 : -1;
+    } else if ((r = vmm_fork_collect(v, rep)) == 1) {
+        return LINE_OK;
+    }
+    tb_reset(&out);
+    fork_reply(rep, r == 0, rep->error);
+    free(rep);
+    cl->pending = NULL;
+    if (send_reply(cl->fd) < 0) return LINE_CLOSE;
+    return drain_lines(v, cl); /* what the client sent meanwhile */
+}
+
 static void accept_client(struct control *c) {
     int fd = accept4(c->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0) return;
@@ -355,20 +399,22 @@ static void accept_client(struct control *c) {
         if (!c->client[i]) break;
         c->client[i]->fd = fd;
         c->client[i]->used = 0;
+        c->client[i]->pending = NULL;
         return;
     }
     close(fd); /* full: the peer sees EOF */
 }
 
-enum owner_kind { OWNER_SIGNAL, OWNER_STOP, OWNER_BOARD, OWNER_LISTEN, OWNER_CLIENT };
+enum owner_kind { OWNER_SIGNAL, OWNER_STOP, OWNER_BOARD, OWNER_LISTEN, OWNER_CLIENT, OWNER_SPAWNER };
 
 struct owner {
     enum owner_kind kind;
-    int client; /* OWNER_CLIENT */
+    int client; /* OWNER_CLIENT, OWNER_SPAWNER */
 };
 
 #define MAX_POLLFDS (CONTROL_MAX_CLIENTS + 3 + BOARD_MAX_POLLFDS)
 
+/* A client with a fork pending is not read (its next lines wait); its spawner's pipe is polled instead. */
 static int build_pollset(struct vmm *v, struct pollfd *pfd, struct owner *owner) {
     struct control *c = &v->ctl;
     int n = 0;
@@ -385,11 +431,22 @@ static int build_pollset(struct vmm *v, struct pollfd *pfd, struct owner *owner)
     pfd[n] = (struct pollfd){.fd = c->listen_fd, .events = POLLIN};
     owner[n++] = (struct owner){OWNER_LISTEN, -1};
     for (int i = 0; i < CONTROL_MAX_CLIENTS; i++) {
-        if (!c->client[i]) continue;
-        pfd[n] = (struct pollfd){.fd = c->client[i]->fd, .events = POLLIN};
-        owner[n++] = (struct owner){OWNER_CLIENT, i};
+        const struct control_client *cl = c->client[i];
+        if (!cl) continue;
+        pfd[n] = (struct pollfd){.fd = cl->pending ? cl->pending->spawner_fd : cl->fd, .events = POLLIN};
+        owner[n++] = (struct owner){cl->pending ? OWNER_SPAWNER : OWNER_CLIENT, i};
     }
     return n;
+}
+
+/* Until the earliest deadline of a pending fork, or for ever. */
+static int poll_timeout_ms(const struct control *c) {
+    int64_t first = INT64_MAX;
+    for (int i = 0; i < CONTROL_MAX_CLIENTS; i++)
+        if (c->client[i] && c->client[i]->pending && c->client[i]->pending_deadline < first) first = c->client[i]->pending_deadline;
+    if (first == INT64_MAX) return -1;
+    int64_t left = (first - now_ns()) / 1000000 + 1;
+    return left < 0 ? 0 : left > INT32_MAX ? INT32_MAX : (int)left;
 }
 
 static void shut_down(struct vmm *v) {
@@ -405,6 +462,19 @@ static int report_stop(struct vmm *v) {
     return strcmp(v->cpu.stop_reason, "shutdown") == 0 ? 0 : 3;
 }
 
+/* Forks whose spawner is overdue are given up (each is answered with what it made); LINE_QUIT if a client then asked to quit. */
+static enum line_outcome expire_pending(struct vmm *v) {
+    int64_t now = now_ns();
+    for (int i = 0; i < CONTROL_MAX_CLIENTS; i++) {
+        struct control_client *cl = v->ctl.client[i];
+        if (!cl || !cl->pending || cl->pending_deadline > now) continue;
+        enum line_outcome o = on_spawner_report(v, i, true);
+        if (o == LINE_QUIT) return o;
+        if (o == LINE_CLOSE) drop_client(&v->ctl, i);
+    }
+    return LINE_OK;
+}
+
 int control_serve(struct vmm *v) {
     struct control *c = &v->ctl;
     for (;;) {
@@ -412,10 +482,13 @@ int control_serve(struct vmm *v) {
         struct owner owner[MAX_POLLFDS];
         if (v->exit_on_stop && atomic_load(&v->cpu.phase) == VCPU_STOPPED) return report_stop(v);
         int n = build_pollset(v, pfd, owner);
-        if (poll(pfd, (nfds_t)n, -1) < 0) {
+        int ready = poll(pfd, (nfds_t)n, poll_timeout_ms(c));
+        if (ready < 0) {
             if (errno == EINTR) continue;
             return shut_down(v), 1;
         }
+        if (expire_pending(v) == LINE_QUIT) return shut_down(v), 0;
+        if (ready == 0) continue;
         int board_first = -1, board_count = 0;
         for (int k = 0; k < n; k++) {
             if (owner[k].kind == OWNER_BOARD && board_first < 0) board_first = k;
@@ -427,7 +500,9 @@ int control_serve(struct vmm *v) {
                 continue;
             }
             int i = owner[k].client;
-            enum line_outcome o = on_client_readable(v, i);
+            if (!c->client[i]) continue; /* dropped earlier in this round */
+            if (owner[k].kind == OWNER_SPAWNER && !c->client[i]->pending) continue; /* answered earlier in this round */
+            enum line_outcome o = owner[k].kind == OWNER_SPAWNER ? on_spawner_report(v, i, false) : on_client_readable(v, i);
             if (o == LINE_QUIT) return shut_down(v), 0;
             if (o == LINE_CLOSE) drop_client(c, i);
         }

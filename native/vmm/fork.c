@@ -2,8 +2,15 @@
  * The fork core.
  *
  * Parent: park the vCPU at a safe point, capture the machine state into
- * ordinary memory, fork(2) once per child, resume. Only the forking (control)
- * thread exists in a child, and its copy of guest RAM is copy-on-write.
+ * ordinary memory, fork(2), resume. Only the forking (control) thread exists
+ * in a child, and its copy of guest RAM is copy-on-write.
+ *
+ * Many children, one short pause: the parent forks once, a frozen "spawner"
+ * copy of itself, and resumes its vCPU; the spawner forks the children and
+ * reports each one on a pipe, then exits. Its children are re-parented to the
+ * parent, a child subreaper (main.c), so they stay its children as with a
+ * direct fork. The parent's pause is park + capture + one fork(2), whatever
+ * the count.
  *
  * Child: the inherited KVM VM belongs to the parent's process and cannot be
  * used, so it builds a new VM over the same host address of guest RAM and
@@ -16,9 +23,12 @@
 #include "vmm.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 static void child_fail(struct vmm *v, const char *step) {
@@ -44,6 +54,7 @@ static struct child_takeover {
     const struct child_slot *slots; /* every slot of the batch: the siblings' descriptors are not ours */
     int siblings;
     int stale_vm_fd, stale_vcpu_fd, stale_kick_fd, stale_stop_fd;
+    int stale_spawner_fd; /* the spawner's report pipe, -1 for a direct fork */
     struct kvm_run *stale_run;
     struct board_stale board;
 } takeover;
@@ -59,7 +70,10 @@ static void close_sibling_slots(const struct child_takeover *t) {
 
 static void *child_takeover_main(void *arg) {
     struct child_takeover *t = arg;
+    /* Not inherited across fork(2): this VMM adopts the children its own spawners leave behind. */
+    prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     close_sibling_slots(t);
+    if (t->stale_spawner_fd >= 0) close(t->stale_spawner_fd);
     close(t->stale_kick_fd);
     close(t->stale_stop_fd);
     if (t->v->board) board_close_stale(&t->board);
@@ -68,7 +82,8 @@ static void *child_takeover_main(void *arg) {
     return NULL; /* not reached: child_main ends the process */
 }
 
-static void remember_takeover(struct vmm *v, const struct child_slot *slots, int index, int siblings, vmm_child_main child_main) {
+static void remember_takeover(struct vmm *v, const struct child_slot *slots, int index, int siblings, vmm_child_main child_main,
+                              int spawner_fd) {
     takeover.v = v;
     takeover.child_main = child_main;
     takeover.own = slots[index];
@@ -78,6 +93,7 @@ static void remember_takeover(struct vmm *v, const struct child_slot *slots, int
     takeover.stale_vcpu_fd = v->vm.vcpu_fd;
     takeover.stale_kick_fd = v->cpu.kick_fd;
     takeover.stale_stop_fd = v->cpu.stop_fd;
+    takeover.stale_spawner_fd = spawner_fd;
     takeover.stale_run = v->vm.run;
 }
 
@@ -92,8 +108,8 @@ static void unlink_own_sockets(const struct child_slot *own) {
  * thread, and run the vCPU here.
  */
 static _Noreturn void child_continue(struct vmm *v, const struct child_slot *slots, int index, int siblings,
-                                     vmm_child_main child_main) {
-    remember_takeover(v, slots, index, siblings, child_main);
+                                     vmm_child_main child_main, int spawner_fd) {
+    remember_takeover(v, slots, index, siblings, child_main, spawner_fd);
     const struct child_slot *own = &takeover.own;
     v->depth++;
     v->forks_done = 0;
@@ -204,37 +220,160 @@ static int stop_and_capture(struct vmm *v, int64_t t0, int64_t *park_ns, int64_t
     return 0;
 }
 
+/* ---- the spawner ------------------------------------------------------------ */
+
+/* One line of the spawner's report: a child (pid > 0), a failed fork(2) (pid 0, errno), or the end (pid -1, its time). */
+struct spawn_record {
+    int32_t pid;
+    int32_t error;
+    int64_t ns;
+};
+
+_Static_assert(sizeof(struct spawn_record) == sizeof(((struct fork_report *)0)->record), "record buffer fits one record");
+
+static void spawner_report(int fd, int32_t pid, int32_t error, int64_t ns) {
+    struct spawn_record r = {pid, error, ns};
+    /* 16 bytes into a pipe nobody else writes: atomic, and far below its capacity for 257 records. */
+    while (write(fd, &r, sizeof r) < 0 && errno == EINTR) {
+    }
+}
+
+/*
+ * The frozen copy of the parent: forks every child from the state the
+ * parent captured, reports them, and exits. Slots it could not hand to a
+ * child are unlinked here; the children adopt their own.
+ */
+static _Noreturn void spawner_main(struct vmm *v, const struct fork_request *req, struct child_slot *slots, int report_fd) {
+    int64_t t0 = now_ns();
+    int made = 0;
+    for (; made < req->count; made++) {
+        v->cpu.timing.fork_ns = now_ns(); /* the child inherits this: its time zero */
+        pid_t pid = fork();
+        if (pid == 0) child_continue(v, slots, made, req->count, req->child_main, report_fd);
+        if (pid < 0) {
+            spawner_report(report_fd, 0, errno, 0);
+            break;
+        }
+        spawner_report(report_fd, pid, 0, 0);
+    }
+    for (int i = made; i < req->count; i++) unlink_own_sockets(&slots[i]);
+    spawner_report(report_fd, -1, 0, now_ns() - t0);
+    _exit(0);
+}
+
+static void list_child(struct fork_report *rep, int i, const struct child_slot *s) {
+    memcpy(rep->child[i].socket_path, s->ctl_path, sizeof rep->child[i].socket_path);
+    memcpy(rep->child[i].agent_path, s->agent_fd >= 0 ? s->agent_path : "", sizeof rep->child[i].agent_path);
+}
+
+/* The paths of children the spawner never made: bound by the parent, now nobody's. */
+static void unlink_unmade(struct fork_report *rep) {
+    for (int i = rep->count; i < rep->wanted; i++) {
+        unlink(rep->child[i].socket_path);
+        if (rep->child[i].agent_path[0]) unlink(rep->child[i].agent_path);
+    }
+}
+
+static void end_spawner(struct fork_report *rep) {
+    close(rep->spawner_fd);
+    rep->spawner_fd = -1;
+}
+
+int vmm_fork_collect(struct vmm *v, struct fork_report *rep) {
+    for (;;) {
+        ssize_t n = read(rep->spawner_fd, rep->record + rep->partial, sizeof rep->record - rep->partial);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EAGAIN) return 1;
+        if (n <= 0) { /* the spawner is gone without its last record */
+            if (!rep->error[0]) snprintf(rep->error, sizeof rep->error, "the spawner ended after %d of %d children", rep->count, rep->wanted);
+            unlink_unmade(rep);
+            end_spawner(rep);
+            v->forks_done += (uint64_t)rep->count;
+            return -1;
+        }
+        rep->partial += (size_t)n;
+        if (rep->partial < sizeof rep->record) continue;
+        rep->partial = 0;
+        struct spawn_record r;
+        memcpy(&r, rep->record, sizeof r);
+        if (r.pid > 0 && rep->count < rep->wanted) {
+            rep->child[rep->count++].pid = r.pid;
+        } else if (r.pid == 0) {
+            snprintf(rep->error, sizeof rep->error, "fork: %s", strerror(r.error));
+        } else if (r.pid < 0) {
+            rep->spawn_ns = r.ns;
+            end_spawner(rep);
+            v->forks_done += (uint64_t)rep->count;
+            if (rep->count == rep->wanted) return 0;
+            if (!rep->error[0]) snprintf(rep->error, sizeof rep->error, "the spawner made %d of %d children", rep->count, rep->wanted);
+            return -1;
+        }
+    }
+}
+
+void vmm_fork_abandon(struct vmm *v, struct fork_report *rep) {
+    if (rep->spawner_pid > 0) kill(rep->spawner_pid, SIGKILL);
+    if (vmm_fork_collect(v, rep) != 1) return; /* it had finished after all */
+    if (!rep->error[0]) snprintf(rep->error, sizeof rep->error, "the spawner was stopped after %d of %d children", rep->count, rep->wanted);
+    unlink_unmade(rep);
+    end_spawner(rep);
+    v->forks_done += (uint64_t)rep->count;
+}
+
+/* ---- forks ------------------------------------------------------------------------ */
+
 int vmm_fork(struct vmm *v, const struct fork_request *req, struct fork_report *rep, char *err, size_t errlen) {
     static struct child_slot slots[VMM_MAX_FORK_BATCH];
     memset(rep, 0, sizeof *rep);
-    int count = req->count;
-    if (count < 1 || count > VMM_MAX_FORK_BATCH) return snprintf(err, errlen, "fork count out of range"), -1;
-    if (prepare_slots(v, req, slots, err, errlen) < 0) return -1;
-    int64_t t0 = now_ns();
-    if (stop_and_capture(v, t0, &rep->park_ns, &rep->capture_ns, err, errlen) < 0) return close_slots(slots, count, 1), -1;
-    int64_t own_fork_ns = v->cpu.timing.fork_ns, forks_started = now_ns();
-    int made = 0;
-    for (; made < count; made++) {
-        v->cpu.timing.fork_ns = now_ns(); /* the child inherits this: its time zero */
-        pid_t pid = fork();
-        if (pid == 0) child_continue(v, slots, made, count, req->child_main);
-        if (pid < 0) {
-            snprintf(err, errlen, "fork: %s", strerror(errno));
-            break;
-        }
-        rep->child[made].pid = pid;
-        memcpy(rep->child[made].socket_path, slots[made].ctl_path, 108);
-        memcpy(rep->child[made].agent_path, slots[made].agent_fd >= 0 ? slots[made].agent_path : "", 108);
+    rep->spawner_fd = rep->spawner_pid = -1;
+    if (req->count < 1 || req->count > VMM_MAX_FORK_BATCH) return snprintf(err, errlen, "fork count out of range"), -1;
+    rep->wanted = req->count;
+    int report[2] = {-1, -1};
+    /* The spawner's report pipe: only the parent's end is non-blocking (it reads from its poll loop). */
+    if (req->count > 1 && (pipe2(report, O_CLOEXEC) < 0 || fcntl(report[0], F_SETFL, O_NONBLOCK) < 0)) {
+        snprintf(err, errlen, "cannot make the spawner's pipe: %s", strerror(errno));
+        if (report[0] >= 0) close(report[0]), close(report[1]);
+        return -1;
     }
+    if (prepare_slots(v, req, slots, err, errlen) < 0) {
+        if (report[0] >= 0) close(report[0]), close(report[1]);
+        return -1;
+    }
+    for (int i = 0; i < req->count; i++) list_child(rep, i, &slots[i]);
+    int64_t t0 = now_ns();
+    if (stop_and_capture(v, t0, &rep->park_ns, &rep->capture_ns, err, errlen) < 0) {
+        if (report[0] >= 0) close(report[0]), close(report[1]);
+        return close_slots(slots, req->count, 1), -1;
+    }
+    int64_t own_fork_ns = v->cpu.timing.fork_ns, forked = now_ns();
+    v->cpu.timing.fork_ns = forked; /* a direct child inherits this: its time zero */
+    pid_t pid = fork();
+    if (pid == 0 && req->count == 1) child_continue(v, slots, 0, 1, req->child_main, -1);
+    if (pid == 0) {
+        close(report[0]);
+        spawner_main(v, req, slots, report[1]);
+    }
+    int saved = errno;
+    rep->fork_ns = now_ns() - forked;
     v->cpu.timing.fork_ns = own_fork_ns;
-    rep->fork_ns = now_ns() - forks_started;
     if (!v->user_paused) vcpu_resume(&v->cpu);
     rep->pause_ns = now_ns() - t0;
-    close_slots(slots, made, 0);                /* the children own these now */
-    close_slots(slots + made, count - made, 1); /* never handed to a child */
-    rep->count = made;
-    v->forks_done += (uint64_t)made;
-    return made == count ? 0 : -1;
+    if (report[1] >= 0) close(report[1]);
+    if (pid < 0) {
+        if (report[0] >= 0) close(report[0]);
+        close_slots(slots, req->count, 1);
+        return snprintf(err, errlen, "fork: %s", strerror(saved)), -1;
+    }
+    close_slots(slots, req->count, 0); /* the child, or the spawner, holds them now */
+    if (req->count == 1) {
+        rep->child[0].pid = pid;
+        rep->count = 1;
+        v->forks_done++;
+        return 0;
+    }
+    rep->spawner_fd = report[0];
+    rep->spawner_pid = pid;
+    return 1;
 }
 
 /*

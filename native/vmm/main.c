@@ -293,8 +293,10 @@ int main(int argc, char **argv) {
     /* Least privilege: no setuid gains for anything this process might exec, files private to their owner. */
     prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
     umask(077);
-    /* Children are reaped by the kernel (no zombies); a dead parent's children are adopted by init. */
+    /* Children are reaped by the kernel (no zombies). This VMM is a subreaper: the children a spawner
+       forks (fork.c) are re-parented to it when the spawner exits, so they stay its children. */
     signal(SIGCHLD, SIG_IGN);
+    prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     signal(SIGPIPE, SIG_IGN);
     static struct vmm v;
     v.cpu.vm = &v.vm;

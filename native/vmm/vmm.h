@@ -6,7 +6,7 @@
  *   vm.c       KVM VM, guest RAM, irqchip, PIT, the vCPU and its CPUID/MSR lists
  *   state.c    capture and restore of every piece of vCPU and VM state
  *   vcpu.c     the vCPU thread: KVM_RUN loop, exit handling, park/resume
- *   fork.c     the fork core: park, capture, fork(2), child rebuild
+ *   fork.c     the fork core: park, capture, fork(2) (through a spawner for many children), child rebuild
  *   control.c  the control channel (unix socket, line protocol)
  *   control_test.c  control requests only the test build has (guest memory, the test guest's mailbox)
  *   board.c    the Linux guest's machine: devices/ wired to exits, interrupts, the agent socket
@@ -382,21 +382,38 @@ struct fork_request {
 };
 
 struct fork_report {
-    int count;
+    int count;  /* children made (and listed in child[]) */
+    int wanted; /* children asked for: child[] holds every one's paths */
     struct fork_child child[VMM_MAX_FORK_BATCH];
     int64_t park_ns;    /* stop request until vCPU parked */
     int64_t capture_ns; /* state capture */
-    int64_t fork_ns;    /* all fork(2) calls */
+    int64_t fork_ns;    /* the parent's fork(2): the child's, or the spawner's */
     int64_t pause_ns;   /* stop request until the parent vCPU resumed */
+    int64_t spawn_ns;   /* the spawner's fork(2) calls, all children (0 for a single child) */
+    /* While a spawner is still forking: it reports each child on this pipe (vmm_fork_collect). */
+    int spawner_fd;
+    int spawner_pid;
+    size_t partial; /* bytes of a record read so far */
+    uint8_t record[16];
+    char error[160]; /* why collecting ended short */
 };
 
 /*
  * Forks the running VM into req->count children with one pause of the
- * parent. Returns 0/-1 in the parent (-1: rep lists the children made, err
- * says why); never returns in a child: its forking thread becomes the vCPU
- * thread and req->child_main runs on a new one.
+ * parent. One child is forked directly. For more, the parent forks one
+ * frozen "spawner" copy of itself and resumes at once; the spawner forks the
+ * children and reports them on a pipe, so the parent's pause does not grow
+ * with the count. Returns 0 when every child is made (rep complete), 1 when
+ * the spawner is still at work (call vmm_fork_collect when rep->spawner_fd
+ * is readable), -1 on failure (rep lists the children made, err says why).
+ * In a child it never returns: its forking thread becomes the vCPU thread
+ * and req->child_main runs on a new one.
  */
 int vmm_fork(struct vmm *v, const struct fork_request *req, struct fork_report *rep, char *err, size_t errlen);
+/* Reads what the spawner reported: 1 while children are outstanding, 0 once all are made, -1 if it stopped short (rep->error). */
+int vmm_fork_collect(struct vmm *v, struct fork_report *rep);
+/* Gives up on a spawner that did not finish in time: it is killed; rep keeps the children it reported. */
+void vmm_fork_abandon(struct vmm *v, struct fork_report *rep);
 
 /* Snapshot to disk: park, capture, fork(2) one writer child that saves RAM and state to DIR (snapshot.c), resume. */
 struct snapshot_report {
@@ -503,6 +520,9 @@ int snapshot_check_host(const struct vm *vm, char *err, size_t errlen);
 struct control_client {
     int fd;
     size_t used;
+    /* A fork whose spawner is still at work: this client's next lines wait until it is answered. */
+    struct fork_report *pending;
+    int64_t pending_deadline;
     char buf[CONTROL_LINE_MAX];
 };
 

@@ -15,6 +15,10 @@
  *        for MS milliseconds: connect to the agent socket and go away again (at once or after
  *        a whole HELLO; with "half" also after half a frame header), each time checking that
  *        the control socket still answers "status" within 3 s; exit 0 if it always did
+ *   vmm-agent forkbench CTL_SOCKET N RUNS
+ *        the parent's pause for `forks 1` against `forks N`, RUNS times each, alternating (on any guest;
+ *        the CPL3 test guest is the quick one): every child must answer `status`, then it is told to
+ *        quit. Prints one line per fork and the medians; exit 0 if every child answered
  *   vmm-agent tamper VMM SNAPSHOT_DIR WORK_DIR STRIDE
  *        plays someone who edits state.bin: starts VMM from SNAPSHOT_DIR's memory.raw and an edited
  *        copy of its state.bin (--restore-fds) once per edit: every STRIDE-th byte changed (as is,
@@ -320,6 +324,88 @@ static int cmd_fork_exec(char **argv) {
 }
 
 
+/* ---- forkbench: the parent's pause against the number of children ------------------------- */
+
+static double json_number(const char *reply, const char *key) {
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\":", key);
+    const char *at = strstr(reply, pat);
+    return at ? atof(at + strlen(pat)) : -1;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+static int pid_alive(int pid) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    char buf[512] = "";
+    size_t got = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[got] = '\0';
+    const char *paren = strrchr(buf, ')');
+    return paren && paren[1] == ' ' && paren[2] != 'Z';
+}
+
+/* One `forks n`: the reply's pause, then every child asked for its status and told to quit. */
+static int forkbench_once(const char *ctl_path, int n, double *pause_us, char *line, size_t cap) {
+    static char reply[1 << 17];
+    char req[64], sock[256], answer[4096];
+    int pids[256], kids = 0, answered = 0;
+    snprintf(req, sizeof req, "forks %d", n);
+    double t0 = now_ms();
+    if (ctl(ctl_path, req, reply, sizeof reply) < 0) return snprintf(line, cap, "forks %d failed: %.300s", n, reply), -1;
+    double replied = now_ms();
+    *pause_us = json_number(reply, "pauseUs");
+    const char *at = strstr(reply, "\"children\":[");
+    while (at && kids < 256 && (at = strstr(at, "{\"pid\":"))) {
+        pids[kids] = atoi(at + 7);
+        const char *s = strstr(at, "\"socket\":\"");
+        if (!s) break;
+        s += 10;
+        const char *e = strchr(s, '"');
+        if (!e || (size_t)(e - s) >= sizeof sock) break;
+        memcpy(sock, s, (size_t)(e - s));
+        sock[e - s] = '\0';
+        if (ctl(sock, "status", answer, sizeof answer) == 0 && strstr(answer, "\"state\":\"running\"")) answered++;
+        ctl(sock, "quit", answer, sizeof answer);
+        kids++;
+        at = e;
+    }
+    double all = now_ms();
+    for (int i = 0; i < kids; i++)
+        for (int w = 0; w < 500 && pid_alive(pids[i]); w++) usleep(10000);
+    snprintf(line, cap, "forks=%d pause_us=%.1f spawn_us=%.1f reply_ms=%.1f all_answered_ms=%.1f children=%d answered=%d", n,
+             *pause_us, json_number(reply, "spawnUs"), replied - t0, all - t0, kids, answered);
+    return kids == n && answered == n ? 0 : -1;
+}
+
+static int forkbench(const char *ctl_path, int n, int runs) {
+    double one[64], many[64];
+    char line[512];
+    int ok = 1;
+    if (runs < 1 || runs > 64 || n < 2 || n > 256) return fprintf(stderr, "vmm-agent: forkbench N 2..256, RUNS 1..64\n"), 2;
+    for (int r = 0; r < runs; r++) {
+        if (forkbench_once(ctl_path, 1, &one[r], line, sizeof line) < 0) ok = 0;
+        printf("forkbench run=%d %s\n", r, line);
+        if (forkbench_once(ctl_path, n, &many[r], line, sizeof line) < 0) ok = 0;
+        printf("forkbench run=%d %s\n", r, line);
+        fflush(stdout);
+    }
+    double m1 = median(one, runs), mn = median(many, runs);
+    printf("forkbench median pause_us forks1=%.1f forks%d=%.1f ratio=%.2f%s\n", m1, n, mn, mn / m1, ok ? "" : " (some children did not answer)");
+    return ok ? 0 : 1;
+}
+
 /* ---- tamper: state.bin edits against the loader -------------------------------------- */
 
 #define STATE_CHECKSUM_AT 96 /* state.bin header: magic 8, four u32, build id 64, RAM size 8, checksum */
@@ -527,6 +613,7 @@ int main(int argc, char **argv) {
         if (token_arg(argv[4], token) < 0) return 2;
         return churn(argv[2], argv[3], token, atof(argv[5]), argc == 7 ? 3 : 2);
     }
+    if (argc == 5 && !strcmp(argv[1], "forkbench")) return forkbench(argv[2], atoi(argv[3]), atoi(argv[4]));
     if (argc == 6 && !strcmp(argv[1], "tamper")) return tamper(argv[2], argv[3], argv[4], (size_t)atol(argv[5]) ? (size_t)atol(argv[5]) : 1);
     fprintf(stderr, "usage: see the comment at the top of native/vmm/test/vmm-agent.c\n");
     return 2;

@@ -53,7 +53,7 @@ class Conn:
         return json.loads(reply)
 
     def req(self, line, ok=True, timeout=None):
-        if timeout is not None:  # a request that takes long by nature (forking many children under emulation)
+        if timeout is not None:  # a request that takes long by nature (a spawner forking many children)
             self.sock.settimeout(timeout)
         try:
             reply = self.raw(line + "\n")
@@ -112,7 +112,7 @@ class Fleet:
         return self.track(conn.req(" ".join(("fork",) + args)))
 
     def forks(self, conn, count, *dirs):
-        """One pause for all; under emulation forking many children takes seconds."""
+        """One pause for all; the reply comes once the spawner has forked every child (the VMM gives it 60 s)."""
         return self.track(conn.req(" ".join((f"forks {count}",) + dirs), timeout=65))
 
     def snapshot(self, conn, directory, timeout=30.0):

@@ -20,6 +20,8 @@ export const VMM_EXIT_SNAPSHOT_REFUSED = 4;
 /** clade-vmm's exit status when a snapshot needs KVM features this host does not have. */
 export const VMM_EXIT_SNAPSHOT_FOREIGN = 5;
 const EXIT_POLL_MS = 500;
+/** A `forks` reply: clade-vmm gives its spawner 60 s to fork a batch (seconds under emulation, well under one on hardware). */
+const FORK_REPLY_TIMEOUT_MS = 90_000;
 /** clade-vmm processes started at once from one snapshot. */
 const RESTORE_CONCURRENCY = 8;
 /** Where clade-vmm finds what it inherits: the kernel command line, or a snapshot's two files (fd numbers in the child). */
@@ -207,7 +209,8 @@ async function startVmm(id: string, shape: MachineShape, runDir: string, files: 
 }
 
 export type VmmChild = { pid: number; socket: string; agentSocket: string };
-export type VmmForkTimings = { pauseUs: number; forkUs: number; captureUs: number; parkUs: number };
+/** pauseUs: the parent's pause (one fork(2) per batch); spawnUs: the spawner's fork(2) of every child of a batch, while the parent runs. */
+export type VmmForkTimings = { pauseUs: number; forkUs: number; captureUs: number; parkUs: number; spawnUs: number };
 /** A snapshot to disk: the VM's pause (as a fork's), the writer child's time, and request → files on disk. */
 export type VmmSnapshotTimings = { pauseUs: number; captureUs: number; forkUs: number; writeUs: number; totalMs: number };
 /** CLOCK_MONOTONIC instants in one VMM process, ns; in a forked child `forkNs` is when its parent called fork(2), in a root 0. */
@@ -297,7 +300,7 @@ export class VmmVm implements Vm {
    */
   async fork(children: { id: string; runDir: string }[]): Promise<{ vms: VmmVm[]; timings: VmmForkTimings }> {
     const vms: VmmVm[] = [];
-    const timings: VmmForkTimings = { pauseUs: 0, forkUs: 0, captureUs: 0, parkUs: 0 };
+    const timings: VmmForkTimings = { pauseUs: 0, forkUs: 0, captureUs: 0, parkUs: 0, spawnUs: 0 };
     try {
       for (let at = 0; at < children.length; at += VMM_MAX_FORK_BATCH) {
         const batch = children.slice(at, at + VMM_MAX_FORK_BATCH);
@@ -318,7 +321,8 @@ export class VmmVm implements Vm {
     const files = children.map((c) => runFiles(c.runDir));
     let reply: Record<string, unknown>;
     try {
-      reply = await this.control.request(['forks', children.length, ...children.map((c) => c.runDir)], 60_000);
+      // clade-vmm answers once its spawner has made every child, or after 60 s with those it made: wait longer than that.
+      reply = await this.control.request(['forks', children.length, ...children.map((c) => c.runDir)], FORK_REPLY_TIMEOUT_MS);
     } catch (err) {
       // A fork that failed half-way still made children: they run, and are ours to end.
       const made = err instanceof VmmRefusal ? ((err.reply.children as VmmChild[] | undefined) ?? []) : [];
@@ -327,7 +331,7 @@ export class VmmVm implements Vm {
     }
     const made = (reply.children as VmmChild[] | undefined) ?? [];
     const vms = made.map((c, i) => new VmmVm(children[i]!.id, c.pid, this.shape, children[i]!.runDir, files[i]!));
-    for (const key of ['pauseUs', 'forkUs', 'captureUs', 'parkUs'] as const) timings[key] += Number(reply[key] ?? 0);
+    for (const key of ['pauseUs', 'forkUs', 'captureUs', 'parkUs', 'spawnUs'] as const) timings[key] += Number(reply[key] ?? 0);
     const connected = await Promise.allSettled(vms.map((vm) => vm.connect(Date.now() + 10_000)));
     const failed = connected.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failed) {
