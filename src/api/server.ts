@@ -67,7 +67,8 @@ export type Daemon = {
   socketPath: string;
   tcpPort?: number;
   adopted: string[];
-  close(): Promise<void>;
+  /** Stops listening; kills every sandbox if `stopSandboxes` (default: the daemon's --stop-on-exit), else leaves them for the next daemon. */
+  close(opts?: { stopSandboxes?: boolean }): Promise<void>;
 };
 
 /** Builds one listener's app; the unix one trusts its socket's file mode, the TCP one wants the token. */
@@ -162,14 +163,14 @@ export async function startDaemon(opts: ServeOptions, manager: SandboxManager = 
   log.info({ socket: opts.socketPath, tcpPort, adopted: adopted.length }, 'clade daemon listening');
 
   let closing: Promise<void> | undefined;
-  const close = () =>
+  const close = (closeOpts: { stopSandboxes?: boolean } = {}) =>
     (closing ??= (async () => {
       log.info({ stopOnExit: opts.stopOnExit }, 'shutting down');
       clearInterval(reaper);
       const cut = setTimeout(() => apps.forEach((a) => a.server.closeAllConnections()), SHUTDOWN_GRACE_MS);
       await Promise.all(apps.map((a) => a.close()));
       clearTimeout(cut);
-      if (opts.stopOnExit) await registry.killAll();
+      if (closeOpts.stopSandboxes ?? opts.stopOnExit) await registry.killAll();
       else registry.detachAll();
       rmSync(opts.socketPath, { force: true });
     })());
