@@ -62,10 +62,24 @@ for pid in os.listdir('/proc'):
         pm = open('/proc/%s/pagemap' % pid, 'rb')
     except OSError:
         continue
-    who = 'interpreter' if b'interpreter.py' in cmd else 'agent' if pid == '1' else 'otherProcesses'
+    if b'interpreter.py' in cmd:
+        # The supervisor talks to the host; the worker (its child) runs the code.
+        parent = open('/proc/%s/stat' % pid).read().rpartition(')')[2].split()[1]
+        try:
+            worker = b'interpreter.py' in open('/proc/%s/cmdline' % parent, 'rb').read()
+        except OSError:
+            worker = False
+        who = 'interpreterWorker' if worker else 'interpreterSupervisor'
+    else:
+        who = 'agent' if pid == '1' else 'otherProcesses'
     with pm:
         for line in maps:
-            lo, hi = (int(x, 16) for x in line.split()[0].split('-'))
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split('-'))
+            # Python's objects live in the heap and anonymous mappings; a library's written pages are its data and bss.
+            name = fields[5] if len(fields) > 5 else ''
+            part = 'Stack' if name == '[stack]' else 'Heap' if name in ('', '[heap]') else 'Libraries'
+            where = who + part if who.startswith('interpreter') else who
             if hi - lo > 1 << 30:
                 continue
             try:
@@ -76,7 +90,7 @@ for pid in os.listdir('/proc'):
             for i in range(len(data) // 8):
                 e = struct.unpack_from('<Q', data, i * 8)[0]
                 if e >> 63 & 1 and (e & ((1 << 55) - 1)) in want:
-                    owner.setdefault(e & ((1 << 55) - 1), who)
+                    owner.setdefault(e & ((1 << 55) - 1), where)
 # The kernel image: "Kernel code", "Kernel rodata", "Kernel data", "Kernel bss" (nested in System RAM).
 sections = []
 for line in open('/proc/iomem'):

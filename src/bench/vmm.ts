@@ -47,7 +47,7 @@ const PAYLOAD = 'dist/bench/vmm-payload.js';
 /** What the runner needs to run the SDK on both engines: clade itself and QEMU. */
 async function carries(image: string | undefined): Promise<Carry[]> {
   if (!existsSync(join(packageRoot(), PAYLOAD))) throw new CladeError('unavailable', `${join(packageRoot(), PAYLOAD)} is missing: run \`npm run build\` first`);
-  return [...(await cladeCarry({ image })), ...(await qemuCarry())];
+  return [...(await cladeCarry({ daemon: true, image })), ...(await qemuCarry())];
 }
 
 /** Reads the payload's lines (src/bench/vmm-payload.ts) as they stream out of the runner. */
@@ -91,7 +91,7 @@ export async function benchVmm(opts: VmmBenchOptions): Promise<VmmBenchResult> {
   const log = opts.log ?? (() => undefined);
   const plan: VmmBenchPlan = { engines: opts.engines, runs: opts.runs, fanoutRuns: opts.fanoutRuns, fanouts: opts.fanouts, largeFanoutRuns: opts.largeFanoutRuns, depths: opts.depths, depthRuns: opts.depthRuns, guestMiB: opts.guestMiB };
   const reader = new PayloadReader(log);
-  log(`booting a runner (${opts.runnerMemoryMiB} MiB) with Node.js, QEMU, clade-vmm and the default image`);
+  log(`booting a runner (${opts.runnerMemoryMiB} MiB) with Node.js, QEMU, clade-vmm and the image ${opts.image ?? 'default'}`);
   const env = `CLADE_HOME=${CLADE_IN_RUNNER.home} CLADE_QEMU=${GUEST_PATHS.qemu}`;
   const r = await runInRunner({
     carry: await carries(opts.image),
@@ -136,7 +136,12 @@ type Row = { key: string; label: string; unit: 'ms' | 'µs' | 'MiB' };
 
 /** Owners of the guest pages a vmm child wrote (src/bench/guest-pages.ts), in table order. */
 const GUEST_PAGE_ORIGINS = [
-  ['interpreter', 'Python interpreter'],
+  ['interpreterWorkerHeap', 'Python worker (runs the code): heap'],
+  ['interpreterWorkerLibraries', 'Python worker: libraries\' data'],
+  ['interpreterWorkerStack', 'Python worker: stack'],
+  ['interpreterSupervisorHeap', 'Python supervisor: heap'],
+  ['interpreterSupervisorLibraries', 'Python supervisor: libraries\' data'],
+  ['interpreterSupervisorStack', 'Python supervisor: stack'],
   ['agent', 'guest agent'],
   ['otherProcesses', 'other processes'],
   ['kernelData', 'kernel image: data'],
