@@ -9,13 +9,13 @@
 //   bench-progress TEXT                 what it is doing now
 //   bench-done                          the end
 //
-// Only the SDK and modules it already loads are imported: the runner has no
-// node_modules.
+// Only the SDK and modules it already loads are imported: the runner gets the
+// package's runtime dependencies only (cladeCarry with `daemon`).
 import { defaultManager } from '../core/default.js';
 import { VmmVm } from '../engines/vmm/vmm-engine.js';
 import { Sandbox } from '../sdk/index.js';
 import { framesByOrigin, privateGuestFrames } from './guest-pages.js';
-import { privateBytes, pssBytes } from './memory.js';
+import { privateBytes, pssBytes, rssBytes } from './memory.js';
 
 export type EngineUnderTest = 'vmm' | 'qemu';
 
@@ -219,10 +219,12 @@ async function childMemory(engine: EngineUnderTest, plan: VmmBenchPlan, parent: 
   let kids: Sandbox[] = [];
   try {
     if (engine === 'qemu') await within(STEP_TIMEOUT_MS, 'RAM copy of the parent', parent.prewarmForks(0));
+    const pidOf = (k: Sandbox) => defaultManager().get(k.sandboxId).vm.pid;
+    // What the children share: a child's PSS holds 1/(children + 1) of the parent's resident memory.
+    sample(engine, 'parentRssBeforeForkMiB', rssBytes(pidOf(parent)) / 2 ** 20);
     kids = await within(STEP_TIMEOUT_MS, `fork of ${MEMORY_FANOUT}`, parent.fork(MEMORY_FANOUT).then((r) => forked(r)));
     await new Promise((r) => setTimeout(r, SETTLE_MS));
     const ramBytes = plan.guestMiB * 2 ** 20;
-    const pidOf = (k: Sandbox) => defaultManager().get(k.sandboxId).vm.pid;
     sampleChildMemory(engine, 'Idle', kids);
     if (engine === 'vmm') await guestPagesByOrigin(engine, 'Idle', kids[0]!, privateGuestFrames(pidOf(kids[0]!), ramBytes));
     const measured = kids.slice(1);

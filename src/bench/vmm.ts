@@ -173,6 +173,7 @@ function rowsFor(plan: VmmBenchPlan): Row[] {
   for (const d of plan.depths) rows.push({ key: `depth${d}PromoteMs`, label: `(4) qemu: RAM copy in the fork at depth ${d} (part of the line above)`, unit: 'ms' });
   for (const d of plan.depths) rows.push({ key: `depth${d}HostForkWorkUs`, label: `(4) host fork work at depth ${d}`, unit: 'µs' });
   rows.push(
+    { key: 'parentRssBeforeForkMiB', label: '(5) parent resident memory before the fork of 10 (each child\'s PSS holds 1/11 of what stays shared)', unit: 'MiB' },
     { key: 'childIdlePssMiB', label: '(5) child PSS, idle after its fixups (fork of 10)', unit: 'MiB' },
     { key: 'childIdlePrivateMiB', label: '(5) child private memory (what it alone holds), idle after its fixups', unit: 'MiB' },
     { key: 'childPssMiB', label: '(5) child PSS after one command (fork of 10)', unit: 'MiB' },
