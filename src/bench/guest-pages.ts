@@ -1,7 +1,7 @@
 // What a forked clade-vmm child has written into its guest RAM, by owner inside
 // the guest: the guest kernel, the Python interpreter, other processes, or pages
 // the guest has freed again. For `clade bench vmm`, which runs as root inside the
-// runner (reading another process's page frames needs CAP_SYS_ADMIN).
+// runner and as root in the guest (page frame numbers in pagemap need CAP_SYS_ADMIN).
 //
 // Host side: a page of guest RAM that the child maps exclusively (pagemap bit 56)
 // is one it wrote since the fork (copy-on-write gave it its own copy), or one its
@@ -44,7 +44,7 @@ export function privateGuestFrames(pid: number, ramBytes: number): number[] {
 }
 
 /**
- * Runs in the guest: sorts the frames listed in argv[1] by owner, prints JSON {origin: pages}.
+ * Runs in the guest: sorts the frames listed in argv[1] by owner, prints JSON {counts: {origin: pages}, kernelPages}.
  * Processes first (their page tables say which frames they map), then the kernel image's
  * sections (/proc/iomem), then the page's flags (/proc/kpageflags) for the rest.
  */
