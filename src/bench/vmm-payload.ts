@@ -246,6 +246,13 @@ async function guestPagesByOrigin(engine: EngineUnderTest, when: 'Idle' | 'After
   if (origins.kernelPages.length > 0) note(engine, `kernel image pages written, ${when}: ${origins.kernelPages.join('; ')}`);
 }
 
+/** The guest kernel's memory settings as the parent runs with them (the vmm engine's command line sets some). */
+async function noteGuestKernelSettings(engine: EngineUnderTest, parent: Sandbox): Promise<void> {
+  const files = ['/sys/kernel/mm/transparent_hugepage/enabled', '/proc/sys/kernel/watchdog', '/proc/sys/vm/stat_interval', '/proc/sys/vm/compaction_proactiveness'];
+  const r = await within(STEP_TIMEOUT_MS, 'guest kernel settings', parent.commands.run(files.map((f) => `echo ${f}: $(cat ${f})`).join('; ')));
+  note(engine, `guest kernel: ${r.stdout.trim().split('\n').join(', ')}`);
+}
+
 async function benchEngine(engine: EngineUnderTest, plan: VmmBenchPlan): Promise<void> {
   try {
     await coldBoots(engine, plan);
@@ -259,6 +266,7 @@ async function benchEngine(engine: EngineUnderTest, plan: VmmBenchPlan): Promise
     started.add(parent);
     const warm = await within(STEP_TIMEOUT_MS, 'warm-up', parent.runCode('counter = 41\ncounter'));
     if (warm.value !== '41') throw new Error(`the parent's interpreter answered ${JSON.stringify(warm.value)}`);
+    await noteGuestKernelSettings(engine, parent);
     // The largest forks last: one that does not fit may leave the parent unable to fork again.
     await fanouts(engine, plan, parent, plan.fanouts.filter((n) => n <= 10));
     await childMemory(engine, plan, parent);
