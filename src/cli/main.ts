@@ -269,8 +269,9 @@ export function buildProgram(): Command {
     .option('--guest-memory <mib>', 'guest RAM of every sandbox', (v) => parseInt(v, 10), 512)
     .option('--runner-memory <mib>', 'runner RAM (at most 12288)', (v) => parseInt(v, 10), 8192)
     .option('--timeout <ms>', 'limit for the whole runner run', (v) => parseInt(v, 10), 1_800_000)
+    .option('--image <ref>', 'guest image both engines boot', 'default')
     .action(
-      action(async (json: boolean, opts: { runs: number; fanouts: number[]; fanoutRuns: number; largeFanoutRuns: number; depths: number[]; depthRuns: number; engines: EngineUnderTest[]; guestMemory: number; runnerMemory: number; timeout: number }) => {
+      action(async (json: boolean, opts: { runs: number; fanouts: number[]; fanoutRuns: number; largeFanoutRuns: number; depths: number[]; depthRuns: number; engines: EngineUnderTest[]; guestMemory: number; runnerMemory: number; timeout: number; image: string }) => {
         if (!(opts.runnerMemory >= 2048 && opts.runnerMemory <= 12288)) throw new CladeError('bad_request', `--runner-memory must be from 2048 to 12288 MiB, got ${opts.runnerMemory}`);
         const { guestMemory, runnerMemory, timeout, ...plan } = opts;
         const r = await benchVmm({ ...plan, guestMiB: guestMemory, runnerMemoryMiB: runnerMemory, timeoutMs: timeout, log: (l) => !json && process.stderr.write(l + '\n') });
