@@ -176,4 +176,23 @@ describe('E2B control plane on a fake engine', () => {
       await sb.kill();
     }
   });
+  it('header-less file links are served only with the signature the client made for them', async () => {
+    const sb = await Sandbox.create(opts());
+    try {
+      const link = new URL(await sb.downloadUrl('/etc/hostname'));
+      expect(link.searchParams.get('signature')).toMatch(/^v1_/);
+      const signed = await raw(`${link.pathname}${link.search}`, {}, '', 'GET');
+      // The in-memory guest cannot stat files: what matters is that the link got past the checks to the guest.
+      expect(signed.status, signed.text).not.toBe(401);
+      expect(signed.text).not.toMatch(/E2b-Sandbox-Id|signature/);
+      link.searchParams.set('path', '/etc/shadow');
+      const moved = await raw(`${link.pathname}${link.search}`, {}, '', 'GET');
+      expect(moved.status).toBe(401);
+      const upload = new URL(await sb.uploadUrl('/tmp/up'));
+      const readWithWriteLink = await raw(`${upload.pathname}${upload.search}`, {}, '', 'GET');
+      expect(readWithWriteLink.status).toBe(401);
+    } finally {
+      await sb.kill();
+    }
+  });
 });
