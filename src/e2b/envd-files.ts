@@ -60,7 +60,7 @@ function writeMultipart(sandbox: LiveSandbox, req: FastifyRequest, body: Readabl
   return new Promise((resolve, reject) => {
     let parser: busboy.Busboy;
     try {
-      parser = busboy({ headers: req.headers as Record<string, string>, limits: { files: MAX_PARTS, fileSize: MAX_UPLOAD_BYTES, fields: 100 } });
+      parser = busboy({ headers: req.headers as Record<string, string>, preservePath: true, limits: { files: MAX_PARTS, fileSize: MAX_UPLOAD_BYTES, fields: 100 } });
     } catch (err) {
       reject(new CladeError('bad_request', `malformed multipart upload: ${err instanceof Error ? err.message : String(err)}`));
       return;

@@ -7,6 +7,7 @@ import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 import { join } from 'node:path';
+import { Sandbox as CladeSandbox } from '../../src/sdk/index.js';
 import { TestDaemon } from '../helpers/daemon.js';
 import { leftNothing, remains, waitFor } from '../helpers/leaks.js';
 
@@ -109,6 +110,8 @@ describe('E2B clients against clade serve --e2b (real VMs)', () => {
       { path: '/tmp/e2b/m1', data: 'one' },
       { path: '/tmp/e2b/m2', data: 'two' },
     ]);
+    // Each part's filename is its whole path (not only its last component).
+    expect(await sbx.files.read('/tmp/e2b/m1')).toBe('one');
     expect(await sbx.files.read('/tmp/e2b/m2')).toBe('two');
     expect(await sbx.files.makeDir('/tmp/e2b/sub')).toBe(true);
     expect(await sbx.files.makeDir('/tmp/e2b/sub')).toBe(false);
@@ -186,6 +189,24 @@ describe('E2B clients against clade serve --e2b (real VMs)', () => {
     const text = malformed.body.toString();
     expect(malformed.status === 200 ? text : JSON.stringify(JSON.parse(text))).toMatch(/invalid_argument|protocol error|premature eof/i);
     expect((await sbx.commands.run('echo still')).stdout).toBe('still\n');
+  });
+
+  it('reports the latency of commands.run("echo hi"): E2B client vs clade SDK on the same daemon', async () => {
+    const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+    const time = async (fn: () => Promise<unknown>) => {
+      const ms: number[] = [];
+      for (let i = 0; i < 20; i++) {
+        const t0 = performance.now();
+        await fn();
+        ms.push(performance.now() - t0);
+      }
+      return median(ms);
+    };
+    const clade = await CladeSandbox.connect(sbx.sandboxId, { daemon: `unix://${daemon.socket}` });
+    const viaE2b = await time(() => sbx.commands.run('echo hi'));
+    const viaClade = await time(() => clade.commands.run('echo hi'));
+    console.log(`commands.run('echo hi'), median of 20: E2B client ${viaE2b.toFixed(1)} ms, clade SDK ${viaClade.toFixed(1)} ms`);
+    expect((await sbx.commands.run('echo hi')).stdout).toBe('hi\n');
   });
 
   it('MCP clients (daemon HTTP endpoint and `clade mcp` on stdio) list the tools and fork through them', async () => {
