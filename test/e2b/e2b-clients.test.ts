@@ -126,6 +126,13 @@ describe('E2B clients against clade serve --e2b (real VMs)', () => {
     await sbx.files.remove('/tmp/e2b/sub');
     expect(await sbx.files.exists('/tmp/e2b/sub')).toBe(false);
     expect(await rejection(sbx.files.read('/tmp/e2b/nothing'))).toBeInstanceOf(FileNotFoundError);
+    const events: string[] = [];
+    const watch = await sbx.files.watchDir('/tmp/e2b', (e) => void events.push(`${e.type} ${e.name}`));
+    await sbx.files.write('/tmp/e2b/watched', 'x');
+    expect(await waitFor(() => events.includes('create watched'), 10_000), events.join(', ')).toBe(true);
+    await watch.stop();
+    const [metrics] = await sbx.getMetrics();
+    expect(metrics!.memTotal).toBeGreaterThan(0);
   });
 
   it('runCode keeps state between calls and reports an error with its traceback', async () => {
@@ -144,6 +151,10 @@ describe('E2B clients against clade serve --e2b (real VMs)', () => {
     await sbx.runCode('y = 7', { context: ctx });
     expect((await sbx.runCode('y', { context: ctx })).text).toBe('7');
     expect((await sbx.runCode('"y" in dir()')).text).toBe('False');
+    await sbx.restartCodeContext(ctx);
+    expect((await sbx.runCode('y', { context: ctx })).error?.name).toBe('NameError');
+    await sbx.removeCodeContext(ctx);
+    expect((await sbx.listCodeContexts()).map((c) => c.id)).not.toContain(ctx.id);
   });
 
   it('fork({count: 3}) gives three isolated copies of the running sandbox', async () => {

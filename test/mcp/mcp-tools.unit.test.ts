@@ -75,6 +75,22 @@ describe('clade MCP tools (fake engine)', () => {
     expect(registry.size).toBe(0);
   });
 
+  it('snapshots a sandbox and starts copies of it through the tools', async () => {
+    const sb = JSON.parse(text(await call('create_sandbox', {}))) as { sandboxId: string };
+    const snap = JSON.parse(text(await call('snapshot_sandbox', { sandboxId: sb.sandboxId, tag: 'mcp-unit' }))) as { tag: string };
+    expect(snap.tag).toBe('mcp-unit');
+    const started = JSON.parse(text(await call('start_from_snapshot', { tag: 'mcp-unit', count: 2 }))) as { sandboxId: string }[];
+    expect(started).toHaveLength(2);
+    const listed = JSON.parse(text(await call('list_sandboxes', {}))) as { sandboxId: string; snapshotTag?: string }[];
+    const tagged = listed.filter((s) => s.snapshotTag === 'mcp-unit').map((s) => s.sandboxId);
+    for (const s of started) expect(tagged).toContain(s.sandboxId);
+    const again = JSON.parse(text(await call('create_sandbox', { snapshot: 'mcp-unit' }))) as { sandboxId: string };
+    const missing = await call('start_from_snapshot', { tag: 'no-such-tag', count: 1 });
+    expect(missing.isError).toBe(true);
+    for (const s of [sb, again, ...started]) await call('kill_sandbox', { sandboxId: s.sandboxId });
+    expect(registry.size).toBe(0);
+  });
+
   it('answers bad input and failures as tool errors, changing nothing', async () => {
     const badId = await call('run_command', { sandboxId: 'not-an-id', command: 'echo' });
     expect(badId.isError).toBe(true);
