@@ -7,6 +7,7 @@ import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 import { join } from 'node:path';
+import { removeSnapshot } from '../../src/core/snapshots.js';
 import { Sandbox as CladeSandbox } from '../../src/sdk/index.js';
 import { TestDaemon } from '../helpers/daemon.js';
 import { leftNothing, remains, waitFor } from '../helpers/leaks.js';
@@ -45,6 +46,7 @@ describe('E2B clients against clade serve --e2b (real VMs)', () => {
   let port = 0;
   let sbx: Sandbox;
   const ids = new Set<string>();
+  const snapshotTag = `e2b-test-${randomBytes(4).toString('hex')}`;
 
   beforeAll(async () => {
     await daemon.start();
@@ -61,6 +63,11 @@ describe('E2B clients against clade serve --e2b (real VMs)', () => {
   afterAll(async () => {
     await daemon.stop('SIGTERM');
     process.env = saved;
+    try {
+      removeSnapshot(snapshotTag);
+    } catch {
+      // deleted by the test, as it should be
+    }
     for (const id of ids) expect(await waitFor(() => leftNothing(id)), `left behind: ${remains(id).join(', ')}`).toBe(true);
   });
 
@@ -223,6 +230,8 @@ describe('E2B clients against clade serve --e2b (real VMs)', () => {
   it('MCP clients (daemon HTTP endpoint and `clade mcp` on stdio) list the tools and fork through them', async () => {
     type ToolAnswer = { content: { text: string }[]; isError?: boolean };
     const text = (a: unknown) => (a as ToolAnswer).content.map((c) => c.text).join('');
+    const noToken = await fetch(`http://127.0.0.1:${daemon.tcpPort}/mcp`, { method: 'POST', headers: { 'content-type': 'application/json', accept: 'application/json, text/event-stream' }, body: '{"jsonrpc":"2.0","id":1,"method":"tools/list"}' });
+    expect(noToken.status).toBe(401);
     const http = new Client({ name: 'clade-test', version: '0' });
     await http.connect(new StreamableHTTPClientTransport(new URL(`http://127.0.0.1:${daemon.tcpPort}/mcp`), { requestInit: { headers: { authorization: `Bearer ${daemon.token()}` } } }));
     try {
@@ -248,6 +257,19 @@ describe('E2B clients against clade serve --e2b (real VMs)', () => {
     } finally {
       await stdio.close();
     }
+  });
+
+  it('createSnapshot, then create from it as a template, list and delete it', async () => {
+    const snap = await sbx.createSnapshot({ name: snapshotTag });
+    expect(snap.snapshotId).toBe(snapshotTag);
+    const listed = await Sandbox.listSnapshots({ sandboxId: sbx.sandboxId }).nextItems();
+    expect(listed.map((s) => s.snapshotId)).toContain(snapshotTag);
+    const copy = await Sandbox.create(snap.snapshotId);
+    ids.add(copy.sandboxId);
+    expect((await copy.runCode('x')).text).toBe('41');
+    expect(await copy.kill()).toBe(true);
+    expect(await Sandbox.deleteSnapshot(snapshotTag)).toBe(true);
+    expect(await Sandbox.deleteSnapshot(snapshotTag)).toBe(false);
   });
 
   it('kill ends the sandbox; calls to it then fail as not running', async () => {
