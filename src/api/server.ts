@@ -73,7 +73,8 @@ export type Daemon = {
   adopted: string[];
   /** The TCP port of each extra listener, by name. */
   ports: Record<string, number>;
-  close(): Promise<void>;
+  /** Stops listening; kills every sandbox if `stopSandboxes` (default: the daemon's --stop-on-exit), else leaves them for the next daemon. */
+  close(opts?: { stopSandboxes?: boolean }): Promise<void>;
 };
 
 /** Builds one listener's app; the unix one trusts its socket's file mode, the TCP one wants the token. */
@@ -175,14 +176,14 @@ export async function startDaemon(opts: ServeOptions, manager: SandboxManager = 
   log.info({ socket: opts.socketPath, tcpPort, ...ports, adopted: adopted.length }, 'clade daemon listening');
 
   let closing: Promise<void> | undefined;
-  const close = () =>
+  const close = (closeOpts: { stopSandboxes?: boolean } = {}) =>
     (closing ??= (async () => {
       log.info({ stopOnExit: opts.stopOnExit }, 'shutting down');
       clearInterval(reaper);
       const cut = setTimeout(() => apps.forEach((a) => a.server.closeAllConnections()), SHUTDOWN_GRACE_MS);
       await Promise.all(apps.map((a) => a.close()));
       clearTimeout(cut);
-      if (opts.stopOnExit) await registry.killAll();
+      if (closeOpts.stopSandboxes ?? opts.stopOnExit) await registry.killAll();
       else registry.detachAll();
       rmSync(opts.socketPath, { force: true });
     })());
