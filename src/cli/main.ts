@@ -11,6 +11,7 @@ import { Sandbox } from '../sdk/sandbox.js';
 import { runDemo } from './demo.js';
 import { runChecks } from './doctor.js';
 import { runServe, serveCommand } from './serve.js';
+import { runMcpStdio } from '../mcp/stdio.js';
 import { findDaemon, forkAction, psAction, runViaDaemon, snapshotSandboxAction } from './daemon-commands.js';
 import { emit, mib, progressPrinter, reportError, table } from './output.js';
 import { registerRunnerCommands } from './runner.js';
@@ -196,6 +197,10 @@ export function buildProgram(): Command {
     );
 
   program.addCommand(serveCommand().action(action((_json, flags: Parameters<typeof runServe>[0]) => runServe(flags))));
+  program
+    .command('mcp')
+    .description('an MCP server on stdio (tools: create, run, code, files, fork, snapshot, list, kill): through the running daemon if one answers, else sandboxes in this process (docs/mcp.md)')
+    .action(action(async () => runMcpStdio()));
 
   program
     .command('demo')

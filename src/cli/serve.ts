@@ -1,7 +1,9 @@
 import { Command, Option } from 'commander';
 import { CladeError } from '../util/errors.js';
 import { processAlive, processStartTicks, procStatFields } from '../util/process.js';
-import { daemonPaths, startDaemon } from '../api/server.js';
+import { daemonPaths, startDaemon, type ServeOptions } from '../api/server.js';
+import { DEFAULT_E2B_LISTEN, readApiKeyFile, startE2bListener } from '../e2b/server.js';
+import { mcpRoutes } from '../mcp/http.js';
 
 const DEFAULT_SANDBOX_LIFETIME_MS = 30 * 60_000;
 
@@ -16,6 +18,10 @@ type ServeFlags = {
   stopOnExit?: boolean;
   logLevel: string;
   maxConnections: number;
+  e2b?: boolean;
+  e2bListen?: string;
+  e2bApiKey?: string;
+  e2bApiKeyFile?: string;
   ownerPid?: number;
 };
 
@@ -32,6 +38,10 @@ export function serveCommand(): Command {
     .option('--max-connections <n>', 'open connections per listener', positiveInt, 512)
     .option('--owner-pid <pid>', 'belong to process PID: when it ends, kill every sandbox and exit (for a daemon a test run or a program starts for itself)', positiveInt)
     .option('--stop-on-exit', 'kill every sandbox on SIGTERM/SIGINT (default: leave them running for the next daemon to adopt)')
+    .option('--e2b', `also serve the E2B API (control plane, envd, code interpreter) for unmodified E2B clients, on ${DEFAULT_E2B_LISTEN.host}:${DEFAULT_E2B_LISTEN.port} unless --e2b-listen says otherwise (docs/e2b.md)`)
+    .option('--e2b-listen <host:port>', 'where the E2B listener listens (implies --e2b)')
+    .option('--e2b-api-key <key>', 'require this key (E2B_API_KEY) on E2B control-plane requests; default: any key')
+    .option('--e2b-api-key-file <path>', 'read the E2B API key from this file instead')
     .option('--log-level <level>', 'pino log level (JSON logs on stdout)', 'info');
 }
 
@@ -49,6 +59,8 @@ export async function runServe(flags: ServeFlags): Promise<void> {
     stopOnExit: Boolean(flags.stopOnExit),
     logLevel: flags.logLevel,
     maxConnections: flags.maxConnections,
+    routes: [mcpRoutes],
+    ...e2bListener(flags),
   });
   await new Promise<void>((resolve) => {
     for (const sig of ['SIGTERM', 'SIGINT'] as const) process.once(sig, () => void daemon.close().then(resolve, resolve));
@@ -56,6 +68,14 @@ export async function runServe(flags: ServeFlags): Promise<void> {
   });
   // Sandboxes left running for the next daemon still hold agent and QMP connections open.
   process.exit(0);
+}
+
+function e2bListener(flags: ServeFlags): Pick<ServeOptions, 'listeners'> {
+  if (!flags.e2b && !flags.e2bListen) return {};
+  if (flags.e2bApiKey && flags.e2bApiKeyFile) throw new CladeError('bad_request', 'give --e2b-api-key or --e2b-api-key-file, not both');
+  const apiKey = flags.e2bApiKeyFile ? readApiKeyFile(flags.e2bApiKeyFile) : flags.e2bApiKey;
+  const at = flags.e2bListen ? parseListen(flags.e2bListen) : DEFAULT_E2B_LISTEN;
+  return { listeners: [{ name: 'e2b', start: (ctx, log) => startE2bListener(ctx, log, { ...at, ...(apiKey ? { apiKey } : {}), maxConnections: flags.maxConnections }) }] };
 }
 
 function ownerStartTicks(pid: number): string {
