@@ -5,6 +5,7 @@ import { AgentClient, type AgentDeadlines } from '../agent-protocol/client.js';
 import { MessageType, Tag } from '../agent-protocol/constants.js';
 import { FieldWriter } from '../agent-protocol/fields.js';
 import type { Engine, EngineName, ForkTimings, MachineShape, PauseHooks, Vm, VmTarget } from '../engines/engine.js';
+import { normalizeNetwork, type NetworkOptions, type NetworkSpec } from '../engines/network.js';
 import { resolveImage } from '../images/store.js';
 import { mapLimited } from '../util/concurrency.js';
 import { asCladeError, CladeError, errorMessage } from '../util/errors.js';
@@ -18,6 +19,7 @@ import { LiveSandbox, newSandboxId, sandboxDir } from './sandbox.js';
 import { assertSnapshotEngine, assertTagFree, commitSnapshot, openSnapshot, readSnapshotMeta, type SnapshotMeta, stagingDir } from './snapshots.js';
 
 export type { EngineName, ForkTimings } from '../engines/engine.js';
+export type { NetworkOptions, PortMapping } from '../engines/network.js';
 
 export type StartOptions = {
   /** Image name or digest (default: "default", made by `clade image build`). */
@@ -29,6 +31,8 @@ export type StartOptions = {
   /** How long to wait for the guest agent to answer (default 90 s; TCG boots take seconds). */
   bootTimeoutMs?: number;
   engine?: EngineName;
+  /** A network of its own (docs/network.md): default-deny egress with an allow-list, DNS for allowed names only, forwarded ports. */
+  network?: NetworkOptions;
 };
 
 export const DEFAULTS = { memoryMiB: 1024, cpus: 1, bootTimeoutMs: 90_000 } as const;
@@ -121,6 +125,7 @@ export class SandboxManager {
       image: resolveImage(opts.image ?? 'default'),
       memoryMiB: checkRange('memoryMiB', opts.memoryMiB ?? DEFAULTS.memoryMiB, LIMITS.memoryMiB),
       cpus: checkRange('cpus', opts.cpus ?? DEFAULTS.cpus, LIMITS.cpus),
+      ...withNetwork(normalizeNetwork(opts.network)),
     };
   }
 
@@ -223,6 +228,7 @@ export class SandboxManager {
             image: sb.shape.image.manifest.digest,
             memoryMiB: sb.shape.memoryMiB,
             cpus: sb.shape.cpus,
+            ...withNetwork(sb.shape.network),
             agent: { token: origin.token.toString('hex'), nextId: origin.nextId, ...(origin.interpreterExecId ? { interpreterExecId: origin.interpreterExecId } : {}) },
           },
           taken.hashed,
@@ -252,7 +258,7 @@ export class SandboxManager {
     const opened = await openSnapshot(tag);
     const targets = this.targets();
     try {
-      const shape: MachineShape = { image: resolveImage(meta.image), memoryMiB: meta.memoryMiB, cpus: meta.cpus };
+      const shape: MachineShape = { image: resolveImage(meta.image), memoryMiB: meta.memoryMiB, cpus: meta.cpus, ...withNetwork(meta.network) };
       const t0 = performance.now();
       const vms = await engine.restore(opened.source(shape), count, targets.next);
       targets.removeUnused(vms.filter((v): v is Vm => !(v instanceof CladeError)));
@@ -276,7 +282,7 @@ export class SandboxManager {
     const meta = readSnapshotMeta(tag);
     const engine = this.engine(meta.engine);
     const opened = await openSnapshot(tag);
-    const shape: MachineShape = { image: resolveImage(meta.image), memoryMiB: meta.memoryMiB, cpus: meta.cpus };
+    const shape: MachineShape = { image: resolveImage(meta.image), memoryMiB: meta.memoryMiB, cpus: meta.cpus, ...withNetwork(meta.network) };
     await engine.warmPool({ ...opened.source(shape), close: () => opened.close() }, size, this.targets().next);
   }
 
@@ -289,7 +295,7 @@ export class SandboxManager {
   async adopt(rec: SandboxRecord): Promise<LiveSandbox> {
     const engine = this.engine(rec.vm.engine);
     if (!engine.recordedAlive(rec.vm)) throw new CladeError('killed', 'its VM process is gone');
-    const shape: MachineShape = { image: resolveImage(rec.vm.shape.imageDigest), memoryMiB: rec.vm.shape.memoryMiB, cpus: rec.vm.shape.cpus };
+    const shape: MachineShape = { image: resolveImage(rec.vm.shape.imageDigest), memoryMiB: rec.vm.shape.memoryMiB, cpus: rec.vm.shape.cpus, ...withNetwork(rec.vm.shape.network) };
     const vm = await engine.adopt(rec.vm, shape);
     const token = Buffer.from(rec.tokenHex, 'hex');
     const agent = new AgentClient(token, this.deadlines);
@@ -439,6 +445,11 @@ function splitOutcome(outcome: ForkOutcome, batch: ForkWaiter[]): void {
     w.resolve({ ...outcome, children: outcome.children.slice(next, next + w.count) });
     next += w.count;
   }
+}
+
+/** The shape's network field, present only when there is a network (records and hashes stay as they were without one). */
+function withNetwork(network: NetworkSpec | undefined): { network?: NetworkSpec } {
+  return network ? { network } : {};
 }
 
 function total(batch: ForkWaiter[]): number {

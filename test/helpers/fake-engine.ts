@@ -96,6 +96,10 @@ export class FakeVm implements Vm {
   readonly engine = 'qemu' as const;
   readonly accelerator = 'tcg' as const;
   readonly pid = nextPid++;
+  /** Pretend forwarded ports: guest port p answers at a host port of its own per VM. */
+  get ports(): { port: number; host: string; hostPort: number }[] {
+    return (this.shape.network?.ports ?? []).map((port) => ({ port, hostPort: 20000 + ((this.pid * 7 + port) % 40000), host: `127.0.0.1:${20000 + ((this.pid * 7 + port) % 40000)}` }));
+  }
   readonly agentSocket: string;
   readonly exited: Promise<{ code: number | null; signal: string | null }>;
   private running = true;
@@ -148,7 +152,7 @@ export class FakeVm implements Vm {
   }
 
   toRecord(): VmRecord {
-    return { engine: 'qemu', id: this.id, pid: this.pid, runDir: this.runDir, accelerator: 'tcg', memory: { file: '', shared: false }, shape: { imageDigest: this.shape.image.manifest.digest, memoryMiB: this.shape.memoryMiB, cpus: this.shape.cpus } };
+    return { engine: 'qemu', id: this.id, pid: this.pid, runDir: this.runDir, accelerator: 'tcg', memory: { file: '', shared: false }, shape: { imageDigest: this.shape.image.manifest.digest, memoryMiB: this.shape.memoryMiB, cpus: this.shape.cpus, ...(this.shape.network ? { network: this.shape.network } : {}) } };
   }
 }
 
