@@ -1,3 +1,4 @@
+import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -94,5 +95,23 @@ describe('network options', () => {
     } finally {
       await Promise.all(manager.list().map((s) => s.kill()));
     }
+  });
+
+  it('the CLI refuses bad --port and --egress values with the same errors, in --json too', async () => {
+    const cli = (...args: string[]) =>
+      new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
+        const child = spawn(process.execPath, ['--import', 'tsx', join(import.meta.dirname, '../../src/cli/main.ts'), ...args], { env: { ...process.env, CLADE_DAEMON: '' } });
+        let out = '';
+        let err = '';
+        child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+        child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+        child.on('close', (code) => resolve({ code, out, err }));
+      });
+    const [port, egress] = await Promise.all([cli('run', '--port', 'abc', '--', 'true'), cli('--json', 'run', '--egress', '10.0.0.1/40', '--', 'true')]);
+    expect(port.code).toBe(1);
+    expect(port.err).toMatch(/--port takes a TCP port number \(1 to 65535\), got "abc"/);
+    expect(egress.code).toBe(1);
+    expect(JSON.parse(egress.out).error).toMatchObject({ code: 'bad_request', message: expect.stringMatching(/prefix length is 0 to 32/) });
+    expect(existsSync(homePaths.sandboxes()) ? readdirSync(homePaths.sandboxes()).filter((d) => !d.startsWith('.')) : []).toEqual([]);
   });
 });

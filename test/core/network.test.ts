@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { homePaths } from '../../src/util/home.js';
 import { CladeError, Sandbox } from '../../src/sdk/index.js';
+import { TestDaemon } from '../helpers/daemon.js';
 import { okAndTracked, remains } from '../helpers/leaks.js';
 
 // One warm sandbox with a network, forked three times. Egress is checked
@@ -188,6 +189,29 @@ describe('network', () => {
     const ask = 'try:\n conn.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n"); answer = conn.recv(200).decode()\nexcept OSError as e:\n answer = "error " + str(e)\nanswer';
     expect((await kid!.runCode(ask)).value).toMatch(/error .*(abort|reset)/i);
     expect((await sb.runCode(ask)).value).toMatch(/HTTP\/1.0 200/);
+  });
+
+  it('through the daemon: create with a network, ports in the view, a fork with its own', async () => {
+    const daemon = new TestDaemon();
+    await daemon.start();
+    try {
+      const bad = await daemon.client().json('POST', '/v1/sandboxes', { network: { ports: [70000] } }).catch((e: unknown) => e);
+      expect(bad).toBeInstanceOf(CladeError);
+      expect((bad as CladeError).code).toBe('bad_request');
+      await using remote = await Sandbox.create({ daemon: `unix://${daemon.socket}`, network: { egress: 'none', ports: [GUEST_PORT] } });
+      await remote.commands.run(`mkdir -p /root/www && echo remote > /root/www/who && cd /root/www && (python3 -m http.server ${GUEST_PORT} > /dev/null 2>&1 &) && sleep 1.5`);
+      const view = await daemon.client().json<{ network?: unknown; ports?: { port: number; host: string }[] }>('GET', `/v1/sandboxes/${remote.sandboxId}`);
+      expect(view.network).toEqual({ egress: 'none', ports: [GUEST_PORT] });
+      expect(view.ports?.[0]?.host).toBe(remote.getHost(GUEST_PORT));
+      expect(await httpGet(remote.getHost(GUEST_PORT), '/who')).toBe('remote\n');
+      const [kid] = await daemon.client().json<{ sandboxId: string }[]>('POST', `/v1/sandboxes/${remote.sandboxId}/fork`, { count: 1 });
+      const kidView = await daemon.client().json<{ ports?: { port: number; host: string }[] }>('GET', `/v1/sandboxes/${kid!.sandboxId}`);
+      expect(kidView.ports?.[0]?.host).not.toBe(remote.getHost(GUEST_PORT));
+      expect(await httpGet(kidView.ports![0]!.host, '/who')).toBe('remote\n');
+      await daemon.client().json('DELETE', `/v1/sandboxes/${kid!.sandboxId}`);
+    } finally {
+      await daemon.stop('SIGTERM');
+    }
   });
 
   it('refuses bad network options with a clear error and leaves nothing behind', async () => {
