@@ -83,9 +83,10 @@ export class SandboxManager {
 
   /**
    * The engine a new sandbox runs on: the one asked for (or CLADE_ENGINE), else
-   * vmm where it can run here, else qemu.
+   * vmm where it can run here, else qemu. A sandbox with a network runs on qemu
+   * unless asked otherwise: clade-vmm has no network device yet.
    */
-  async chooseEngine(asked: EngineName | undefined): Promise<EngineName> {
+  async chooseEngine(asked: EngineName | undefined, needs: { network?: boolean } = {}): Promise<EngineName> {
     const name = asked ?? (process.env.CLADE_ENGINE as EngineName | undefined);
     checkEngineName(name);
     if (name) {
@@ -94,6 +95,7 @@ export class SandboxManager {
       return name;
     }
     for (const candidate of ['vmm', 'qemu'] as const) {
+      if (candidate === 'vmm' && needs.network) continue;
       const engine = this.engines[candidate];
       if (engine && !(await engine.unavailableReason())) return candidate;
     }
@@ -141,7 +143,7 @@ export class SandboxManager {
     let vm: Vm | undefined;
     const agent = new AgentClient(token, this.deadlines);
     try {
-      const engine = this.engine(await this.chooseEngine(opts.engine));
+      const engine = this.engine(await this.chooseEngine(opts.engine, { network: shape.network !== undefined }));
       vm = await engine.boot({ id, ...shape, token, hostname: id, runDir });
       const deadline = started + bootTimeoutMs;
       const isAlive = () => vm!.alive();

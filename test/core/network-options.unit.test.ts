@@ -6,6 +6,7 @@ import { Value } from '@sinclair/typebox/value';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SandboxManager } from '../../src/core/manager.js';
 import { normalizeNetwork } from '../../src/engines/network.js';
+import { VmmEngine } from '../../src/engines/vmm/vmm-engine.js';
 import { CladeError } from '../../src/util/errors.js';
 import { homePaths } from '../../src/util/home.js';
 import { CreateBody } from '../../src/wire/schemas.js';
@@ -94,6 +95,21 @@ describe('network options', () => {
       expect(kid!.ports[0]!.host).not.toBe(sb.ports[0]!.host);
     } finally {
       await Promise.all(manager.list().map((s) => s.kill()));
+    }
+  });
+
+  it('a sandbox with a network runs on qemu unless asked otherwise (clade-vmm has no network device yet)', async () => {
+    const saved = process.env.CLADE_ENGINE;
+    delete process.env.CLADE_ENGINE;
+    try {
+      const manager = new SandboxManager({ qemu: new FakeEngine(), vmm: new FakeEngine() as never }, { requestMs: 3000 });
+      expect(await manager.chooseEngine(undefined)).toBe('vmm');
+      expect(await manager.chooseEngine(undefined, { network: true })).toBe('qemu');
+      expect(await manager.chooseEngine('vmm', { network: true })).toBe('vmm'); // asked for: its boot says why not
+      const boot = await new VmmEngine().boot({ network: { egress: 'none', ports: [] } } as never).catch((e: unknown) => e);
+      expect((boot as CladeError).message).toMatch(/networking runs on the qemu engine for now; use engine "qemu"/);
+    } finally {
+      if (saved !== undefined) process.env.CLADE_ENGINE = saved;
     }
   });
 

@@ -4,6 +4,7 @@ import { existsSync, readdirSync } from 'node:fs';
 import { get } from 'node:http';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { removeSnapshot } from '../../src/core/snapshots.js';
 import { homePaths } from '../../src/util/home.js';
 import { CladeError, Sandbox } from '../../src/sdk/index.js';
 import { TestDaemon } from '../helpers/daemon.js';
@@ -116,18 +117,23 @@ async function guestResolve(s: Sandbox, name: string): Promise<string> {
   return (await s.commands.run(`python3 -c '${py}'`, { timeoutMs: 30_000 })).stdout.trim();
 }
 
+/** Starts an HTTP server on GUEST_PORT in the guest serving /root/www/who, and waits until it listens. */
+async function startGuestServer(s: Sandbox, who: string): Promise<void> {
+  await s.commands.run(`mkdir -p /root/www && echo ${who} > /root/www/who && cd /root/www && (python3 -m http.server ${GUEST_PORT} > /dev/null 2>&1 &)`);
+  for (let i = 0; i < 100; i++) {
+    if ((await s.commands.run(`python3 -c 'import socket; socket.create_connection(("127.0.0.1", ${GUEST_PORT}), 1)'`)).exitCode === 0) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error('the guest HTTP server did not start');
+}
+
 beforeAll(async () => {
   await makeNamespace();
   await startDns();
   process.env.CLADE_NET_DNS = `${SUBNET}.1:5353`;
   sb = await Sandbox.create({ network: { egress: EGRESS, ports: [GUEST_PORT] } });
   everyone.push(sb);
-  await sb.commands.run(`mkdir -p /root/www && echo parent > /root/www/who && cd /root/www && (python3 -m http.server ${GUEST_PORT} > /dev/null 2>&1 &)`);
-  for (let i = 0; i < 100; i++) {
-    if ((await sb.commands.run(`python3 -c 'import socket; socket.create_connection(("127.0.0.1", ${GUEST_PORT}), 1)'`)).exitCode === 0) return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error('the guest HTTP server did not start');
+  await startGuestServer(sb, 'parent');
 });
 
 afterAll(async () => {
@@ -191,6 +197,21 @@ describe('network', () => {
     expect((await sb.runCode(ask)).value).toMatch(/HTTP\/1.0 200/);
   });
 
+  it('a snapshot keeps the policy; a sandbox started from it gets a stack and ports of its own', async () => {
+    const tag = `net-test-${process.pid}`;
+    try {
+      const meta = await sb.snapshot({ tag });
+      expect(meta.network).toEqual({ egress: ['allowed.clade.test', `${SUBNET}.3`], ports: [GUEST_PORT] }); // as normalized
+      const [copy] = okAndTracked(await Sandbox.fromSnapshot(tag, { count: 1 }), everyone);
+      expect(copy!.getHost(GUEST_PORT)).not.toBe(sb.getHost(GUEST_PORT));
+      expect(await httpGet(copy!.getHost(GUEST_PORT), '/who')).toBe('parent\n');
+      expect(await guestFetch(copy!, `http://${SUBNET}.4:8080/`)).toMatch(/^error .*refused/i);
+      await copy!.kill();
+    } finally {
+      removeSnapshot(tag);
+    }
+  });
+
   it('through the daemon: create with a network, ports in the view, a fork with its own', async () => {
     const daemon = new TestDaemon();
     await daemon.start();
@@ -199,7 +220,7 @@ describe('network', () => {
       expect(bad).toBeInstanceOf(CladeError);
       expect((bad as CladeError).code).toBe('bad_request');
       await using remote = await Sandbox.create({ daemon: `unix://${daemon.socket}`, network: { egress: 'none', ports: [GUEST_PORT] } });
-      await remote.commands.run(`mkdir -p /root/www && echo remote > /root/www/who && cd /root/www && (python3 -m http.server ${GUEST_PORT} > /dev/null 2>&1 &) && sleep 1.5`);
+      await startGuestServer(remote, 'remote');
       const view = await daemon.client().json<{ network?: unknown; ports?: { port: number; host: string }[] }>('GET', `/v1/sandboxes/${remote.sandboxId}`);
       expect(view.network).toEqual({ egress: 'none', ports: [GUEST_PORT] });
       expect(view.ports?.[0]?.host).toBe(remote.getHost(GUEST_PORT));
