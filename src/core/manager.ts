@@ -12,6 +12,7 @@ import { asCladeError, CladeError, errorMessage } from '../util/errors.js';
 import { ensurePrivateDir } from '../util/home.js';
 import { MAX_FORK_COUNT } from '../util/limits.js';
 import { killPidQuietly } from '../util/process.js';
+import { type CommandResult, runCommand } from './commands.js';
 import { attachInterpreter, reseedInterpreter } from './interpreter.js';
 import { reapOrphans, removeMemoryDirIfEmpty } from './reaper.js';
 import type { SandboxRecord } from './records.js';
@@ -158,7 +159,9 @@ export class SandboxManager {
       const base = err instanceof CladeError ? err : new CladeError('boot_failed', errorMessage(err), { cause: err });
       throw new CladeError(base.code, `sandbox ${id} did not start: ${base.message}${detail ? `\n${detail}` : ''}`, { cause: err });
     }
-    return this.register(new LiveSandbox(id, vm, agent, token, shape, { ...(opts.env ?? {}) }, new Date(started), Date.now() - started, undefined, this.forget));
+    const sb = this.register(new LiveSandbox(id, vm, agent, token, shape, { ...(opts.env ?? {}) }, new Date(started), Date.now() - started, undefined, this.forget));
+    if (shape.network) await assertGuestNetwork(sb);
+    return sb;
   }
 
   /**
@@ -447,6 +450,18 @@ function splitOutcome(outcome: ForkOutcome, batch: ForkWaiter[]): void {
     w.resolve({ ...outcome, children: outcome.children.slice(next, next + w.count) });
     next += w.count;
   }
+}
+
+/**
+ * A sandbox that asked for a network must have one: an image built before
+ * clade had networks has no virtio-net driver, and its guest would come up
+ * without an interface and say nothing.
+ */
+async function assertGuestNetwork(sb: LiveSandbox): Promise<void> {
+  const r = (await runCommand(sb, 'for i in /sys/class/net/*; do [ "${i##*/}" = lo ] || exit 0; done; exit 1')) as CommandResult;
+  if (r.exitCode === 0) return;
+  await sb.kill();
+  throw new CladeError('unavailable', `sandbox ${sb.id} has no network interface: its image ${sb.shape.image.manifest.digest.slice(0, 12)} was built without the virtio-net driver; rebuild it with \`clade image build\``);
 }
 
 /** The shape's network field, present only when there is a network (records and hashes stay as they were without one). */

@@ -81,6 +81,7 @@ class InMemoryAgent {
     else if (verb === 'hostname') out = `${this.state.hostname}\n`;
     else if (verb === 'id') out = `${this.state.sandboxId}\n`;
     else if (verb === 'cat') out = this.state.files[rest[0] ?? ''];
+    else if (cmd.startsWith('for i in /sys/class/net/*')) out = ''; // the core's check for a network interface: the fake guest has one
     else if (verb === 'write') {
       this.state.files[rest[0] ?? ''] = rest.slice(1).join(' ');
       out = '';
