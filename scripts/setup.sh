@@ -18,6 +18,9 @@ command -v xz >/dev/null || missing+=(xz-utils)
 # clade-vmm boots the kernel's uncompressed vmlinux, extracted from the bzImage with zstd.
 command -v zstd >/dev/null || missing+=(zstd)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
+# Sandbox networks: passt is the user-mode TCP/IP stack behind clade-net; ip (iproute2) makes the tests' network namespace.
+command -v passt >/dev/null || missing+=(passt)
+command -v ip >/dev/null || missing+=(iproute2)
 command -v clang >/dev/null || missing+=(clang) # fuzzing native/vmm/devices
 [ -n "$(ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a 2>/dev/null)" ] || missing+=(libclang-rt-14-dev)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -129,6 +129,10 @@ void boot_pid1(void);
 void boot_fill_std_fds(void);
 int boot_open_port(void);
 void boot_credit_entropy(const uint8_t *seed, size_t len);
+
+/* net.c */
+void net_boot(void);
+void net_reset_connections(void);
 void boot_power_off(void) __attribute__((noreturn));
 bool parse_token_hex(const char *hex, uint8_t out[TOKEN_LEN]);
 

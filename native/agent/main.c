@@ -107,6 +107,7 @@ static void do_fork_fixup(const struct req *r)
 			send_error(r->id, "io", errno, "sethostname: %s", strerror(errno));
 			return;
 		}
+		net_reset_connections(); /* the child's network stack on the host never knew them */
 	}
 	memcpy(g.sandbox_id, r->val[F_SANDBOX_ID], r->len[F_SANDBOX_ID] + 1);
 	memcpy(g.token, r->val[F_NEW_TOKEN], TOKEN_LEN);
@@ -436,6 +437,7 @@ int main(int argc, char **argv)
 	} else if (getpid() == 1) {
 		g.pid1 = true;
 		boot_pid1();
+		net_boot();
 		strcpy(g.default_cwd, "/root");
 	} else {
 		usage("not PID 1; use --fd or --socket for development mode");

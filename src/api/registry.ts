@@ -101,6 +101,7 @@ export class SandboxRegistry {
       pid: live.vm.pid,
       startedAt: live.createdAt.toISOString(),
       expiresAt: entry.expiresAt === null ? null : new Date(entry.expiresAt).toISOString(),
+      ...(live.shape.network ? { network: live.shape.network, ports: live.ports.map((p) => ({ ...p })) } : {}),
     };
   }
 

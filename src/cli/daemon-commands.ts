@@ -26,7 +26,7 @@ export async function psAction(json: boolean): Promise<void> {
   emit(json, list, () =>
     list.length === 0
       ? 'no sandboxes; create one with `clade run` or POST /v1/sandboxes'
-      : table([['SANDBOX', 'PARENT', 'SNAPSHOT', 'MEMORY', 'PID', 'STARTED', 'EXPIRES'], ...list.map((s) => [s.sandboxId, s.parentId ?? '-', s.snapshotTag ?? '-', `${s.memoryMiB} MiB`, String(s.pid), s.startedAt, s.expiresAt ?? 'never'])]),
+      : table([['SANDBOX', 'PARENT', 'SNAPSHOT', 'MEMORY', 'PID', 'STARTED', 'EXPIRES', 'PORTS'], ...list.map((s) => [s.sandboxId, s.parentId ?? '-', s.snapshotTag ?? '-', `${s.memoryMiB} MiB`, String(s.pid), s.startedAt, s.expiresAt ?? 'never', s.ports?.length ? s.ports.map((p) => `${p.port}->${p.host}`).join(',') : '-'])]),
   );
 }
 

@@ -1,3 +1,4 @@
+import { networkUnavailableReason, passtBinary } from '../engines/network.js';
 import { execFile } from 'node:child_process';
 import { accessSync, constants, statfsSync } from 'node:fs';
 import { freemem } from 'node:os';
@@ -39,6 +40,8 @@ export async function runChecks(): Promise<Check[]> {
   );
 
   const freeGiB = freemem() / 2 ** 30;
+  const netWhyNot = networkUnavailableReason();
+  checks.push(netWhyNot ? { name: 'network', status: 'warn', detail: `sandboxes cannot have a network: ${netWhyNot}` } : { name: 'network', status: 'pass', detail: `sandbox networks: clade-net and ${passtBinary()}` });
   checks.push({ name: 'memory', status: freeGiB >= 2 ? 'pass' : 'warn', detail: `${freeGiB.toFixed(1)} GiB free`, ...(freeGiB < 2 ? { fix: 'each sandbox needs ~100 MiB of host memory plus what its guest touches' } : {}) });
 
   const home = cladeHome();

@@ -6,6 +6,7 @@ import { benchVmm, vmmBenchRows, type EngineUnderTest } from '../bench/vmm.js';
 import { buildImage } from '../images/build.js';
 import { listImages, removeImage } from '../images/store.js';
 import { CladeError } from '../util/errors.js';
+import type { NetworkOptions } from '../core/manager.js';
 import { listSnapshots, removeSnapshot, verifySnapshot } from '../core/snapshots.js';
 import { Sandbox } from '../sdk/sandbox.js';
 import { runDemo } from './demo.js';
@@ -102,21 +103,26 @@ export function buildProgram(): Command {
     .option('--cpus <n>', 'virtual CPUs', (v) => parseInt(v, 10))
     .option('--timeout <ms>', 'kill the command after this many ms (0 = never)', (v) => parseInt(v, 10), 0)
     .addOption(new Option('-e, --env <KEY=VALUE...>', 'environment variables').default([]))
+    .option('--egress <policy>', 'give the sandbox a network (docs/network.md): none, all, or a comma-separated list of hosts, *.domains, IPv4 addresses and CIDRs')
+    .option('--port <port>', 'a guest TCP port to forward from the host\'s loopback, repeatable (gives the sandbox a network); the addresses go to stderr, or into --json', (v, prev: string[] = []) => [...prev, v])
     .action(
-      action(async (json: boolean, argv: string[], opts: { image: string; fromSnapshot?: string; memory?: number; cpus?: number; timeout: number; env: string[] }) => {
+      action(async (json: boolean, argv: string[], opts: { image: string; fromSnapshot?: string; memory?: number; cpus?: number; timeout: number; env: string[]; egress?: string; port?: string[] }) => {
         const env = parseEnv(opts.env);
+        const network = networkOption(opts.egress, opts.port);
+        if (network && opts.fromSnapshot) throw new CladeError('bad_request', '--egress and --port apply to a booted sandbox; a snapshot keeps the network it was taken with');
         const daemon = await findDaemon();
         if (daemon) {
-          const create = { image: opts.image, ...(opts.memory ? { memoryMiB: opts.memory } : {}), ...(opts.cpus ? { cpus: opts.cpus } : {}) };
+          const create = { image: opts.image, ...(opts.memory ? { memoryMiB: opts.memory } : {}), ...(opts.cpus ? { cpus: opts.cpus } : {}), ...(network ? { network } : {}) };
           return runViaDaemon(daemon, { argv, ...(opts.fromSnapshot ? { fromSnapshot: opts.fromSnapshot } : {}), create, env, timeoutMs: opts.timeout, json });
         }
-        await using sb = opts.fromSnapshot ? await startOne(opts.fromSnapshot, env) : await Sandbox.create({ image: opts.image, ...(opts.memory ? { memoryMiB: opts.memory } : {}), ...(opts.cpus ? { cpus: opts.cpus } : {}), env });
+        await using sb = opts.fromSnapshot ? await startOne(opts.fromSnapshot, env) : await Sandbox.create({ image: opts.image, ...(opts.memory ? { memoryMiB: opts.memory } : {}), ...(opts.cpus ? { cpus: opts.cpus } : {}), env, ...(network ? { network } : {}) });
+        if (!json) for (const p of sb.ports) process.stderr.write(`guest port ${p.port} at ${p.host}\n`);
         const command = argv.length === 1 ? argv[0]! : argv;
         const r = await sb.commands.run(command, {
           timeoutMs: opts.timeout,
           ...(json ? {} : { onStdout: (d: string) => process.stdout.write(d), onStderr: (d: string) => process.stderr.write(d) }),
         });
-        if (json) emit(true, { sandboxId: sb.sandboxId, ...r }, () => '');
+        if (json) emit(true, { sandboxId: sb.sandboxId, ...(sb.ports.length ? { ports: sb.ports } : {}), ...r }, () => '');
         return r.exitCode;
       }),
     );
@@ -341,6 +347,18 @@ function engineList(value: string): EngineUnderTest[] {
   const bad = list.find((e) => e !== 'vmm' && e !== 'qemu');
   if (bad !== undefined) throw new CladeError('bad_request', `unknown engine ${JSON.stringify(bad)}: use vmm, qemu or vmm,qemu`);
   return list as EngineUnderTest[];
+}
+
+function parsePort(v: string): number {
+  if (!/^\d{1,5}$/.test(v)) throw new CladeError('bad_request', `--port takes a TCP port number (1 to 65535), got ${JSON.stringify(v)}`);
+  return Number(v);
+}
+
+/** `--egress` and `--port` as the SDK's network option (checked by the core or the daemon); undefined when neither is given. */
+function networkOption(egress: string | undefined, ports: string[] | undefined): NetworkOptions | undefined {
+  if (egress === undefined && !ports?.length) return undefined;
+  const policy = egress === undefined || egress === 'none' || egress === 'all' ? (egress ?? 'none') : egress.split(',').map((e) => e.trim()).filter((e) => e !== '');
+  return { egress: policy, ports: (ports ?? []).map(parsePort) };
 }
 
 function parseEnv(pairs: string[]): Record<string, string> {

@@ -5,12 +5,14 @@ import { AgentClient, type AgentDeadlines } from '../agent-protocol/client.js';
 import { MessageType, Tag } from '../agent-protocol/constants.js';
 import { FieldWriter } from '../agent-protocol/fields.js';
 import type { Engine, EngineName, ForkTimings, MachineShape, PauseHooks, Vm, VmTarget } from '../engines/engine.js';
+import { normalizeNetwork, type NetworkOptions, type NetworkSpec } from '../engines/network.js';
 import { resolveImage } from '../images/store.js';
 import { mapLimited } from '../util/concurrency.js';
 import { asCladeError, CladeError, errorMessage } from '../util/errors.js';
 import { ensurePrivateDir } from '../util/home.js';
 import { MAX_FORK_COUNT } from '../util/limits.js';
 import { killPidQuietly } from '../util/process.js';
+import { type CommandResult, runCommand } from './commands.js';
 import { attachInterpreter, reseedInterpreter } from './interpreter.js';
 import { reapOrphans, removeMemoryDirIfEmpty } from './reaper.js';
 import type { SandboxRecord } from './records.js';
@@ -18,6 +20,7 @@ import { LiveSandbox, type NamedInterpreterRecord, newSandboxId, sandboxDir } fr
 import { assertSnapshotEngine, assertTagFree, commitSnapshot, openSnapshot, readSnapshotMeta, type SnapshotMeta, stagingDir } from './snapshots.js';
 
 export type { EngineName, ForkTimings } from '../engines/engine.js';
+export type { NetworkOptions, PortMapping } from '../engines/network.js';
 
 export type StartOptions = {
   /** Image name or digest (default: "default", made by `clade image build`). */
@@ -29,6 +32,8 @@ export type StartOptions = {
   /** How long to wait for the guest agent to answer (default 90 s; TCG boots take seconds). */
   bootTimeoutMs?: number;
   engine?: EngineName;
+  /** A network of its own (docs/network.md): default-deny egress with an allow-list, DNS for allowed names only, forwarded ports. */
+  network?: NetworkOptions;
 };
 
 export const DEFAULTS = { memoryMiB: 1024, cpus: 1, bootTimeoutMs: 90_000 } as const;
@@ -81,9 +86,10 @@ export class SandboxManager {
 
   /**
    * The engine a new sandbox runs on: the one asked for (or CLADE_ENGINE), else
-   * vmm where it can run here, else qemu.
+   * vmm where it can run here, else qemu. A sandbox with a network runs on qemu
+   * unless asked otherwise: clade-vmm has no network device yet.
    */
-  async chooseEngine(asked: EngineName | undefined): Promise<EngineName> {
+  async chooseEngine(asked: EngineName | undefined, needs: { network?: boolean } = {}): Promise<EngineName> {
     const name = asked ?? (process.env.CLADE_ENGINE as EngineName | undefined);
     checkEngineName(name);
     if (name) {
@@ -92,6 +98,7 @@ export class SandboxManager {
       return name;
     }
     for (const candidate of ['vmm', 'qemu'] as const) {
+      if (candidate === 'vmm' && needs.network) continue;
       const engine = this.engines[candidate];
       if (engine && !(await engine.unavailableReason())) return candidate;
     }
@@ -123,6 +130,7 @@ export class SandboxManager {
       image: resolveImage(opts.image ?? 'default'),
       memoryMiB: checkRange('memoryMiB', opts.memoryMiB ?? DEFAULTS.memoryMiB, LIMITS.memoryMiB),
       cpus: checkRange('cpus', opts.cpus ?? DEFAULTS.cpus, LIMITS.cpus),
+      ...withNetwork(normalizeNetwork(opts.network)),
     };
   }
 
@@ -138,7 +146,7 @@ export class SandboxManager {
     let vm: Vm | undefined;
     const agent = new AgentClient(token, this.deadlines);
     try {
-      const engine = this.engine(await this.chooseEngine(opts.engine));
+      const engine = this.engine(await this.chooseEngine(opts.engine, { network: shape.network !== undefined }));
       vm = await engine.boot({ id, ...shape, token, hostname: id, runDir });
       const deadline = started + bootTimeoutMs;
       const isAlive = () => vm!.alive();
@@ -153,7 +161,9 @@ export class SandboxManager {
       const base = err instanceof CladeError ? err : new CladeError('boot_failed', errorMessage(err), { cause: err });
       throw new CladeError(base.code, `sandbox ${id} did not start: ${base.message}${detail ? `\n${detail}` : ''}`, { cause: err });
     }
-    return this.register(new LiveSandbox(id, vm, agent, token, shape, { ...(opts.env ?? {}) }, new Date(started), Date.now() - started, undefined, this.forget));
+    const sb = this.register(new LiveSandbox(id, vm, agent, token, shape, { ...(opts.env ?? {}) }, new Date(started), Date.now() - started, undefined, this.forget));
+    if (shape.network) await assertGuestNetwork(sb);
+    return sb;
   }
 
   /**
@@ -225,6 +235,7 @@ export class SandboxManager {
             image: sb.shape.image.manifest.digest,
             memoryMiB: sb.shape.memoryMiB,
             cpus: sb.shape.cpus,
+            ...withNetwork(sb.shape.network),
             agent: { token: origin.token.toString('hex'), nextId: origin.nextId, ...(origin.interpreterExecId ? { interpreterExecId: origin.interpreterExecId } : {}) },
           },
           taken.hashed,
@@ -254,7 +265,7 @@ export class SandboxManager {
     const opened = await openSnapshot(tag);
     const targets = this.targets();
     try {
-      const shape: MachineShape = { image: resolveImage(meta.image), memoryMiB: meta.memoryMiB, cpus: meta.cpus };
+      const shape: MachineShape = { image: resolveImage(meta.image), memoryMiB: meta.memoryMiB, cpus: meta.cpus, ...withNetwork(meta.network) };
       const t0 = performance.now();
       const vms = await engine.restore(opened.source(shape), count, targets.next);
       targets.removeUnused(vms.filter((v): v is Vm => !(v instanceof CladeError)));
@@ -278,7 +289,7 @@ export class SandboxManager {
     const meta = readSnapshotMeta(tag);
     const engine = this.engine(meta.engine);
     const opened = await openSnapshot(tag);
-    const shape: MachineShape = { image: resolveImage(meta.image), memoryMiB: meta.memoryMiB, cpus: meta.cpus };
+    const shape: MachineShape = { image: resolveImage(meta.image), memoryMiB: meta.memoryMiB, cpus: meta.cpus, ...withNetwork(meta.network) };
     await engine.warmPool({ ...opened.source(shape), close: () => opened.close() }, size, this.targets().next);
   }
 
@@ -291,7 +302,7 @@ export class SandboxManager {
   async adopt(rec: SandboxRecord): Promise<LiveSandbox> {
     const engine = this.engine(rec.vm.engine);
     if (!engine.recordedAlive(rec.vm)) throw new CladeError('killed', 'its VM process is gone');
-    const shape: MachineShape = { image: resolveImage(rec.vm.shape.imageDigest), memoryMiB: rec.vm.shape.memoryMiB, cpus: rec.vm.shape.cpus };
+    const shape: MachineShape = { image: resolveImage(rec.vm.shape.imageDigest), memoryMiB: rec.vm.shape.memoryMiB, cpus: rec.vm.shape.cpus, ...withNetwork(rec.vm.shape.network) };
     const vm = await engine.adopt(rec.vm, shape);
     const token = Buffer.from(rec.tokenHex, 'hex');
     const agent = new AgentClient(token, this.deadlines);
@@ -444,6 +455,23 @@ function splitOutcome(outcome: ForkOutcome, batch: ForkWaiter[]): void {
     w.resolve({ ...outcome, children: outcome.children.slice(next, next + w.count) });
     next += w.count;
   }
+}
+
+/**
+ * A sandbox that asked for a network must have one: an image built before
+ * clade had networks has no virtio-net driver, and its guest would come up
+ * without an interface and say nothing.
+ */
+async function assertGuestNetwork(sb: LiveSandbox): Promise<void> {
+  const r = (await runCommand(sb, 'for i in /sys/class/net/*; do [ "${i##*/}" = lo ] || exit 0; done; exit 1')) as CommandResult;
+  if (r.exitCode === 0) return;
+  await sb.kill();
+  throw new CladeError('unavailable', `sandbox ${sb.id} has no network interface: its image ${sb.shape.image.manifest.digest.slice(0, 12)} was built without the virtio-net driver; rebuild it with \`clade image build\``);
+}
+
+/** The shape's network field, present only when there is a network (records and hashes stay as they were without one). */
+function withNetwork(network: NetworkSpec | undefined): { network?: NetworkSpec } {
+  return network ? { network } : {};
 }
 
 function total(batch: ForkWaiter[]): number {

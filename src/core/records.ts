@@ -2,6 +2,7 @@ import { basename, dirname, join } from 'node:path';
 import { Type, type Static } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
 import type { VmRecord } from '../engines/engine.js';
+import { normalizeNetwork } from '../engines/network.js';
 import { memoryDir } from '../util/home.js';
 import { sandboxDir } from './sandbox.js';
 
@@ -11,6 +12,20 @@ import { sandboxDir } from './sandbox.js';
 // delete or connect to, or a pid to signal, until it passed these checks.
 
 const Hex64 = Type.String({ pattern: '^[0-9a-f]{64}$' });
+
+/** A sandbox's network policy as recorded (entries are checked again with normalizeNetwork before use). */
+export const NetworkSpecSchema = Type.Object(
+  {
+    egress: Type.Union([Type.Literal('none'), Type.Literal('all'), Type.Array(Type.String({ minLength: 1, maxLength: 255 }), { maxItems: 64 })]),
+    ports: Type.Array(Type.Integer({ minimum: 1, maximum: 65535 }), { maxItems: 32 }),
+  },
+  { additionalProperties: false },
+);
+const Port = Type.Integer({ minimum: 1, maximum: 65535 });
+const NetRecordSchema = Type.Object(
+  { pid: Type.Integer({ minimum: 2, maximum: 2 ** 22 }), startTicks: Type.Optional(Type.String({ pattern: '^[0-9]{1,20}$' })), ports: Type.Array(Type.Object({ port: Port, hostPort: Port }, { additionalProperties: false }), { maxItems: 32 }) },
+  { additionalProperties: false },
+);
 const SandboxId = Type.String({ pattern: '^sb-[0-9a-f]{12}$' });
 
 export const VmRecordSchema = Type.Object(
@@ -22,7 +37,8 @@ export const VmRecordSchema = Type.Object(
     runDir: Type.String({ maxLength: 4096 }),
     accelerator: Type.Union([Type.Literal('kvm'), Type.Literal('tcg')]),
     memory: Type.Object({ file: Type.String({ maxLength: 4096 }), shared: Type.Boolean() }, { additionalProperties: false }),
-    shape: Type.Object({ imageDigest: Hex64, memoryMiB: Type.Integer({ minimum: 1, maximum: 1 << 20 }), cpus: Type.Integer({ minimum: 1, maximum: 1024 }) }, { additionalProperties: false }),
+    shape: Type.Object({ imageDigest: Hex64, memoryMiB: Type.Integer({ minimum: 1, maximum: 1 << 20 }), cpus: Type.Integer({ minimum: 1, maximum: 1024 }), network: Type.Optional(NetworkSpecSchema) }, { additionalProperties: false }),
+    net: Type.Optional(NetRecordSchema),
   },
   { additionalProperties: false },
 );
@@ -63,8 +79,18 @@ export type VmFile = VmRecord & { ownerPid: number };
 
 /** A VM record that points only where clade puts things: its run directory in its sandbox's directory, its RAM file in this home's RAM directory. */
 function placed(vm: VmRecord): boolean {
+  if (vm.shape.network && !validNetwork(vm.shape.network)) return false;
   if (dirname(vm.runDir) !== sandboxDir(vm.id) || !/^vm-\d{1,9}$/.test(basename(vm.runDir))) return false;
   return vm.memory.file === '' || (dirname(vm.memory.file) === memoryDir() && /^[A-Za-z0-9._-]+\.mem$/.test(basename(vm.memory.file)));
+}
+
+/** A recorded policy must also pass the checks a new sandbox's does: it becomes clade-net's arguments. */
+function validNetwork(raw: unknown): boolean {
+  try {
+    return normalizeNetwork(raw) !== undefined;
+  } catch {
+    return false;
+  }
 }
 
 export function validVmFile(raw: unknown): VmFile | undefined {

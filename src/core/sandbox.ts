@@ -3,6 +3,7 @@ import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { AgentClient } from '../agent-protocol/client.js';
 import type { EngineName, MachineShape, Vm } from '../engines/engine.js';
+import type { PortMapping } from '../engines/network.js';
 import { homePaths } from '../util/home.js';
 import type { CommandHost } from './commands.js';
 import type { InterpreterHost, InterpreterSession } from './interpreter.js';
@@ -60,6 +61,11 @@ export class LiveSandbox implements CommandHost, InterpreterHost {
 
   get engineName(): EngineName {
     return this.vm.engine;
+  }
+
+  /** The guest's forwarded TCP ports and the host addresses that reach them (its current VM's: a fork's child has its own). */
+  get ports(): readonly PortMapping[] {
+    return this.vm.ports;
   }
 
   /** The named interpreters whose process has started: what a fork's child or a restarted daemon attaches to. */

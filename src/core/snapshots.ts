@@ -9,6 +9,7 @@ import { resolveImage } from '../images/store.js';
 import { CladeError, errorMessage } from '../util/errors.js';
 import { cladeHome, ensurePrivateDir, homePaths } from '../util/home.js';
 import { processAlive } from '../util/process.js';
+import { NetworkSpecSchema } from './records.js';
 
 // ---------------------------------------------------------------------------
 // Persistent snapshots: <home>/snapshots/<tag>/{memory.raw,state.bin,snapshot.json}
@@ -37,6 +38,8 @@ export const SnapshotMetaSchema = Type.Object(
     image: Type.String({ pattern: HEX64 }),
     memoryMiB: Type.Integer({ minimum: 1, maximum: 1 << 20 }),
     cpus: Type.Integer({ minimum: 1, maximum: 1024 }),
+    /** The sandbox's network policy: a machine with a NIC resumes only with one, and its starts get their own stacks. */
+    network: Type.Optional(NetworkSpecSchema),
     files: Type.Object({ 'memory.raw': FileSchema, 'state.bin': FileSchema }, { additionalProperties: false }),
     agent: Type.Object(
       {

@@ -4,6 +4,7 @@ import type { ResolvedImage } from '../images/store.js';
 import { CladeError } from '../util/errors.js';
 import { ensurePrivateDir } from '../util/home.js';
 import type { Accelerator } from '../util/kvm-probe.js';
+import type { NetRecord, NetworkSpec, PortMapping } from './network.js';
 
 export type EngineName = 'qemu' | 'vmm';
 
@@ -12,6 +13,8 @@ export type MachineShape = {
   image: ResolvedImage;
   memoryMiB: number;
   cpus: number;
+  /** A network device and a user-mode stack of its own on the host (docs/network.md); forks inherit the policy and get their own host ports. */
+  network?: NetworkSpec;
 };
 
 /** What an engine needs to start one VM. */
@@ -42,7 +45,9 @@ export type VmRecord = {
   accelerator: Accelerator;
   /** The VM's RAM file and whether the VM writes to it (shared) or maps it copy-on-write; '' when RAM is anonymous. */
   memory: { file: string; shared: boolean };
-  shape: { imageDigest: string; memoryMiB: number; cpus: number };
+  shape: { imageDigest: string; memoryMiB: number; cpus: number; network?: NetworkSpec };
+  /** The VM's network process on the host, when it has a network. */
+  net?: NetRecord;
 };
 
 /** A running VM as the engine sees it. The agent channel is a unix socket. */
@@ -54,6 +59,8 @@ export interface Vm {
   readonly agentSocket: string;
   readonly accelerator: Accelerator;
   readonly shape: MachineShape;
+  /** The guest's forwarded TCP ports and the host addresses that reach them; empty without a network. */
+  readonly ports: readonly PortMapping[];
   alive(): boolean;
   /** Resolves when the VM process has exited. */
   readonly exited: Promise<{ code: number | null; signal: string | null }>;

@@ -9,6 +9,7 @@ import { agentBinaryPath, guestFilesDir, packageRoot } from '../util/paths.js';
 import { noProgress, type ProgressFn } from '../util/progress.js';
 import { AptUniverse, type DebPackage } from './apt.js';
 import { writeCpio } from './cpio.js';
+import { installNetworkModules, NET_MODULES } from './net-modules.js';
 import { imageDir, type ImageManifest, readManifest, setRef, validateName } from './store.js';
 
 const run = promisify(execFile);
@@ -72,6 +73,7 @@ export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> 
     await run('dpkg-deb', ['-x', join(apt.archives, kernel.file), kernelDir]);
     progress({ phase: 'assemble', message: 'merging /usr, linking BLAS, installing the agent' });
     await assembleRootfs(root, agent, guestFiles);
+    await installNetworkModules(kernelDir, root);
     await precompilePython(root, progress);
 
     const staging = `${imageDir(digest)}.partial-${process.pid}`;
@@ -135,6 +137,7 @@ function imageDigest(kernel: DebPackage, packages: DebPackage[], agent: Buffer, 
   for (const p of packages) h.update(`deb ${p.file}\n`);
   h.update(`agent ${sha256(agent)}\n`);
   for (const [path, data] of guestFiles) h.update(`file ${path} ${sha256(data)}\n`);
+  for (const m of NET_MODULES) h.update(`module ${m}\n`);
   return h.digest('hex');
 }
 

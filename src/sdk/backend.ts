@@ -1,6 +1,6 @@
 import type { CodeResult, RunCodeOptions } from '../core/interpreter.js';
 import type { SnapshotMeta } from '../core/snapshots.js';
-import type { EngineName, ForkTimings } from '../core/manager.js';
+import type { EngineName, ForkTimings, PortMapping } from '../core/manager.js';
 import type { CladeError } from '../util/errors.js';
 import type { CommandRunner } from './commands.js';
 import type { FileOps } from './files.js';
@@ -17,6 +17,8 @@ export type SandboxInfo = {
   bootMs: number;
   /** The persistent snapshot this sandbox descends from, if any. */
   snapshotTag?: string;
+  /** Forwarded guest TCP ports and the host addresses that reach them (a network's `ports`; each fork has its own). */
+  ports: PortMapping[];
 };
 
 /** A snapshot's metadata as callers see it (the agent token and the signature stay with the host). */

@@ -86,6 +86,7 @@ export class LocalBackend implements SandboxBackend {
       startedAt: live.createdAt,
       bootMs: live.bootMs,
       ...(live.snapshotTag ? { snapshotTag: live.snapshotTag } : {}),
+      ports: live.ports.map((p) => ({ ...p })),
     };
   }
 

@@ -88,6 +88,7 @@ export class RemoteBackend implements SandboxBackend {
       startedAt: new Date(v.startedAt),
       bootMs: 0,
       ...(snapshotTag ? { snapshotTag } : {}),
+      ports: (v.ports ?? []).map((p) => ({ ...p })),
     };
   }
 

@@ -1,7 +1,7 @@
 import type { CodeResult, RunCodeOptions } from '../core/interpreter.js';
 import { checkCount, checkEngineName, type StartOptions } from '../core/manager.js';
 import type { SnapshotMeta } from '../core/snapshots.js';
-import type { EngineName, ForkTimings } from '../core/manager.js';
+import type { EngineName, ForkTimings, PortMapping } from '../core/manager.js';
 import { CladeError } from '../util/errors.js';
 import type { SandboxBackend, SandboxInfo, SnapshotInfo } from './backend.js';
 import { Commands } from './commands.js';
@@ -136,6 +136,24 @@ export class Sandbox implements AsyncDisposable {
     return this.backend.info();
   }
 
+  /** The guest's forwarded TCP ports (`network.ports`) and the host addresses that reach them; a fork's child has its own. */
+  get ports(): PortMapping[] {
+    return this.backend.info().ports;
+  }
+
+  /**
+   * `host:port` on the host (the daemon's, for a sandbox a daemon runs) that
+   * reaches TCP `port` in the guest, for a port listed in `network.ports`.
+   */
+  getHost(port: number): string {
+    const mapping = this.ports.find((p) => p.port === port);
+    if (!mapping) {
+      const listed = this.ports.map((p) => p.port);
+      throw new CladeError('bad_request', listed.length ? `guest port ${port} is not forwarded; this sandbox forwards ${listed.join(', ')} (network.ports at create)` : `this sandbox forwards no ports; create it with network: { ports: [${port}] }`);
+    }
+    return mapping.host;
+  }
+
   /** Stops the VM and removes everything it left on the host. Safe to call twice. */
   async kill(): Promise<void> {
     await this.backend.kill();
@@ -146,4 +164,4 @@ export class Sandbox implements AsyncDisposable {
   }
 }
 
-export type { CodeResult, ForkTimings, RunCodeOptions, SandboxInfo, SnapshotInfo, SnapshotMeta };
+export type { CodeResult, ForkTimings, PortMapping, RunCodeOptions, SandboxInfo, SnapshotInfo, SnapshotMeta };

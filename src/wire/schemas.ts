@@ -18,6 +18,19 @@ const Count = Type.Integer({ minimum: 1, maximum: MAX_FORK_COUNT });
 export const IdParams = Type.Object({ id: Id });
 export const TagParams = Type.Object({ tag: Tag });
 
+const NetworkBody = Type.Object(
+  {
+    egress: Type.Optional(
+      Type.Union([Type.Literal('none'), Type.Literal('all'), Type.Array(Type.String({ minLength: 1, maxLength: 255 }), { maxItems: 64 })], {
+        description: 'where the sandbox may connect: "none" (default), "all" (anything but the host itself, link-local and multicast), or a list of host names, *.domains, IPv4 addresses and CIDRs; DNS answers allowed names only',
+      }),
+    ),
+    ports: Type.Optional(Type.Array(Type.Integer({ minimum: 1, maximum: 65535 }), { maxItems: 32, description: 'guest TCP ports reachable from the host (each sandbox, each fork, gets host ports of its own)' })),
+  },
+  { additionalProperties: false, description: 'a network of its own (docs/network.md); without it the sandbox has no network device' },
+);
+const PortMappingSchema = Type.Object({ port: Type.Integer(), host: Type.String({ description: 'host:port on the daemon\'s host that reaches the guest port' }), hostPort: Type.Integer() });
+
 export const CreateBody = Type.Object(
   {
     image: Type.Optional(Type.String({ minLength: 1, maxLength: 128 })),
@@ -26,6 +39,7 @@ export const CreateBody = Type.Object(
     env: Type.Optional(Env),
     timeoutMs: Type.Optional(Lifetime),
     engine: Type.Optional(Type.Union([Type.Literal('qemu'), Type.Literal('vmm')], { description: 'default: vmm where the host runs Linux guests on KVM, else qemu' })),
+    network: Type.Optional(NetworkBody),
   },
   { additionalProperties: false },
 );
@@ -44,6 +58,8 @@ export const SandboxSchema = Type.Object(
     pid: Type.Integer(),
     startedAt: Type.String(),
     expiresAt: Type.Union([Type.String(), Type.Null()]),
+    network: Type.Optional(Type.Object({ egress: NetworkBody.properties.egress, ports: Type.Array(Type.Integer()) })),
+    ports: Type.Optional(Type.Array(PortMappingSchema, { description: 'forwarded guest ports and the host addresses that reach them' })),
   },
 );
 

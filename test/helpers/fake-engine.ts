@@ -81,6 +81,7 @@ class InMemoryAgent {
     else if (verb === 'hostname') out = `${this.state.hostname}\n`;
     else if (verb === 'id') out = `${this.state.sandboxId}\n`;
     else if (verb === 'cat') out = this.state.files[rest[0] ?? ''];
+    else if (cmd.startsWith('for i in /sys/class/net/*')) out = ''; // the core's check for a network interface: the fake guest has one
     else if (verb === 'write') {
       this.state.files[rest[0] ?? ''] = rest.slice(1).join(' ');
       out = '';
@@ -96,6 +97,10 @@ export class FakeVm implements Vm {
   readonly engine = 'qemu' as const;
   readonly accelerator = 'tcg' as const;
   readonly pid = nextPid++;
+  /** Pretend forwarded ports: guest port p answers at a host port of its own per VM. */
+  get ports(): { port: number; host: string; hostPort: number }[] {
+    return (this.shape.network?.ports ?? []).map((port) => ({ port, hostPort: 20000 + ((this.pid * 7 + port) % 40000), host: `127.0.0.1:${20000 + ((this.pid * 7 + port) % 40000)}` }));
+  }
   readonly agentSocket: string;
   readonly exited: Promise<{ code: number | null; signal: string | null }>;
   private running = true;
@@ -148,7 +153,7 @@ export class FakeVm implements Vm {
   }
 
   toRecord(): VmRecord {
-    return { engine: 'qemu', id: this.id, pid: this.pid, runDir: this.runDir, accelerator: 'tcg', memory: { file: '', shared: false }, shape: { imageDigest: this.shape.image.manifest.digest, memoryMiB: this.shape.memoryMiB, cpus: this.shape.cpus } };
+    return { engine: 'qemu', id: this.id, pid: this.pid, runDir: this.runDir, accelerator: 'tcg', memory: { file: '', shared: false }, shape: { imageDigest: this.shape.image.manifest.digest, memoryMiB: this.shape.memoryMiB, cpus: this.shape.cpus, ...(this.shape.network ? { network: this.shape.network } : {}) } };
   }
 }
 

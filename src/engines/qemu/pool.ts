@@ -2,15 +2,20 @@ import { rmSync } from 'node:fs';
 import { mapLimited } from '../../util/concurrency.js';
 import { killPidQuietly } from '../../util/process.js';
 import type { MachineShape, VmTarget } from '../engine.js';
+import { NetRelay, netDirOf } from '../network.js';
 import { launch, type QemuVm } from './qemu-vm.js';
 
 /** Slots started at once; each QEMU start is CPU-bound, so more would only queue on the cores. */
 export const START_CONCURRENCY = 8;
 
-/** Starts one VM that waits (`-incoming defer`) to resume a frozen machine whose RAM is `memoryFile`. */
-export async function startSlot(shape: MachineShape, target: VmTarget, memoryFile: string, memoryFd?: number): Promise<QemuVm> {
+/**
+ * Starts one VM that waits (`-incoming defer`) to resume a frozen machine whose RAM is `memoryFile`.
+ * A machine with a network gets `net` (the same sandbox's, for a continuation) or a new one of its own.
+ */
+export async function startSlot(shape: MachineShape, target: VmTarget, memoryFile: string, memoryFd?: number, net?: NetRelay): Promise<QemuVm> {
   try {
-    const vm = await launch({ id: target.id, shape, runDir: target.runDir, memory: { file: memoryFile, shared: false }, ...(memoryFd !== undefined ? { memoryFd } : {}) });
+    if (shape.network && !net) net = await NetRelay.start(shape.network, netDirOf(target.runDir));
+    const vm = await launch({ id: target.id, shape, runDir: target.runDir, memory: { file: memoryFile, shared: false }, ...(memoryFd !== undefined ? { memoryFd } : {}), ...(net ? { net } : {}) });
     await vm.qmp();
     return vm;
   } catch (err) {

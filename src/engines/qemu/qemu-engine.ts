@@ -11,6 +11,7 @@ import { copySparseHashed, FrozenRam, transientMemoryPath } from './frozen.js';
 import { liveMigrate, loadState, saveDeviceState } from './migration.js';
 import { Pools, START_CONCURRENCY, startSlot } from './pool.js';
 import { isSandboxVm, launch, QemuVm, withNewRamFile } from './qemu-vm.js';
+import { killNet, NetRelay, netDirOf } from '../network.js';
 
 /** Children resumed at once; each activation is a short burst of QEMU work. */
 const ACTIVATE_CONCURRENCY = 16;
@@ -38,9 +39,10 @@ export class QemuEngine implements Engine {
 
   async boot(spec: BootSpec): Promise<QemuVm> {
     const memoryFile = join(ensureMemoryDir(), `${spec.id}.mem`);
-    return withNewRamFile(memoryFile, spec.memoryMiB, (fd) =>
-      launch({ id: spec.id, shape: spec, runDir: spec.runDir, memory: { file: memoryFile, shared: true }, memoryFd: fd, boot: { token: spec.token, hostname: spec.hostname } }),
-    );
+    return withNewRamFile(memoryFile, spec.memoryMiB, async (fd) => {
+      const net = spec.network ? await NetRelay.start(spec.network, netDirOf(spec.runDir)) : undefined;
+      return launch({ id: spec.id, shape: spec, runDir: spec.runDir, memory: { file: memoryFile, shared: true }, memoryFd: fd, boot: { token: spec.token, hostname: spec.hostname }, ...(net ? { net } : {}) });
+    });
   }
 
   async fork(parent: Vm, count: number, newTarget: NewTarget, hooks: PauseHooks): Promise<ForkResult> {
@@ -110,6 +112,7 @@ export class QemuEngine implements Engine {
   }
   killRecorded(record: VmRecord): void {
     if (this.recordedAlive(record)) killPidQuietly(record.pid);
+    if (record.net) killNet(record.net);
   }
 
 
@@ -201,7 +204,8 @@ export class QemuEngine implements Engine {
   }
 
   private startContinuation(vm: QemuVm): Promise<QemuVm> {
-    return startSlot(vm.shape, { id: vm.id, runDir: nextRunDir(vm.runDir) }, vm.memory.file);
+    // The continuation joins the sandbox's network: its connections survive the move.
+    return startSlot(vm.shape, { id: vm.id, runDir: nextRunDir(vm.runDir) }, vm.memory.file, undefined, vm.net?.retain());
   }
 
   /** Takes ready slots for `memoryFile` from its pool and starts the rest. */
@@ -253,7 +257,7 @@ export class QemuEngine implements Engine {
    * into a new QEMU process (a RAM copy; the guest pauses only at the end).
    */
   private async promote(vm: QemuVm, memoryFile: string, runDir: string): Promise<QemuVm> {
-    const target = await withNewRamFile(memoryFile, vm.shape.memoryMiB, (fd) => launch({ id: vm.id, shape: vm.shape, runDir, memory: { file: memoryFile, shared: true }, memoryFd: fd }));
+    const target = await withNewRamFile(memoryFile, vm.shape.memoryMiB, (fd) => launch({ id: vm.id, shape: vm.shape, runDir, memory: { file: memoryFile, shared: true }, memoryFd: fd, ...(vm.net ? { net: vm.net.retain() } : {}) }));
     try {
       await liveMigrate(await vm.qmp(), await target.qmp(), join(runDir, 'promote.sock'));
       return target;

@@ -8,6 +8,7 @@ import type { FrozenRam } from './frozen.js';
 import { SerialLog } from '../serial-log.js';
 import { pickAccelerator, probeKvm, type Accelerator } from '../../util/kvm-probe.js';
 import { QmpClient } from './qmp.js';
+import { GUEST_MAC, GUEST_NET_CMDLINE, NetRelay, type PortMapping } from '../network.js';
 
 export const QEMU_BINARY = process.env.CLADE_QEMU ?? 'qemu-system-x86_64';
 /** TCG's translation cache per VM; QEMU's default reserves far more than a sandbox uses. */
@@ -22,6 +23,8 @@ export type Launch = {
   memoryFd?: number;
   /** Kernel command line additions; absent for VMs that will receive state instead of booting. */
   boot?: { token: Buffer; hostname: string };
+  /** The sandbox's network, which the VM's NIC connects to; the VM holds one reference, released when it ends. */
+  net?: NetRelay;
 };
 
 /**
@@ -54,17 +57,26 @@ export function runFiles(runDir: string): RunFiles {
 const INHERITED_MEMORY_FD = 3;
 
 export async function launch(l: Launch): Promise<QemuVm> {
-  const accel = await pickAccelerator();
   const files = runFiles(l.runDir);
-  const tscKhz = accel === 'tcg' ? (await probeKvm()).tscKhz : undefined;
-  if (l.boot) writeBootConfig(files.bootConfig, kernelCmdline(l, tscKhz));
-  const stdio: ('ignore' | 'pipe' | number)[] = ['ignore', 'ignore', 'pipe'];
-  if (l.memoryFd !== undefined) stdio[INHERITED_MEMORY_FD] = l.memoryFd;
-  const child = spawn(QEMU_BINARY, qemuArgs(l, accel, files), { stdio, detached: true });
-  const vm = new QemuVm(l, spawnedProcess(child), accel, files);
+  let vm: QemuVm;
+  try {
+    const accel = await pickAccelerator();
+    const tscKhz = accel === 'tcg' ? (await probeKvm()).tscKhz : undefined;
+    if (l.boot) writeBootConfig(files.bootConfig, kernelCmdline(l, tscKhz));
+    const stdio: ('ignore' | 'pipe' | number)[] = ['ignore', 'ignore', 'pipe'];
+    if (l.memoryFd !== undefined) stdio[INHERITED_MEMORY_FD] = l.memoryFd;
+    const child = spawn(QEMU_BINARY, qemuArgs(l, accel, files), { stdio, detached: true });
+    vm = new QemuVm(l, spawnedProcess(child), accel, files);
+  } catch (err) {
+    await l.net?.release(); // from here on the VM's kill releases it
+    throw err;
+  }
   if (l.boot) void removeOnceRead(files.bootConfig, files.qmp, () => vm.alive());
   try {
     await vm.started;
+    // QEMU 7.2's stream netdev connects after the NIC is made, and the NIC keeps the link down it
+    // saw then; a booting guest would find no carrier. Forks carry the link state in their migrated NIC.
+    if (l.net && l.boot) await (await vm.qmp()).execute('set_link', { name: 'net0', up: true });
   } catch (err) {
     await vm.kill();
     throw err;
@@ -130,6 +142,7 @@ function kernelCmdline(l: Launch, tscKhz?: number): string {
   // Under emulation the guest reads the host TSC; its own PIT calibration fails
   // when the host is busy and the kernel then hangs without a clocksource.
   if (tscKhz && tscKhz > 0) cmdline.push(`tsc_early_khz=${tscKhz}`, 'tsc=reliable');
+  if (l.boot && l.shape.network) cmdline.push(GUEST_NET_CMDLINE);
   if (l.boot) cmdline.push(`clade.token=${l.boot.token.toString('hex')}`, `clade.id=${l.id}`, `clade.hostname=${l.boot.hostname}`);
   return cmdline.join(' ');
 }
@@ -177,9 +190,20 @@ function qemuArgs(l: Launch, accel: Accelerator, files: RunFiles): string[] {
     '-device', 'virtio-serial-pci,id=vs',
     '-chardev', `socket,id=agent,path=${files.agent},server=on,wait=off`,
     '-device', 'virtserialport,bus=vs.0,chardev=agent,name=org.clade.agent',
+    ...netArgs(l.net),
     '-qmp', `unix:${files.qmp},server=on,wait=off`,
     ...(l.boot ? [] : ['-incoming', 'defer']),
   ];
+}
+
+/**
+ * virtio-net on the sandbox's clade-net socket (QEMU's stream netdev: frames
+ * with a 4-byte length, the protocol passt speaks). QEMU connects at start, so
+ * the network runs before the VM does; forks' slots connect to their own.
+ */
+function netArgs(net: NetRelay | undefined): string[] {
+  if (!net) return [];
+  return ['-netdev', `stream,id=net0,server=off,addr.type=unix,addr.path=${net.socket}`, '-device', `virtio-net-pci,netdev=net0,mac=${GUEST_MAC}`];
 }
 
 export class QemuVm implements Vm {
@@ -197,8 +221,11 @@ export class QemuVm implements Vm {
   base?: FrozenRam;
   /** A VM process pre-started to continue this VM after its next fork (prewarm). */
   warmContinuation?: Promise<QemuVm>;
+  /** The sandbox's network (shared with the VM processes that continue this one). */
+  readonly net?: NetRelay;
   private warmPid?: number;
   private running = true;
+  private netReleased = false;
   private stderrTail = '';
   private qmpClient?: Promise<QmpClient>;
   private readonly serial: SerialLog;
@@ -213,6 +240,7 @@ export class QemuVm implements Vm {
     this.shape = l.shape;
     this.runDir = l.runDir;
     this.memory = { ...l.memory };
+    if (l.net) this.net = l.net;
     this.agentSocket = files.agent;
     this.accelerator = accel;
     this.pid = proc.pid;
@@ -244,7 +272,8 @@ export class QemuVm implements Vm {
     // the VM still maps it, but it is no longer this VM's to freeze by name; the next fork first
     // gives the VM a RAM file of its own again (promotion).
     const memory = a.memory.shared && !existsSync(a.memory.file) ? { file: a.memory.file, shared: false } : a.memory;
-    const vm = new QemuVm({ id: a.id, shape, runDir: a.runDir, memory }, adoptedProcess(a.pid, a.id), a.accelerator, runFiles(a.runDir));
+    const net = a.net ? NetRelay.adopt(a.net, a.runDir) : undefined;
+    const vm = new QemuVm({ id: a.id, shape, runDir: a.runDir, memory, ...(net ? { net } : {}) }, adoptedProcess(a.pid, a.id), a.accelerator, runFiles(a.runDir));
     vm.recordOwner();
     return vm;
   }
@@ -266,11 +295,16 @@ export class QemuVm implements Vm {
 
   toRecord(): VmRecord {
     const { manifest } = this.shape.image;
-    return { engine: 'qemu', id: this.id, pid: this.pid, runDir: this.runDir, accelerator: this.accelerator, memory: { ...this.memory }, shape: { imageDigest: manifest.digest, memoryMiB: this.shape.memoryMiB, cpus: this.shape.cpus } };
+    const shape = { imageDigest: manifest.digest, memoryMiB: this.shape.memoryMiB, cpus: this.shape.cpus, ...(this.shape.network ? { network: this.shape.network } : {}) };
+    return { engine: 'qemu', id: this.id, pid: this.pid, runDir: this.runDir, accelerator: this.accelerator, memory: { ...this.memory }, shape, ...(this.net ? { net: this.net.toRecord() } : {}) };
+  }
+
+  get ports(): PortMapping[] {
+    return this.net?.ports ?? [];
   }
 
   pids(): number[] {
-    return this.warmPid ? [this.pid, this.warmPid] : [this.pid];
+    return [this.pid, ...(this.warmPid ? [this.warmPid] : []), ...(this.net ? [this.net.pid] : [])];
   }
 
   /** Keeps a VM process pre-started for this VM's next fork (replacing an older one). */
@@ -346,6 +380,10 @@ export class QemuVm implements Vm {
     this.serial.close();
     rmSync(this.runDir, { recursive: true, force: true });
     if (this.memory.shared) rmSync(this.memory.file, { force: true });
+    if (!this.netReleased) {
+      this.netReleased = true;
+      await this.net?.release();
+    }
     const base = this.base;
     this.base = undefined;
     base?.release();

@@ -119,6 +119,7 @@ export class VmmEngine implements Engine {
   }
 
   async boot(spec: BootSpec): Promise<VmmVm> {
+    if (spec.network) throw new CladeError('unavailable', 'sandbox networking runs on the qemu engine for now; use engine "qemu" (docs/network.md)');
     if (spec.memoryMiB > VMM_MAX_MEMORY_MIB) throw new CladeError('bad_request', `the vmm engine runs guests of at most ${VMM_MAX_MEMORY_MIB} MiB, got memoryMiB ${spec.memoryMiB}`);
     if (spec.cpus !== 1) throw new CladeError('unavailable', 'the vmm engine runs one vCPU per sandbox for now; use cpus: 1 or engine "qemu"');
     const files = runFiles(spec.runDir);
@@ -233,6 +234,7 @@ export class VmmVm implements Vm {
   readonly engine = 'vmm' as const;
   readonly accelerator = 'kvm' as const;
   readonly memory = { file: '', shared: false }; // anonymous memory inside the process, nothing on disk
+  readonly ports = [] as const; // no network on this engine yet
   readonly agentSocket: string;
   readonly exited: Promise<{ code: number | null; signal: string | null }>;
   private running = true;
