@@ -17,6 +17,8 @@ command -v cpio >/dev/null || missing+=(cpio)
 command -v xz >/dev/null || missing+=(xz-utils)
 # clade-vmm boots the kernel's uncompressed vmlinux, extracted from the bzImage with zstd.
 command -v zstd >/dev/null || missing+=(zstd)
+# Images with a disk root filesystem (--rootfs disk, or big ones) are written as erofs.
+command -v mkfs.erofs >/dev/null || missing+=(erofs-utils)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 command -v clang >/dev/null || missing+=(clang) # fuzzing native/vmm/devices
 [ -n "$(ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a 2>/dev/null)" ] || missing+=(libclang-rt-14-dev)

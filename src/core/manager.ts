@@ -5,7 +5,7 @@ import { AgentClient, type AgentDeadlines } from '../agent-protocol/client.js';
 import { MessageType, Tag } from '../agent-protocol/constants.js';
 import { FieldWriter } from '../agent-protocol/fields.js';
 import type { Engine, EngineName, ForkTimings, MachineShape, PauseHooks, Vm, VmTarget } from '../engines/engine.js';
-import { resolveImage } from '../images/store.js';
+import { imageEnv, resolveImage } from '../images/store.js';
 import { mapLimited } from '../util/concurrency.js';
 import { asCladeError, CladeError, errorMessage } from '../util/errors.js';
 import { ensurePrivateDir } from '../util/home.js';
@@ -13,6 +13,7 @@ import { MAX_FORK_COUNT } from '../util/limits.js';
 import { killPidQuietly } from '../util/process.js';
 import { attachInterpreter, reseedInterpreter } from './interpreter.js';
 import { reapOrphans, removeMemoryDirIfEmpty } from './reaper.js';
+import { readTemplate } from './template-store.js';
 import type { SandboxRecord } from './records.js';
 import { LiveSandbox, newSandboxId, sandboxDir } from './sandbox.js';
 import { assertSnapshotEngine, assertTagFree, commitSnapshot, openSnapshot, readSnapshotMeta, type SnapshotMeta, stagingDir } from './snapshots.js';
@@ -29,6 +30,12 @@ export type StartOptions = {
   /** How long to wait for the guest agent to answer (default 90 s; TCG boots take seconds). */
   bootTimeoutMs?: number;
   engine?: EngineName;
+  /**
+   * Start from this template (`clade template create`): its snapshot, warm and
+   * with its start command already running, instead of a boot. The template
+   * fixes the image, memory and cpus.
+   */
+  template?: string;
 };
 
 export const DEFAULTS = { memoryMiB: 1024, cpus: 1, bootTimeoutMs: 90_000 } as const;
@@ -127,6 +134,7 @@ export class SandboxManager {
   /** Boots a sandbox and returns once its agent has answered over the authenticated channel. */
   async create(opts: StartOptions = {}): Promise<LiveSandbox> {
     checkEngineName(opts.engine);
+    if (opts.template !== undefined) return this.createFromTemplate(opts.template, opts);
     const shape = this.resolveShape(opts);
     const bootTimeoutMs = opts.bootTimeoutMs ?? DEFAULTS.bootTimeoutMs;
     const id = newSandboxId();
@@ -151,7 +159,7 @@ export class SandboxManager {
       const base = err instanceof CladeError ? err : new CladeError('boot_failed', errorMessage(err), { cause: err });
       throw new CladeError(base.code, `sandbox ${id} did not start: ${base.message}${detail ? `\n${detail}` : ''}`, { cause: err });
     }
-    return this.register(new LiveSandbox(id, vm, agent, token, shape, { ...(opts.env ?? {}) }, new Date(started), Date.now() - started, undefined, this.forget));
+    return this.register(new LiveSandbox(id, vm, agent, token, shape, { ...imageEnv(shape.image), ...(opts.env ?? {}) }, new Date(started), Date.now() - started, undefined, this.forget));
   }
 
   /**
@@ -198,6 +206,15 @@ export class SandboxManager {
       const resumed = await mapInOrder(result.children, (c) => (c instanceof CladeError ? Promise.reject(c) : this.resumeAsNewSandbox(c, origin, t0)));
       return { children: resumed.map((r) => (r.status === 'fulfilled' ? r.value : asCladeError(r.reason, 'child did not resume'))), timings: result.timings };
     });
+  }
+
+  private async createFromTemplate(name: string, opts: StartOptions): Promise<LiveSandbox> {
+    const fixed = (['image', 'memoryMiB', 'cpus'] as const).filter((k) => opts[k] !== undefined);
+    if (fixed.length) throw new CladeError('bad_request', `template ${name} fixes the sandbox's ${fixed.join(', ')}; leave ${fixed.length > 1 ? 'them' : 'it'} out, or make a template with other values`);
+    const info = readTemplate(name);
+    const [sb] = await this.fromSnapshot(info.snapshot, { count: 1, ...(opts.env ? { env: opts.env } : {}), ...(opts.engine ? { engine: opts.engine } : {}) });
+    if (sb instanceof CladeError) throw new CladeError(sb.code, `could not start a sandbox from template ${name}: ${sb.message}`, { cause: sb });
+    return sb!;
   }
 
   /**
@@ -256,7 +273,7 @@ export class SandboxManager {
       const t0 = performance.now();
       const vms = await engine.restore(opened.source(shape), count, targets.next);
       targets.removeUnused(vms.filter((v): v is Vm => !(v instanceof CladeError)));
-      const origin: GuestOrigin = { token: Buffer.from(meta.agent.token, 'hex'), nextId: meta.agent.nextId, interpreterExecId: meta.agent.interpreterExecId, shape, env: { ...(opts.env ?? {}) }, parentId: undefined, snapshotTag: tag };
+      const origin: GuestOrigin = { token: Buffer.from(meta.agent.token, 'hex'), nextId: meta.agent.nextId, interpreterExecId: meta.agent.interpreterExecId, shape, env: { ...imageEnv(shape.image), ...(opts.env ?? {}) }, parentId: undefined, snapshotTag: tag };
       const resumed = await mapInOrder(vms, (v) => (v instanceof CladeError ? Promise.reject(v) : this.resumeAsNewSandbox(v, origin, t0)));
       return resumed.map((r) => (r.status === 'fulfilled' ? r.value : asCladeError(r.reason, `could not start a sandbox from snapshot ${tag}`)));
     } finally {

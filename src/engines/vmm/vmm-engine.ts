@@ -109,6 +109,7 @@ export class VmmEngine implements Engine {
   }
 
   async boot(spec: BootSpec): Promise<VmmVm> {
+    if (spec.image.disk) throw new CladeError('unavailable', `image ${spec.image.manifest.name} keeps its root filesystem on a disk, and clade-vmm has no virtio-blk device yet; use engine "qemu", or rebuild the image with --rootfs initramfs`);
     if (spec.memoryMiB > VMM_MAX_MEMORY_MIB) throw new CladeError('bad_request', `the vmm engine runs guests of at most ${VMM_MAX_MEMORY_MIB} MiB, got memoryMiB ${spec.memoryMiB}`);
     if (spec.cpus !== 1) throw new CladeError('unavailable', 'the vmm engine runs one vCPU per sandbox for now; use cpus: 1 or engine "qemu"');
     const files = runFiles(spec.runDir);
