@@ -79,10 +79,11 @@ export function listTemplates(): TemplateInfo[] {
   return out;
 }
 
-/** Removes the template's record and its snapshot. */
+/** Removes the template's record and its snapshot; a snapshot that others were made from is refused with `conflict`. */
 export function removeTemplate(name: string): void {
   validateTag(name);
   if (!existsSync(templateFile(name))) throw new CladeError('not_found', `no template ${JSON.stringify(name)}; see \`clade template ls\``);
-  if (existsSync(join(homePaths.snapshots(), name))) removeSnapshot(name, { cascade: true });
+  // Snapshots taken of its sandboxes descend from it: refused (naming them) rather than deleted along.
+  if (existsSync(join(homePaths.snapshots(), name))) removeSnapshot(name);
   rmSync(templateFile(name), { force: true });
 }

@@ -1,4 +1,6 @@
+import { execFile } from 'node:child_process';
 import { existsSync, readdirSync, rmSync } from 'node:fs';
+import { promisify } from 'node:util';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildImage } from '../../src/images/build.js';
@@ -17,6 +19,16 @@ import { okAndTracked, remains } from '../helpers/leaks.js';
 const IMAGE = 'test-env-gitgcc';
 const TEMPLATE = `test-env-http-${process.pid}`;
 const FIXTURE = join(import.meta.dirname, 'fixture-project');
+const MAIN = join(import.meta.dirname, '../../src/cli/main.ts');
+
+/** The CLI with --json, run asynchronously: its exit code and parsed output. */
+async function cladeJson(args: string[]): Promise<{ code: number; out: unknown }> {
+  const r = await promisify(execFile)(process.execPath, ['--import', 'tsx', MAIN, '--json', ...args], { encoding: 'utf8' }).then(
+    (ok) => ({ code: 0, stdout: ok.stdout }),
+    (err: { code?: number; stdout?: string }) => ({ code: err.code ?? 1, stdout: err.stdout ?? '' }),
+  );
+  return { code: r.code, out: JSON.parse(r.stdout) };
+}
 let sb: Sandbox;
 const everyone: Sandbox[] = [];
 const daemon = new TestDaemon(['--stop-on-exit']);
@@ -89,6 +101,7 @@ describe('a disk-backed root filesystem', () => {
 
 describe('bad recipes', () => {
   const snapshotOfImages = () => readdirSync(homePaths.images()).sort();
+  const tmpEntries = () => (existsSync(homePaths.tmp()) ? readdirSync(homePaths.tmp()).filter((f) => f.startsWith('build-')) : []);
 
   it('names a package that does not exist, and leaves nothing behind', async () => {
     const before = snapshotOfImages();
@@ -98,6 +111,7 @@ describe('bad recipes', () => {
     expect((err as CladeError).message).toMatch(/no Debian package "no-such-package-clade"/);
     expect(snapshotOfImages()).toEqual(before);
     expect(existsSync(join(homePaths.imageRefs(), 'test-env-bad'))).toBe(false);
+    expect(tmpEntries().filter((f) => f.includes(String(process.pid)))).toEqual([]);
   });
 
   it('refuses a copy source that does not exist before any work, in this process and through the daemon', async () => {
@@ -144,6 +158,11 @@ describe('templates', () => {
     expect(progress.some((p) => p.startsWith('ready: ready after'))).toBe(true);
     expect((await Template.list()).map((t) => t.name)).toContain(TEMPLATE);
     expect((await Template.list(viaDaemon)).find((t) => t.name === TEMPLATE)).toMatchObject({ start: 'python3 /root/server.py', engineUsed: 'qemu' });
+    const listed = await cladeJson(['template', 'ls']);
+    expect(listed.code).toBe(0);
+    expect((listed.out as { name: string }[]).map((t) => t.name)).toContain(TEMPLATE);
+    const images = await cladeJson(['image', 'ls']);
+    expect((images.out as { names: string[]; spec: { env: object } }[]).find((i) => i.names.includes(IMAGE))?.spec.env).toEqual({ PROJECT_NAME: 'clade-env-test' });
 
     // In this process: serving on the first request.
     const local = await Sandbox.create({ template: TEMPLATE });
@@ -171,6 +190,7 @@ describe('templates', () => {
     await expect(Template.create({ name: 'test-env-x', ready: 'true' }, { daemon: `unix://${daemon.socket}` })).rejects.toThrow(/give a start command too/);
     await expect(Template.create({ name: 'test-env-x', bogus: 1 } as never, { daemon: `unix://${daemon.socket}` })).rejects.toThrow(/bogus|additional/i);
     await expect(Sandbox.create({ template: 'no-such-template' })).rejects.toThrow(/no template "no-such-template"/);
+    expect(await cladeJson(['template', 'create', 'test-env-x', '--ready', 'true'])).toEqual({ code: 1, out: { error: { code: 'bad_request', message: expect.stringMatching(/give a start command too/) } } });
     await expect(Sandbox.create({ template: TEMPLATE, memoryMiB: 2048 })).rejects.toThrow(/fixes the sandbox's memoryMiB/);
     const failing = `test-env-fail-${process.pid}`;
     await expect(Template.create({ name: failing, engine: 'qemu', memoryMiB: 512, run: ['echo nope >&2; exit 3'] })).rejects.toThrow(/setup command 1 exited with code 3/);
