@@ -65,7 +65,7 @@ export function buildProgram(): Command {
     .addOption(new Option('--packages <list...>', 'extra Debian packages, comma-separated or repeated (their dependencies come along)').default([]))
     .addOption(new Option('--copy <HOSTPATH:GUESTPATH...>', 'copy a host file or directory into the image (repeatable)').default([]))
     .addOption(new Option('-e, --env <KEY=VALUE...>', 'environment variables every command in the image gets').default([]))
-    .addOption(new Option('--rootfs <kind>', 'initramfs (all in RAM), disk (read-only erofs disk with a RAM overlay) or auto (disk above 512 MiB)').choices(['initramfs', 'disk', 'auto']))
+    .addOption(new Option('--rootfs <kind>', 'initramfs (all in RAM), disk (read-only erofs disk with a RAM overlay) or auto (disk above 256 MiB)').choices(['initramfs', 'disk', 'auto']))
     .option('--no-recommends', 'install only dependencies, not what your packages recommend (gcc recommends libc6-dev)')
     .option('--force', 'rebuild even if an identical image exists')
     .action(

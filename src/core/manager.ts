@@ -5,7 +5,7 @@ import { AgentClient, type AgentDeadlines } from '../agent-protocol/client.js';
 import { MessageType, Tag } from '../agent-protocol/constants.js';
 import { FieldWriter } from '../agent-protocol/fields.js';
 import type { Engine, EngineName, ForkTimings, MachineShape, PauseHooks, Vm, VmTarget } from '../engines/engine.js';
-import { imageEnv, resolveImage } from '../images/store.js';
+import { imageEnv, minimumMemoryMiB, resolveImage } from '../images/store.js';
 import { mapLimited } from '../util/concurrency.js';
 import { asCladeError, CladeError, errorMessage } from '../util/errors.js';
 import { ensurePrivateDir } from '../util/home.js';
@@ -88,17 +88,20 @@ export class SandboxManager {
    * The engine a new sandbox runs on: the one asked for (or CLADE_ENGINE), else
    * vmm where it can run here, else qemu.
    */
-  async chooseEngine(asked: EngineName | undefined): Promise<EngineName> {
+  async chooseEngine(asked: EngineName | undefined, shape?: MachineShape): Promise<EngineName> {
     const name = asked ?? (process.env.CLADE_ENGINE as EngineName | undefined);
     checkEngineName(name);
     if (name) {
       const whyNot = await this.engine(name).unavailableReason();
       if (whyNot) throw new CladeError('unavailable', `the ${name} engine cannot run here: ${whyNot}`);
+      const refused = shape && this.engine(name).refusesShape?.(shape);
+      if (refused) throw new CladeError('unavailable', refused);
       return name;
     }
+    // Unasked, an engine that cannot run this shape (clade-vmm and a disk image) is passed over for the next.
     for (const candidate of ['vmm', 'qemu'] as const) {
       const engine = this.engines[candidate];
-      if (engine && !(await engine.unavailableReason())) return candidate;
+      if (engine && !(shape && engine.refusesShape?.(shape)) && !(await engine.unavailableReason())) return candidate;
     }
     throw new CladeError('unavailable', 'no engine can run VMs here; see `clade doctor`');
   }
@@ -124,11 +127,13 @@ export class SandboxManager {
   }
 
   resolveShape(opts: StartOptions): MachineShape {
-    return {
-      image: resolveImage(opts.image ?? 'default'),
-      memoryMiB: checkRange('memoryMiB', opts.memoryMiB ?? DEFAULTS.memoryMiB, LIMITS.memoryMiB),
-      cpus: checkRange('cpus', opts.cpus ?? DEFAULTS.cpus, LIMITS.cpus),
-    };
+    const image = resolveImage(opts.image ?? 'default');
+    const memoryMiB = checkRange('memoryMiB', opts.memoryMiB ?? DEFAULTS.memoryMiB, LIMITS.memoryMiB);
+    const needed = minimumMemoryMiB(image);
+    if (memoryMiB < needed) {
+      throw new CladeError('bad_request', `image ${image.manifest.name} is a ${Math.round(image.manifest.initramfsBytes / 2 ** 20)} MiB initramfs, which needs about ${needed} MiB of guest memory to unpack; give memoryMiB ${needed} or more, or rebuild it with --rootfs disk (a read-only disk that costs no RAM up front)`);
+    }
+    return { image, memoryMiB, cpus: checkRange('cpus', opts.cpus ?? DEFAULTS.cpus, LIMITS.cpus) };
   }
 
   /** Boots a sandbox and returns once its agent has answered over the authenticated channel. */
@@ -144,7 +149,7 @@ export class SandboxManager {
     let vm: Vm | undefined;
     const agent = new AgentClient(token, this.deadlines);
     try {
-      const engine = this.engine(await this.chooseEngine(opts.engine));
+      const engine = this.engine(await this.chooseEngine(opts.engine, shape));
       vm = await engine.boot({ id, ...shape, token, hostname: id, runDir });
       const deadline = started + bootTimeoutMs;
       const isAlive = () => vm!.alive();

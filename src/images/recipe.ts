@@ -34,8 +34,12 @@ export type ImageRecipe = {
 export type CopySpec = { from: string; to: string };
 export type RootfsKind = 'initramfs' | 'disk';
 
-/** Trees above this size become disk images under rootfs "auto": an initramfs costs its size in RAM per parent. */
-export const AUTO_DISK_BYTES = 512 << 20;
+/**
+ * Trees above this size become disk images under rootfs "auto": an initramfs
+ * costs its size in RAM per parent, twice while the kernel unpacks it (a
+ * 403 MiB one did not unpack in a 1 GiB guest). clade's base is about 120 MiB.
+ */
+export const AUTO_DISK_BYTES = 256 << 20;
 
 /** A recipe checked and normalized: absolute host paths, sorted env, packages deduplicated. */
 export type NormalizedRecipe = {

@@ -37,6 +37,17 @@ export function imageKernelArgs(image: ResolvedImage): string[] {
   return image.disk ? ['clade.root=/dev/vda', `clade.rootfstype=${image.manifest.rootfs?.kind === 'disk' ? image.manifest.rootfs.fs : 'erofs'}`] : [];
 }
 
+/**
+ * The least guest memory that boots an initramfs image: the kernel holds the
+ * archive and the tree unpacked from it at once, plus itself (a 403 MiB
+ * initramfs failed to unpack in 1024 MiB and booted in 1536; clade's base of
+ * 120 MiB boots in 512). Disk images need no more than the kernel and agent.
+ */
+export function minimumMemoryMiB(image: ResolvedImage): number {
+  if (image.disk) return 0;
+  return Math.ceil((2 * image.manifest.initramfsBytes) / 2 ** 20) + 256;
+}
+
 /** Environment variables the image gives every command (its recipe's env). */
 export function imageEnv(image: ResolvedImage): Record<string, string> {
   return { ...(image.manifest.spec?.env ?? {}) };

@@ -137,4 +137,33 @@ describe('disk images on clade-vmm', () => {
     await expect(new VmmEngine().boot(spec)).rejects.toThrow(/image big keeps its root filesystem on a disk.*virtio-blk.*engine "qemu"/);
     expect(existsSync(join(dir, 'never-made'))).toBe(false);
   });
+
+  it('make the engine choice pass over clade-vmm unless it was asked for', async () => {
+    const { SandboxManager } = await import('../../src/core/manager.js');
+    const { VmmEngine } = await import('../../src/engines/vmm/vmm-engine.js');
+    const vmm = new VmmEngine();
+    const stub = (e: object) => Object.assign(e, { unavailableReason: async () => undefined });
+    const manager = new SandboxManager({ vmm: stub(vmm) as never, qemu: stub({ refusesShape: undefined }) as never });
+    const disk = { image: { disk: '/x.erofs', manifest: { name: 'big' } }, memoryMiB: 512, cpus: 1 } as never;
+    const plain = { image: { manifest: { name: 'small' } }, memoryMiB: 512, cpus: 1 } as never;
+    const saved = process.env.CLADE_ENGINE;
+    delete process.env.CLADE_ENGINE;
+    try {
+      expect(await manager.chooseEngine(undefined, plain)).toBe('vmm');
+      expect(await manager.chooseEngine(undefined, disk)).toBe('qemu');
+      await expect(manager.chooseEngine('vmm', disk)).rejects.toThrow(/no virtio-blk device yet/);
+    } finally {
+      if (saved !== undefined) process.env.CLADE_ENGINE = saved;
+    }
+  });
+});
+
+describe('guest memory for an initramfs', () => {
+  it('is refused when the archive cannot unpack in it, with both ways out named', async () => {
+    const { minimumMemoryMiB } = await import('../../src/images/store.js');
+    const image = (initramfsBytes: number, disk?: string) => ({ manifest: { name: 'img', initramfsBytes }, ...(disk ? { disk } : {}) }) as never;
+    expect(minimumMemoryMiB(image(120 * 2 ** 20))).toBe(496); // clade's base boots in 512
+    expect(minimumMemoryMiB(image(403 * 2 ** 20))).toBe(1062); // did not unpack in 1024
+    expect(minimumMemoryMiB(image(1 << 20, '/rootfs.erofs'))).toBe(0);
+  });
 });
