@@ -148,6 +148,7 @@ describe('templates', () => {
         engine: 'qemu',
         memoryMiB: 512,
         run: [`cat > /root/server.py <<'EOF'\n${server}\nEOF`, 'echo setup-output-line'],
+        code: ['import json\nwarm_state = json.dumps({"loaded": True})'],
         start: 'python3 /root/server.py',
         ready: get,
       },
@@ -168,6 +169,7 @@ describe('templates', () => {
     const local = await Sandbox.create({ template: TEMPLATE });
     everyone.push(local);
     expect(Number((await local.commands.run(get)).stdout)).toBeGreaterThan(0);
+    expect((await local.runCode('warm_state')).value).toBe(`'{"loaded": true}'`); // the setup's interpreter, still warm
     await local.kill();
 
     // Through the daemon, then 3 forks of it.
