@@ -217,7 +217,9 @@ export class SandboxManager {
     const fixed = (['image', 'memoryMiB', 'cpus'] as const).filter((k) => opts[k] !== undefined);
     if (fixed.length) throw new CladeError('bad_request', `template ${name} fixes the sandbox's ${fixed.join(', ')}; leave ${fixed.length > 1 ? 'them' : 'it'} out, or make a template with other values`);
     const info = readTemplate(name);
-    const [sb] = await this.fromSnapshot(info.snapshot, { count: 1, ...(opts.env ? { env: opts.env } : {}), ...(opts.engine ? { engine: opts.engine } : {}) });
+    // The template's env (given at its setup) comes first; the caller's adds to it.
+    const env = { ...(info.env ?? {}), ...(opts.env ?? {}) };
+    const [sb] = await this.fromSnapshot(info.snapshot, { count: 1, env, ...(opts.engine ? { engine: opts.engine } : {}) });
     if (sb instanceof CladeError) throw new CladeError(sb.code, `could not start a sandbox from template ${name}: ${sb.message}`, { cause: sb });
     return sb!;
   }

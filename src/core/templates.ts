@@ -55,13 +55,13 @@ async function runSetup(sb: LiveSandbox, spec: TemplateSpec, progress: ProgressF
   };
   const runs = spec.run ?? [];
   for (const [i, cmd] of runs.entries()) {
-    progress({ phase: 'run', message: `[${i + 1}/${runs.length}] ${cmd}`, done: i, total: runs.length });
+    progress({ phase: 'run', message: `[${i + 1}/${runs.length}] ${cmd}` });
     const r = (await runCommand(sb, cmd, { timeoutMs, onStdout: stream('run'), onStderr: stream('run') })) as CommandResult;
     if (r.exitCode !== 0) throw new CladeError('bad_request', `setup command ${i + 1} exited with code ${r.exitCode}${r.timedOut ? ' (timed out)' : ''}: ${cmd}\n${r.stderr.slice(-2000)}`);
   }
   const codes = spec.code ?? [];
   for (const [i, code] of codes.entries()) {
-    progress({ phase: 'code', message: `[${i + 1}/${codes.length}] ${code.split('\n')[0]}`, done: i, total: codes.length });
+    progress({ phase: 'code', message: `[${i + 1}/${codes.length}] ${code.split('\n')[0]}` });
     const r = await runCode(sb, code, { timeoutMs, onStdout: stream('code'), onStderr: stream('code') });
     if (r.error) throw new CladeError('bad_request', `setup code ${i + 1} raised ${r.error.name}: ${r.error.value}\n${r.error.traceback.slice(-2000)}`);
   }

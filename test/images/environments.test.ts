@@ -149,6 +149,7 @@ describe('templates', () => {
         memoryMiB: 512,
         run: [`cat > /root/server.py <<'EOF'\n${server}\nEOF`, 'echo setup-output-line'],
         code: ['import json\nwarm_state = json.dumps({"loaded": True})'],
+        env: { TEMPLATE_MODE: 'web' },
         start: 'python3 /root/server.py',
         ready: get,
       },
@@ -170,6 +171,7 @@ describe('templates', () => {
     everyone.push(local);
     expect(Number((await local.commands.run(get)).stdout)).toBeGreaterThan(0);
     expect((await local.runCode('warm_state')).value).toBe(`'{"loaded": true}'`); // the setup's interpreter, still warm
+    expect((await local.commands.run('echo $TEMPLATE_MODE')).stdout).toBe('web\n');
     await local.kill();
 
     // Through the daemon, then 3 forks of it.
