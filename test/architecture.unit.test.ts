@@ -15,9 +15,11 @@ const MAY_IMPORT: Record<string, string[]> = {
   core: ['util', 'engines', 'agent-protocol', 'images'],
   sdk: ['util', 'core', 'wire'],
   api: ['util', 'core', 'wire'],
+  e2b: ['util', 'core', 'wire', 'api'],
+  mcp: ['util', 'core', 'wire', 'api', 'sdk'],
   runner: ['util', 'images', 'engines'],
   bench: ['util', 'sdk', 'core', 'engines', 'runner', 'wire'],
-  cli: ['util', 'sdk', 'api', 'bench', 'runner', 'images', 'core', 'engines', 'wire'],
+  cli: ['util', 'sdk', 'api', 'bench', 'runner', 'images', 'core', 'engines', 'wire', 'e2b', 'mcp'],
 };
 
 function sources(dir: string): string[] {

@@ -137,7 +137,7 @@ export class SandboxRegistry {
     const entry = this.entries.get(id);
     if (!entry || !entry.live.alive) return;
     const rec = this.manager.record(entry.live, entry.expiresAt);
-    const fingerprint = JSON.stringify([rec.vm, rec.interpreterExecId, rec.expiresAt, rec.snapshotTag]);
+    const fingerprint = JSON.stringify([rec.vm, rec.interpreterExecId, rec.namedInterpreters, rec.expiresAt, rec.snapshotTag]);
     if (fingerprint === entry.fingerprint) return;
     this.store.save(rec);
     entry.fingerprint = fingerprint;

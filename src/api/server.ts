@@ -62,17 +62,24 @@ export type ServeOptions = {
   logLevel: string;
   /** Open connections per listener; more are refused by the kernel's accept queue. */
   maxConnections?: number;
+  /** More routes on the unix and TCP listeners (behind the same token), e.g. the MCP endpoint. */
+  routes?: ((app: FastifyInstance, ctx: DaemonContext) => void)[];
+  /** More listeners on the same sandboxes (e.g. the E2B-compatible one), closed with the others. */
+  listeners?: { name: string; start: (ctx: DaemonContext, log: Logger) => Promise<FastifyInstance> }[];
 };
 
 export type Daemon = {
   socketPath: string;
   tcpPort?: number;
   adopted: string[];
-  close(): Promise<void>;
+  /** The TCP port of each extra listener, by name. */
+  ports: Record<string, number>;
+  /** Stops listening; kills every sandbox if `stopSandboxes` (default: the daemon's --stop-on-exit), else leaves them for the next daemon. */
+  close(opts?: { stopSandboxes?: boolean }): Promise<void>;
 };
 
 /** Builds one listener's app; the unix one trusts its socket's file mode, the TCP one wants the token. */
-export async function buildApp(ctx: DaemonContext, log: Logger, auth?: { token: string }, maxConnections = 512): Promise<FastifyInstance> {
+export async function buildApp(ctx: DaemonContext, log: Logger, auth?: { token: string }, maxConnections = 512, routes: ((app: FastifyInstance, ctx: DaemonContext) => void)[] = []): Promise<FastifyInstance> {
   const app: FastifyInstance = Fastify({
     loggerInstance: log as FastifyBaseLogger,
     bodyLimit: JSON_BODY_LIMIT,
@@ -107,6 +114,7 @@ export async function buildApp(ctx: DaemonContext, log: Logger, auth?: { token: 
   fileRoutes(app, ctx);
   environmentRoutes(app, ctx);
   snapshotRoutes(app, ctx);
+  for (const more of routes) more(app, ctx);
   await app.ready();
   app.server.maxConnections = maxConnections;
   app.server.headersTimeout = HEADERS_TIMEOUT_MS;
@@ -150,32 +158,38 @@ export async function startDaemon(opts: ServeOptions, manager: SandboxManager = 
   reaper.unref();
 
   const apps: FastifyInstance[] = [];
-  const unixApp = await buildApp(ctx, log, undefined, opts.maxConnections);
+  const unixApp = await buildApp(ctx, log, undefined, opts.maxConnections, opts.routes);
   await unixApp.listen({ path: opts.socketPath });
   chmodSync(opts.socketPath, 0o600);
   apps.push(unixApp);
   let tcpPort: number | undefined;
   if (opts.tcp) {
-    const tcpApp = await buildApp(ctx, log, { token: loadOrCreateToken(opts.tokenFile) }, opts.maxConnections);
+    const tcpApp = await buildApp(ctx, log, { token: loadOrCreateToken(opts.tokenFile) }, opts.maxConnections, opts.routes);
     await tcpApp.listen({ host: opts.tcp.host, port: opts.tcp.port });
     tcpPort = (tcpApp.server.address() as { port: number }).port;
     apps.push(tcpApp);
   }
-  log.info({ socket: opts.socketPath, tcpPort, adopted: adopted.length }, 'clade daemon listening');
+  const ports: Record<string, number> = {};
+  for (const listener of opts.listeners ?? []) {
+    const app = await listener.start(ctx, log);
+    ports[listener.name] = (app.server.address() as { port: number }).port;
+    apps.push(app);
+  }
+  log.info({ socket: opts.socketPath, tcpPort, ...ports, adopted: adopted.length }, 'clade daemon listening');
 
   let closing: Promise<void> | undefined;
-  const close = () =>
+  const close = (closeOpts: { stopSandboxes?: boolean } = {}) =>
     (closing ??= (async () => {
       log.info({ stopOnExit: opts.stopOnExit }, 'shutting down');
       clearInterval(reaper);
       const cut = setTimeout(() => apps.forEach((a) => a.server.closeAllConnections()), SHUTDOWN_GRACE_MS);
       await Promise.all(apps.map((a) => a.close()));
       clearTimeout(cut);
-      if (opts.stopOnExit) await registry.killAll();
+      if (closeOpts.stopSandboxes ?? opts.stopOnExit) await registry.killAll();
       else registry.detachAll();
       rmSync(opts.socketPath, { force: true });
     })());
-  return { socketPath: opts.socketPath, ...(tcpPort !== undefined ? { tcpPort } : {}), adopted, close };
+  return { socketPath: opts.socketPath, ...(tcpPort !== undefined ? { tcpPort } : {}), adopted, ports, close };
 }
 
 /** Refuses to start over a live daemon; removes the socket a dead one left behind. */

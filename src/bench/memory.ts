@@ -11,6 +11,16 @@ export function pssBytes(pid: number): number {
   }
 }
 
+/** Resident memory of a process in bytes, shared pages counted in full. */
+export function rssBytes(pid: number): number {
+  try {
+    const m = /^Rss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'));
+    return m ? Number(m[1]) * 1024 : 0;
+  } catch {
+    return 0;
+  }
+}
+
 /** Private (unshared) resident memory of a process in bytes: what it would free on exit. */
 export function privateBytes(pid: number): number {
   try {

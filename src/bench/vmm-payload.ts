@@ -9,12 +9,13 @@
 //   bench-progress TEXT                 what it is doing now
 //   bench-done                          the end
 //
-// Only the SDK and modules it already loads are imported: the runner has no
-// node_modules.
+// Only the SDK and modules it already loads are imported: the runner gets the
+// package's runtime dependencies only (cladeCarry with `daemon`).
 import { defaultManager } from '../core/default.js';
 import { VmmVm } from '../engines/vmm/vmm-engine.js';
 import { Sandbox } from '../sdk/index.js';
-import { pssBytes } from './memory.js';
+import { framesByOrigin, privateGuestFrames } from './guest-pages.js';
+import { privateBytes, pssBytes, rssBytes } from './memory.js';
 
 export type EngineUnderTest = 'vmm' | 'qemu';
 
@@ -151,7 +152,6 @@ async function fanouts(engine: EngineUnderTest, plan: VmmBenchPlan, parent: Sand
         if (timings) sample(engine, `fork${n}ParentPauseMs`, timings.parentPauseMs);
         if (n === 1) await within(STEP_TIMEOUT_MS, 'child status', recordHostForkWork(engine, 'hostForkWork', kids, timings?.childRestoreMs ?? []));
         else await within(timeoutMs, 'children status', recordHostForkWork(engine, `fork${n}HostForkWork`, kids, timings?.childRestoreMs ?? []));
-        if (n === 10 && i === 0) for (const k of kids) sample(engine, 'childPssMiB', pssBytes(defaultManager().get(k.sandboxId).vm.pid) / 2 ** 20);
       } catch (err) {
         note(engine, `fork of ${n} children, run ${i + 1}: ${(err as Error).message}`);
         if (n > 10) {
@@ -194,6 +194,65 @@ async function depths(engine: EngineUnderTest, plan: VmmBenchPlan, parent: Sandb
   }
 }
 
+const MEMORY_FANOUT = 10;
+/** Long enough for a fork's fixups and the interpreter's reseed (queued behind them) to land. */
+const SETTLE_MS = 2000;
+
+/** What one child costs: PSS (its share of everything it maps) and private memory (what it alone holds), in MiB. */
+function sampleChildMemory(engine: EngineUnderTest, when: 'Idle' | '', kids: Sandbox[]): void {
+  for (const k of kids) {
+    const pid = defaultManager().get(k.sandboxId).vm.pid;
+    sample(engine, `child${when}PssMiB`, pssBytes(pid) / 2 ** 20);
+    sample(engine, `child${when}PrivateMiB`, privateBytes(pid) / 2 ** 20);
+  }
+}
+
+/**
+ * Memory per child in a fork of 10: once its fixups are done and it sits idle,
+ * and after its first runCode. On vmm, also the guest pages a child wrote, by
+ * owner inside its guest (guest-pages.ts): the idle ones in the first child,
+ * the ones after a command in the second (sorting them runs a script in that
+ * guest, which writes pages of its own, so each child is sorted once, last).
+ */
+async function childMemory(engine: EngineUnderTest, plan: VmmBenchPlan, parent: Sandbox): Promise<void> {
+  progress(`${engine}: memory of ${MEMORY_FANOUT} children, idle and after one command`);
+  let kids: Sandbox[] = [];
+  try {
+    if (engine === 'qemu') await within(STEP_TIMEOUT_MS, 'RAM copy of the parent', parent.prewarmForks(0));
+    const pidOf = (k: Sandbox) => defaultManager().get(k.sandboxId).vm.pid;
+    // What the children share: a child's PSS holds 1/(children + 1) of the parent's resident memory.
+    sample(engine, 'parentRssBeforeForkMiB', rssBytes(pidOf(parent)) / 2 ** 20);
+    kids = await within(STEP_TIMEOUT_MS, `fork of ${MEMORY_FANOUT}`, parent.fork(MEMORY_FANOUT).then((r) => forked(r)));
+    await new Promise((r) => setTimeout(r, SETTLE_MS));
+    const ramBytes = plan.guestMiB * 2 ** 20;
+    sampleChildMemory(engine, 'Idle', kids);
+    if (engine === 'vmm') await guestPagesByOrigin(engine, 'Idle', kids[0]!, privateGuestFrames(pidOf(kids[0]!), ramBytes));
+    const measured = kids.slice(1);
+    await within(STEP_TIMEOUT_MS, 'first results', Promise.all(measured.map(probe)));
+    await new Promise((r) => setTimeout(r, SETTLE_MS));
+    sampleChildMemory(engine, '', measured);
+    if (engine === 'vmm') await guestPagesByOrigin(engine, 'AfterCommand', measured[0]!, privateGuestFrames(pidOf(measured[0]!), ramBytes));
+  } catch (err) {
+    note(engine, `child memory: ${(err as Error).message}`);
+  } finally {
+    await killAll(kids);
+  }
+}
+
+async function guestPagesByOrigin(engine: EngineUnderTest, when: 'Idle' | 'AfterCommand', kid: Sandbox, frames: number[]): Promise<void> {
+  sample(engine, `childGuestPages${when}MiB`, (frames.length * 4096) / 2 ** 20);
+  const origins = await within(STEP_TIMEOUT_MS, 'guest page owners', framesByOrigin(kid, frames));
+  for (const [origin, pages] of Object.entries(origins.counts)) sample(engine, `childGuestPages${when}_${origin}MiB`, (pages * 4096) / 2 ** 20);
+  if (origins.kernelPages.length > 0) note(engine, `kernel image pages written, ${when}: ${origins.kernelPages.join('; ')}`);
+}
+
+/** The guest kernel's memory settings as the parent runs with them (the vmm engine's command line sets some). */
+async function noteGuestKernelSettings(engine: EngineUnderTest, parent: Sandbox): Promise<void> {
+  const files = ['/sys/kernel/mm/transparent_hugepage/enabled', '/proc/sys/kernel/watchdog', '/proc/sys/vm/stat_interval', '/proc/sys/vm/compaction_proactiveness'];
+  const r = await within(STEP_TIMEOUT_MS, 'guest kernel settings', parent.commands.run(files.map((f) => `echo ${f}: $(cat ${f})`).join('; ')));
+  note(engine, `guest kernel: ${r.stdout.trim().split('\n').join(', ')}`);
+}
+
 async function benchEngine(engine: EngineUnderTest, plan: VmmBenchPlan): Promise<void> {
   try {
     await coldBoots(engine, plan);
@@ -207,8 +266,10 @@ async function benchEngine(engine: EngineUnderTest, plan: VmmBenchPlan): Promise
     started.add(parent);
     const warm = await within(STEP_TIMEOUT_MS, 'warm-up', parent.runCode('counter = 41\ncounter'));
     if (warm.value !== '41') throw new Error(`the parent's interpreter answered ${JSON.stringify(warm.value)}`);
+    await noteGuestKernelSettings(engine, parent);
     // The largest forks last: one that does not fit may leave the parent unable to fork again.
     await fanouts(engine, plan, parent, plan.fanouts.filter((n) => n <= 10));
+    await childMemory(engine, plan, parent);
     await depths(engine, plan, parent);
     await fanouts(engine, plan, parent, plan.fanouts.filter((n) => n > 10));
   } catch (err) {

@@ -16,6 +16,8 @@ export type VmmBenchOptions = VmmBenchPlan & {
   runnerMemoryMiB: number;
   /** Limit for the whole runner run, boot included, ms. */
   timeoutMs: number;
+  /** The guest image both engines boot (a name or digest prefix here; it is the runner's default image). */
+  image?: string;
   log?: (line: string) => void;
 };
 
@@ -43,9 +45,9 @@ export type VmmBenchResult = {
 const PAYLOAD = 'dist/bench/vmm-payload.js';
 
 /** What the runner needs to run the SDK on both engines: clade itself and QEMU. */
-async function carries(): Promise<Carry[]> {
+async function carries(image: string | undefined): Promise<Carry[]> {
   if (!existsSync(join(packageRoot(), PAYLOAD))) throw new CladeError('unavailable', `${join(packageRoot(), PAYLOAD)} is missing: run \`npm run build\` first`);
-  return [...(await cladeCarry()), ...(await qemuCarry())];
+  return [...(await cladeCarry({ daemon: true, image })), ...(await qemuCarry())];
 }
 
 /** Reads the payload's lines (src/bench/vmm-payload.ts) as they stream out of the runner. */
@@ -89,10 +91,10 @@ export async function benchVmm(opts: VmmBenchOptions): Promise<VmmBenchResult> {
   const log = opts.log ?? (() => undefined);
   const plan: VmmBenchPlan = { engines: opts.engines, runs: opts.runs, fanoutRuns: opts.fanoutRuns, fanouts: opts.fanouts, largeFanoutRuns: opts.largeFanoutRuns, depths: opts.depths, depthRuns: opts.depthRuns, guestMiB: opts.guestMiB };
   const reader = new PayloadReader(log);
-  log(`booting a runner (${opts.runnerMemoryMiB} MiB) with Node.js, QEMU, clade-vmm and the default image`);
+  log(`booting a runner (${opts.runnerMemoryMiB} MiB) with Node.js, QEMU, clade-vmm and the image ${opts.image ?? 'default'}`);
   const env = `CLADE_HOME=${CLADE_IN_RUNNER.home} CLADE_QEMU=${GUEST_PATHS.qemu}`;
   const r = await runInRunner({
-    carry: await carries(),
+    carry: await carries(opts.image),
     command: `${env} ${GUEST_PATHS.node} ${CLADE_IN_RUNNER.package}/${PAYLOAD} ${shellQuote(JSON.stringify(plan))}`,
     memoryMiB: opts.runnerMemoryMiB,
     timeoutMs: opts.timeoutMs,
@@ -132,6 +134,27 @@ export async function benchVmm(opts: VmmBenchOptions): Promise<VmmBenchResult> {
 
 type Row = { key: string; label: string; unit: 'ms' | 'µs' | 'MiB' };
 
+/** Owners of the guest pages a vmm child wrote (src/bench/guest-pages.ts), in table order. */
+const GUEST_PAGE_ORIGINS = [
+  ['interpreterWorkerHeap', 'Python worker (runs the code): heap'],
+  ['interpreterWorkerLibraries', 'Python worker: libraries\' data'],
+  ['interpreterWorkerStack', 'Python worker: stack'],
+  ['interpreterSupervisorHeap', 'Python supervisor: heap'],
+  ['interpreterSupervisorLibraries', 'Python supervisor: libraries\' data'],
+  ['interpreterSupervisorStack', 'Python supervisor: stack'],
+  ['agent', 'guest agent'],
+  ['otherProcesses', 'other processes'],
+  ['kernelData', 'kernel image: data'],
+  ['kernelBss', 'kernel image: bss'],
+  ['kernelSlab', 'kernel slab'],
+  ['kernelPageTables', 'page tables'],
+  ['kernelReserved', 'other reserved kernel memory'],
+  ['kernelOther', 'other kernel memory (per-CPU, vmalloc, stacks, free blocks)'],
+  ['tmpfs', 'tmpfs and shared memory'],
+  ['pageCache', 'page cache'],
+  ['freed', 'freed again'],
+] as const;
+
 /** The table's rows in order; metrics not listed here follow under their own names. */
 function rowsFor(plan: VmmBenchPlan): Row[] {
   const rows: Row[] = [{ key: 'coldBootToResultMs', label: '(1) cold boot -> first command result', unit: 'ms' }];
@@ -149,7 +172,18 @@ function rowsFor(plan: VmmBenchPlan): Row[] {
   for (const d of plan.depths) rows.push({ key: `depth${d}Ms`, label: `(4) fork at depth ${d} -> result`, unit: 'ms' });
   for (const d of plan.depths) rows.push({ key: `depth${d}PromoteMs`, label: `(4) qemu: RAM copy in the fork at depth ${d} (part of the line above)`, unit: 'ms' });
   for (const d of plan.depths) rows.push({ key: `depth${d}HostForkWorkUs`, label: `(4) host fork work at depth ${d}`, unit: 'µs' });
-  rows.push({ key: 'childPssMiB', label: '(5) child PSS after one command (fork of 10)', unit: 'MiB' });
+  rows.push(
+    { key: 'parentRssBeforeForkMiB', label: '(5) parent resident memory before the fork of 10 (each child\'s PSS holds 1/11 of what stays shared)', unit: 'MiB' },
+    { key: 'childIdlePssMiB', label: '(5) child PSS, idle after its fixups (fork of 10)', unit: 'MiB' },
+    { key: 'childIdlePrivateMiB', label: '(5) child private memory (what it alone holds), idle after its fixups', unit: 'MiB' },
+    { key: 'childPssMiB', label: '(5) child PSS after one command (fork of 10)', unit: 'MiB' },
+    { key: 'childPrivateMiB', label: '(5) child private memory after one command', unit: 'MiB' },
+  );
+  for (const when of ['Idle', 'AfterCommand']) {
+    rows.push({ key: `childGuestPages${when}MiB`, label: `(5) vmm: guest pages the child wrote${when === 'Idle' ? ', idle' : ', after one command'}`, unit: 'MiB' });
+    for (const [origin, what] of GUEST_PAGE_ORIGINS)
+      rows.push({ key: `childGuestPages${when}_${origin}MiB`, label: `    · ${what}`, unit: 'MiB' });
+  }
   for (const n of plan.fanouts) rows.push({ key: `fork${n}ParentPauseMs`, label: `(6) parent pause, fork of ${n}`, unit: 'ms' });
   for (const d of plan.depths) rows.push({ key: `depth${d}ParentPauseMs`, label: `(6) parent pause, fork at depth ${d}`, unit: 'ms' });
   return rows;
@@ -157,7 +191,7 @@ function rowsFor(plan: VmmBenchPlan): Row[] {
 
 function format(value: number | undefined, unit: Row['unit']): string {
   if (value === undefined || !Number.isFinite(value)) return '-';
-  return unit === 'µs' ? value.toFixed(0) : value.toFixed(1);
+  return unit === 'µs' ? value.toFixed(0) : unit === 'MiB' && value < 10 ? value.toFixed(2) : value.toFixed(1);
 }
 
 /** The result as table rows: metric, then median / p90 / n for each engine. */

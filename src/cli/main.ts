@@ -13,6 +13,7 @@ import { Template, type TemplateSpec } from '../sdk/templates.js';
 import { runDemo } from './demo.js';
 import { runChecks } from './doctor.js';
 import { runServe, serveCommand } from './serve.js';
+import { runMcpStdio } from '../mcp/stdio.js';
 import { findDaemon, forkAction, psAction, runViaDaemon, snapshotSandboxAction } from './daemon-commands.js';
 import { emit, mib, progressPrinter, reportError, table } from './output.js';
 import { registerRunnerCommands } from './runner.js';
@@ -272,6 +273,10 @@ export function buildProgram(): Command {
     );
 
   program.addCommand(serveCommand().action(action((_json, flags: Parameters<typeof runServe>[0]) => runServe(flags))));
+  program
+    .command('mcp')
+    .description('an MCP server on stdio (tools: create, run, code, files, fork, snapshot, list, kill): through the running daemon if one answers, else sandboxes in this process (docs/mcp.md)')
+    .action(action(async () => runMcpStdio()));
 
   program
     .command('demo')
@@ -345,8 +350,9 @@ export function buildProgram(): Command {
     .option('--guest-memory <mib>', 'guest RAM of every sandbox', (v) => parseInt(v, 10), 512)
     .option('--runner-memory <mib>', 'runner RAM (at most 12288)', (v) => parseInt(v, 10), 8192)
     .option('--timeout <ms>', 'limit for the whole runner run', (v) => parseInt(v, 10), 1_800_000)
+    .option('--image <ref>', 'guest image both engines boot', 'default')
     .action(
-      action(async (json: boolean, opts: { runs: number; fanouts: number[]; fanoutRuns: number; largeFanoutRuns: number; depths: number[]; depthRuns: number; engines: EngineUnderTest[]; guestMemory: number; runnerMemory: number; timeout: number }) => {
+      action(async (json: boolean, opts: { runs: number; fanouts: number[]; fanoutRuns: number; largeFanoutRuns: number; depths: number[]; depthRuns: number; engines: EngineUnderTest[]; guestMemory: number; runnerMemory: number; timeout: number; image: string }) => {
         if (!(opts.runnerMemory >= 2048 && opts.runnerMemory <= 12288)) throw new CladeError('bad_request', `--runner-memory must be from 2048 to 12288 MiB, got ${opts.runnerMemory}`);
         const { guestMemory, runnerMemory, timeout, ...plan } = opts;
         const r = await benchVmm({ ...plan, guestMiB: guestMemory, runnerMemoryMiB: runnerMemory, timeoutMs: timeout, log: (l) => !json && process.stderr.write(l + '\n') });

@@ -18,6 +18,9 @@ export type CommandResult = {
 export type CommandOptions = {
   onStdout?: (data: string) => void;
   onStderr?: (data: string) => void;
+  /** The output's bytes as they arrive, undecoded (binary output, or a client that wants bytes). */
+  onStdoutBytes?: (data: Buffer) => void;
+  onStderrBytes?: (data: Buffer) => void;
   cwd?: string;
   envs?: Record<string, string>;
   /** Kill the command after this long (default 60 s; 0 = never). */
@@ -132,7 +135,10 @@ export async function runCommand(host: CommandHost, cmd: string | string[], opts
       timeoutMs: opts.timeoutMs ?? DEFAULT_TIMEOUT_MS,
       stdin: keepStdin,
     },
-    { onStdout: (d) => out.push(d), onStderr: (d) => err.push(d) },
+    {
+      onStdout: (d) => (out.push(d), opts.onStdoutBytes?.(d)),
+      onStderr: (d) => (err.push(d), opts.onStderrBytes?.(d)),
+    },
   );
   if (typeof opts.stdin === 'string' || opts.stdin instanceof Uint8Array) {
     handle.writeStdin(Buffer.from(opts.stdin));

@@ -14,6 +14,8 @@ export type InterpreterHost = {
   interpreter?: InterpreterSession;
   /** Exec id of the persistent interpreter, once started (a fork's child inherits it). */
   interpreterExecId?: number;
+  /** Working directory the interpreter starts in (default: the agent's). */
+  readonly interpreterCwd?: string;
 };
 
 export type CodeResult = {
@@ -330,7 +332,7 @@ async function startInterpreter(sb: InterpreterHost): Promise<InterpreterSession
   let session: InterpreterSession | undefined;
   // Nothing is asked of the interpreter before it exists, so output before then is only noise.
   const handle = await sb.agent.exec(
-    { argv: INTERPRETER, stdin: true, env: { ...sb.env, PYTHONUNBUFFERED: '1' } },
+    { argv: INTERPRETER, stdin: true, env: { ...sb.env, PYTHONUNBUFFERED: '1' }, ...(sb.interpreterCwd !== undefined ? { cwd: sb.interpreterCwd } : {}) },
     { onStdout: (d) => session?.onStdout(d), onStderr: (d) => session?.onStderr(d) },
   );
   session = new InterpreterSession(sb, handle.id);

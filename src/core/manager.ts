@@ -15,7 +15,7 @@ import { attachInterpreter, reseedInterpreter } from './interpreter.js';
 import { reapOrphans, removeMemoryDirIfEmpty } from './reaper.js';
 import { readTemplate } from './template-store.js';
 import type { SandboxRecord } from './records.js';
-import { LiveSandbox, newSandboxId, sandboxDir } from './sandbox.js';
+import { LiveSandbox, type NamedInterpreterRecord, newSandboxId, sandboxDir } from './sandbox.js';
 import { assertSnapshotEngine, assertTagFree, commitSnapshot, openSnapshot, readSnapshotMeta, type SnapshotMeta, stagingDir } from './snapshots.js';
 
 export type { EngineName, ForkTimings } from '../engines/engine.js';
@@ -51,6 +51,8 @@ type GuestOrigin = {
   token: Buffer;
   nextId: number;
   interpreterExecId: number | undefined;
+  /** Named interpreters running in the guest (not kept in persistent snapshots). */
+  namedInterpreters?: NamedInterpreterRecord[];
   shape: MachineShape;
   env: Record<string, string>;
   parentId: string | undefined;
@@ -330,6 +332,7 @@ export class SandboxManager {
     if (rec.snapshotTag) sb.snapshotTag = rec.snapshotTag;
     this.register(sb);
     if (rec.interpreterExecId) attachInterpreter(sb, rec.interpreterExecId);
+    for (const n of rec.namedInterpreters ?? []) attachInterpreter(sb.namedInterpreter(n.name, n.cwd), n.execId);
     return sb;
   }
 
@@ -343,6 +346,7 @@ export class SandboxManager {
       ...(sb.parentId ? { parentId: sb.parentId } : {}),
       ...(sb.snapshotTag ? { snapshotTag: sb.snapshotTag } : {}),
       ...(sb.interpreterExecId ? { interpreterExecId: sb.interpreterExecId } : {}),
+      ...(sb.startedInterpreters().length ? { namedInterpreters: sb.startedInterpreters() } : {}),
       agentIdCursor: sb.agent.idCursor,
       createdAt: sb.createdAt.toISOString(),
       expiresAt,
@@ -387,7 +391,7 @@ export class SandboxManager {
   }
 
   private originOf(sb: LiveSandbox, snapshotTag: string | undefined): GuestOrigin {
-    return { token: sb.token, nextId: sb.agent.idCursor, interpreterExecId: sb.interpreterExecId, shape: sb.shape, env: sb.env, parentId: sb.id, snapshotTag };
+    return { token: sb.token, nextId: sb.agent.idCursor, interpreterExecId: sb.interpreterExecId, namedInterpreters: sb.startedInterpreters(), shape: sb.shape, env: sb.env, parentId: sb.id, snapshotTag };
   }
 
   /** Ids and run directories for new VMs, and cleanup of those an engine did not use. */
@@ -424,6 +428,7 @@ export class SandboxManager {
       this.register(sb);
       // Queued ahead of any runCode the caller sends next; no need to wait for it here.
       if (origin.interpreterExecId) void reseedInterpreter(sb, origin.interpreterExecId).catch(() => undefined);
+      for (const n of origin.namedInterpreters ?? []) void reseedInterpreter(sb.namedInterpreter(n.name, n.cwd), n.execId).catch(() => undefined);
       return sb;
     } catch (err) {
       agent.close();

@@ -37,6 +37,16 @@ export const SandboxRecordSchema = Type.Object(
     parentId: Type.Optional(SandboxId),
     snapshotTag: Type.Optional(Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' })),
     interpreterExecId: Type.Optional(Type.Integer({ minimum: 1, maximum: 0xffff_ffff })),
+    /** Persistent interpreters besides the sandbox's own (E2B code contexts), by name. */
+    namedInterpreters: Type.Optional(
+      Type.Array(
+        Type.Object(
+          { name: Type.String({ pattern: '^[A-Za-z0-9._-]{1,64}$' }), execId: Type.Integer({ minimum: 1, maximum: 0xffff_ffff }), cwd: Type.Optional(Type.String({ maxLength: 4096 })) },
+          { additionalProperties: false },
+        ),
+        { maxItems: 256 },
+      ),
+    ),
     /** Request ids at or above this are unused by the guest's agent. */
     agentIdCursor: Type.Integer({ minimum: 1, maximum: 0xffff_ffff }),
     createdAt: Type.String({ maxLength: 64 }),

@@ -27,6 +27,8 @@ export class LiveSandbox implements CommandHost, InterpreterHost {
   private exclusiveTail: Promise<unknown> = Promise.resolve();
   interpreter?: InterpreterSession;
   interpreterExecId?: number;
+  /** Persistent interpreters besides the sandbox's own, by name: processes of their own, forked with the sandbox. */
+  readonly interpreters = new Map<string, NamedInterpreter>();
   /** The persistent snapshot this sandbox descends from, if any. */
   snapshotTag?: string;
   /**
@@ -58,6 +60,21 @@ export class LiveSandbox implements CommandHost, InterpreterHost {
 
   get engineName(): EngineName {
     return this.vm.engine;
+  }
+
+  /** The named interpreters whose process has started: what a fork's child or a restarted daemon attaches to. */
+  startedInterpreters(): NamedInterpreterRecord[] {
+    return [...this.interpreters.values()].flatMap((n) => (n.interpreterExecId ? [{ name: n.name, execId: n.interpreterExecId, ...(n.interpreterCwd !== undefined ? { cwd: n.interpreterCwd } : {}) }] : []));
+  }
+
+  /** The named interpreter `name`, made (not yet started: the first runCode starts it) if there is none. */
+  namedInterpreter(name: string, cwd?: string): NamedInterpreter {
+    let named = this.interpreters.get(name);
+    if (!named) {
+      named = new NamedInterpreter(this, name, cwd);
+      this.interpreters.set(name, named);
+    }
+    return named;
   }
 
   /**
@@ -97,5 +114,40 @@ export class LiveSandbox implements CommandHost, InterpreterHost {
     void vm.exited.then(() => {
       if (this.vm === vm && !this.killing) void this.kill();
     });
+  }
+}
+
+/** A named interpreter's process in the guest, as a child or a record knows it. */
+export type NamedInterpreterRecord = { name: string; execId: number; cwd?: string };
+
+/**
+ * A persistent interpreter of a sandbox besides its own (runCode's): its own
+ * Python process and namespace in the same guest, started on first use. It
+ * is part of the guest, so a fork's children have it too.
+ */
+export class NamedInterpreter implements InterpreterHost {
+  interpreter?: InterpreterSession;
+  interpreterExecId?: number;
+
+  constructor(
+    private readonly sandbox: LiveSandbox,
+    readonly name: string,
+    readonly interpreterCwd?: string,
+  ) {}
+
+  get id(): string {
+    return this.sandbox.id;
+  }
+
+  get agent(): AgentClient {
+    return this.sandbox.agent;
+  }
+
+  get env(): Record<string, string> {
+    return this.sandbox.env;
+  }
+
+  get alive(): boolean {
+    return this.sandbox.alive;
   }
 }

@@ -90,10 +90,10 @@ export const CLADE_IN_RUNNER = { package: '/opt/clade', home: '/root/clade-home'
  * clade itself, for a payload that runs it inside the runner (the SDK or the
  * daemon on the vmm engine): this Node.js, the built package (package.json,
  * bin/, dist/), clade-vmm, a static kvm-probe, with `daemon` the npm packages
- * the daemon needs at run time, and the default image in a clade home of its
- * own (CLADE_IN_RUNNER.home).
+ * the daemon needs at run time, and the image `image` ("default" unless told)
+ * as the default image of a clade home of its own (CLADE_IN_RUNNER.home).
  */
-export async function cladeCarry(opts: { daemon?: boolean } = {}): Promise<Carry[]> {
+export async function cladeCarry(opts: { daemon?: boolean; image?: string } = {}): Promise<Carry[]> {
   const root = packageRoot();
   const pkg = CLADE_IN_RUNNER.package;
   const vmm = join(root, 'native', 'vmm', 'build', 'clade-vmm');
@@ -110,11 +110,11 @@ export async function cladeCarry(opts: { daemon?: boolean } = {}): Promise<Carry
     ...(opts.daemon ? runtimePackages(root).map((path) => ({ hostPath: join(root, path), guestPath: `${pkg}/${path}` })) : []),
     { hostPath: vmm, guestPath: `${pkg}/native/vmm/build/clade-vmm` },
     { ...probe, guestPath: `${pkg}/native/kvm-probe/build/kvm-probe` },
-    ...(await imageInHome('default', CLADE_IN_RUNNER.home)),
+    ...(await imageInHome(opts.image ?? 'default', CLADE_IN_RUNNER.home)),
   ];
 }
 
-/** An image as `clade image build` leaves it in a clade home (with its vmlinux for clade-vmm), named "default" there. */
+/** An image as `clade image build` leaves it in a clade home (with its vmlinux for clade-vmm), named "default" there whatever its name here. */
 async function imageInHome(ref: string, home: string): Promise<Carry[]> {
   const image = resolveImage(ref);
   const vmlinux = await ensureVmlinux(image);

@@ -2,11 +2,11 @@ import { request } from 'node:http';
 import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { spawnSync } from 'node:child_process';
 import { CladeError } from '../../src/util/errors.js';
 import { Sandbox } from '../../src/sdk/index.js';
 import { TestDaemon } from '../helpers/daemon.js';
 import { leftNothing, remains, vmPids, waitFor } from '../helpers/leaks.js';
+import { run } from '../helpers/run.js';
 
 const MAIN = join(import.meta.dirname, '../../src/cli/main.ts');
 
@@ -239,19 +239,20 @@ describe('clade serve (HTTP API, real VMs)', () => {
     expect((await failure(c.json('POST', `/v1/sandboxes/${parent.sandboxId}/exec`, { cmd: 'cat', stdin: true }))).code).toBe('bad_request');
   });
 
-  it('the CLI lists, forks and runs through the daemon', () => {
+  it('the CLI lists, forks and runs through the daemon', async () => {
     const env = { ...process.env, CLADE_DAEMON: `unix://${daemon.socket}` };
-    const cli = (args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', MAIN, '--json', ...args], { encoding: 'utf8', env, timeout: 120_000 });
-    expect((JSON.parse(cli(['ps']).stdout) as View[]).map((s) => s.sandboxId)).toContain(parent.sandboxId);
-    const forked = cli(['fork', parent.sandboxId, '-n', '1']);
+    const clade = (args: string[], cliEnv: NodeJS.ProcessEnv = env) => run(process.execPath, ['--import', 'tsx', MAIN, ...args], { env: cliEnv, timeoutMs: 120_000 });
+    const cli = (args: string[]) => clade(['--json', ...args]);
+    expect((JSON.parse((await cli(['ps'])).stdout) as View[]).map((s) => s.sandboxId)).toContain(parent.sandboxId);
+    const forked = await cli(['fork', parent.sandboxId, '-n', '1']);
     expect(forked.status).toBe(0);
     const [kid] = JSON.parse(forked.stdout) as { sandboxId: string }[];
     created.add(kid!.sandboxId);
-    expect(spawnSync(process.execPath, ['--import', 'tsx', MAIN, 'ps'], { encoding: 'utf8', env }).stdout).toContain(kid!.sandboxId);
-    const run = spawnSync(process.execPath, ['--import', 'tsx', MAIN, 'run', '--', 'sh', '-c', 'echo via-daemon; exit 3'], { encoding: 'utf8', env, timeout: 120_000 });
-    expect(run.stdout).toBe('via-daemon\n');
-    expect(run.status).toBe(3);
-    const noDaemon = spawnSync(process.execPath, ['--import', 'tsx', MAIN, 'ps'], { encoding: 'utf8', env: { ...process.env, CLADE_HOME: daemon.dir } });
+    expect((await clade(['ps'])).stdout).toContain(kid!.sandboxId);
+    const ran = await clade(['run', '--', 'sh', '-c', 'echo via-daemon; exit 3']);
+    expect(ran.stdout).toBe('via-daemon\n');
+    expect(ran.status).toBe(3);
+    const noDaemon = await clade(['ps'], { ...process.env, CLADE_HOME: daemon.dir });
     expect(noDaemon.status).toBe(1);
     expect(noDaemon.stderr).toMatch(/start one with `clade serve`/);
     return daemon.client().json('DELETE', `/v1/sandboxes/${kid!.sandboxId}`);

@@ -211,8 +211,9 @@ describe('InterpreterSession', () => {
     s.onStderr(marker(first.nonce, 'end'));
     const r = await first.result;
     expect(r.truncated?.stdout).toBe(100 * 1024 * 1024 - MAX_CAPTURE_BYTES);
-    // Growing the capture copies it once into a buffer twice its size; V8 frees the old one in the background.
-    expect(peak).toBeLessThan(2 * MAX_CAPTURE_BYTES + 4 * 1024 * 1024);
+    // Growing the capture copies it once into a buffer twice its size; V8 frees the old one (and the
+    // chunks fed so far) in the background, so a few chunks may still count: 100 MB went in.
+    expect(peak).toBeLessThan(2 * MAX_CAPTURE_BYTES + 12 * 1024 * 1024);
 
     // A marker with the right nonce whose line never ends: cut at the payload limit.
     const second = await start(s, f);

@@ -19,7 +19,7 @@ export class TestDaemon {
   constructor(private readonly extraArgs: string[] = []) {}
 
   async start(): Promise<void> {
-    const args = ['--import', 'tsx', MAIN, 'serve', '--socket', this.socket, '--state-dir', this.stateDir, '--token-file', this.tokenFile, '--listen', '127.0.0.1:0', ...this.extraArgs];
+    const args = ['--import', 'tsx', MAIN, 'serve', '--socket', this.socket, '--state-dir', this.stateDir, '--token-file', this.tokenFile, '--listen', '127.0.0.1:0', '--owner-pid', String(process.pid), ...this.extraArgs];
     const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     this.proc = proc;
     proc.stderr!.on('data', (d: Buffer) => (this.log += d.toString()));

@@ -1,8 +1,8 @@
-import { spawn, spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { defaultManager, killSandboxesOnExit } from '../../src/core/default.js';
 import { leftNothing } from '../helpers/leaks.js';
+import { run } from '../helpers/run.js';
 
 const root = join(import.meta.dirname, '../..');
 const smoke = join(root, 'native/agent/test/smoke.py');
@@ -11,8 +11,8 @@ const smoke = join(root, 'native/agent/test/smoke.py');
 // oversized and unauthenticated frames, realignment after a host's partial
 // frame), run against the real binary in development mode over a socketpair.
 describe('guest agent', () => {
-  it('passes its protocol self-check', () => {
-    const r = spawnSync('python3', [smoke], { encoding: 'utf8', timeout: 120_000, cwd: root });
+  it('passes its protocol self-check', async () => {
+    const r = await run('python3', [smoke], { timeoutMs: 120_000, cwd: root });
     expect(r.stdout + r.stderr).toMatch(/PASS: \d+ checks, 0 failed/);
     expect(r.status).toBe(0);
   });
@@ -26,9 +26,10 @@ describe('guest agent', () => {
     try {
       sb.agent.close(); // the port takes one host connection at a time
       const checks = ['hello', 'exec_exit_code', 'streams', 'resync_payload', 'resync_header', 'resync_tail', 'resync_split', 'resync_too_large', 'resync_same_id', 'resync_write', 'resync_no_false_alarm', 'reconnect', 'fork_fixup'];
-      const out = await run('python3', [smoke, '--socket', sb.vm.agentSocket, '--token', sb.token.toString('hex'), '--id', sb.id, '--only', checks.join(',')]);
-      expect(out.text).toMatch(/PASS: \d+ checks, 0 failed/);
-      expect(out.text).toMatch(/reconnects, [1-9]\d* before the agent noticed the close/);
+      const out = await run('python3', [smoke, '--socket', sb.vm.agentSocket, '--token', sb.token.toString('hex'), '--id', sb.id, '--only', checks.join(',')], { cwd: root, timeoutMs: 170_000 });
+      const text = out.stdout + out.stderr;
+      expect(text).toMatch(/PASS: \d+ checks, 0 failed/);
+      expect(text).toMatch(/reconnects, [1-9]\d* before the agent noticed the close/);
       expect(out.status).toBe(0);
     } finally {
       await sb.kill();
@@ -37,14 +38,3 @@ describe('guest agent', () => {
   });
 });
 
-/** Runs a program without blocking the event loop (the sandbox's VM is watched from it). */
-function run(cmd: string, args: string[]): Promise<{ status: number | null; text: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { cwd: root, stdio: ['ignore', 'pipe', 'pipe'], timeout: 170_000 });
-    let text = '';
-    child.stdout.on('data', (d: Buffer) => (text += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (text += d.toString()));
-    child.on('error', reject);
-    child.on('close', (status) => resolve({ status, text }));
-  });
-}

@@ -1,17 +1,14 @@
-import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { expect } from 'vitest';
+import { make, run } from '../helpers/run.js';
 import { CLADE_IN_RUNNER, cladeCarry, runInRunner, runnerTraces } from './harness.js';
 
 const root = join(import.meta.dirname, '../..');
 
 /** What the runner carries is built from the working tree: clade-vmm, kvm-probe and dist/. */
-function buildAll(): void {
-  for (const target of ['native/vmm', 'native/kvm-probe']) {
-    const build = spawnSync('make', ['-s', '-C', join(root, target)], { encoding: 'utf8' });
-    expect(build.status, build.stderr).toBe(0);
-  }
-  const tsc = spawnSync('npx', ['tsc', '-p', 'tsconfig.json'], { cwd: root, encoding: 'utf8' });
+async function buildAll(): Promise<void> {
+  for (const target of ['native/vmm', 'native/kvm-probe']) await make(join(root, target));
+  const tsc = await run('npx', ['tsc', '-p', 'tsconfig.json'], { cwd: root });
   expect(tsc.status, tsc.stdout + tsc.stderr).toBe(0);
 }
 
@@ -24,7 +21,7 @@ function buildAll(): void {
  * stage reached.
  */
 export async function runCladePayload(script: string, opts: { required: string[]; timeoutMs: number }): Promise<void> {
-  buildAll();
+  await buildAll();
   const pkg = CLADE_IN_RUNNER.package;
   const before = runnerTraces();
   const r = await runInRunner({

@@ -1,8 +1,8 @@
-import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { resolveImage } from '../../src/images/store.js';
 import { ensureVmlinux } from '../../src/images/vmlinux.js';
+import { make } from '../helpers/run.js';
 import { runInRunner, runnerAvailable, runnerTraces } from './harness.js';
 
 // clade-vmm boots the default image (PVH, ACPI MADT, serial, virtio-console)
@@ -21,8 +21,7 @@ const TIMEOUT_MS = 480_000;
 
 describe('clade-vmm boots Linux and forks it (runner)', () => {
   it.skipIf(!runnerAvailable())('boots the default image, answers, forks to depth 3', async () => {
-    const build = spawnSync('make', ['-s', '-C', join(root, 'native/vmm')], { encoding: 'utf8' });
-    expect(build.status, build.stderr).toBe(0);
+    await make(join(root, 'native/vmm'));
     const image = resolveImage('default');
     const vmlinux = await ensureVmlinux(image);
     const before = runnerTraces();

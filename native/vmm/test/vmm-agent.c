@@ -44,11 +44,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MAGIC "CLD1"
-#define FRAME_MAX (1u << 20)
-#define TOKEN_LEN 32
-enum { HELLO = 1, EXEC = 2, FORK_FIXUP = 14, OK = 0x80, ERROR = 0x81, STDOUT = 0x82, STDERR = 0x83, EXIT = 0x84 };
-enum { SHELL = 2, EXIT_CODE = 8, SEED = 25, TIME_NS = 26, HOSTNAME = 27, SANDBOX_ID = 28, NEW_TOKEN = 29, MESSAGE = 21 };
+#include "../../agent/protocol.h" /* message types and field tags, generated from protocol.json */
+
+#define MAGIC PROTO_MAGIC
 
 static uint8_t frame[FRAME_MAX + 16];
 
@@ -154,12 +152,12 @@ static int hello(const char *path, const uint8_t *token, double timeout_ms, int 
             continue;
         }
         for (int tries = 0; tries < 5 && now_ms() < deadline; tries++, id++) {
-            if (send_frame(fd, HELLO, id, token, NULL, 0) < 0) break;
+            if (send_frame(fd, T_HELLO, id, token, NULL, 0) < 0) break;
             uint8_t type;
             uint32_t rid, len;
             double until = now_ms() + 1000 < deadline ? now_ms() + 1000 : deadline;
             while (recv_frame(fd, &type, &rid, &len, until) == 0) {
-                if (rid == id && type == OK) {
+                if (rid == id && type == T_OK) {
                     fprintf(stderr, "hello ok after %.1f ms (agent uptime %lld ms)\n", now_ms() - start, (long long)field_i64(frame, len, 32, -1));
                     *fd_out = fd;
                     return 0;
@@ -177,18 +175,18 @@ static int exec_shell(int fd, const uint8_t *token, const char *cmd, double time
     static uint8_t body[8192];
     size_t n = strlen(cmd);
     if (n + 6 > sizeof body) return -1;
-    uint32_t len = (uint32_t)put_field(body, SHELL, cmd, (uint32_t)n), id = 1000;
-    if (send_frame(fd, EXEC, id, token, body, len) < 0) return -1;
+    uint32_t len = (uint32_t)put_field(body, F_SHELL, cmd, (uint32_t)n), id = 1000;
+    if (send_frame(fd, T_EXEC, id, token, body, len) < 0) return -1;
     double deadline = now_ms() + timeout_ms;
     for (;;) {
         uint8_t type;
         uint32_t rid, flen;
         if (recv_frame(fd, &type, &rid, &flen, deadline) < 0) return fprintf(stderr, "vmm-agent: exec: no answer\n"), -1;
         if (rid != id) continue;
-        if (type == STDOUT) fwrite(frame, 1, flen, stdout);
-        if (type == STDERR) fwrite(frame, 1, flen, stderr);
-        if (type == ERROR) return fprintf(stderr, "vmm-agent: exec refused\n"), -1;
-        if (type == EXIT) return fflush(stdout), (int)field_i64(frame, flen, EXIT_CODE, -1);
+        if (type == T_STDOUT) fwrite(frame, 1, flen, stdout);
+        if (type == T_STDERR) fwrite(frame, 1, flen, stderr);
+        if (type == T_ERROR) return fprintf(stderr, "vmm-agent: exec refused\n"), -1;
+        if (type == T_EXIT) return fflush(stdout), (int)field_i64(frame, flen, F_EXIT_CODE, -1);
     }
 }
 
@@ -199,18 +197,18 @@ static int fixup(int fd, const uint8_t *token, const uint8_t *new_token, const c
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     int64_t tns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-    size_t len = put_field(body, SEED, seed, sizeof seed);
-    len += put_field(body + len, TIME_NS, &tns, 8);
-    len += put_field(body + len, HOSTNAME, hostname, (uint32_t)strlen(hostname));
-    len += put_field(body + len, SANDBOX_ID, id, (uint32_t)strlen(id));
-    len += put_field(body + len, NEW_TOKEN, new_token, TOKEN_LEN);
-    if (send_frame(fd, FORK_FIXUP, 2000, token, body, (uint32_t)len) < 0) return -1;
+    size_t len = put_field(body, F_SEED, seed, sizeof seed);
+    len += put_field(body + len, F_TIME_NS, &tns, 8);
+    len += put_field(body + len, F_HOSTNAME, hostname, (uint32_t)strlen(hostname));
+    len += put_field(body + len, F_SANDBOX_ID, id, (uint32_t)strlen(id));
+    len += put_field(body + len, F_NEW_TOKEN, new_token, TOKEN_LEN);
+    if (send_frame(fd, T_FORK_FIXUP, 2000, token, body, (uint32_t)len) < 0) return -1;
     double deadline = now_ms() + 10000;
     for (;;) {
         uint8_t type;
         uint32_t rid, flen;
         if (recv_frame(fd, &type, &rid, &flen, deadline) < 0) return -1;
-        if (rid == 2000) return type == OK ? 0 : -1;
+        if (rid == 2000) return type == T_OK ? 0 : -1;
     }
 }
 
@@ -239,9 +237,9 @@ static void churn_once(const char *agent, const uint8_t *token, unsigned kind, u
     int fd = connect_unix(agent);
     if (fd < 0) return;
     if (kind == 1) {
-        uint8_t half[7] = {'C', 'L', 'D', '1', HELLO};
+        uint8_t half[7] = {'C', 'L', 'D', '1', T_HELLO};
         send_all(fd, half, sizeof half);
-    } else if (kind == 2 && send_frame(fd, HELLO, id, token, NULL, 0) == 0) {
+    } else if (kind == 2 && send_frame(fd, T_HELLO, id, token, NULL, 0) == 0) {
         uint8_t type;
         uint32_t rid, len;
         recv_frame(fd, &type, &rid, &len, now_ms() + 50 + rand() % 400);

@@ -26,6 +26,16 @@ const FORK_REPLY_TIMEOUT_MS = 90_000;
 const RESTORE_CONCURRENCY = 8;
 /** Where clade-vmm finds what it inherits: the kernel command line, or a snapshot's two files (fd numbers in the child). */
 const CMDLINE_FD = 3;
+/**
+ * Every page a forked guest writes costs its child a private copy on the host,
+ * so the guest kernel is told to leave memory alone when nobody asks it to:
+ * no transparent huge pages (a fault would clear, and khugepaged would copy,
+ * 2 MiB at a time), no proactive compaction (it moves pages between frames),
+ * no lockup watchdogs (per-CPU timers and timestamps every few seconds), and
+ * per-CPU memory counters folded every 2 minutes instead of every second
+ * (/proc/meminfo lags by up to that much). docs/vmm.md, "Memory per child".
+ */
+const QUIET_GUEST_KERNEL = ['transparent_hugepage=never', 'nowatchdog', 'sysctl.vm.stat_interval=120', 'sysctl.vm.compaction_proactiveness=0'];
 const SNAPSHOT_FDS = [3, 4] as const;
 
 export function vmmBinary(): string {
@@ -120,7 +130,7 @@ export class VmmEngine implements Engine {
     if (spec.cpus !== 1) throw new CladeError('unavailable', 'the vmm engine runs one vCPU per sandbox for now; use cpus: 1 or engine "qemu"');
     const files = runFiles(spec.runDir);
     const kernel = await ensureVmlinux(spec.image);
-    const cmdline = ['console=ttyS0', 'quiet', 'panic=-1', 'mitigations=off', 'random.trust_cpu=on', 'i8042.noaux', `clade.token=${spec.token.toString('hex')}`, `clade.id=${spec.id}`, `clade.hostname=${spec.hostname}`];
+    const cmdline = ['console=ttyS0', 'quiet', 'panic=-1', 'mitigations=off', 'random.trust_cpu=on', 'i8042.noaux', ...QUIET_GUEST_KERNEL, `clade.token=${spec.token.toString('hex')}`, `clade.id=${spec.id}`, `clade.hostname=${spec.hostname}`];
     // The command line carries the agent's token: it goes through a pipe, never into clade-vmm's own argv,
     // which every local user can read in /proc.
     const args = ['run', '--socket', files.control, '--agent-socket', files.agent, '--serial-log', files.serial, '--kernel', kernel, '--initramfs', spec.image.initramfs, '--mem-mib', String(spec.memoryMiB), '--cmdline-fd', String(CMDLINE_FD)];

@@ -3,9 +3,10 @@
 The host starts it once per sandbox and sends one JSON request per line on
 stdin: {"id": n, "nonce": "...", "code": "..."} runs code in one persistent
 namespace; {"id": n, "nonce": "...", "reseed": "<hex>"} reseeds `random` and
-`numpy.random` and freezes the inherited heap (sent to every fork's child, and
-to every sandbox started from a snapshot, before any code runs there). User output goes to stdout/stderr as it
-is produced. Each request ends with one line on stdout:
+`numpy.random` and freezes the inherited heap in both processes (sent to every
+fork's child, and to every sandbox started from a snapshot, before any code runs
+there). User output goes to stdout/stderr as it is produced. Each request ends
+with one line on stdout:
     \\x1eclade:<nonce>:<json>\\n
 where json is {"id", "value"?, "error"?: {"name", "value", "traceback"}}, and
 one line on stderr, \\x1eclade:<nonce>:end\\n, so the host knows it has all
@@ -381,6 +382,8 @@ class Supervisor:
             except ValueError:
                 continue
             if isinstance(req, dict):
+                if "reseed" in req:
+                    gc.freeze()  # this process is a fork's child too: keep the collector off what it inherited
                 self.queue.append(req)
         self.next_request()
 
@@ -475,7 +478,9 @@ def main():
         os._exit(code)
     for fd in (requests_r, control_w, out_w, err_w):
         os.close(fd)
-    sys.exit(Supervisor(pid, requests_w, control_r, out_r, err_r).serve())
+    supervisor = Supervisor(pid, requests_w, control_r, out_r, err_r)
+    gc.freeze()  # as in the worker: what start-up made is never garbage, and stays shared after a VM fork
+    sys.exit(supervisor.serve())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+import { spawn, type SpawnOptions } from 'node:child_process';
+
+export type RunResult = { status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string };
+
+/**
+ * Runs a program to its end without blocking the test's event loop. Tests must
+ * not use spawnSync for anything slow: a worker blocked for a minute misses
+ * vitest's own RPC deadline and the whole run fails with "Timeout calling
+ * onTaskUpdate" even though every test passed.
+ */
+export function run(cmd: string, args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const spawnOpts: SpawnOptions = { stdio: ['ignore', 'pipe', 'pipe'], ...(opts.cwd ? { cwd: opts.cwd } : {}), ...(opts.env ? { env: opts.env } : {}), ...(opts.timeoutMs ? { timeout: opts.timeoutMs } : {}) };
+    const child = spawn(cmd, args, spawnOpts);
+    let stdout = '';
+    let stderr = '';
+    child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    child.on('error', reject);
+    child.on('close', (status, signal) => resolve({ status, signal, stdout, stderr }));
+  });
+}
+
+/** Builds a native component (make -s -C dir) and fails the test with make's output if it does not build. */
+export async function make(dir: string): Promise<void> {
+  const r = await run('make', ['-s', '-C', dir]);
+  if (r.status !== 0) throw new Error(`make -C ${dir} failed:\n${r.stdout}${r.stderr}`);
+}
