@@ -17,6 +17,8 @@ command -v cpio >/dev/null || missing+=(cpio)
 command -v xz >/dev/null || missing+=(xz-utils)
 # clade-vmm boots the kernel's uncompressed vmlinux, extracted from the bzImage with zstd.
 command -v zstd >/dev/null || missing+=(zstd)
+# Images with a disk root filesystem (--rootfs disk, or big ones) are written as erofs.
+command -v mkfs.erofs >/dev/null || missing+=(erofs-utils)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 # Sandbox networks: passt is the user-mode TCP/IP stack behind clade-net; ip (iproute2) makes the tests' network namespace.
 command -v passt >/dev/null || missing+=(passt)

@@ -63,6 +63,10 @@ struct body {
 	size_t len;
 };
 
+/* rootfs.c */
+void boot_load_modules(void);
+void boot_switch_root(void);
+
 /* main.c */
 void log_msg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int64_t now_ms(void);

@@ -15,6 +15,7 @@ import { errorHandler } from './errors.js';
 import { Metrics } from './metrics.js';
 import { SandboxRegistry } from './registry.js';
 import { commandRoutes } from './routes/commands.js';
+import { environmentRoutes } from './routes/environments.js';
 import { fileRoutes } from './routes/files.js';
 import { sandboxRoutes } from './routes/sandboxes.js';
 import { snapshotRoutes } from './routes/snapshots.js';
@@ -111,6 +112,7 @@ export async function buildApp(ctx: DaemonContext, log: Logger, auth?: { token: 
   sandboxRoutes(app, ctx);
   commandRoutes(app, ctx);
   fileRoutes(app, ctx);
+  environmentRoutes(app, ctx);
   snapshotRoutes(app, ctx);
   for (const more of routes) more(app, ctx);
   await app.ready();

@@ -4,11 +4,13 @@ import { benchFork } from '../bench/fork.js';
 import { benchLoad, type LoadMode } from '../bench/load.js';
 import { benchVmm, vmmBenchRows, type EngineUnderTest } from '../bench/vmm.js';
 import { buildImage } from '../images/build.js';
-import { listImages, removeImage } from '../images/store.js';
+import { listImages, removeImage, type ImageSpec } from '../images/store.js';
+import { type ImageRecipe, parseEnvPairs, readRecipeFile } from '../images/recipe.js';
 import { CladeError } from '../util/errors.js';
 import type { NetworkOptions } from '../core/manager.js';
 import { listSnapshots, removeSnapshot, verifySnapshot } from '../core/snapshots.js';
 import { Sandbox } from '../sdk/sandbox.js';
+import { Template, type TemplateSpec } from '../sdk/templates.js';
 import { runDemo } from './demo.js';
 import { runChecks } from './doctor.js';
 import { runServe, serveCommand } from './serve.js';
@@ -59,27 +61,44 @@ export function buildProgram(): Command {
   const image = program.command('image').description('build and manage guest images');
   image
     .command('build')
-    .description('build the default image from Debian packages (cached by content digest)')
-    .option('--name <name>', 'name to give the image', 'default')
+    .description('build an image from Debian packages: clade\'s base plus your packages, files and env (cached by content digest)')
+    .option('--name <name>', 'name to give the image (default: the recipe\'s, else "default")')
+    .option('--recipe <file>', 'a JSON or YAML recipe: { name, packages, copy, env, rootfs }; flags add to it')
+    .addOption(new Option('--packages <list...>', 'extra Debian packages, comma-separated or repeated (their dependencies come along)').default([]))
+    .addOption(new Option('--copy <HOSTPATH:GUESTPATH...>', 'copy a host file or directory into the image (repeatable)').default([]))
+    .addOption(new Option('-e, --env <KEY=VALUE...>', 'environment variables every command in the image gets').default([]))
+    .addOption(new Option('--rootfs <kind>', 'initramfs (all in RAM), disk (read-only erofs disk with a RAM overlay) or auto (disk above 256 MiB)').choices(['initramfs', 'disk', 'auto']))
+    .option('--no-recommends', 'install only dependencies, not what your packages recommend (gcc recommends libc6-dev)')
     .option('--force', 'rebuild even if an identical image exists')
     .action(
-      action(async (json: boolean, opts: { name: string; force?: boolean }) => {
-        const r = await buildImage({ name: opts.name, force: Boolean(opts.force), progress: progressPrinter(json) });
+      action(async (json: boolean, opts: { name?: string; recipe?: string; packages: string[]; copy: string[]; env: string[]; rootfs?: 'initramfs' | 'disk' | 'auto'; recommends: boolean; force?: boolean }) => {
+        const base = opts.recipe ? readRecipeFile(opts.recipe) : {};
+        const recipe: ImageRecipe = {
+          ...base,
+          ...(opts.name ? { name: opts.name } : {}),
+          packages: [...(base.packages ?? []), ...opts.packages.flatMap((p) => p.split(','))],
+          copy: [...(base.copy ?? []), ...opts.copy],
+          env: { ...(base.env ?? {}), ...parseEnvPairs(opts.env) },
+          ...(opts.rootfs ? { rootfs: opts.rootfs } : {}),
+          ...(opts.recommends ? {} : { recommends: false }),
+        };
+        const r = await buildImage({ ...recipe, force: Boolean(opts.force), progress: progressPrinter(json) });
+        const disk = r.manifest.rootfs?.kind === 'disk' ? `, disk ${mib(r.manifest.rootfs.bytes)}` : '';
         emit(json, { ...r.manifest, cached: r.cached, seconds: r.seconds }, () =>
-          `${r.cached ? 'cached' : 'built'} image ${r.manifest.digest.slice(0, 12)} "${opts.name}" in ${r.seconds.toFixed(1)} s: kernel ${r.manifest.kernel.release}, initramfs ${mib(r.manifest.initramfsBytes)}, ${r.manifest.packages.length} packages`,
+          `${r.cached ? 'cached' : 'built'} image ${r.manifest.digest.slice(0, 12)} "${r.manifest.name}" in ${r.seconds.toFixed(1)} s: kernel ${r.manifest.kernel.release}, initramfs ${mib(r.manifest.initramfsBytes)}${disk}, ${r.manifest.packages.length} packages`,
         );
       }),
     );
   image
     .command('ls')
-    .description('list images with size and digest')
+    .description('list images with their digest, size and recipe (--json for the whole recipe)')
     .action(
       action(async (json: boolean) => {
         const images = listImages();
         emit(json, images, () =>
           images.length === 0
             ? 'no images; run `clade image build`'
-            : table([['DIGEST', 'NAMES', 'SIZE', 'KERNEL', 'CREATED'], ...images.map((i) => [i.digest.slice(0, 12), i.names.join(',') || '-', mib(i.sizeBytes), i.kernel, i.createdAt])]),
+            : table([['DIGEST', 'NAMES', 'ROOTFS', 'SIZE', 'PACKAGES', 'RECIPE', 'CREATED'], ...images.map((i) => [i.digest.slice(0, 12), i.names.join(',') || '-', i.rootfs, mib(i.sizeBytes), String(i.packageCount), describeSpec(i.spec), i.createdAt])]),
         );
       }),
     );
@@ -99,6 +118,7 @@ export function buildProgram(): Command {
     .argument('<command...>', 'the command and its arguments (put them after --)')
     .option('--image <image>', 'image name or digest', 'default')
     .option('--from-snapshot <tag>', 'resume a persistent snapshot instead of booting')
+    .option('--template <name>', 'start from a template (warm, its start command running) instead of booting')
     .option('--memory <mib>', 'guest memory in MiB', (v) => parseInt(v, 10))
     .option('--cpus <n>', 'virtual CPUs', (v) => parseInt(v, 10))
     .option('--timeout <ms>', 'kill the command after this many ms (0 = never)', (v) => parseInt(v, 10), 0)
@@ -106,16 +126,17 @@ export function buildProgram(): Command {
     .option('--egress <policy>', 'give the sandbox a network (docs/network.md): none, all, or a comma-separated list of hosts, *.domains, IPv4 addresses and CIDRs')
     .option('--port <port>', 'a guest TCP port to forward from the host\'s loopback, repeatable (gives the sandbox a network); the addresses go to stderr, or into --json', (v, prev: string[] = []) => [...prev, v])
     .action(
-      action(async (json: boolean, argv: string[], opts: { image: string; fromSnapshot?: string; memory?: number; cpus?: number; timeout: number; env: string[]; egress?: string; port?: string[] }) => {
+      action(async (json: boolean, argv: string[], opts: { image: string; fromSnapshot?: string; template?: string; memory?: number; cpus?: number; timeout: number; env: string[]; egress?: string; port?: string[] }) => {
         const env = parseEnv(opts.env);
         const network = networkOption(opts.egress, opts.port);
-        if (network && opts.fromSnapshot) throw new CladeError('bad_request', '--egress and --port apply to a booted sandbox; a snapshot keeps the network it was taken with');
+        if (network && (opts.fromSnapshot || opts.template)) throw new CladeError('bad_request', '--egress and --port apply to a booted sandbox; a snapshot or template keeps the network it was made with');
         const daemon = await findDaemon();
         if (daemon) {
-          const create = { image: opts.image, ...(opts.memory ? { memoryMiB: opts.memory } : {}), ...(opts.cpus ? { cpus: opts.cpus } : {}), ...(network ? { network } : {}) };
+          const create = opts.template ? { template: opts.template } : { image: opts.image, ...(opts.memory ? { memoryMiB: opts.memory } : {}), ...(opts.cpus ? { cpus: opts.cpus } : {}), ...(network ? { network } : {}) };
           return runViaDaemon(daemon, { argv, ...(opts.fromSnapshot ? { fromSnapshot: opts.fromSnapshot } : {}), create, env, timeoutMs: opts.timeout, json });
         }
-        await using sb = opts.fromSnapshot ? await startOne(opts.fromSnapshot, env) : await Sandbox.create({ image: opts.image, ...(opts.memory ? { memoryMiB: opts.memory } : {}), ...(opts.cpus ? { cpus: opts.cpus } : {}), env, ...(network ? { network } : {}) });
+        const shape = opts.template ? { template: opts.template } : { image: opts.image, ...(opts.memory ? { memoryMiB: opts.memory } : {}), ...(opts.cpus ? { cpus: opts.cpus } : {}), ...(network ? { network } : {}) };
+        await using sb = opts.fromSnapshot ? await startOne(opts.fromSnapshot, env) : await Sandbox.create({ ...shape, env });
         if (!json) for (const p of sb.ports) process.stderr.write(`guest port ${p.port} at ${p.host}\n`);
         const command = argv.length === 1 ? argv[0]! : argv;
         const r = await sb.commands.run(command, {
@@ -199,6 +220,65 @@ export function buildProgram(): Command {
       action(async (json: boolean, tag: string, opts: { cascade?: boolean }) => {
         const removed = removeSnapshot(tag, { cascade: Boolean(opts.cascade) });
         emit(json, { removed }, () => `removed ${removed.join(', ')}`);
+      }),
+    );
+
+  const template = program.command('template').description('sandboxes set up once and saved warm: `Sandbox.create({ template })` starts from them');
+  template
+    .command('create <name>')
+    .description('boot an image, run setup commands and Python code, start a long-running process, wait until the ready command succeeds, and save it all as template <name>')
+    .option('--image <image>', 'image name or digest', 'default')
+    .option('--memory <mib>', 'guest memory in MiB', (v) => parseInt(v, 10))
+    .addOption(new Option('--engine <engine>', 'engine to set up and later start on').choices(['qemu', 'vmm']))
+    .addOption(new Option('--run <command...>', 'setup shell commands, in order; each must exit 0').default([]))
+    .addOption(new Option('--code <python...>', 'setup Python code for the persistent interpreter, after the commands').default([]))
+    .option('--start <command>', 'a long-running command started last, in the background')
+    .option('--ready <command>', 'polled until it exits 0 before the snapshot (needs --start)')
+    .option('--ready-timeout <ms>', 'how long to poll --ready (default 120000)', (v) => parseInt(v, 10))
+    .addOption(new Option('-e, --env <KEY=VALUE...>', 'environment variables for the setup and every sandbox of the template').default([]))
+    .option('--egress <policy>', 'give its sandboxes a network (docs/network.md): none, all, or a comma-separated list of hosts, *.domains, IPv4 addresses and CIDRs')
+    .option('--port <port>', 'a guest TCP port each sandbox forwards from the host\'s loopback, repeatable (gives them a network)', (v, prev: string[] = []) => [...prev, v])
+    .action(
+      action(async (json: boolean, name: string, opts: { image: string; memory?: number; engine?: 'qemu' | 'vmm'; run: string[]; code: string[]; start?: string; ready?: string; readyTimeout?: number; env: string[]; egress?: string; port?: string[] }) => {
+        const env = parseEnv(opts.env);
+        const network = networkOption(opts.egress, opts.port);
+        const spec: TemplateSpec = {
+          name,
+          image: opts.image,
+          ...(opts.memory ? { memoryMiB: opts.memory } : {}),
+          ...(opts.engine ? { engine: opts.engine } : {}),
+          ...(Object.keys(env).length ? { env } : {}),
+          ...(network ? { network } : {}),
+          ...(opts.run.length ? { run: opts.run } : {}),
+          ...(opts.code.length ? { code: opts.code } : {}),
+          ...(opts.start ? { start: opts.start } : {}),
+          ...(opts.ready ? { ready: opts.ready } : {}),
+          ...(opts.readyTimeout ? { readyTimeoutMs: opts.readyTimeout } : {}),
+        };
+        const info = await Template.create(spec, { onProgress: progressPrinter(json) });
+        emit(json, info, () => `template ${name}: image ${info.imageDigest.slice(0, 12)}, ${info.engineUsed}, set up in ${info.setupSeconds.toFixed(1)} s; start sandboxes with \`clade run --template ${name} -- CMD\` or Sandbox.create({ template: '${name}' })`);
+      }),
+    );
+  template
+    .command('ls')
+    .description('list templates with how they were made')
+    .action(
+      action(async (json: boolean) => {
+        const all = await Template.list();
+        emit(json, all, () =>
+          all.length === 0
+            ? 'no templates; make one with `clade template create <name> --run CMD --start CMD --ready CMD`'
+            : table([['NAME', 'IMAGE', 'ENGINE', 'SETUP', 'START', 'CREATED'], ...all.map((t) => [t.name, t.imageDigest.slice(0, 12), t.engineUsed, `${(t.run ?? []).length} run, ${(t.code ?? []).length} code`, t.start ?? '-', t.createdAt])]),
+        );
+      }),
+    );
+  template
+    .command('rm <name>')
+    .description('remove a template and its snapshot')
+    .action(
+      action(async (json: boolean, name: string) => {
+        await Template.remove(name);
+        emit(json, { removed: name }, () => `removed template ${name}`);
       }),
     );
 
@@ -359,6 +439,16 @@ function networkOption(egress: string | undefined, ports: string[] | undefined):
   if (egress === undefined && !ports?.length) return undefined;
   const policy = egress === undefined || egress === 'none' || egress === 'all' ? (egress ?? 'none') : egress.split(',').map((e) => e.trim()).filter((e) => e !== '');
   return { egress: policy, ports: (ports ?? []).map(parsePort) };
+}
+
+/** An image's recipe in one cell: extra packages, copies and env names. */
+function describeSpec(spec: ImageSpec): string {
+  const parts = [
+    spec.packages.length ? `+${spec.packages.join(',')}` : '',
+    ...spec.copy.map((c) => `${c.from}:${c.to}`),
+    Object.keys(spec.env).length ? `env ${Object.keys(spec.env).join(',')}` : '',
+  ].filter(Boolean);
+  return parts.length ? parts.join(' ') : 'base';
 }
 
 function parseEnv(pairs: string[]): Record<string, string> {

@@ -6,7 +6,7 @@ import { MessageType, Tag } from '../agent-protocol/constants.js';
 import { FieldWriter } from '../agent-protocol/fields.js';
 import type { Engine, EngineName, ForkTimings, MachineShape, PauseHooks, Vm, VmTarget } from '../engines/engine.js';
 import { normalizeNetwork, type NetworkOptions, type NetworkSpec } from '../engines/network.js';
-import { resolveImage } from '../images/store.js';
+import { imageEnv, minimumMemoryMiB, resolveImage } from '../images/store.js';
 import { mapLimited } from '../util/concurrency.js';
 import { asCladeError, CladeError, errorMessage } from '../util/errors.js';
 import { ensurePrivateDir } from '../util/home.js';
@@ -15,6 +15,7 @@ import { killPidQuietly } from '../util/process.js';
 import { type CommandResult, runCommand } from './commands.js';
 import { attachInterpreter, reseedInterpreter } from './interpreter.js';
 import { reapOrphans, removeMemoryDirIfEmpty } from './reaper.js';
+import { readTemplate } from './template-store.js';
 import type { SandboxRecord } from './records.js';
 import { LiveSandbox, type NamedInterpreterRecord, newSandboxId, sandboxDir } from './sandbox.js';
 import { assertSnapshotEngine, assertTagFree, commitSnapshot, openSnapshot, readSnapshotMeta, type SnapshotMeta, stagingDir } from './snapshots.js';
@@ -34,6 +35,12 @@ export type StartOptions = {
   engine?: EngineName;
   /** A network of its own (docs/network.md): default-deny egress with an allow-list, DNS for allowed names only, forwarded ports. */
   network?: NetworkOptions;
+  /**
+   * Start from this template (`clade template create`): its snapshot, warm and
+   * with its start command already running, instead of a boot. The template
+   * fixes the image, memory and cpus.
+   */
+  template?: string;
 };
 
 export const DEFAULTS = { memoryMiB: 1024, cpus: 1, bootTimeoutMs: 90_000 } as const;
@@ -86,21 +93,23 @@ export class SandboxManager {
 
   /**
    * The engine a new sandbox runs on: the one asked for (or CLADE_ENGINE), else
-   * vmm where it can run here, else qemu. A sandbox with a network runs on qemu
-   * unless asked otherwise: clade-vmm has no network device yet.
+   * vmm where it can run here, else qemu. An engine that refuses the shape (clade-vmm
+   * has no network or disk device yet) is passed over, or refuses when asked by name.
    */
-  async chooseEngine(asked: EngineName | undefined, needs: { network?: boolean } = {}): Promise<EngineName> {
+  async chooseEngine(asked: EngineName | undefined, shape?: MachineShape): Promise<EngineName> {
     const name = asked ?? (process.env.CLADE_ENGINE as EngineName | undefined);
     checkEngineName(name);
     if (name) {
       const whyNot = await this.engine(name).unavailableReason();
       if (whyNot) throw new CladeError('unavailable', `the ${name} engine cannot run here: ${whyNot}`);
+      const refused = shape && this.engine(name).refusesShape?.(shape);
+      if (refused) throw new CladeError('unavailable', refused);
       return name;
     }
+    // Unasked, an engine that cannot run this shape (clade-vmm and a disk image) is passed over for the next.
     for (const candidate of ['vmm', 'qemu'] as const) {
-      if (candidate === 'vmm' && needs.network) continue;
       const engine = this.engines[candidate];
-      if (engine && !(await engine.unavailableReason())) return candidate;
+      if (engine && !(shape && engine.refusesShape?.(shape)) && !(await engine.unavailableReason())) return candidate;
     }
     throw new CladeError('unavailable', 'no engine can run VMs here; see `clade doctor`');
   }
@@ -126,17 +135,19 @@ export class SandboxManager {
   }
 
   resolveShape(opts: StartOptions): MachineShape {
-    return {
-      image: resolveImage(opts.image ?? 'default'),
-      memoryMiB: checkRange('memoryMiB', opts.memoryMiB ?? DEFAULTS.memoryMiB, LIMITS.memoryMiB),
-      cpus: checkRange('cpus', opts.cpus ?? DEFAULTS.cpus, LIMITS.cpus),
-      ...withNetwork(normalizeNetwork(opts.network)),
-    };
+    const image = resolveImage(opts.image ?? 'default');
+    const memoryMiB = checkRange('memoryMiB', opts.memoryMiB ?? DEFAULTS.memoryMiB, LIMITS.memoryMiB);
+    const needed = minimumMemoryMiB(image);
+    if (memoryMiB < needed) {
+      throw new CladeError('bad_request', `image ${image.manifest.name} is a ${Math.round(image.manifest.initramfsBytes / 2 ** 20)} MiB initramfs, which needs about ${needed} MiB of guest memory to unpack; give memoryMiB ${needed} or more, or rebuild it with --rootfs disk (a read-only disk that costs no RAM up front)`);
+    }
+    return { image, memoryMiB, cpus: checkRange('cpus', opts.cpus ?? DEFAULTS.cpus, LIMITS.cpus), ...withNetwork(normalizeNetwork(opts.network)) };
   }
 
   /** Boots a sandbox and returns once its agent has answered over the authenticated channel. */
   async create(opts: StartOptions = {}): Promise<LiveSandbox> {
     checkEngineName(opts.engine);
+    if (opts.template !== undefined) return this.createFromTemplate(opts.template, opts);
     const shape = this.resolveShape(opts);
     const bootTimeoutMs = opts.bootTimeoutMs ?? DEFAULTS.bootTimeoutMs;
     const id = newSandboxId();
@@ -146,7 +157,7 @@ export class SandboxManager {
     let vm: Vm | undefined;
     const agent = new AgentClient(token, this.deadlines);
     try {
-      const engine = this.engine(await this.chooseEngine(opts.engine, { network: shape.network !== undefined }));
+      const engine = this.engine(await this.chooseEngine(opts.engine, shape));
       vm = await engine.boot({ id, ...shape, token, hostname: id, runDir });
       const deadline = started + bootTimeoutMs;
       const isAlive = () => vm!.alive();
@@ -161,7 +172,7 @@ export class SandboxManager {
       const base = err instanceof CladeError ? err : new CladeError('boot_failed', errorMessage(err), { cause: err });
       throw new CladeError(base.code, `sandbox ${id} did not start: ${base.message}${detail ? `\n${detail}` : ''}`, { cause: err });
     }
-    const sb = this.register(new LiveSandbox(id, vm, agent, token, shape, { ...(opts.env ?? {}) }, new Date(started), Date.now() - started, undefined, this.forget));
+    const sb = this.register(new LiveSandbox(id, vm, agent, token, shape, { ...imageEnv(shape.image), ...(opts.env ?? {}) }, new Date(started), Date.now() - started, undefined, this.forget));
     if (shape.network) await assertGuestNetwork(sb);
     return sb;
   }
@@ -210,6 +221,17 @@ export class SandboxManager {
       const resumed = await mapInOrder(result.children, (c) => (c instanceof CladeError ? Promise.reject(c) : this.resumeAsNewSandbox(c, origin, t0)));
       return { children: resumed.map((r) => (r.status === 'fulfilled' ? r.value : asCladeError(r.reason, 'child did not resume'))), timings: result.timings };
     });
+  }
+
+  private async createFromTemplate(name: string, opts: StartOptions): Promise<LiveSandbox> {
+    const fixed = (['image', 'memoryMiB', 'cpus', 'network'] as const).filter((k) => opts[k] !== undefined);
+    if (fixed.length) throw new CladeError('bad_request', `template ${name} fixes the sandbox's ${fixed.join(', ')}; leave ${fixed.length > 1 ? 'them' : 'it'} out, or make a template with other values`);
+    const info = readTemplate(name);
+    // The template's env (given at its setup) comes first; the caller's adds to it.
+    const env = { ...(info.env ?? {}), ...(opts.env ?? {}) };
+    const [sb] = await this.fromSnapshot(info.snapshot, { count: 1, env, ...(opts.engine ? { engine: opts.engine } : {}) });
+    if (sb instanceof CladeError) throw new CladeError(sb.code, `could not start a sandbox from template ${name}: ${sb.message}`, { cause: sb });
+    return sb!;
   }
 
   /**
@@ -269,7 +291,7 @@ export class SandboxManager {
       const t0 = performance.now();
       const vms = await engine.restore(opened.source(shape), count, targets.next);
       targets.removeUnused(vms.filter((v): v is Vm => !(v instanceof CladeError)));
-      const origin: GuestOrigin = { token: Buffer.from(meta.agent.token, 'hex'), nextId: meta.agent.nextId, interpreterExecId: meta.agent.interpreterExecId, shape, env: { ...(opts.env ?? {}) }, parentId: undefined, snapshotTag: tag };
+      const origin: GuestOrigin = { token: Buffer.from(meta.agent.token, 'hex'), nextId: meta.agent.nextId, interpreterExecId: meta.agent.interpreterExecId, shape, env: { ...imageEnv(shape.image), ...(opts.env ?? {}) }, parentId: undefined, snapshotTag: tag };
       const resumed = await mapInOrder(vms, (v) => (v instanceof CladeError ? Promise.reject(v) : this.resumeAsNewSandbox(v, origin, t0)));
       return resumed.map((r) => (r.status === 'fulfilled' ? r.value : asCladeError(r.reason, `could not start a sandbox from snapshot ${tag}`)));
     } finally {

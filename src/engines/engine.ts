@@ -136,6 +136,8 @@ export interface Engine {
   readonly name: EngineName;
   /** Why this engine cannot run VMs here, or undefined when it can. */
   unavailableReason(): Promise<string | undefined>;
+  /** Why this engine cannot run a VM of this shape (e.g. an image it has no device for), or undefined. */
+  refusesShape?(shape: MachineShape): string | undefined;
   boot(spec: BootSpec): Promise<Vm>;
   /** Forks a running VM into `count` children, in one pause of the parent where the engine can. */
   fork(parent: Vm, count: number, newTarget: NewTarget, hooks: PauseHooks): Promise<ForkResult>;

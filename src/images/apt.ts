@@ -56,6 +56,10 @@ export class AptUniverse {
     } catch (err) {
       const e = err as { code?: string; stderr?: string; message: string };
       if (e.code === 'ENOENT') throw new CladeError('unavailable', `${tool} is not installed; clade builds its guest image from Debian packages and needs apt (a Debian or Ubuntu host)`);
+      const missing = missingPackages(e.stderr ?? '');
+      if (missing.length > 0) {
+        throw Object.assign(new CladeError('not_found', `no Debian package ${missing.map((m) => JSON.stringify(m)).join(', ')} in bookworm (with backports and security updates); check the name${missing.length > 1 ? 's' : ''} with \`apt-cache search\``), { missing });
+      }
       throw new CladeError('unavailable', `${tool} ${args[0] ?? ''} failed: ${(e.stderr ?? e.message).trim().split('\n').slice(-3).join(' ')}`);
     }
   }
@@ -89,9 +93,45 @@ export class AptUniverse {
     return map;
   }
 
-  /** The packages and their whole dependency closure (Pre-Depends included), as apt would install them. */
-  async closure(packages: string[]): Promise<DebPackage[]> {
-    const out = await this.apt('apt-get', ['install', '-s', '-qq', '-y', ...packages]);
+  /**
+   * What the named packages recommend, one package per recommendation (the
+   * first of alternatives), as `apt-get install` would add them by default:
+   * gcc recommends libc6-dev, without which it cannot compile a program.
+   * Only the named packages' own recommendations count, not their dependencies'.
+   */
+  async recommendsOf(packages: string[]): Promise<string[]> {
+    if (packages.length === 0) return [];
+    const out = await this.apt('apt-cache', ['show', '--no-all-versions', ...packages.map((p) => p.split('=')[0]!)]);
+    const found = new Set<string>();
+    for (const line of out.split('\n')) {
+      if (!line.startsWith('Recommends: ')) continue;
+      for (const group of line.slice(12).split(',')) {
+        const first = group.split('|')[0]!.trim().split(/[\s(:]/)[0]!;
+        if (first) found.add(first);
+      }
+    }
+    return [...found].sort();
+  }
+
+  /**
+   * The packages and their whole dependency closure (Pre-Depends included), as
+   * apt would install them. `optional` ones (recommendations) are left out
+   * when apt cannot install them; a missing required one is an error naming it.
+   */
+  async closure(packages: string[], optional: string[] = []): Promise<DebPackage[]> {
+    let extra = [...optional];
+    let out: string;
+    for (;;) {
+      try {
+        out = await this.apt('apt-get', ['install', '-s', '-qq', '-y', ...packages, ...extra]);
+        break;
+      } catch (err) {
+        const missing = (err as { missing?: string[] }).missing ?? [];
+        const required = missing.filter((m) => !extra.includes(m));
+        if (missing.length === 0 || required.length > 0) throw required.length && required.length < missing.length ? new CladeError('not_found', `no Debian package ${required.map((m) => JSON.stringify(m)).join(', ')} in bookworm; check the name with \`apt-cache search\``) : err;
+        extra = extra.filter((e) => !missing.includes(e));
+      }
+    }
     const found: DebPackage[] = [];
     for (const line of out.split('\n')) {
       const m = /^Inst (\S+) \((\S+) .*\[(\w+)\]\)/.exec(line);
@@ -108,6 +148,20 @@ export class AptUniverse {
     if (withDependencies) await this.apt('apt-get', ['install', '-d', '-y', '-qq', ...packages]);
     else await this.apt('apt-get', ['download', '-qq', ...packages], this.archives);
   }
+}
+
+/** The packages apt says it cannot install at all: unknown names, virtual packages with no provider, versions it does not have. */
+export function missingPackages(stderr: string): string[] {
+  const found = new Set<string>();
+  for (const line of stderr.split('\n')) {
+    const m =
+      /Unable to locate package (\S+)/.exec(line) ??
+      /Package '?([^' ]+)'? has no installation candidate/.exec(line) ??
+      /Version '([^']+)' for '([^']+)' was not found/.exec(line);
+    if (!m) continue;
+    found.add(m.length === 3 ? `${m[2]}=${m[1]}` : m[1]!);
+  }
+  return [...found];
 }
 
 async function versionGreater(a: string, b: string): Promise<boolean> {

@@ -10,43 +10,56 @@ import { noProgress, type ProgressFn } from '../util/progress.js';
 import { AptUniverse, type DebPackage } from './apt.js';
 import { writeCpio } from './cpio.js';
 import { installNetworkModules, NET_MODULES } from './net-modules.js';
+import { type Alternative, alternativesOf, applyAlternatives, buildCaBundle, buildLdCache } from './maintainer.js';
+import { AUTO_DISK_BYTES, type CopyEntry, type ImageRecipe, normalizeRecipe, type NormalizedRecipe, type RootfsKind, walkCopySource } from './recipe.js';
+import { copyIntoRoot, DISK_BOOT_MODULES, DISK_FILE, installModules, treeBytes, writeErofs } from './rootfs.js';
 import { imageDir, type ImageManifest, readManifest, setRef, validateName } from './store.js';
 
 const run = promisify(execFile);
 
 /** Bump when the way an image is assembled changes, so old cache entries stop matching. */
-const RECIPE_VERSION = 1;
+const RECIPE_VERSION = 2;
 const KERNEL_PATTERN = '^linux-image-6\\.12\\..*-cloud-amd64$';
+/** clade's base: what the agent, the interpreter and the default image need. A recipe's packages come on top. */
 const ROOTFS_PACKAGES = ['busybox-static', 'bash', 'coreutils', 'python3', 'python3-numpy'];
 /** Files in the rootfs no sandbox needs; dropping them keeps the initramfs (and boot) small. */
 const PRUNE = ['usr/share/doc', 'usr/share/man', 'usr/share/info', 'usr/share/locale', 'usr/share/lintian', 'usr/share/bash-completion', 'var/cache/debconf'];
 
-export type BuildOptions = { name?: string; progress?: ProgressFn; force?: boolean };
+export type BuildOptions = ImageRecipe & { progress?: ProgressFn; force?: boolean };
 export type BuildResult = { manifest: ImageManifest; cached: boolean; seconds: number };
 
 /**
- * Builds the default guest image: the newest Debian 6.12 cloud kernel and an
- * initramfs of busybox, bash, python3 and numpy with their dependency closure,
- * with the clade agent as /init. The image is named by a digest of everything
- * that goes into it, so building twice with the same inputs is a cache hit.
+ * Builds a guest image: the newest Debian 6.12 cloud kernel and a root
+ * filesystem of busybox, bash, python3 and numpy plus the recipe's packages,
+ * with their dependency closure, the recipe's host files, and the clade agent
+ * as /init. The root filesystem is an initramfs, or for big trees a read-only
+ * erofs disk with a small boot initramfs (docs/architecture.md, "Images").
+ * The image is named by a digest of everything that goes into it, so building
+ * twice with the same inputs is a cache hit.
  */
 export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> {
   const started = Date.now();
   const progress = opts.progress ?? noProgress;
-  const name = opts.name ?? 'default';
-  validateName(name);
+  validateName(opts.name ?? 'default');
+  const recipe = normalizeRecipe(opts); // bad names, paths and missing copy sources fail before any work
+  const name = recipe.name;
+  const copies = recipe.copy.map((c) => ({ ...c, ...walkCopySource(c.from) }));
+  for (const c of copies) if (c.skipped.length) progress({ phase: 'resolve', message: `${c.from}: skipping ${c.skipped.length} entries that are not files, directories or links (${c.skipped.slice(0, 3).join(', ')})` });
   const apt = new AptUniverse();
 
   progress({ phase: 'resolve', message: 'updating Debian package lists' });
   await apt.update();
   const kernelPkg = await apt.newest(KERNEL_PATTERN);
-  const packages = await apt.closure(ROOTFS_PACKAGES);
+  if (recipe.packages.length) progress({ phase: 'resolve', message: `resolving ${recipe.packages.join(', ')} with their dependencies` });
+  const recommended = recipe.recommends ? (await apt.recommendsOf(recipe.packages)).filter((p) => !recipe.packages.some((e) => e.split('=')[0] === p)) : [];
+  if (recommended.length) progress({ phase: 'resolve', message: `with their recommendations: ${recommended.join(', ')}` });
+  const packages = await apt.closure([...ROOTFS_PACKAGES, ...recipe.packages], recommended);
   const [kernel] = await apt.closure([kernelPkg]).then((all) => all.filter((p) => p.name === kernelPkg));
   if (!kernel) throw new CladeError('not_found', `apt could not resolve ${kernelPkg}`);
   await ensureAgentBuilt(progress);
   const agent = readFileSync(agentBinaryPath());
   const guestFiles = guestFileSet();
-  const digest = imageDigest(kernel, packages, agent, guestFiles);
+  const digest = imageDigest(kernel, packages, agent, guestFiles, recipe, copies);
   progress({ phase: 'resolve', message: `${packages.length} packages + ${kernel.name}, image ${digest.slice(0, 12)}` });
 
   const existing = readManifest(digest);
@@ -63,6 +76,7 @@ export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> 
   rmSync(work, { recursive: true, force: true });
   const root = join(work, 'root');
   mkdirSync(root, { recursive: true });
+  const staging = `${imageDir(digest)}.partial-${process.pid}`;
   try {
     let n = 0;
     for (const p of packages) {
@@ -71,30 +85,54 @@ export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> 
     }
     const kernelDir = join(work, 'kernel');
     await run('dpkg-deb', ['-x', join(apt.archives, kernel.file), kernelDir]);
-    progress({ phase: 'assemble', message: 'merging /usr, linking BLAS, installing the agent' });
-    await assembleRootfs(root, agent, guestFiles);
-    await installNetworkModules(kernelDir, root);
-    await precompilePython(root, progress);
-
-    const staging = `${imageDir(digest)}.partial-${process.pid}`;
-    rmSync(staging, { recursive: true, force: true });
-    mkdirSync(staging, { recursive: true });
     const vmlinuz = readdirSync(join(kernelDir, 'boot')).find((f) => f.startsWith('vmlinuz-'));
     if (!vmlinuz) throw new CladeError('not_found', `${kernel.file} holds no vmlinuz`);
+    const release = vmlinuz.slice('vmlinuz-'.length);
+    progress({ phase: 'assemble', message: 'merging /usr, running what maintainer scripts would (alternatives, ld.so cache, CA certificates), installing the agent' });
+    const alternatives = await alternativesOf(packages.map((p) => join(apt.archives, p.file)));
+    const linked = await assembleRootfs(root, agent, guestFiles, alternatives);
+    if (linked.length) progress({ phase: 'assemble', message: `alternatives: ${linked.join(', ')}` });
+    const certs = buildCaBundle(root);
+    if (certs) progress({ phase: 'assemble', message: `CA bundle of ${certs} certificates` });
+    for (const c of copies) {
+      progress({ phase: 'copy', message: `${c.from} -> ${c.to} (${c.entries.length} entries)` });
+      copyIntoRoot(root, c.from, c.to, c.entries);
+    }
+    await buildLdCache(root, progress);
+    await installNetworkModules(kernelDir, root);
+    await precompilePython(root, progress);
+    const bytes = treeBytes(root);
+    const kind: RootfsKind = recipe.rootfs === 'auto' ? (bytes > AUTO_DISK_BYTES ? 'disk' : 'initramfs') : recipe.rootfs;
+
+    rmSync(staging, { recursive: true, force: true });
+    mkdirSync(staging, { recursive: true });
     copyFileSync(join(kernelDir, 'boot', vmlinuz), join(staging, 'vmlinuz'));
-    progress({ phase: 'pack', message: 'writing initramfs' });
-    const cpio = writeCpio(root, join(staging, 'initramfs.cpio'), (files) => progress({ phase: 'pack', message: `${files} files` }));
+    let rootfs: ImageManifest['rootfs'] = { kind: 'initramfs' };
+    let bootRoot = root;
+    if (kind === 'disk') {
+      progress({ phase: 'pack', message: `writing the ${(bytes / 2 ** 20).toFixed(0)} MiB tree as a read-only erofs disk` });
+      const diskBytes = await writeErofs(root, join(staging, DISK_FILE), digest);
+      rootfs = { kind: 'disk', fs: 'erofs', file: DISK_FILE, bytes: diskBytes };
+      bootRoot = join(work, 'boot');
+      makeBootTree(bootRoot, agent);
+      await installModules(kernelDir, release, DISK_BOOT_MODULES, bootRoot);
+    }
+    progress({ phase: 'pack', message: kind === 'disk' ? 'writing the boot initramfs (agent and modules)' : 'writing initramfs' });
+    const cpio = writeCpio(bootRoot, join(staging, 'initramfs.cpio'), (files) => progress({ phase: 'pack', message: `${files} files` }));
     const manifest: ImageManifest = {
       digest,
       name,
       createdAt: new Date().toISOString(),
-      kernel: { package: kernel.name, version: kernel.version, release: vmlinuz.slice('vmlinuz-'.length) },
+      kernel: { package: kernel.name, version: kernel.version, release },
       packages: packages.map((p) => `${p.name}=${p.version}`),
       agentSha256: sha256(agent),
       initramfsBytes: cpio.bytes,
       kernelBytes: lstatSync(join(staging, 'vmlinuz')).size,
       files: cpio.files,
       recipe: RECIPE_VERSION,
+      spec: { packages: recipe.packages, copy: recipe.copy, env: recipe.env, recommends: recipe.recommends, rootfs: recipe.rootfs },
+      rootfs,
+      treeBytes: bytes,
     };
     writeFileSync(join(staging, 'image.json'), JSON.stringify(manifest, null, 2) + '\n');
     rmSync(imageDir(digest), { recursive: true, force: true });
@@ -103,7 +141,14 @@ export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> 
     return { manifest, cached: false, seconds: (Date.now() - started) / 1000 };
   } finally {
     rmSync(work, { recursive: true, force: true });
+    rmSync(staging, { recursive: true, force: true }); // gone already when the build succeeded
   }
+}
+
+/** A disk image's boot initramfs: the agent as /init, the mount points it needs, and (added next) the modules. */
+function makeBootTree(dir: string, agent: Buffer): void {
+  for (const d of ['dev', 'proc', 'sys', 'tmp', 'root']) mkdirSync(join(dir, d), { recursive: true });
+  writeFileSync(join(dir, 'init'), agent, { mode: 0o755 });
 }
 
 async function ensureAgentBuilt(progress: ProgressFn): Promise<void> {
@@ -131,17 +176,24 @@ function guestFileSet(): Map<string, Buffer> {
   return files;
 }
 
-function imageDigest(kernel: DebPackage, packages: DebPackage[], agent: Buffer, guestFiles: Map<string, Buffer>): string {
+function imageDigest(kernel: DebPackage, packages: DebPackage[], agent: Buffer, guestFiles: Map<string, Buffer>, recipe: NormalizedRecipe, copies: { to: string; entries: CopyEntry[] }[]): string {
   const h = createHash('sha256');
   h.update(`recipe ${RECIPE_VERSION}\nkernel ${kernel.file}\n`);
   for (const p of packages) h.update(`deb ${p.file}\n`);
   h.update(`agent ${sha256(agent)}\n`);
   for (const [path, data] of guestFiles) h.update(`file ${path} ${sha256(data)}\n`);
   for (const m of NET_MODULES) h.update(`module ${m}\n`);
+  h.update(`rootfs ${recipe.rootfs}\n`); // the recommendations taken are among the packages above
+  for (const [k, v] of Object.entries(recipe.env)) h.update(`env ${JSON.stringify([k, v])}\n`);
+  for (const c of copies) {
+    h.update(`copy ${JSON.stringify(c.to)}\n`);
+    for (const e of c.entries) h.update(`entry ${JSON.stringify([e.rel, e.kind, e.mode, e.sha256, e.target ?? ''])}\n`);
+  }
   return h.digest('hex');
 }
 
-async function assembleRootfs(root: string, agent: Buffer, guestFiles: Map<string, Buffer>): Promise<void> {
+/** Returns the alternatives it linked. */
+async function assembleRootfs(root: string, agent: Buffer, guestFiles: Map<string, Buffer>, alternatives: Alternative[]): Promise<string[]> {
   // Debian bookworm packages still ship /bin, /lib...; a merged /usr is what the
   // distribution installs, and what its binaries' paths assume.
   for (const d of ['bin', 'sbin', 'lib', 'lib64']) {
@@ -154,14 +206,8 @@ async function assembleRootfs(root: string, agent: Buffer, guestFiles: Map<strin
     symlinkSync(`usr/${d}`, top);
   }
   for (const p of PRUNE) rmSync(join(root, p), { recursive: true, force: true });
-  // update-alternatives makes these links in maintainer scripts, which unpacking does not run.
-  const multiarch = join(root, 'usr/lib/x86_64-linux-gnu');
-  for (const [link, target] of [
-    ['libblas.so.3', 'blas/libblas.so.3'],
-    ['liblapack.so.3', 'lapack/liblapack.so.3'],
-  ] as const) {
-    if (!existsSync(join(multiarch, link))) symlinkSync(target, join(multiarch, link));
-  }
+  // Before busybox's applets, so a package's real tool (mawk as awk, gcc as cc) wins over an applet.
+  const linked = applyAlternatives(root, alternatives);
   if (!existsSync(join(root, 'usr/bin/sh'))) symlinkSync('bash', join(root, 'usr/bin/sh'));
   await linkBusyboxApplets(root);
   for (const d of ['proc', 'sys', 'dev', 'tmp', 'run', 'root', 'etc', 'var/tmp', 'usr/lib/clade']) mkdirSync(join(root, d), { recursive: true });
@@ -178,6 +224,7 @@ async function assembleRootfs(root: string, agent: Buffer, guestFiles: Map<strin
     mkdirSync(join(dest, '..'), { recursive: true });
     writeFileSync(dest, data, { mode: 0o644 });
   }
+  return linked;
 }
 
 /** Gives the guest the busybox tools Debian's closure lacks (ps, ip, vi...), without shadowing real ones. */

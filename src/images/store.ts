@@ -1,5 +1,5 @@
 import { existsSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { CladeError } from '../util/errors.js';
 import { ensurePrivateDir, homePaths } from '../util/home.js';
 
@@ -13,10 +13,45 @@ export type ImageManifest = {
   initramfsBytes: number;
   kernelBytes: number;
   files: number;
+  /** The version of clade's way of assembling images (not the user's recipe, which is `spec`). */
   recipe: number;
+  /** What the image was asked to hold beyond clade's base; absent in images built before recipes existed. */
+  spec?: ImageSpec;
+  /** Where the root filesystem lives; absent (initramfs) in older images. */
+  rootfs?: { kind: 'initramfs' } | { kind: 'disk'; fs: 'erofs'; file: string; bytes: number };
+  /** Bytes of regular files in the root filesystem tree. */
+  treeBytes?: number;
 };
 
-export type ResolvedImage = { manifest: ImageManifest; kernel: string; initramfs: string; dir: string };
+/** An image's recipe as recorded: extra packages, copies (host path → guest path), env, and the rootfs asked for. */
+export type ImageSpec = { packages: string[]; copy: { from: string; to: string }[]; env: Record<string, string>; recommends?: boolean; rootfs: 'initramfs' | 'disk' | 'auto' };
+
+/** `disk`: the read-only root filesystem image to attach as the first virtio-blk disk, for disk images. */
+export type ResolvedImage = { manifest: ImageManifest; kernel: string; initramfs: string; dir: string; disk?: string };
+
+/**
+ * Kernel command line words an image needs: a disk image tells the agent to
+ * mount its root from the first virtio disk (docs/architecture.md, "Guest").
+ */
+export function imageKernelArgs(image: ResolvedImage): string[] {
+  return image.disk ? ['clade.root=/dev/vda', `clade.rootfstype=${image.manifest.rootfs?.kind === 'disk' ? image.manifest.rootfs.fs : 'erofs'}`] : [];
+}
+
+/**
+ * The least guest memory that boots an initramfs image: the kernel holds the
+ * archive and the tree unpacked from it at once, plus itself (a 403 MiB
+ * initramfs failed to unpack in 1024 MiB and booted in 1536; clade's base of
+ * 120 MiB boots in 512). Disk images need no more than the kernel and agent.
+ */
+export function minimumMemoryMiB(image: ResolvedImage): number {
+  if (image.disk) return 0;
+  return Math.ceil((2 * image.manifest.initramfsBytes) / 2 ** 20) + 256;
+}
+
+/** Environment variables the image gives every command (its recipe's env). */
+export function imageEnv(image: ResolvedImage): Record<string, string> {
+  return { ...(image.manifest.spec?.env ?? {}) };
+}
 
 export function imageDir(digest: string): string {
   return join(homePaths.images(), digest);
@@ -60,7 +95,8 @@ export function resolveImage(ref = 'default'): ResolvedImage {
     throw new CladeError('not_found', `unknown image ${JSON.stringify(ref)}: ${hint}`);
   }
   const dir = imageDir(digest);
-  return { manifest, dir, kernel: join(dir, 'vmlinuz'), initramfs: join(dir, 'initramfs.cpio') };
+  const rootfs = manifest.rootfs;
+  return { manifest, dir, kernel: join(dir, 'vmlinuz'), initramfs: join(dir, 'initramfs.cpio'), ...(rootfs?.kind === 'disk' ? { disk: join(dir, basename(rootfs.file)) } : {}) };
 }
 
 function listDigests(): string[] {
@@ -68,7 +104,17 @@ function listDigests(): string[] {
   return readdirSync(homePaths.images()).filter((d) => /^[0-9a-f]{64}$/.test(d) && existsSync(join(imageDir(d), 'image.json')));
 }
 
-export type ImageListing = { digest: string; names: string[]; sizeBytes: number; createdAt: string; kernel: string };
+export type ImageListing = {
+  digest: string;
+  names: string[];
+  sizeBytes: number;
+  createdAt: string;
+  kernel: string;
+  rootfs: 'initramfs' | 'disk';
+  /** Packages beyond clade's base, copies, env and the rootfs asked for (empty for images older than recipes). */
+  spec: ImageSpec;
+  packageCount: number;
+};
 
 export function listImages(): ImageListing[] {
   const refs = existsSync(homePaths.imageRefs()) ? readdirSync(homePaths.imageRefs()) : [];
@@ -80,8 +126,18 @@ export function listImages(): ImageListing[] {
   return listDigests().map((digest) => {
     const m = readManifest(digest)!;
     const dir = imageDir(digest);
-    const sizeBytes = ['vmlinuz', 'vmlinux', 'initramfs.cpio'].reduce((a, f) => a + (existsSync(join(dir, f)) ? statSync(join(dir, f)).size : 0), 0);
-    return { digest, names: namesByDigest.get(digest) ?? [], sizeBytes, createdAt: m.createdAt, kernel: m.kernel.release };
+    const files = ['vmlinuz', 'vmlinux', 'initramfs.cpio', ...(m.rootfs?.kind === 'disk' ? [basename(m.rootfs.file)] : [])];
+    const sizeBytes = files.reduce((a, f) => a + (existsSync(join(dir, f)) ? statSync(join(dir, f)).size : 0), 0);
+    return {
+      digest,
+      names: namesByDigest.get(digest) ?? [],
+      sizeBytes,
+      createdAt: m.createdAt,
+      kernel: m.kernel.release,
+      rootfs: m.rootfs?.kind ?? 'initramfs',
+      spec: m.spec ?? { packages: [], copy: [], env: {}, rootfs: 'initramfs' },
+      packageCount: m.packages.length,
+    };
   });
 }
 

@@ -19,6 +19,7 @@ export const homePaths = {
   aptCache: () => join(cladeHome(), 'cache', 'apt'),
   sandboxes: () => join(cladeHome(), 'sandboxes'),
   snapshots: () => join(cladeHome(), 'snapshots'),
+  templates: () => join(cladeHome(), 'templates'),
   tmp: () => join(cladeHome(), 'tmp'),
 };
 

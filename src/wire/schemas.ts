@@ -40,6 +40,7 @@ export const CreateBody = Type.Object(
     timeoutMs: Type.Optional(Lifetime),
     engine: Type.Optional(Type.Union([Type.Literal('qemu'), Type.Literal('vmm')], { description: 'default: vmm where the host runs Linux guests on KVM, else qemu' })),
     network: Type.Optional(NetworkBody),
+    template: Type.Optional(Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$', description: 'start from this template (warm, its start command running) instead of booting; it fixes image, memoryMiB and cpus' })),
   },
   { additionalProperties: false },
 );
@@ -162,3 +163,102 @@ export const SnapshotSchema = Type.Object(
 
 export const Health = Type.Object({ ok: Type.Boolean(), sandboxes: Type.Integer(), pid: Type.Integer(), uptimeS: Type.Number() });
 export const Version = Type.Object({ version: Type.String(), api: Type.Literal('v1') });
+
+// ---- images and templates --------------------------------------------------
+
+const Name = Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' });
+const CopyItem = Type.Union([Type.String({ minLength: 3, maxLength: 8192 }), Type.Object({ from: Type.String({ minLength: 1, maxLength: 4096 }), to: Type.String({ minLength: 1, maxLength: 4096 }) }, { additionalProperties: false })]);
+const RootfsChoice = Type.Union([Type.Literal('initramfs'), Type.Literal('disk'), Type.Literal('auto')]);
+
+/** An image recipe: the same shape as a recipe file (src/images/recipe.ts; a unit test keeps the two equal). */
+export const ImageRecipe = Type.Object(
+  {
+    name: Type.Optional(Name),
+    packages: Type.Optional(Type.Array(Type.String({ minLength: 1, maxLength: 256 }), { maxItems: 1000 })),
+    copy: Type.Optional(Type.Array(CopyItem, { maxItems: 1000 })),
+    env: Type.Optional(Type.Record(Type.String({ maxLength: 128 }), Type.String({ maxLength: 65536 }))),
+    recommends: Type.Optional(Type.Boolean()),
+    rootfs: Type.Optional(RootfsChoice),
+  },
+  { additionalProperties: false },
+);
+
+export const BuildImageBody = Type.Object(
+  { ...ImageRecipe.properties, force: Type.Optional(Type.Boolean({ description: 'rebuild even if an identical image exists' })) },
+  { additionalProperties: false, description: 'copy sources are paths on the daemon\'s machine' },
+);
+export type BuildImageBody = Static<typeof BuildImageBody>;
+
+const ImageSpecView = Type.Object({
+  packages: Type.Array(Type.String()),
+  copy: Type.Array(Type.Object({ from: Type.String(), to: Type.String() })),
+  env: Type.Record(Type.String(), Type.String()),
+  recommends: Type.Optional(Type.Boolean()),
+  rootfs: RootfsChoice,
+});
+
+export const ImageSchema = Type.Object({
+  digest: Type.String(),
+  names: Type.Array(Type.String()),
+  sizeBytes: Type.Integer(),
+  createdAt: Type.String(),
+  kernel: Type.String(),
+  rootfs: Type.Union([Type.Literal('initramfs'), Type.Literal('disk')]),
+  spec: ImageSpecView,
+  packageCount: Type.Integer(),
+});
+
+export const ImageBuildResult = Type.Object({
+  digest: Type.String(),
+  name: Type.String(),
+  createdAt: Type.String(),
+  kernel: Type.Object({ package: Type.String(), version: Type.String(), release: Type.String() }),
+  packages: Type.Array(Type.String()),
+  initramfsBytes: Type.Integer(),
+  kernelBytes: Type.Integer(),
+  files: Type.Integer(),
+  spec: Type.Optional(ImageSpecView),
+  rootfs: Type.Optional(Type.Object({ kind: Type.Union([Type.Literal('initramfs'), Type.Literal('disk')]), fs: Type.Optional(Type.String()), file: Type.Optional(Type.String()), bytes: Type.Optional(Type.Integer()) })),
+  treeBytes: Type.Optional(Type.Integer()),
+  cached: Type.Boolean(),
+  seconds: Type.Number(),
+});
+
+export const ImageRefParams = Type.Object({ ref: Type.String({ minLength: 1, maxLength: 128 }) });
+export const NameParams = Type.Object({ name: Name });
+
+/** A template: the same shape as src/core/template-store.ts's spec (a unit test keeps the two equal). */
+export const TemplateBody = Type.Object(
+  {
+    name: Name,
+    image: Type.Optional(Type.String({ minLength: 1, maxLength: 128 })),
+    memoryMiB: Type.Optional(Type.Integer({ minimum: 256, maximum: 16384 })),
+    engine: Type.Optional(Type.Union([Type.Literal('qemu'), Type.Literal('vmm')])),
+    env: Type.Optional(Type.Record(Type.String({ maxLength: 1024 }), Type.String({ maxLength: 65536 }))),
+    network: Type.Optional(
+      Type.Object(
+        {
+          egress: Type.Optional(Type.Union([Type.Literal('none'), Type.Literal('all'), Type.Array(Type.String({ minLength: 1, maxLength: 255 }), { maxItems: 64 })])),
+          ports: Type.Optional(Type.Array(Type.Integer({ minimum: 1, maximum: 65535 }), { maxItems: 32 })),
+        },
+        { additionalProperties: false, description: 'the network its sandboxes get (docs/network.md): each one, and each fork, has its own stack and host ports' },
+      ),
+    ),
+    run: Type.Optional(Type.Array(Type.String({ minLength: 1, maxLength: 1 << 20 }), { maxItems: 256, description: 'shell commands run in order; each must exit 0' })),
+    code: Type.Optional(Type.Array(Type.String({ minLength: 1, maxLength: 1 << 20 }), { maxItems: 256, description: 'Python code for the persistent interpreter, run in order after the commands' })),
+    start: Type.Optional(Type.String({ minLength: 1, maxLength: 65536, description: 'a long-running command started last, in the background (output to /var/log/clade-start.log)' })),
+    ready: Type.Optional(Type.String({ minLength: 1, maxLength: 65536, description: 'polled until it exits 0 before the snapshot is taken' })),
+    readyTimeoutMs: Type.Optional(Type.Integer({ minimum: 1, maximum: 3600_000, description: 'how long to poll the ready command (default 120000)' })),
+    stepTimeoutMs: Type.Optional(Type.Integer({ minimum: 0, maximum: 24 * 3600_000, description: 'limit for each setup command and code block (default 0: none)' })),
+  },
+  { additionalProperties: false },
+);
+
+export const TemplateSchema = Type.Object({
+  ...TemplateBody.properties,
+  snapshot: Type.String(),
+  imageDigest: Type.String(),
+  engineUsed: Type.Union([Type.Literal('qemu'), Type.Literal('vmm')]),
+  createdAt: Type.String(),
+  setupSeconds: Type.Number(),
+});

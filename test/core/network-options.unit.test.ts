@@ -102,12 +102,15 @@ describe('network options', () => {
     const saved = process.env.CLADE_ENGINE;
     delete process.env.CLADE_ENGINE;
     try {
-      const manager = new SandboxManager({ qemu: new FakeEngine(), vmm: new FakeEngine() as never }, { requestMs: 3000 });
+      // A fake that refuses shapes the way clade-vmm does.
+      const vmm = Object.assign(new FakeEngine(), { refusesShape: (shape: never) => VmmEngine.prototype.refusesShape.call(undefined as never, shape) });
+      const manager = new SandboxManager({ qemu: new FakeEngine(), vmm: vmm as never }, { requestMs: 3000 });
+      const networked = { image: { manifest: { name: 'default' } }, memoryMiB: 512, cpus: 1, network: { egress: 'none', ports: [] } } as never;
       expect(await manager.chooseEngine(undefined)).toBe('vmm');
-      expect(await manager.chooseEngine(undefined, { network: true })).toBe('qemu');
-      expect(await manager.chooseEngine('vmm', { network: true })).toBe('vmm'); // asked for: its boot says why not
-      const boot = await new VmmEngine().boot({ network: { egress: 'none', ports: [] } } as never).catch((e: unknown) => e);
-      expect((boot as CladeError).message).toMatch(/networking runs on the qemu engine for now; use engine "qemu"/);
+      expect(await manager.chooseEngine(undefined, networked)).toBe('qemu');
+      await expect(manager.chooseEngine('vmm', networked)).rejects.toThrow(/networking runs on the qemu engine for now .*use engine "qemu"/);
+      const boot = await new VmmEngine().boot({ network: { egress: 'none', ports: [] }, image: { manifest: { name: 'default' } } } as never).catch((e: unknown) => e);
+      expect((boot as CladeError).message).toMatch(/networking runs on the qemu engine for now .*use engine "qemu"/);
     } finally {
       if (saved !== undefined) process.env.CLADE_ENGINE = saved;
     }

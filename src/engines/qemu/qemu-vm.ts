@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { CladeError } from '../../util/errors.js';
 import { assertRamFits, closeQuietly, createRamFile } from '../../util/home.js';
 import { assertSocketPath, type MachineShape, type Vm, type VmRecord } from '../engine.js';
+import { imageKernelArgs } from '../../images/store.js';
 import type { FrozenRam } from './frozen.js';
 import { SerialLog } from '../serial-log.js';
 import { pickAccelerator, probeKvm, type Accelerator } from '../../util/kvm-probe.js';
@@ -143,6 +144,7 @@ function kernelCmdline(l: Launch, tscKhz?: number): string {
   // when the host is busy and the kernel then hangs without a clocksource.
   if (tscKhz && tscKhz > 0) cmdline.push(`tsc_early_khz=${tscKhz}`, 'tsc=reliable');
   if (l.boot && l.shape.network) cmdline.push(GUEST_NET_CMDLINE);
+  cmdline.push(...imageKernelArgs(l.shape.image));
   if (l.boot) cmdline.push(`clade.token=${l.boot.token.toString('hex')}`, `clade.id=${l.id}`, `clade.hostname=${l.boot.hostname}`);
   return cmdline.join(' ');
 }
@@ -186,6 +188,7 @@ function qemuArgs(l: Launch, accel: Accelerator, files: RunFiles): string[] {
     '-serial', 'chardev:serial',
     '-kernel', l.shape.image.kernel,
     '-initrd', l.shape.image.initramfs,
+    ...rootDiskArgs(l.shape.image.disk),
     ...(l.boot ? ['-readconfig', files.bootConfig] : []),
     '-device', 'virtio-serial-pci,id=vs',
     '-chardev', `socket,id=agent,path=${files.agent},server=on,wait=off`,
@@ -204,6 +207,18 @@ function qemuArgs(l: Launch, accel: Accelerator, files: RunFiles): string[] {
 function netArgs(net: NetRelay | undefined): string[] {
   if (!net) return [];
   return ['-netdev', `stream,id=net0,server=off,addr.type=unix,addr.path=${net.socket}`, '-device', `virtio-net-pci,netdev=net0,mac=${GUEST_MAC}`];
+}
+
+/**
+ * A disk image's root filesystem: read-only, shared by every VM of the image
+ * (forks included, since it never changes), through the host page cache.
+ * Forks and pre-started slots get the same device, so the migrated
+ * virtio-blk state finds its disk.
+ */
+function rootDiskArgs(disk: string | undefined): string[] {
+  if (!disk) return [];
+  if (/,/.test(disk)) throw new CladeError('bad_request', `the image path ${disk} contains a comma, which QEMU's -drive cannot take; set CLADE_HOME to a path without commas`);
+  return ['-drive', `file=${disk},if=none,id=rootfs,format=raw,readonly=on`, '-device', 'virtio-blk-pci,drive=rootfs,id=rootfs-disk'];
 }
 
 export class QemuVm implements Vm {

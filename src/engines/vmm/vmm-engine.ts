@@ -78,6 +78,12 @@ export class VmmEngine implements Engine {
     return vmmUnavailableReason();
   }
 
+  refusesShape(shape: MachineShape): string | undefined {
+    if (shape.network) return 'sandbox networking runs on the qemu engine for now (clade-vmm has no virtio-net device yet); use engine "qemu" (docs/network.md)';
+    if (shape.image.disk) return `image ${shape.image.manifest.name} keeps its root filesystem on a disk, and clade-vmm has no virtio-blk device yet; use engine "qemu", or rebuild the image with --rootfs initramfs`;
+    return undefined;
+  }
+
   /** One pause of the parent per VMM_MAX_FORK_BATCH children; the parent keeps running in its own process. */
   async fork(parent: Vm, count: number, newTarget: NewTarget, hooks: PauseHooks): Promise<ForkResult> {
     const vm = asVmm(parent);
@@ -119,7 +125,8 @@ export class VmmEngine implements Engine {
   }
 
   async boot(spec: BootSpec): Promise<VmmVm> {
-    if (spec.network) throw new CladeError('unavailable', 'sandbox networking runs on the qemu engine for now; use engine "qemu" (docs/network.md)');
+    const refused = this.refusesShape(spec);
+    if (refused) throw new CladeError('unavailable', refused);
     if (spec.memoryMiB > VMM_MAX_MEMORY_MIB) throw new CladeError('bad_request', `the vmm engine runs guests of at most ${VMM_MAX_MEMORY_MIB} MiB, got memoryMiB ${spec.memoryMiB}`);
     if (spec.cpus !== 1) throw new CladeError('unavailable', 'the vmm engine runs one vCPU per sandbox for now; use cpus: 1 or engine "qemu"');
     const files = runFiles(spec.runDir);

@@ -1,0 +1,98 @@
+import { existsSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Type, type Static } from '@sinclair/typebox';
+import { Value } from '@sinclair/typebox/value';
+import type { EngineName } from '../engines/engine.js';
+import { CladeError } from '../util/errors.js';
+import { ensurePrivateDir, homePaths } from '../util/home.js';
+import { readSnapshotMeta, removeSnapshot, validateTag } from './snapshots.js';
+
+// A template is a snapshot taken after setup (templates.ts makes one). The
+// snapshot has the template's name as its tag; the record beside it
+// (templates/<name>.json) keeps how it was made, for `template ls`.
+
+export const TemplateSpecSchema = Type.Object(
+  {
+    name: Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' }),
+    image: Type.Optional(Type.String({ minLength: 1, maxLength: 128 })),
+    memoryMiB: Type.Optional(Type.Integer({ minimum: 256, maximum: 16384 })),
+    engine: Type.Optional(Type.Union([Type.Literal('qemu'), Type.Literal('vmm')])),
+    env: Type.Optional(Type.Record(Type.String({ maxLength: 1024 }), Type.String({ maxLength: 65536 }))),
+    network: Type.Optional(
+      Type.Object(
+        {
+          egress: Type.Optional(Type.Union([Type.Literal('none'), Type.Literal('all'), Type.Array(Type.String({ minLength: 1, maxLength: 255 }), { maxItems: 64 })])),
+          ports: Type.Optional(Type.Array(Type.Integer({ minimum: 1, maximum: 65535 }), { maxItems: 32 })),
+        },
+        { additionalProperties: false, description: 'the network its sandboxes get (docs/network.md): each one, and each fork, has its own stack and host ports' },
+      ),
+    ),
+    run: Type.Optional(Type.Array(Type.String({ minLength: 1, maxLength: 1 << 20 }), { maxItems: 256, description: 'shell commands run in order; each must exit 0' })),
+    code: Type.Optional(Type.Array(Type.String({ minLength: 1, maxLength: 1 << 20 }), { maxItems: 256, description: 'Python code for the persistent interpreter, run in order after the commands' })),
+    start: Type.Optional(Type.String({ minLength: 1, maxLength: 65536, description: 'a long-running command started last, in the background (output to /var/log/clade-start.log)' })),
+    ready: Type.Optional(Type.String({ minLength: 1, maxLength: 65536, description: 'polled until it exits 0 before the snapshot is taken' })),
+    readyTimeoutMs: Type.Optional(Type.Integer({ minimum: 1, maximum: 3600_000, description: 'how long to poll the ready command (default 120000)' })),
+    stepTimeoutMs: Type.Optional(Type.Integer({ minimum: 0, maximum: 24 * 3600_000, description: 'limit for each setup command and code block (default 0: none)' })),
+  },
+  { additionalProperties: false },
+);
+export type TemplateSpec = Static<typeof TemplateSpecSchema>;
+
+/** What `template ls` shows: the spec, the snapshot's image and engine, and when it was made. */
+export type TemplateInfo = TemplateSpec & { snapshot: string; imageDigest: string; engineUsed: EngineName; createdAt: string; setupSeconds: number };
+
+export function templateFile(name: string): string {
+  return join(homePaths.templates(), `${name}.json`);
+}
+
+/** Checks a spec's shape and the rules between its fields, naming the first problem. */
+export function checkTemplateSpec(raw: unknown): TemplateSpec {
+  if (!Value.Check(TemplateSpecSchema, raw)) {
+    const first = [...Value.Errors(TemplateSpecSchema, raw)][0];
+    throw new CladeError('bad_request', `the template is not valid: ${first ? `${first.path || '/'}: ${first.message}` : 'expected { name, image, run, code, start, ready }'}`);
+  }
+  if (raw.ready && !raw.start) throw new CladeError('bad_request', 'a ready command checks the start command; give a start command too');
+  return raw;
+}
+
+/** Writes a template's record atomically (mode 0600). */
+export function writeTemplate(info: TemplateInfo): void {
+  ensurePrivateDir(homePaths.templates());
+  const tmp = `${templateFile(info.name)}.tmp-${process.pid}`;
+  writeFileSync(tmp, JSON.stringify(info, null, 2) + '\n', { mode: 0o600 });
+  renameSync(tmp, templateFile(info.name));
+}
+
+/** The template's record; `not_found` names how to list them. */
+export function readTemplate(name: string): TemplateInfo {
+  validateTag(name);
+  const file = templateFile(name);
+  if (!existsSync(file)) throw new CladeError('not_found', `no template ${JSON.stringify(name)}; see \`clade template ls\` or make it with \`clade template create ${name} --run ...\``);
+  const info = JSON.parse(readFileSync(file, 'utf8')) as TemplateInfo;
+  readSnapshotMeta(info.snapshot); // its snapshot must still be there and signed
+  return info;
+}
+
+export function listTemplates(): TemplateInfo[] {
+  if (!existsSync(homePaths.templates())) return [];
+  const out: TemplateInfo[] = [];
+  for (const f of readdirSync(homePaths.templates()).sort()) {
+    const m = /^(.+)\.json$/.exec(f);
+    if (!m) continue;
+    try {
+      out.push(readTemplate(m[1]!));
+    } catch {
+      // A record whose snapshot is gone or damaged is not a usable template.
+    }
+  }
+  return out;
+}
+
+/** Removes the template's record and its snapshot; a snapshot that others were made from is refused with `conflict`. */
+export function removeTemplate(name: string): void {
+  validateTag(name);
+  if (!existsSync(templateFile(name))) throw new CladeError('not_found', `no template ${JSON.stringify(name)}; see \`clade template ls\``);
+  // Snapshots taken of its sandboxes descend from it: refused (naming them) rather than deleted along.
+  if (existsSync(join(homePaths.snapshots(), name))) removeSnapshot(name);
+  rmSync(templateFile(name), { force: true });
+}

@@ -1,0 +1,196 @@
+import { createHash } from 'node:crypto';
+import { closeSync, lstatSync, openSync, readdirSync, readFileSync, readlinkSync, readSync } from 'node:fs';
+import { dirname, isAbsolute, join, posix, resolve } from 'node:path';
+import { Type, type Static } from '@sinclair/typebox';
+import { Value } from '@sinclair/typebox/value';
+import { parse as parseYaml } from 'yaml';
+import { CladeError, errorMessage } from '../util/errors.js';
+
+/**
+ * What an image is made of beyond clade's base (kernel, busybox, bash,
+ * coreutils, python3, numpy, the agent): more Debian packages, host files
+ * copied in, environment variables every command gets, and where the root
+ * filesystem lives. The same shape comes from CLI flags, a JSON or YAML
+ * recipe file, the SDK and the daemon.
+ */
+export type ImageRecipe = {
+  /** The name the image gets (default "default"). */
+  name?: string;
+  /** Debian package names (bookworm, with backports), optionally `name=version`. */
+  packages?: string[];
+  /** Host file or directory → absolute guest path; a directory's contents go into the guest directory. */
+  copy?: (CopySpec | string)[];
+  env?: Record<string, string>;
+  /** Also install what the named packages recommend (default true, as apt does): gcc's libc6-dev, git's ca-certificates. */
+  recommends?: boolean;
+  /**
+   * initramfs: the whole tree in RAM (fast to boot, costs its size in every parent's RAM);
+   * disk: a read-only erofs disk on virtio-blk with a RAM overlay for writes;
+   * auto (default): disk when the tree is larger than AUTO_DISK_BYTES.
+   */
+  rootfs?: RootfsKind | 'auto';
+};
+
+export type CopySpec = { from: string; to: string };
+export type RootfsKind = 'initramfs' | 'disk';
+
+/**
+ * Trees above this size become disk images under rootfs "auto": an initramfs
+ * costs its size in RAM per parent, twice while the kernel unpacks it (a
+ * 403 MiB one did not unpack in a 1 GiB guest). clade's base is about 120 MiB.
+ */
+export const AUTO_DISK_BYTES = 256 << 20;
+
+/** A recipe checked and normalized: absolute host paths, sorted env, packages deduplicated. */
+export type NormalizedRecipe = {
+  name: string;
+  packages: string[];
+  copy: CopySpec[];
+  env: Record<string, string>;
+  recommends: boolean;
+  rootfs: RootfsKind | 'auto';
+};
+
+const PACKAGE_RE = /^[a-z0-9][a-z0-9+.-]{0,99}(=[A-Za-z0-9.+~:-]{1,100})?$/;
+const ENV_KEY_RE = /^[A-Za-z_][A-Za-z0-9_]{0,127}$/;
+/** Guest directories that boot mounts over (or that the kernel owns): a copy there would be hidden or refused. */
+const MOUNTED_AT_BOOT = ['/proc', '/sys', '/dev', '/tmp', '/run'];
+
+const CopyField = Type.Union([Type.String({ minLength: 3, maxLength: 8192 }), Type.Object({ from: Type.String({ minLength: 1, maxLength: 4096 }), to: Type.String({ minLength: 1, maxLength: 4096 }) }, { additionalProperties: false })]);
+
+/** A recipe file (JSON or YAML), and the body of the daemon's image build request. */
+export const RecipeSchema = Type.Object(
+  {
+    name: Type.Optional(Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' })),
+    packages: Type.Optional(Type.Array(Type.String({ minLength: 1, maxLength: 256 }), { maxItems: 1000 })),
+    copy: Type.Optional(Type.Array(CopyField, { maxItems: 1000 })),
+    env: Type.Optional(Type.Record(Type.String({ maxLength: 128 }), Type.String({ maxLength: 65536 }))),
+    recommends: Type.Optional(Type.Boolean()),
+    rootfs: Type.Optional(Type.Union([Type.Literal('initramfs'), Type.Literal('disk'), Type.Literal('auto')])),
+  },
+  { additionalProperties: false },
+);
+export type RecipeFile = Static<typeof RecipeSchema>;
+
+/** Reads a recipe file; relative copy sources are taken from the file's own directory. */
+export function readRecipeFile(path: string): ImageRecipe {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (err) {
+    throw new CladeError('not_found', `cannot read the recipe file ${path}: ${errorMessage(err)}`);
+  }
+  let raw: unknown;
+  try {
+    raw = /\.json$/i.test(path) ? JSON.parse(text) : parseYaml(text); // YAML is a superset of JSON
+  } catch (err) {
+    throw new CladeError('bad_request', `the recipe file ${path} is not valid ${/\.json$/i.test(path) ? 'JSON' : 'YAML'}: ${errorMessage(err)}`);
+  }
+  const recipe = checkRecipeShape(raw, `recipe file ${path}`);
+  const base = dirname(resolve(path));
+  return { ...recipe, ...(recipe.copy ? { copy: recipe.copy.map((c) => parseCopy(c)).map((c) => ({ from: resolve(base, c.from), to: c.to })) } : {}) };
+}
+
+/** Checks a recipe's shape (as a file or a request body would give it), with the first problem in the message. */
+export function checkRecipeShape(raw: unknown, what = 'recipe'): RecipeFile {
+  if (!Value.Check(RecipeSchema, raw)) {
+    const first = [...Value.Errors(RecipeSchema, raw)][0];
+    throw new CladeError('bad_request', `the ${what} is not valid: ${first ? `${first.path || '/'}: ${first.message}` : 'expected an object with name, packages, copy, env and rootfs'}`);
+  }
+  return raw;
+}
+
+/** "HOST:GUEST" (the guest path is after the last colon, so host paths may hold colons) or { from, to }. */
+export function parseCopy(c: CopySpec | string): CopySpec {
+  if (typeof c !== 'string') return c;
+  const at = c.lastIndexOf(':');
+  if (at <= 0 || at === c.length - 1) throw new CladeError('bad_request', `--copy takes HOSTPATH:GUESTPATH, got ${JSON.stringify(c)}`);
+  return { from: c.slice(0, at), to: c.slice(at + 1) };
+}
+
+/** "K=V" strings as an env record. */
+export function parseEnvPairs(pairs: string[], what = '--env'): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const kv of pairs) {
+    const eq = kv.indexOf('=');
+    if (eq <= 0) throw new CladeError('bad_request', `${what} takes KEY=VALUE, got ${JSON.stringify(kv)}`);
+    env[kv.slice(0, eq)] = kv.slice(eq + 1);
+  }
+  return env;
+}
+
+/**
+ * Checks everything that can be checked without apt: package names, env
+ * names, guest paths, and that every copy source exists. Errors name the
+ * offending entry.
+ */
+export function normalizeRecipe(r: ImageRecipe): NormalizedRecipe {
+  const packages = [...new Set((r.packages ?? []).map((p) => p.trim()).filter((p) => p.length > 0))].sort();
+  for (const p of packages) {
+    if (!PACKAGE_RE.test(p)) throw new CladeError('bad_request', `${JSON.stringify(p)} is not a Debian package name (lower-case letters, digits, "+", "-", "."; optionally =VERSION)`);
+  }
+  const env: Record<string, string> = {};
+  for (const [k, v] of Object.entries(r.env ?? {}).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
+    if (!ENV_KEY_RE.test(k)) throw new CladeError('bad_request', `environment variable name ${JSON.stringify(k)} is not valid: use letters, digits and "_", not starting with a digit`);
+    if (v.includes('\0')) throw new CladeError('bad_request', `environment variable ${k} holds a NUL byte`);
+    env[k] = v;
+  }
+  const copy = (r.copy ?? []).map(parseCopy).map((c) => {
+    const from = resolve(c.from);
+    try {
+      lstatSync(from);
+    } catch {
+      throw new CladeError('not_found', `copy source ${c.from} does not exist on this host; check the path (relative paths start in ${process.cwd()})`);
+    }
+    if (!isAbsolute(c.to) || !c.to.startsWith('/')) throw new CladeError('bad_request', `copy destination ${JSON.stringify(c.to)} must be an absolute guest path, like /root/repo`);
+    if (c.to.split('/').includes('..')) throw new CladeError('bad_request', `copy destination ${JSON.stringify(c.to)} may not contain ".."`);
+    const to = posix.normalize(c.to).replace(/\/+$/, '') || '/';
+    const hidden = MOUNTED_AT_BOOT.find((m) => to === m || to.startsWith(`${m}/`));
+    if (hidden) throw new CladeError('bad_request', `copy destination ${to} is under ${hidden}, which the guest mounts over at boot; copy somewhere else (e.g. /root or /opt)`);
+    return { from, to };
+  });
+  const rootfs = r.rootfs ?? 'auto';
+  if (!['initramfs', 'disk', 'auto'].includes(rootfs)) throw new CladeError('bad_request', `rootfs must be initramfs, disk or auto, got ${JSON.stringify(rootfs)}`);
+  return { name: r.name ?? 'default', packages, copy, env, recommends: r.recommends ?? true, rootfs };
+}
+
+/** One entry of a copy source, as it goes into the guest and into the image digest. */
+export type CopyEntry = { rel: string; kind: 'file' | 'dir' | 'symlink'; mode: number; size: number; sha256: string; target?: string };
+
+/**
+ * Walks a copy source in sorted order and hashes it (contents, modes, link
+ * targets): the digest of an image changes exactly when what it copies does.
+ * Sockets, FIFOs and devices are skipped; they cannot be carried in a file tree.
+ */
+export function walkCopySource(from: string): { entries: CopyEntry[]; skipped: string[] } {
+  const entries: CopyEntry[] = [];
+  const skipped: string[] = [];
+  const visit = (abs: string, rel: string) => {
+    const st = lstatSync(abs);
+    const mode = st.mode & 0o7777;
+    if (st.isSymbolicLink()) entries.push({ rel, kind: 'symlink', mode: 0o777, size: 0, sha256: '', target: readlinkSync(abs) });
+    else if (st.isFile()) entries.push({ rel, kind: 'file', mode, size: st.size, sha256: hashFile(abs) });
+    else if (st.isDirectory()) {
+      entries.push({ rel, kind: 'dir', mode, size: 0, sha256: '' });
+      for (const name of readdirSync(abs).sort()) visit(join(abs, name), rel ? `${rel}/${name}` : name);
+    } else skipped.push(rel || abs);
+  };
+  visit(from, '');
+  return { entries, skipped };
+}
+
+function hashFile(path: string): string {
+  const h = createHash('sha256');
+  const fd = openSync(path, 'r');
+  try {
+    const buf = Buffer.allocUnsafe(1 << 20);
+    for (;;) {
+      const n = readSync(fd, buf, 0, buf.length, null);
+      if (n === 0) break;
+      h.update(buf.subarray(0, n));
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return h.digest('hex');
+}

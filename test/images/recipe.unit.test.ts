@@ -1,0 +1,169 @@
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { missingPackages } from '../../src/images/apt.js';
+import { applyAlternatives, buildCaBundle, parseAlternatives } from '../../src/images/maintainer.js';
+import { normalizeRecipe, parseCopy, readRecipeFile, walkCopySource } from '../../src/images/recipe.js';
+import { copyIntoRoot, pathInRoot } from '../../src/images/rootfs.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'clade-recipe-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+describe('image recipes', () => {
+  it('reads YAML and JSON recipes, with copy sources relative to the file', () => {
+    mkdirSync(join(dir, 'src'), { recursive: true });
+    writeFileSync(join(dir, 'r.yaml'), 'name: dev\npackages: [git, gcc]\ncopy:\n  - src:/root/src\nenv:\n  MODE: test\nrootfs: disk\n');
+    const y = readRecipeFile(join(dir, 'r.yaml'));
+    expect(y).toMatchObject({ name: 'dev', packages: ['git', 'gcc'], env: { MODE: 'test' }, rootfs: 'disk' });
+    expect(y.copy).toEqual([{ from: join(dir, 'src'), to: '/root/src' }]);
+    writeFileSync(join(dir, 'r.json'), JSON.stringify({ packages: ['nodejs'], copy: [{ from: 'src', to: '/opt/x' }] }));
+    expect(readRecipeFile(join(dir, 'r.json')).copy).toEqual([{ from: join(dir, 'src'), to: '/opt/x' }]);
+  });
+
+  it('refuses bad recipes with the offending entry named', () => {
+    writeFileSync(join(dir, 'bad.yaml'), 'packages: git\n');
+    expect(() => readRecipeFile(join(dir, 'bad.yaml'))).toThrow(/packages/);
+    writeFileSync(join(dir, 'extra.json'), '{"pakages": ["git"]}');
+    expect(() => readRecipeFile(join(dir, 'extra.json'))).toThrow(/not valid/);
+    expect(() => readRecipeFile(join(dir, 'missing.yaml'))).toThrow(/cannot read/);
+    expect(() => normalizeRecipe({ packages: ['-o=Dir::Etc=/'] })).toThrow(/not a Debian package name/);
+    expect(() => normalizeRecipe({ packages: ['Git'] })).toThrow(/"Git"/);
+    expect(() => normalizeRecipe({ env: { '1X': 'y' } })).toThrow(/1X/);
+    expect(() => normalizeRecipe({ copy: ['/definitely/not/here:/root/x'] })).toThrow(/copy source \/definitely\/not\/here does not exist/);
+    expect(() => normalizeRecipe({ copy: [`${dir}:relative/path`] })).toThrow(/absolute guest path/);
+    expect(() => normalizeRecipe({ copy: [`${dir}:/tmp/x`] })).toThrow(/mounts over at boot/);
+    expect(() => normalizeRecipe({ copy: [`${dir}:/root/../etc`] })).toThrow(/\.\./);
+    expect(() => parseCopy('nocolon')).toThrow(/HOSTPATH:GUESTPATH/);
+    expect(parseCopy('/a:b/c:/root/x')).toEqual({ from: '/a:b/c', to: '/root/x' });
+    expect(normalizeRecipe({ packages: ['git', 'gcc', 'git', 'python3=3.11.2-1+b1'] }).packages).toEqual(['gcc', 'git', 'python3=3.11.2-1+b1']);
+  });
+
+  it('names the packages apt cannot find', () => {
+    const stderr = "E: Unable to locate package nosuch\nE: Package 'virt' has no installation candidate\nE: Version '9.9' for 'git' was not found\n";
+    expect(missingPackages(stderr)).toEqual(['nosuch', 'virt', 'git=9.9']);
+  });
+});
+
+describe('maintainer script effects', () => {
+  it('reads update-alternatives calls, continued lines and known variables included', () => {
+    const script = [
+      'update-alternatives --install /usr/bin/awk awk /usr/bin/mawk 5 \\',
+      '  --slave /usr/bin/nawk nawk /usr/bin/mawk',
+      'update-alternatives --install /usr/lib/${DEB_HOST_MULTIARCH}/libblas.so.3 libblas.so.3-${DEB_HOST_MULTIARCH} /usr/lib/${DEB_HOST_MULTIARCH}/blas/libblas.so.3 10',
+      'for f in a b; do update-alternatives --install /usr/bin/$f $f /usr/bin/x 1; done',
+      'update-alternatives --remove awk /usr/bin/mawk',
+    ].join('\n');
+    const alts = parseAlternatives(script);
+    expect(alts).toEqual([
+      { name: 'awk', link: '/usr/bin/awk', path: '/usr/bin/mawk', priority: 5, slaves: [{ link: '/usr/bin/nawk', name: 'nawk', path: '/usr/bin/mawk' }] },
+      { name: 'libblas.so.3-x86_64-linux-gnu', link: '/usr/lib/x86_64-linux-gnu/libblas.so.3', path: '/usr/lib/x86_64-linux-gnu/blas/libblas.so.3', priority: 10, slaves: [] },
+    ]);
+  });
+
+  it('links the highest-priority alternative that exists, through /etc/alternatives', () => {
+    const root = join(dir, 'alt-root');
+    mkdirSync(join(root, 'usr/bin'), { recursive: true });
+    writeFileSync(join(root, 'usr/bin/gcc'), '');
+    writeFileSync(join(root, 'usr/bin/clang'), '');
+    const linked = applyAlternatives(root, [
+      { name: 'cc', link: '/usr/bin/cc', path: '/usr/bin/gcc', priority: 20, slaves: [] },
+      { name: 'cc', link: '/usr/bin/cc', path: '/usr/bin/clang', priority: 10, slaves: [] },
+      { name: 'cc', link: '/usr/bin/cc', path: '/usr/bin/missing', priority: 99, slaves: [] },
+    ]);
+    expect(linked).toEqual(['cc']);
+    expect(readlinkSync(join(root, 'usr/bin/cc'))).toBe('/etc/alternatives/cc');
+    expect(readlinkSync(join(root, 'etc/alternatives/cc'))).toBe('/usr/bin/gcc');
+  });
+
+  it('builds the CA bundle from the certificate store', () => {
+    const root = join(dir, 'ca-root');
+    mkdirSync(join(root, 'usr/share/ca-certificates/mozilla'), { recursive: true });
+    writeFileSync(join(root, 'usr/share/ca-certificates/mozilla/B.crt'), 'B\n');
+    writeFileSync(join(root, 'usr/share/ca-certificates/mozilla/A.crt'), 'A');
+    expect(buildCaBundle(root)).toBe(2);
+    expect(readFileSync(join(root, 'etc/ssl/certs/ca-certificates.crt'), 'utf8')).toBe('A\nB\n');
+    expect(readlinkSync(join(root, 'usr/lib/ssl/cert.pem'))).toBe('/etc/ssl/certs/ca-certificates.crt');
+  });
+});
+
+describe('copies into the image tree', () => {
+  it('follows the tree\'s links inside the tree, never out to the host', () => {
+    const root = join(dir, 'tree');
+    mkdirSync(join(root, 'usr/lib'), { recursive: true });
+    mkdirSync(join(root, 'etc/ssl/certs'), { recursive: true });
+    symlinkSync('usr/lib', join(root, 'lib'));
+    symlinkSync('/etc/ssl/certs', join(root, 'usr/lib/certs')); // absolute: must stay inside root
+    expect(pathInRoot(root, '/lib/x')).toBe(join(root, 'usr/lib/x'));
+    expect(pathInRoot(root, '/usr/lib/certs/my.pem')).toBe(join(root, 'etc/ssl/certs/my.pem'));
+    expect(pathInRoot(root, '/lib', true)).toBe(join(root, 'usr/lib'));
+    expect(pathInRoot(root, '/../../etc/passwd')).toBe(join(root, 'etc/passwd'));
+  });
+
+  it('copies a directory\'s contents with modes and links, hashed the same each time', () => {
+    const src = join(dir, 'copy-src');
+    mkdirSync(join(src, 'sub'), { recursive: true });
+    writeFileSync(join(src, 'run.sh'), '#!/bin/sh\n', { mode: 0o755 });
+    writeFileSync(join(src, 'sub/data'), 'x');
+    symlinkSync('run.sh', join(src, 'link'));
+    const walked = walkCopySource(src);
+    expect(walked.entries.map((e) => [e.rel, e.kind])).toEqual([['', 'dir'], ['link', 'symlink'], ['run.sh', 'file'], ['sub', 'dir'], ['sub/data', 'file']]);
+    expect(walkCopySource(src)).toEqual(walked);
+    const root = join(dir, 'copy-root');
+    mkdirSync(root);
+    copyIntoRoot(root, src, '/opt/app', walked.entries);
+    expect(readFileSync(join(root, 'opt/app/sub/data'), 'utf8')).toBe('x');
+    expect(readlinkSync(join(root, 'opt/app/link'))).toBe('run.sh');
+    writeFileSync(join(src, 'sub/data'), 'y');
+    expect(walkCopySource(src).entries.find((e) => e.rel === 'sub/data')!.sha256).not.toBe(walked.entries.find((e) => e.rel === 'sub/data')!.sha256);
+  });
+});
+
+describe('one shape for recipes and templates on every path', () => {
+  it('the daemon accepts exactly the recipe file\'s and the core\'s template fields', async () => {
+    const wire = await import('../../src/wire/schemas.js');
+    const { RecipeSchema } = await import('../../src/images/recipe.js');
+    const { TemplateSpecSchema } = await import('../../src/core/template-store.js');
+    expect(JSON.stringify(wire.ImageRecipe)).toBe(JSON.stringify(RecipeSchema));
+    expect(JSON.stringify(wire.TemplateBody)).toBe(JSON.stringify(TemplateSpecSchema));
+  });
+});
+
+describe('disk images on clade-vmm', () => {
+  it('are refused before anything starts, saying what to use instead', async () => {
+    const { VmmEngine } = await import('../../src/engines/vmm/vmm-engine.js');
+    const image = { disk: '/nonexistent/rootfs.erofs', manifest: { name: 'big' }, kernel: '', initramfs: '', dir: '' };
+    const spec = { image, memoryMiB: 512, cpus: 1, id: 'x', token: Buffer.alloc(32), hostname: 'x', runDir: join(dir, 'never-made') } as never;
+    await expect(new VmmEngine().boot(spec)).rejects.toThrow(/image big keeps its root filesystem on a disk.*virtio-blk.*engine "qemu"/);
+    expect(existsSync(join(dir, 'never-made'))).toBe(false);
+  });
+
+  it('make the engine choice pass over clade-vmm unless it was asked for', async () => {
+    const { SandboxManager } = await import('../../src/core/manager.js');
+    const { VmmEngine } = await import('../../src/engines/vmm/vmm-engine.js');
+    const vmm = new VmmEngine();
+    const stub = (e: object) => Object.assign(e, { unavailableReason: async () => undefined });
+    const manager = new SandboxManager({ vmm: stub(vmm) as never, qemu: stub({ refusesShape: undefined }) as never });
+    const disk = { image: { disk: '/x.erofs', manifest: { name: 'big' } }, memoryMiB: 512, cpus: 1 } as never;
+    const plain = { image: { manifest: { name: 'small' } }, memoryMiB: 512, cpus: 1 } as never;
+    const saved = process.env.CLADE_ENGINE;
+    delete process.env.CLADE_ENGINE;
+    try {
+      expect(await manager.chooseEngine(undefined, plain)).toBe('vmm');
+      expect(await manager.chooseEngine(undefined, disk)).toBe('qemu');
+      await expect(manager.chooseEngine('vmm', disk)).rejects.toThrow(/no virtio-blk device yet/);
+    } finally {
+      if (saved !== undefined) process.env.CLADE_ENGINE = saved;
+    }
+  });
+});
+
+describe('guest memory for an initramfs', () => {
+  it('is refused when the archive cannot unpack in it, with both ways out named', async () => {
+    const { minimumMemoryMiB } = await import('../../src/images/store.js');
+    const image = (initramfsBytes: number, disk?: string) => ({ manifest: { name: 'img', initramfsBytes }, ...(disk ? { disk } : {}) }) as never;
+    expect(minimumMemoryMiB(image(120 * 2 ** 20))).toBe(496); // clade's base boots in 512
+    expect(minimumMemoryMiB(image(403 * 2 ** 20))).toBe(1062); // did not unpack in 1024
+    expect(minimumMemoryMiB(image(1 << 20, '/rootfs.erofs'))).toBe(0);
+  });
+});
