@@ -47,6 +47,7 @@ echo "setup: building native programs and TypeScript"
 make -s -C native/agent
 make -s -C native/kvm-probe
 make -s -C native/vmm
+make -s -C native/net
 npx tsc -p tsconfig.json
 
 node bin/clade.js image build
