@@ -1,6 +1,7 @@
-import { spawn, type SpawnOptions } from 'node:child_process';
+import { spawn, spawnSync, type SpawnOptions } from 'node:child_process';
 
-export type RunResult = { status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string };
+/** `output` is stdout and stderr together, in the order they arrived. */
+export type RunResult = { status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string; output: string };
 
 /**
  * Runs a program to its end without blocking the test's event loop. Tests must
@@ -14,10 +15,11 @@ export function run(cmd: string, args: string[], opts: { cwd?: string; env?: Nod
     const child = spawn(cmd, args, spawnOpts);
     let stdout = '';
     let stderr = '';
-    child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-    child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    let output = '';
+    child.stdout!.setEncoding('utf8').on('data', (d: string) => ((stdout += d), (output += d)));
+    child.stderr!.setEncoding('utf8').on('data', (d: string) => ((stderr += d), (output += d)));
     child.on('error', reject);
-    child.on('close', (status, signal) => resolve({ status, signal, stdout, stderr }));
+    child.on('close', (status, signal) => resolve({ status, signal, stdout, stderr, output }));
   });
 }
 
@@ -25,4 +27,11 @@ export function run(cmd: string, args: string[], opts: { cwd?: string; env?: Nod
 export async function make(dir: string): Promise<void> {
   const r = await run('make', ['-s', '-C', dir]);
   if (r.status !== 0) throw new Error(`make -C ${dir} failed:\n${r.stdout}${r.stderr}`);
+}
+
+/** True where clang can build libFuzzer targets (the fuzzing runs are skipped elsewhere). */
+export function hasLibFuzzer(): boolean {
+  if (spawnSync('clang', ['--version']).status !== 0) return false;
+  const probe = spawnSync('bash', ['-c', 'echo "int LLVMFuzzerTestOneInput(const char *d, long n){(void)d;(void)n;return 0;}" | clang -x c -fsanitize=fuzzer -o /dev/null -']);
+  return probe.status === 0;
 }
