@@ -9,7 +9,9 @@
 #define PCI_CLASS_STORAGE_SCSI 0x010000
 #define REQUEST_QUEUE 0
 #define HEADER_BYTES 16 /* le32 type, le32 reserved, le64 sector */
-#define CONFIG_SIZE 8   /* capacity only: no other feature that has a field is offered */
+#define CONFIG_SIZE 16  /* capacity, size_max (not offered: 0), seg_max */
+/* Segments per request: the ring must hold a whole request (header and status too) without indirect descriptors. */
+#define SEG_MAX (VBLK_QUEUE_SIZE - 2)
 
 static struct virtio_blk *to_blk(struct virtio_pci *vp) { return (struct virtio_blk *)vp; }
 
@@ -146,7 +148,9 @@ static void config_access(struct virtio_pci *vp, uint64_t off, bool is_write, ui
     if (is_write)
         return; /* nothing in the configuration is writable without WCE or the like */
     uint8_t cfg[CONFIG_SIZE];
+    memset(cfg, 0, sizeof cfg);
     pci_put_le(cfg, 8, to_blk(vp)->capacity);
+    pci_put_le(cfg + 12, 4, SEG_MAX);
     for (unsigned i = 0; i < len; i++)
         data[i] = off + i < CONFIG_SIZE ? cfg[off + i] : 0;
 }
@@ -179,7 +183,8 @@ bool virtio_blk_init(struct virtio_blk *blk, int fd, uint64_t disk_bytes, const 
     struct virtio_pci_params params = {
         .virtio_id = VIRTIO_ID_BLOCK,
         .class_code = PCI_CLASS_STORAGE_SCSI,
-        .device_features = 1ull << VIRTIO_BLK_F_RO,
+        /* Without SEG_MAX Linux sends one segment per request: every 4 KiB page its own exit. */
+        .device_features = 1ull << VIRTIO_BLK_F_RO | 1ull << VIRTIO_BLK_F_SEG_MAX,
         .num_queues = 1,
         .queue_max_size = VBLK_QUEUE_SIZE,
     };

@@ -1,7 +1,8 @@
 /*
  * A read-only virtio-blk disk (virtio id 2) on the virtio-pci modern
- * transport: one request queue, VIRTIO_BLK_F_RO, capacity from the backing
- * file's size in 512-byte sectors (a partial last sector is not offered).
+ * transport: one request queue, VIRTIO_BLK_F_RO and VIRTIO_BLK_F_SEG_MAX
+ * (a request may fill the ring), capacity from the backing file's size in
+ * 512-byte sectors (a partial last sector is not offered).
  *
  * Requests (virtio 1.x, 5.2.6): a 16-byte device-readable header (type,
  * reserved, sector), then the data buffers, then one device-writable status

@@ -796,7 +796,7 @@ static void test_cmos(void)
 
 #define BLK_SECTORS 8
 #define BLK_FILE_BYTES (BLK_SECTORS * 512 + 100) /* a partial last sector is not offered */
-#define BLK_FEATURES (VIRTIO_FEATURE_VERSION_1 | 1ull << VIRTIO_BLK_F_RO)
+#define BLK_FEATURES (VIRTIO_FEATURE_VERSION_1 | 1ull << VIRTIO_BLK_F_RO | 1ull << VIRTIO_BLK_F_SEG_MAX)
 
 static uint8_t disk_byte(uint64_t at) { return (uint8_t)(at * 7 + at / 512); }
 
@@ -876,6 +876,8 @@ static void test_blk_requests(int fd)
     drv_mw(d, d->common + 0x00, 4, 0);
     CHECK(drv_mr(d, d->common + 0x04, 4) & (1u << VIRTIO_BLK_F_RO));
     CHECK(drv_mr(d, d->devcfg, 4) == BLK_SECTORS && drv_mr(d, d->devcfg + 4, 4) == 0);
+    CHECK(drv_mr(d, d->common + 0x04, 4) & (1u << VIRTIO_BLK_F_SEG_MAX));
+    CHECK(drv_mr(d, d->devcfg + 12, 4) == VBLK_QUEUE_SIZE - 2 && drv_mr(d, d->devcfg + 16, 4) == 0);
     CHECK(drv_mr(d, d->common + 0x12, 2) == 1);
     uint32_t used;
     /* A read split over three buffers. */
