@@ -5,7 +5,8 @@
  * threads); this file wires them to KVM exits and to the control thread.
  *
  *   ports 0x3f8-0x3ff   8250 UART (ttyS0), IRQ 4 by KVM_IRQ_LINE, output to --serial-log (size-capped)
- *   ports 0xcf8-0xcff   PCI configuration mechanism #1 (bus 0: host bridge + virtio-console)
+ *   ports 0xcf8-0xcff   PCI configuration mechanism #1 (bus 0: host bridge, virtio-console, and with --disk
+ *                       a read-only virtio-blk disk, the guest's /dev/vda)
  *   ports 0x70-0x71     a read-only CMOS clock (devices/cmos.c), so RTC reads are sane
  *   port  0x64 / 0xcf9  keyboard-controller and PCI resets: the guest asks to reboot
  *   MMIO  0xe0000000+   PCI BARs (virtio-pci modern registers, MSI-X table)
@@ -26,6 +27,7 @@
 #include <inttypes.h>
 #include <poll.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
@@ -117,9 +119,38 @@ static void uart_to_log(void *ctx, uint8_t byte) {
 
 /* ---- set-up -------------------------------------------------------------- */
 
-int board_init(struct board *b, struct vm *vm, const struct serial_log *serial, int agent_listen_fd, const char *agent_path) {
+/* ---- the disk ------------------------------------------------------------ */
+
+#define DISK_ID "clade-root" /* the guest sees it as the disk's serial */
+
+int board_disk_open(struct board_disk *disk, const char *path, char *err, size_t errlen) {
+    memset(disk, 0, sizeof *disk); /* the path is saved zero-padded */
+    disk->fd = -1;
+    char *abs = realpath(path, NULL); /* a snapshot records it: it must name the same file from any directory */
+    if (!abs) return snprintf(err, errlen, "cannot open disk %s: %s", path, strerror(errno)), -1;
+    int r = -1;
+    struct stat st;
+    if (strlen(abs) >= sizeof disk->path) snprintf(err, errlen, "disk path %s is longer than %zu bytes", abs, sizeof disk->path - 1);
+    else if ((disk->fd = open(abs, O_RDONLY | O_CLOEXEC)) < 0) snprintf(err, errlen, "cannot open disk %s: %s", abs, strerror(errno));
+    else if (fstat(disk->fd, &st) < 0 || !S_ISREG(st.st_mode)) snprintf(err, errlen, "disk %s is not a regular file", abs);
+    else if ((uint64_t)st.st_size < VBLK_SECTOR_SIZE || (uint64_t)st.st_size > VBLK_MAX_BYTES)
+        snprintf(err, errlen, "disk %s has %lld bytes: a disk holds 512 bytes to 1 TiB", abs, (long long)st.st_size);
+    else {
+        disk->bytes = (uint64_t)st.st_size;
+        snprintf(disk->path, sizeof disk->path, "%s", abs);
+        r = 0;
+    }
+    if (r < 0 && disk->fd >= 0) close(disk->fd), disk->fd = -1;
+    free(abs);
+    return r;
+}
+
+int board_init(struct board *b, struct vm *vm, const struct serial_log *serial, int agent_listen_fd, const char *agent_path,
+               const struct board_disk *disk) {
     memset(b, 0, sizeof *b);
     b->vm = vm;
+    b->disk.fd = -1;
+    if (disk && disk->fd >= 0) b->disk = *disk;
     b->serial = *serial;
     b->agent_listen_fd = agent_listen_fd;
     b->agent_fd = -1;
@@ -135,14 +166,17 @@ int board_init(struct board *b, struct vm *vm, const struct serial_log *serial, 
     cmos_init(&b->cmos);
     if (!virtio_console_init(&b->con, agent_port_spec, 1, &b->mem, deliver_msi, b)) return errno = EINVAL, -1;
     if (pci_bus_add(&b->pci, &b->con.vp.pci) < 0) return errno = ENOSPC, -1;
+    if (b->disk.fd < 0) return 0;
+    if (!virtio_blk_init(&b->blk, b->disk.fd, b->disk.bytes, DISK_ID, &b->mem, deliver_msi, b)) return errno = EINVAL, -1;
+    if (pci_bus_add(&b->pci, &b->blk.vp.pci) < 0) return errno = ENOSPC, -1;
     return 0;
 }
 
 void board_destroy(struct board *b) {
-    const int fds[] = {b->serial.fd, b->agent_listen_fd, b->agent_fd, b->wake_fd};
+    const int fds[] = {b->serial.fd, b->agent_listen_fd, b->agent_fd, b->wake_fd, b->disk.fd};
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
         if (fds[i] >= 0) close(fds[i]);
-    b->serial.fd = b->agent_listen_fd = b->agent_fd = b->wake_fd = -1;
+    b->serial.fd = b->agent_listen_fd = b->agent_fd = b->wake_fd = b->disk.fd = -1;
     pthread_mutex_destroy(&b->lock);
 }
 
@@ -300,8 +334,10 @@ void board_close_stale(const struct board_stale *stale) {
 
 /* ---- snapshots -------------------------------------------------------------- */
 
+_Static_assert(sizeof(struct board_disk_state) == 16 + BOARD_DISK_PATH_MAX + sizeof(struct virtio_blk_state),
+               "no implicit padding in saved state");
 _Static_assert(sizeof(struct board_state) == sizeof(struct pci_bus_state) + sizeof(struct virtio_console_state) +
-                                                 sizeof(struct uart_state) + sizeof(struct cmos_state),
+                                                 sizeof(struct uart_state) + sizeof(struct cmos_state) + sizeof(struct board_disk_state),
                "no implicit padding in saved state");
 
 void board_save(const struct board *b, struct board_state *s) {
@@ -310,6 +346,25 @@ void board_save(const struct board *b, struct board_state *s) {
     virtio_console_save(&b->con, &s->con);
     uart_save(&b->uart, &s->uart);
     cmos_save(&b->cmos, &s->cmos);
+    if (b->disk.fd >= 0) {
+        s->disk.present = 1;
+        s->disk.bytes = b->disk.bytes;
+        memcpy(s->disk.path, b->disk.path, sizeof s->disk.path); /* zero-padded by board_disk_open */
+        virtio_blk_save(&b->blk, &s->disk.blk);
+    }
+}
+
+/* The saved disk part against the disk this board was set up with (the path the snapshot named, opened again). */
+static bool disk_restore(struct board *b, const struct board_disk_state *s) {
+    static const struct board_disk_state none;
+    if (s->present > 1 || s->reserved) return false;
+    if (!s->present) return b->disk.fd < 0 && memcmp(s, &none, sizeof none) == 0;
+    if (b->disk.fd < 0 || s->bytes != b->disk.bytes || memchr(s->path, 0, sizeof s->path) == NULL ||
+        strcmp(s->path, b->disk.path) != 0)
+        return false;
+    for (size_t i = strlen(s->path); i < sizeof s->path; i++)
+        if (s->path[i]) return false;
+    return virtio_blk_restore(&b->blk, &s->blk);
 }
 
 /*
@@ -321,10 +376,11 @@ void board_save(const struct board *b, struct board_state *s) {
  */
 int board_restore(struct board *b, const struct board_state *s) {
     if (!cmos_restore(&b->cmos, &s->cmos) || !pci_bus_restore(&b->pci, &s->pci) || !virtio_console_restore(&b->con, &s->con) ||
-        !uart_restore(&b->uart, &s->uart))
+        !uart_restore(&b->uart, &s->uart) || !disk_restore(b, &s->disk))
         return errno = EINVAL, -1;
     virtio_console_port_set_fd(&b->con, BOARD_AGENT_PORT, -1); /* flushes the PORT_OPEN 0 the restore queued */
     virtio_pci_resignal(&b->con.vp);
+    if (b->disk.fd >= 0) virtio_pci_resignal(&b->blk.vp);
     uart_resync_irq(&b->uart);
     return 0;
 }
@@ -344,6 +400,7 @@ static enum guest_exit_result board_op_mmio(void *guest, uint64_t gpa, bool is_w
 static void board_op_forked(void *guest) {
     struct board *b = guest;
     virtio_pci_resignal(&b->con.vp);
+    if (b->disk.fd >= 0) virtio_pci_resignal(&b->blk.vp);
     uart_resync_irq(&b->uart);
 }
 
@@ -352,6 +409,10 @@ static void board_op_status(void *guest, struct text_buf *out) {
     tb_printf(out, ",\"agentSocket\":");
     tb_json_string(out, b->agent_path);
     tb_printf(out, ",\"agentConnected\":%s,\"serialLogBytes\":%" PRIu64, b->agent_fd >= 0 ? "true" : "false", b->serial.bytes);
+    if (b->disk.fd < 0) return;
+    tb_printf(out, ",\"disk\":");
+    tb_json_string(out, b->disk.path);
+    tb_printf(out, ",\"diskReads\":%" PRIu64 ",\"diskErrors\":%" PRIu64, b->blk.reads, b->blk.errors);
 }
 
 const struct guest_ops board_guest_ops = {

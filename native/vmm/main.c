@@ -3,7 +3,7 @@
  *
  *   clade-vmm run --socket PATH [--mem-mib N] [--idle-us N]
  *   clade-vmm run --socket PATH --kernel VMLINUX --initramfs FILE [--cmdline TEXT | --cmdline-fd FD]
- *                 [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--mem-mib N]
+ *                 [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--mem-mib N] [--disk FILE]
  *   clade-vmm run --socket PATH (--restore DIR | --restore-fds MEM_FD,STATE_FD)
  *                 [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--idle-us N]
  *
@@ -11,6 +11,11 @@
  * guest booted by PVH, and serves the control protocol (docs/vmm.md) on
  * PATH. Prints one JSON line on stdout once it accepts requests. Every
  * forked child is a process of its own with its own sockets.
+ *
+ * --disk FILE gives a Linux guest a read-only virtio-blk disk (/dev/vda)
+ * backed by FILE, opened read-only; forked children share it. A snapshot
+ * records the file's absolute path and size, and a restore opens that path
+ * again, refusing a file of another size.
  *
  * Nothing secret belongs on the command line (every local user can read
  * it): a kernel command line holding a token comes through --cmdline-fd.
@@ -43,7 +48,7 @@ struct options {
     uint64_t serial_log_max;
     int cmdline_fd;              /* -1: none */
     int restore_fds[2];          /* memory.raw, state.bin; -1: none */
-    const char *kernel, *initramfs, *cmdline, *serial_log, *agent_socket, *restore;
+    const char *kernel, *initramfs, *cmdline, *serial_log, *agent_socket, *restore, *disk;
 };
 
 static struct board linux_board;
@@ -52,7 +57,7 @@ static struct cpl3_guest test_guest;
 static int usage(void) {
     fprintf(stderr, "usage: clade-vmm run --socket PATH [--mem-mib N] [--idle-us N]\n"
                     "       clade-vmm run --socket PATH --kernel VMLINUX --initramfs FILE [--cmdline TEXT | --cmdline-fd FD]\n"
-                    "                     [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--mem-mib N]\n"
+                    "                     [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--mem-mib N] [--disk FILE]\n"
                     "       clade-vmm run --socket PATH (--restore DIR | --restore-fds MEM_FD,STATE_FD)\n"
                     "                     [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--idle-us N]\n");
     return VMM_EXIT_USAGE;
@@ -75,6 +80,7 @@ static const char **string_option(struct options *o, const char *name) {
     if (!strcmp(name, "--serial-log")) return &o->serial_log;
     if (!strcmp(name, "--agent-socket")) return &o->agent_socket;
     if (!strcmp(name, "--restore")) return &o->restore;
+    if (!strcmp(name, "--disk")) return &o->disk;
     return NULL;
 }
 
@@ -119,10 +125,11 @@ static int parse_options(int argc, char **argv, struct options *o) {
     bool restoring = o->restore || o->restore_fds[0] >= 0;
     if (o->restore && o->restore_fds[0] >= 0) return -1;
     if (o->cmdline && o->cmdline_fd >= 0) return -1;
-    if (restoring) /* the snapshot has them */
-        return o->socket_path && !o->kernel && !o->initramfs && !o->mem_mib && !o->cmdline && o->cmdline_fd < 0 ? 0 : -1;
+    if (restoring) /* the snapshot has them, the disk's path included */
+        return o->socket_path && !o->kernel && !o->initramfs && !o->mem_mib && !o->cmdline && o->cmdline_fd < 0 && !o->disk ? 0 : -1;
     if (!o->mem_mib) o->mem_mib = o->kernel ? DEFAULT_LINUX_MEM_MIB : DEFAULT_MEM_MIB;
-    if (!o->kernel && (o->mem_mib > MAX_MEM_MIB || o->initramfs || o->serial_log || o->agent_socket || o->cmdline || o->cmdline_fd >= 0))
+    if (!o->kernel && (o->mem_mib > MAX_MEM_MIB || o->initramfs || o->serial_log || o->agent_socket || o->cmdline || o->cmdline_fd >= 0 ||
+                       o->disk))
         return -1;
     if (o->kernel && !o->initramfs) return -1;
     return o->socket_path ? 0 : -1;
@@ -178,7 +185,7 @@ static void attach_board(struct vmm *v, struct board *board) {
     v->exit_on_stop = 1;
 }
 
-static int install_linux(struct vmm *v, const struct options *o) {
+static int install_linux(struct vmm *v, const struct options *o, const struct board_disk *disk) {
     struct board *board = &linux_board;
     static char given[CMDLINE_MAX], cmdline[CMDLINE_MAX];
     snprintf(given, sizeof given, "%s", o->cmdline ? o->cmdline : DEFAULT_CMDLINE);
@@ -194,20 +201,24 @@ static int install_linux(struct vmm *v, const struct options *o) {
     struct serial_log serial;
     int agent_fd;
     if (open_host_ends(o, &serial, &agent_fd)) return VMM_EXIT_FAILURE;
-    if (board_init(board, &v->vm, &serial, agent_fd, o->agent_socket) < 0) return fail("devices");
+    if (board_init(board, &v->vm, &serial, agent_fd, o->agent_socket, disk) < 0) return fail("devices");
     attach_board(v, board);
     return 0;
 }
 
 /* The root VM: everything a child later inherits is learned here, once. */
 static int build_root_vm(struct vmm *v, const struct options *o) {
+    struct board_disk disk = {.fd = -1};
+    char err[BOARD_DISK_PATH_MAX + 200];
+    /* First: a disk that cannot be used is the caller's mistake, told before any VM is made. */
+    if (o->disk && board_disk_open(&disk, o->disk, err, sizeof err) < 0) return fprintf(stderr, "clade-vmm: %s\n", err), VMM_EXIT_FAILURE;
     if (vm_open(&v->vm, o->mem_mib << 20) < 0) return fail("open /dev/kvm and guest RAM");
     if (o->kernel) mark_hypervisor_present(v->vm.cpuid);
     if (vm_build_kvm_objects(&v->vm) < 0) return fail("create VM");
     vm_learn_features(&v->vm);
     if (vm_probe_msrs(&v->vm) < 0) return fail("list MSRs");
     if (o->kernel) {
-        int r = install_linux(v, o);
+        int r = install_linux(v, o, &disk);
         if (r) return r;
     } else if (cpl3_guest_install(&v->vm, &test_guest, &v->cpu) < 0) {
         return fail("install CPL3 test guest");
@@ -252,6 +263,30 @@ static int snapshot_fds(const struct options *o, int fds[2]) {
 }
 
 /*
+ * The disk a snapshot names, opened again by its recorded path: the same
+ * file must be there (the guest's page cache holds its blocks), so a missing
+ * file or one of another size refuses the snapshot. disk->fd stays -1 when
+ * the snapshot has no disk.
+ */
+static int reopen_snapshot_disk(const struct board_disk_state *saved, struct board_disk *disk) {
+    char err[BOARD_DISK_PATH_MAX + 200], what[3 * BOARD_DISK_PATH_MAX + 200];
+    disk->fd = -1;
+    if (!saved->present) return 0;
+    if (!memchr(saved->path, 0, sizeof saved->path) || saved->path[0] != '/')
+        return restore_failed(VMM_EXIT_SNAPSHOT_REFUSED, "state.bin: the disk's path is not an absolute path");
+    if (board_disk_open(disk, saved->path, err, sizeof err) < 0) {
+        snprintf(what, sizeof what, "the snapshot's disk is gone: %s", err);
+        return restore_failed(VMM_EXIT_SNAPSHOT_REFUSED, what);
+    }
+    if (disk->bytes == saved->bytes && !strcmp(disk->path, saved->path)) return 0;
+    snprintf(what, sizeof what, "the snapshot's disk %s is another file now (%llu bytes at %s, %llu when the snapshot was taken)",
+             saved->path, (unsigned long long)disk->bytes, disk->path, (unsigned long long)saved->bytes);
+    close(disk->fd);
+    disk->fd = -1;
+    return restore_failed(VMM_EXIT_SNAPSHOT_REFUSED, what);
+}
+
+/*
  * A root VM started from a snapshot (snapshot.c): guest RAM is the snapshot's
  * memory.raw mapped copy-on-write, the state is restored with the same code
  * as a forked child's, and a fresh board takes the checked device state.
@@ -272,9 +307,11 @@ static int restore_root_vm(struct vmm *v, const struct options *o) {
     else if ((v->cpu.timing.built_ns = now_ns(), state_restore(&v->vm, &v->state, &failed)) < 0) r = restore_step_failed(failed);
     if (r == 0 && devices) {
         struct serial_log serial;
+        struct board_disk disk;
         int agent_fd = -1;
-        if (open_host_ends(o, &serial, &agent_fd)) r = VMM_EXIT_FAILURE;
-        else if (board_init(&linux_board, &v->vm, &serial, agent_fd, o->agent_socket) < 0) r = fail("devices");
+        if ((r = reopen_snapshot_disk(&devices->disk, &disk)) != 0) {
+        } else if (open_host_ends(o, &serial, &agent_fd)) r = VMM_EXIT_FAILURE;
+        else if (board_init(&linux_board, &v->vm, &serial, agent_fd, o->agent_socket, &disk) < 0) r = fail("devices");
         else if (board_restore(&linux_board, devices) < 0)
             r = restore_failed(VMM_EXIT_SNAPSHOT_REFUSED, "state.bin: the device state holds a value the devices cannot have");
         if (r == 0) attach_board(v, &linux_board);

@@ -31,6 +31,7 @@
 #include "devices/guest_mem.h"
 #include "devices/pci.h"
 #include "devices/uart8250.h"
+#include "devices/virtio_blk.h"
 #include "devices/virtio_console.h"
 
 #define VMM_MAX_MSRS 256
@@ -288,6 +289,18 @@ int serial_log_open(struct serial_log *log, const char *path, uint64_t max_bytes
 void serial_log_none(struct serial_log *log, uint64_t max_bytes);
 void serial_log_write(struct serial_log *log, uint8_t byte);
 
+/* The read-only root disk (--disk): an absolute path, opened O_RDONLY. */
+#define BOARD_DISK_PATH_MAX 1024
+
+struct board_disk {
+    int fd;              /* -1: no disk */
+    uint64_t bytes;      /* the file's size when opened */
+    char path[BOARD_DISK_PATH_MAX]; /* absolute, as recorded in snapshots */
+};
+
+/* Opens PATH read-only as the board's disk (path made absolute); 0, or -1 with a message in err. */
+int board_disk_open(struct board_disk *disk, const char *path, char *err, size_t errlen);
+
 struct board {
     pthread_mutex_t lock; /* devices are single-threaded: vCPU exits and the control thread take turns */
     struct vm *vm;
@@ -295,6 +308,8 @@ struct board {
     struct pci_bus pci;
     struct uart8250 uart;
     struct virtio_console con;
+    struct virtio_blk blk; /* set up only when disk.fd >= 0 */
+    struct board_disk disk; /* one descriptor shared by every forked child: nothing ever writes it */
     struct cmos cmos;
     struct serial_log serial;
     int agent_listen_fd;
@@ -310,11 +325,22 @@ struct board {
  * what the guest can change, and nothing of the host (no pointers,
  * callbacks or descriptors). Every device keeps its own part.
  */
+/* The disk's part: which file it was (a restore opens that path again and
+ * refuses a file of another size) and the device's own state. Zeros: no disk. */
+struct board_disk_state {
+    uint32_t present;
+    uint32_t reserved; /* 0 */
+    uint64_t bytes;
+    char path[BOARD_DISK_PATH_MAX]; /* NUL-terminated, zero-padded */
+    struct virtio_blk_state blk;
+};
+
 struct board_state {
     struct pci_bus_state pci;
     struct virtio_console_state con;
     struct uart_state uart;
     struct cmos_state cmos;
+    struct board_disk_state disk;
 };
 
 /* Host descriptors a forked child inherited and closes once its vCPU runs. */
@@ -327,8 +353,9 @@ struct board_stale {
 /* The board as the vCPU loop sees it (ctx: struct board *). */
 extern const struct guest_ops board_guest_ops;
 
-/* The board takes over `serial` (its descriptor) and agent_listen_fd. */
-int board_init(struct board *b, struct vm *vm, const struct serial_log *serial, int agent_listen_fd, const char *agent_path);
+/* The board takes over `serial` (its descriptor), agent_listen_fd and the disk's descriptor (disk NULL or fd -1: no disk). */
+int board_init(struct board *b, struct vm *vm, const struct serial_log *serial, int agent_listen_fd, const char *agent_path,
+               const struct board_disk *disk);
 /* Closes what the board holds (not the agent socket's path). */
 void board_destroy(struct board *b);
 enum guest_exit_result board_io(struct board *b, uint16_t port, bool is_write, uint8_t *data, unsigned size);
@@ -426,13 +453,13 @@ int vmm_snapshot(struct vmm *v, const char *dir, struct snapshot_report *rep, ch
 /* ---- snapshot_format.c, snapshot.c ------------------------------------ */
 
 /*
- * state.bin, format 2 (docs/snapshots.md, "vmm engine"): a header, then
+ * state.bin, format 3 (docs/snapshots.md, "vmm engine"): a header, then
  * sections. Little-endian (x86-64 only). Every section is plain data: KVM's
  * own structs for the CPU and VM, and the devices' *_state structs; nothing
  * in it is a host address, a descriptor or a function.
  */
 #define SNAPSHOT_MAGIC "CLADEVMS"
-#define SNAPSHOT_FORMAT 2u
+#define SNAPSHOT_FORMAT 3u /* 3: the board state has the disk's part */
 #define SNAPSHOT_BUILD_ID_MAX 64u
 #define SNAPSHOT_STATE_MAX (16u << 20) /* far above any real state.bin: a bigger one is refused unread */
 #define SNAPSHOT_MAX_XSAVE (1u << 20)

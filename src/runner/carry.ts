@@ -114,7 +114,10 @@ export async function cladeCarry(opts: { daemon?: boolean; image?: string } = {}
   ];
 }
 
-/** An image as `clade image build` leaves it in a clade home (with its vmlinux for clade-vmm), named "default" there whatever its name here. */
+/**
+ * An image as `clade image build` leaves it in a clade home (with its vmlinux for clade-vmm, and a disk image's
+ * root disk), named "default" there whatever its name here. The runner's root is RAM: a disk costs its size there.
+ */
 async function imageInHome(ref: string, home: string): Promise<Carry[]> {
   const image = resolveImage(ref);
   const vmlinux = await ensureVmlinux(image);
@@ -124,6 +127,7 @@ async function imageInHome(ref: string, home: string): Promise<Carry[]> {
     { hostPath: image.kernel, guestPath: `${dir}/vmlinuz` },
     { hostPath: vmlinux, guestPath: `${dir}/vmlinux` },
     { hostPath: image.initramfs, guestPath: `${dir}/initramfs.cpio` },
+    ...(image.disk ? [{ hostPath: image.disk, guestPath: `${dir}/${basename(image.disk)}` }] : []),
     { guestPath: `${home}/images/refs/default`, content: `${image.manifest.digest}\n` },
   ];
 }

@@ -1,4 +1,4 @@
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -130,28 +130,25 @@ describe('one shape for recipes and templates on every path', () => {
 });
 
 describe('disk images on clade-vmm', () => {
-  it('are refused before anything starts, saying what to use instead', async () => {
+  it('are accepted: clade-vmm attaches the disk read-only (a network is still refused)', async () => {
     const { VmmEngine } = await import('../../src/engines/vmm/vmm-engine.js');
-    const image = { disk: '/nonexistent/rootfs.erofs', manifest: { name: 'big' }, kernel: '', initramfs: '', dir: '' };
-    const spec = { image, memoryMiB: 512, cpus: 1, id: 'x', token: Buffer.alloc(32), hostname: 'x', runDir: join(dir, 'never-made') } as never;
-    await expect(new VmmEngine().boot(spec)).rejects.toThrow(/image big keeps its root filesystem on a disk.*virtio-blk.*engine "qemu"/);
-    expect(existsSync(join(dir, 'never-made'))).toBe(false);
+    const image = { disk: '/x.erofs', manifest: { name: 'big' }, kernel: '', initramfs: '', dir: '' };
+    expect(new VmmEngine().refusesShape({ image, memoryMiB: 512, cpus: 1 } as never)).toBeUndefined();
+    expect(new VmmEngine().refusesShape({ image, memoryMiB: 512, cpus: 1, network: { egress: 'none', ports: [] } } as never)).toMatch(/networking runs on the qemu engine/);
   });
 
-  it('make the engine choice pass over clade-vmm unless it was asked for', async () => {
+  it('leave the engine choice on clade-vmm', async () => {
     const { SandboxManager } = await import('../../src/core/manager.js');
     const { VmmEngine } = await import('../../src/engines/vmm/vmm-engine.js');
     const vmm = new VmmEngine();
     const stub = (e: object) => Object.assign(e, { unavailableReason: async () => undefined });
     const manager = new SandboxManager({ vmm: stub(vmm) as never, qemu: stub({ refusesShape: undefined }) as never });
     const disk = { image: { disk: '/x.erofs', manifest: { name: 'big' } }, memoryMiB: 512, cpus: 1 } as never;
-    const plain = { image: { manifest: { name: 'small' } }, memoryMiB: 512, cpus: 1 } as never;
     const saved = process.env.CLADE_ENGINE;
     delete process.env.CLADE_ENGINE;
     try {
-      expect(await manager.chooseEngine(undefined, plain)).toBe('vmm');
-      expect(await manager.chooseEngine(undefined, disk)).toBe('qemu');
-      await expect(manager.chooseEngine('vmm', disk)).rejects.toThrow(/no virtio-blk device yet/);
+      expect(await manager.chooseEngine(undefined, disk)).toBe('vmm');
+      expect(await manager.chooseEngine('vmm', disk)).toBe('vmm');
     } finally {
       if (saved !== undefined) process.env.CLADE_ENGINE = saved;
     }

@@ -16,17 +16,18 @@ async function buildAll(): Promise<void> {
  * Runs test/runner/payload/<script> with this Node.js inside the runner, with
  * clade carried in (cladeCarry), and asserts what every payload promises: no
  * "check FAIL" line, each of `required` reported as "check ok", a final
- * "done", exit code 0, and no runner left behind on the host. At the time limit
+ * "done", exit code 0, and no runner left behind on the host. `image` (a
+ * built image's name) is carried as the runner's default image instead of "default". At the time limit
  * the runner is killed and this throws a CladeError 'timeout' naming the last
  * stage reached.
  */
-export async function runCladePayload(script: string, opts: { required: string[]; timeoutMs: number }): Promise<void> {
+export async function runCladePayload(script: string, opts: { required: string[]; timeoutMs: number; image?: string }): Promise<void> {
   await buildAll();
   const pkg = CLADE_IN_RUNNER.package;
   const before = runnerTraces();
   const r = await runInRunner({
     // The run-time npm packages come along for every payload: the SDK's core needs some of them too (schemas).
-    files: [...(await cladeCarry({ daemon: true })), { hostPath: join(root, 'test/runner/payload'), guestPath: `${pkg}/check` }],
+    files: [...(await cladeCarry({ daemon: true, ...(opts.image ? { image: opts.image } : {}) })), { hostPath: join(root, 'test/runner/payload'), guestPath: `${pkg}/check` }],
     command: `CLADE_HOME=${CLADE_IN_RUNNER.home} /opt/node/bin/node ${pkg}/check/${script} ${pkg}`,
     timeoutMs: opts.timeoutMs,
   });

@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { CladeError } from '../../util/errors.js';
 import { packageRoot } from '../../util/paths.js';
 import { ensureVmlinux } from '../../images/vmlinux.js';
+import { imageKernelArgs } from '../../images/store.js';
 import { mapLimited } from '../../util/concurrency.js';
 import { asCladeError } from '../../util/errors.js';
 import { killPidQuietly, processStartTicks, procStatFields } from '../../util/process.js';
@@ -80,7 +81,6 @@ export class VmmEngine implements Engine {
 
   refusesShape(shape: MachineShape): string | undefined {
     if (shape.network) return 'sandbox networking runs on the qemu engine for now (clade-vmm has no virtio-net device yet); use engine "qemu" (docs/network.md)';
-    if (shape.image.disk) return `image ${shape.image.manifest.name} keeps its root filesystem on a disk, and clade-vmm has no virtio-blk device yet; use engine "qemu", or rebuild the image with --rootfs initramfs`;
     return undefined;
   }
 
@@ -131,10 +131,13 @@ export class VmmEngine implements Engine {
     if (spec.cpus !== 1) throw new CladeError('unavailable', 'the vmm engine runs one vCPU per sandbox for now; use cpus: 1 or engine "qemu"');
     const files = runFiles(spec.runDir);
     const kernel = await ensureVmlinux(spec.image);
-    const cmdline = ['console=ttyS0', 'quiet', 'panic=-1', 'mitigations=off', 'random.trust_cpu=on', 'i8042.noaux', ...QUIET_GUEST_KERNEL, `clade.token=${spec.token.toString('hex')}`, `clade.id=${spec.id}`, `clade.hostname=${spec.hostname}`];
+    const cmdline = ['console=ttyS0', 'quiet', 'panic=-1', 'mitigations=off', 'random.trust_cpu=on', 'i8042.noaux', ...QUIET_GUEST_KERNEL, ...imageKernelArgs(spec.image), `clade.token=${spec.token.toString('hex')}`, `clade.id=${spec.id}`, `clade.hostname=${spec.hostname}`];
     // The command line carries the agent's token: it goes through a pipe, never into clade-vmm's own argv,
     // which every local user can read in /proc.
     const args = ['run', '--socket', files.control, '--agent-socket', files.agent, '--serial-log', files.serial, '--kernel', kernel, '--initramfs', spec.image.initramfs, '--mem-mib', String(spec.memoryMiB), '--cmdline-fd', String(CMDLINE_FD)];
+    // A disk image's root filesystem: a read-only virtio-blk disk that every fork shares (clade-vmm opens it O_RDONLY);
+    // a snapshot records its path, and a start from the snapshot opens that path again.
+    if (spec.image.disk) args.push('--disk', spec.image.disk);
     return startVmm(spec.id, spec, spec.runDir, files, args, { cmdline: cmdline.join(' ') });
   }
 

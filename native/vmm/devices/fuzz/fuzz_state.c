@@ -58,7 +58,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (vm.ram != MAP_FAILED) {
             struct serial_log log;
             serial_log_none(&log, SERIAL_LOG_DEFAULT_MAX);
-            if (board_init(&board, &vm, &log, -1, "") == 0 && board_restore(&board, &img.board) == 0)
+            if (board_init(&board, &vm, &log, -1, "", NULL) == 0 && board_restore(&board, &img.board) == 0)
                 exercise(&board);
             board_destroy(&board);
             munmap(vm.ram, img.ram_size);

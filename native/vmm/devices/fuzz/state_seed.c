@@ -52,7 +52,7 @@ int main(int argc, char **argv)
     static struct board b;
     struct serial_log log;
     serial_log_none(&log, SERIAL_LOG_DEFAULT_MAX);
-    if (vm.ram == MAP_FAILED || board_init(&b, &vm, &log, -1, "") < 0)
+    if (vm.ram == MAP_FAILED || board_init(&b, &vm, &log, -1, "", NULL) < 0)
         return perror("board"), 1;
     img.facts.guest_linux = 1;
     img.has_board = 1;

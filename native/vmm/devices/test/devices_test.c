@@ -5,6 +5,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/virtio_blk.h>
 #include <linux/virtio_console.h>
 #include <poll.h>
 #include <signal.h>
@@ -791,6 +792,251 @@ static void test_cmos(void)
     CHECK(!cmos_restore(&d, &bad));
 }
 
+/* ---- the read-only disk ------------------------------------------------- */
+
+#define BLK_SECTORS 8
+#define BLK_FILE_BYTES (BLK_SECTORS * 512 + 100) /* a partial last sector is not offered */
+#define BLK_FEATURES (VIRTIO_FEATURE_VERSION_1 | 1ull << VIRTIO_BLK_F_RO | 1ull << VIRTIO_BLK_F_SEG_MAX)
+
+static uint8_t disk_byte(uint64_t at) { return (uint8_t)(at * 7 + at / 512); }
+
+static int make_disk(void)
+{
+    char path[] = "/tmp/clade-devices-test-XXXXXX";
+    int fd = mkstemp(path);
+    if (fd < 0)
+        return -1;
+    unlink(path);
+    uint8_t buf[BLK_FILE_BYTES];
+    for (unsigned i = 0; i < sizeof buf; i++)
+        buf[i] = disk_byte(i);
+    if (write(fd, buf, sizeof buf) != (ssize_t)sizeof buf)
+        return close(fd), -1;
+    char self[64];
+    snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
+    int ro = open(self, O_RDONLY | O_CLOEXEC); /* the device gets a read-only descriptor, as in the VMM */
+    close(fd);
+    return ro;
+}
+
+struct blk_req {
+    uint64_t hdr, data, status;
+};
+
+/* Posts header + data split into pieces of `piece` bytes (0: one piece) + status; returns the addresses. */
+static struct blk_req blk_post(struct drv *d, uint32_t type, uint64_t sector, uint32_t data_len, uint32_t piece)
+{
+    struct blk_req r = {.hdr = drv_alloc(d, 16), .data = data_len ? drv_alloc(d, data_len) : 0, .status = drv_alloc(d, 1)};
+    uint8_t hdr[16] = {0};
+    pci_put_le(hdr, 4, type);
+    pci_put_le(hdr + 8, 8, sector);
+    memcpy(ram + r.hdr, hdr, 16);
+    memset(ram + r.data, 0xEE, data_len);
+    ram[r.status] = 0xAA;
+    uint64_t addr[8] = {r.hdr};
+    uint32_t len[8] = {16};
+    unsigned n = 1;
+    for (uint32_t off = 0; off < data_len && n < 7; n++) {
+        uint32_t l = piece && piece < data_len - off ? piece : data_len - off;
+        addr[n] = r.data + off, len[n] = l;
+        off += l;
+    }
+    addr[n] = r.status, len[n] = 1;
+    drv_add(d, 0, addr, len, n + 1, 1);
+    drv_kick(d, 0);
+    return r;
+}
+
+static bool blk_done(struct drv *d, uint32_t *used_len)
+{
+    uint32_t id;
+    return drv_used(d, 0, &id, used_len);
+}
+
+static bool disk_matches(const uint8_t *p, uint64_t at, uint32_t len)
+{
+    for (uint32_t i = 0; i < len; i++)
+        if (p[i] != disk_byte(at + i))
+            return false;
+    return true;
+}
+
+static void blk_setup(struct drv *d, int fd)
+{
+    CHECK(drv_create_blk(d, ram, fd, BLK_FILE_BYTES));
+    CHECK(drv_probe_device(d, 0x1042));
+    CHECK(drv_start(d, BLK_FEATURES));
+}
+
+static void test_blk_requests(int fd)
+{
+    struct drv *d = &D;
+    blk_setup(d, fd);
+    /* What the guest sees: read-only, capacity in whole sectors, one queue. */
+    drv_mw(d, d->common + 0x00, 4, 0);
+    CHECK(drv_mr(d, d->common + 0x04, 4) & (1u << VIRTIO_BLK_F_RO));
+    CHECK(drv_mr(d, d->devcfg, 4) == BLK_SECTORS && drv_mr(d, d->devcfg + 4, 4) == 0);
+    CHECK(drv_mr(d, d->common + 0x04, 4) & (1u << VIRTIO_BLK_F_SEG_MAX));
+    CHECK(drv_mr(d, d->devcfg + 12, 4) == VBLK_QUEUE_SIZE - 2 && drv_mr(d, d->devcfg + 16, 4) == 0);
+    CHECK(drv_mr(d, d->common + 0x12, 2) == 1);
+    uint32_t used;
+    /* A read split over three buffers. */
+    struct blk_req r = blk_post(d, VIRTIO_BLK_T_IN, 2, 1024, 300);
+    CHECK(blk_done(d, &used) && used == 1025);
+    CHECK(ram[r.status] == VIRTIO_BLK_S_OK && disk_matches(ram + r.data, 1024, 1024));
+    /* The last whole sector. */
+    r = blk_post(d, VIRTIO_BLK_T_IN, BLK_SECTORS - 1, 512, 0);
+    CHECK(blk_done(d, &used) && used == 513 && ram[r.status] == VIRTIO_BLK_S_OK &&
+          disk_matches(ram + r.data, (BLK_SECTORS - 1) * 512, 512));
+    /* Its id, whole and cut short. */
+    r = blk_post(d, VIRTIO_BLK_T_GET_ID, 0, 20, 0);
+    CHECK(blk_done(d, &used) && used == 21 && ram[r.status] == VIRTIO_BLK_S_OK && !memcmp(ram + r.data, "clade-test-disk\0\0\0\0", 20));
+    r = blk_post(d, VIRTIO_BLK_T_GET_ID, 0, 5, 0);
+    CHECK(blk_done(d, &used) && used == 6 && !memcmp(ram + r.data, "clade", 5));
+    /* Writes, flushes and unknown requests change nothing. */
+    struct {
+        uint32_t type;
+        uint8_t status;
+    } refused[] = {{VIRTIO_BLK_T_OUT, VIRTIO_BLK_S_IOERR}, {VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_S_UNSUPP},
+                   {VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_S_UNSUPP}, {0xFFFFFFFFu, VIRTIO_BLK_S_UNSUPP}};
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        r = blk_post(d, refused[i].type, 0, 512, 0);
+        CHECK(blk_done(d, &used) && used == 1 && ram[r.status] == refused[i].status);
+    }
+    /* A write given as device-readable data (as a driver would send it). */
+    uint64_t hdr = drv_alloc(d, 16), data = drv_alloc(d, 512), st = drv_alloc(d, 1);
+    memset(ram + hdr, 0, 16);
+    ram[hdr] = VIRTIO_BLK_T_OUT;
+    memset(ram + data, 0x55, 512);
+    uint64_t wa[3] = {hdr, data, st};
+    uint32_t wl[3] = {16, 512, 1};
+    drv_add(d, 0, wa, wl, 3, 2);
+    drv_kick(d, 0);
+    CHECK(blk_done(d, &used) && used == 1 && ram[st] == VIRTIO_BLK_S_IOERR);
+    uint8_t file[BLK_FILE_BYTES];
+    CHECK(pread(fd, file, sizeof file, 0) == (ssize_t)sizeof file && disk_matches(file, 0, sizeof file));
+    /* Out-of-range and wrapping sectors: refused, nothing read. */
+    uint64_t bad_sectors[][2] = {{BLK_SECTORS, 512},      {BLK_SECTORS - 1, 1024}, {1ull << 55, 512},
+                                 {~0ull, 512},            {~0ull / 512 + 1, 512},  {BLK_SECTORS + 1, 0}};
+    for (size_t i = 0; i < sizeof bad_sectors / sizeof bad_sectors[0]; i++) {
+        r = blk_post(d, VIRTIO_BLK_T_IN, bad_sectors[i][0], (uint32_t)bad_sectors[i][1], 0);
+        bool refused_ok = blk_done(d, &used) && used == 1 && ram[r.status] == VIRTIO_BLK_S_IOERR;
+        if (!refused_ok)
+            fprintf(stderr, "  bad sector %llu not refused\n", (unsigned long long)bad_sectors[i][0]);
+        CHECK(refused_ok);
+        CHECK(bad_sectors[i][1] == 0 || ram[r.data] == 0xEE);
+    }
+    /* The partial sector past the capacity is never read. */
+    r = blk_post(d, VIRTIO_BLK_T_IN, BLK_SECTORS - 1, 612, 0);
+    CHECK(blk_done(d, &used) && used == 1 && ram[r.status] == VIRTIO_BLK_S_IOERR);
+    /* Chains with no status byte or a short header come back with nothing written. */
+    uint64_t a = drv_alloc(d, 16);
+    uint32_t l = 16;
+    drv_add(d, 0, &a, &l, 1, 1);
+    drv_kick(d, 0);
+    CHECK(blk_done(d, &used) && used == 0);
+    uint64_t sa[2] = {drv_alloc(d, 8), drv_alloc(d, 1)};
+    uint32_t sl[2] = {8, 1};
+    ram[sa[1]] = 0xAA;
+    drv_add(d, 0, sa, sl, 2, 1);
+    drv_kick(d, 0);
+    CHECK(blk_done(d, &used) && used == 0 && ram[sa[1]] == 0xAA);
+    /* A header split across descriptors is still one header. */
+    uint64_t h1 = drv_alloc(d, 16), buf = drv_alloc(d, 512), s1 = drv_alloc(d, 1);
+    memset(ram + h1, 0, 16);
+    ram[h1] = VIRTIO_BLK_T_IN;
+    ram[h1 + 8] = 3;
+    uint64_t ha[4] = {h1, h1 + 5, buf, s1};
+    uint32_t hl[4] = {5, 11, 512, 1};
+    drv_add(d, 0, ha, hl, 4, 2);
+    drv_kick(d, 0);
+    CHECK(blk_done(d, &used) && used == 513 && ram[s1] == VIRTIO_BLK_S_OK && disk_matches(ram + buf, 3 * 512, 512));
+    CHECK(!(drv_status(d) & VIRTIO_STATUS_NEEDS_RESET));
+    CHECK(d->blk.reads == 5);
+}
+
+static void test_blk_hostile(int fd)
+{
+    struct drv *d = &D;
+    struct {
+        const char *what;
+        uint64_t addr;
+        uint32_t len;
+        uint16_t flags, next;
+    } cases[] = {
+        {"descriptor loop", 0x80000, 16, VIRTQ_DESC_F_NEXT, 0},
+        {"data length wraps", 0x80000, 0xFFFFFFFFu, VIRTQ_DESC_F_WRITE, 0},
+        {"address wraps", ~0ull - 4, 16, 0, 0},
+        {"next beyond queue", 0x80000, 16, VIRTQ_DESC_F_NEXT, DRV_QSIZE},
+        {"indirect", 0x80000, 16, VIRTQ_DESC_F_INDIRECT, 0},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        blk_setup(d, fd);
+        unsigned before = d->msi_count;
+        write_desc(d, 0, 0, cases[i].addr, cases[i].len, cases[i].flags, cases[i].next);
+        publish(d, 0, 0, 1);
+        expect_broken(d, 0, before, cases[i].what);
+        CHECK(d->blk.reads == 0);
+    }
+    /* Two writable buffers that together pass 4 GiB (both inside "RAM" by aliasing) are refused as one chain. */
+    blk_setup(d, fd);
+    unsigned before = d->msi_count;
+    write_desc(d, 0, 0, 0x80000, 16, VIRTQ_DESC_F_NEXT, 1);
+    for (uint16_t i = 1; i < DRV_QSIZE; i++)
+        write_desc(d, 0, i, 0, DRV_RAM_SIZE, VIRTQ_DESC_F_WRITE | (i + 1 < DRV_QSIZE ? VIRTQ_DESC_F_NEXT : 0), (uint16_t)(i + 1));
+    publish(d, 0, 0, 1);
+    uint32_t used;
+    CHECK(!blk_done(d, &used) || used <= 1); /* 63 MiB of aliases is legal: served or refused, never overrun */
+    (void)before;
+    /* Queue notifications for queues the disk does not have do nothing. */
+    drv_kick(d, 5);
+    drv_kick(d, 0xFFFF);
+}
+
+static void test_blk_saved_state(int fd)
+{
+    struct drv *d = &D;
+    blk_setup(d, fd);
+    struct blk_req r = blk_post(d, VIRTIO_BLK_T_IN, 0, 512, 0);
+    uint32_t used;
+    CHECK(blk_done(d, &used));
+    (void)r;
+    struct virtio_blk_state s;
+    virtio_blk_save(&d->blk, &s);
+    static struct virtio_blk fresh, other;
+    struct guest_mem mem = d->mem;
+    CHECK(virtio_blk_init(&fresh, fd, BLK_FILE_BYTES, "clade-test-disk", &mem, drv_msi, d));
+    CHECK(virtio_blk_restore(&fresh, &s));
+    struct virtio_blk_state again;
+    virtio_blk_save(&fresh, &again);
+    CHECK(memcmp(&s, &again, sizeof s) == 0);
+    /* A different disk (another size) is refused, and so is a hostile transport state. */
+    CHECK(virtio_blk_init(&other, fd, BLK_FILE_BYTES - 512, "clade-test-disk", &mem, drv_msi, d));
+    CHECK(!virtio_blk_restore(&other, &s));
+    struct virtio_blk_state bad = s;
+    bad.vp.queue[0].desc = DRV_RAM_SIZE;
+    CHECK(!virtio_blk_restore(&fresh, &bad));
+    bad = s;
+    bad.vp.num_queues = 2;
+    CHECK(!virtio_blk_restore(&fresh, &bad));
+    /* Bad set-up values are refused. */
+    CHECK(!virtio_blk_init(&other, -1, BLK_FILE_BYTES, NULL, &mem, drv_msi, d));
+    CHECK(!virtio_blk_init(&other, fd, 100, NULL, &mem, drv_msi, d));
+    CHECK(!virtio_blk_init(&other, fd, BLK_FILE_BYTES, "an id longer than twenty bytes", &mem, drv_msi, d));
+}
+
+static void test_blk(void)
+{
+    int fd = make_disk();
+    CHECK(fd >= 0);
+    if (fd < 0)
+        return;
+    test_blk_requests(fd);
+    test_blk_hostile(fd);
+    test_blk_saved_state(fd);
+    close(fd);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -804,6 +1050,7 @@ int main(void)
     test_uart();
     test_saved_state();
     test_cmos();
+    test_blk();
     printf("%s: %u checks, %u failed\n", failed ? "FAIL" : "PASS", checks, failed);
     free(ram);
     return failed ? 1 : 0;

@@ -91,11 +91,25 @@ static void map_cap(struct drv *d, unsigned cap)
         d->cfg_cap = cap;
 }
 
-bool drv_probe(struct drv *d)
+bool drv_create_blk(struct drv *d, uint8_t *ram, int fd, uint64_t disk_bytes)
+{
+    memset(d, 0, sizeof *d);
+    d->ram = ram;
+    if (!guest_mem_add(&d->mem, 0, DRV_RAM_SIZE, ram))
+        return false;
+    pci_bus_init(&d->bus, DRV_MMIO_BASE, DRV_MMIO_SIZE);
+    if (!virtio_blk_init(&d->blk, fd, disk_bytes, "clade-test-disk", &d->mem, drv_msi, d))
+        return false;
+    return pci_bus_add(&d->bus, &d->blk.vp.pci) > 0;
+}
+
+bool drv_probe(struct drv *d) { return drv_probe_device(d, 0x1043); }
+
+bool drv_probe_device(struct drv *d, uint16_t device_id)
 {
     d->slot = 0;
     for (unsigned s = 0; s < 32 && !d->slot; s++)
-        if (drv_cfg_read(d, s, 0, 4) == (0x1043u << 16 | 0x1af4))
+        if (drv_cfg_read(d, s, 0, 4) == ((uint32_t)device_id << 16 | 0x1af4))
             d->slot = s;
     if (!d->slot)
         return false;

@@ -12,6 +12,7 @@
 #include "../cmos.h"
 #include "../guest_mem.h"
 #include "../pci.h"
+#include "../virtio_blk.h"
 #include "../virtio_console.h"
 
 #define DRV_RAM_SIZE (1u << 20)
@@ -30,6 +31,7 @@ struct drv {
     struct guest_mem mem;
     struct pci_bus bus;
     struct virtio_console con;
+    struct virtio_blk blk; /* on a bus of its own: drv_create_blk */
     unsigned slot;
     uint64_t bar, common, notify, isr, devcfg, msix_table, pba;
     uint32_t notify_mult;
@@ -49,8 +51,12 @@ void drv_mw(struct drv *d, uint64_t gpa, unsigned len, uint64_t v);
 
 /* Creates RAM, the bus and a console with ports {console, "org.clade.agent"}. */
 bool drv_create(struct drv *d, uint8_t *ram);
+/* Creates RAM and a bus with only a read-only disk over fd (disk_bytes long). */
+bool drv_create_blk(struct drv *d, uint8_t *ram, int fd, uint64_t disk_bytes);
 /* Finds the console, maps its capabilities, enables MSI-X. */
 bool drv_probe(struct drv *d);
+/* The same for the virtio device with PCI device id device_id (0x1042: the disk). */
+bool drv_probe_device(struct drv *d, uint16_t device_id);
 /* reset .. DRIVER_OK with all queues set up; false if the device refused. */
 bool drv_start(struct drv *d, uint64_t features);
 
