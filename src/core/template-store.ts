@@ -1,41 +1,19 @@
 import { existsSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Type, type Static } from '@sinclair/typebox';
+import type { Static } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
 import type { EngineName } from '../engines/engine.js';
 import { CladeError } from '../util/errors.js';
 import { ensurePrivateDir, homePaths } from '../util/home.js';
+import { TemplateBody } from '../wire/schemas.js';
 import { readSnapshotMeta, removeSnapshot, validateTag } from './snapshots.js';
 
 // A template is a snapshot taken after setup (templates.ts makes one). The
 // snapshot has the template's name as its tag; the record beside it
 // (templates/<name>.json) keeps how it was made, for `template ls`.
 
-export const TemplateSpecSchema = Type.Object(
-  {
-    name: Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' }),
-    image: Type.Optional(Type.String({ minLength: 1, maxLength: 128 })),
-    memoryMiB: Type.Optional(Type.Integer({ minimum: 256, maximum: 16384 })),
-    engine: Type.Optional(Type.Union([Type.Literal('qemu'), Type.Literal('vmm')])),
-    env: Type.Optional(Type.Record(Type.String({ maxLength: 1024 }), Type.String({ maxLength: 65536 }))),
-    network: Type.Optional(
-      Type.Object(
-        {
-          egress: Type.Optional(Type.Union([Type.Literal('none'), Type.Literal('all'), Type.Array(Type.String({ minLength: 1, maxLength: 255 }), { maxItems: 64 })])),
-          ports: Type.Optional(Type.Array(Type.Integer({ minimum: 1, maximum: 65535 }), { maxItems: 32 })),
-        },
-        { additionalProperties: false, description: 'the network its sandboxes get (docs/network.md): each one, and each fork, has its own stack and host ports' },
-      ),
-    ),
-    run: Type.Optional(Type.Array(Type.String({ minLength: 1, maxLength: 1 << 20 }), { maxItems: 256, description: 'shell commands run in order; each must exit 0' })),
-    code: Type.Optional(Type.Array(Type.String({ minLength: 1, maxLength: 1 << 20 }), { maxItems: 256, description: 'Python code for the persistent interpreter, run in order after the commands' })),
-    start: Type.Optional(Type.String({ minLength: 1, maxLength: 65536, description: 'a long-running command started last, in the background (output to /var/log/clade-start.log)' })),
-    ready: Type.Optional(Type.String({ minLength: 1, maxLength: 65536, description: 'polled until it exits 0 before the snapshot is taken' })),
-    readyTimeoutMs: Type.Optional(Type.Integer({ minimum: 1, maximum: 3600_000, description: 'how long to poll the ready command (default 120000)' })),
-    stepTimeoutMs: Type.Optional(Type.Integer({ minimum: 0, maximum: 24 * 3600_000, description: 'limit for each setup command and code block (default 0: none)' })),
-  },
-  { additionalProperties: false },
-);
+/** A template's recipe: the daemon's request body, one schema for the file, the SDK and the API. */
+const TemplateSpecSchema = TemplateBody;
 export type TemplateSpec = Static<typeof TemplateSpecSchema>;
 
 /** What `template ls` shows: the spec, the snapshot's image and engine, and when it was made. */

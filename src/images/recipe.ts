@@ -1,10 +1,11 @@
 import { createHash } from 'node:crypto';
 import { closeSync, lstatSync, openSync, readdirSync, readFileSync, readlinkSync, readSync } from 'node:fs';
 import { dirname, isAbsolute, join, posix, resolve } from 'node:path';
-import { Type, type Static } from '@sinclair/typebox';
+import type { Static } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
 import { parse as parseYaml } from 'yaml';
 import { CladeError, errorMessage } from '../util/errors.js';
+import { ImageRecipe as ImageRecipeSchema } from '../wire/schemas.js';
 
 /**
  * What an image is made of beyond clade's base (kernel, busybox, bash,
@@ -56,20 +57,8 @@ const ENV_KEY_RE = /^[A-Za-z_][A-Za-z0-9_]{0,127}$/;
 /** Guest directories that boot mounts over (or that the kernel owns): a copy there would be hidden or refused. */
 const MOUNTED_AT_BOOT = ['/proc', '/sys', '/dev', '/tmp', '/run'];
 
-const CopyField = Type.Union([Type.String({ minLength: 3, maxLength: 8192 }), Type.Object({ from: Type.String({ minLength: 1, maxLength: 4096 }), to: Type.String({ minLength: 1, maxLength: 4096 }) }, { additionalProperties: false })]);
-
-/** A recipe file (JSON or YAML), and the body of the daemon's image build request. */
-export const RecipeSchema = Type.Object(
-  {
-    name: Type.Optional(Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' })),
-    packages: Type.Optional(Type.Array(Type.String({ minLength: 1, maxLength: 256 }), { maxItems: 1000 })),
-    copy: Type.Optional(Type.Array(CopyField, { maxItems: 1000 })),
-    env: Type.Optional(Type.Record(Type.String({ maxLength: 128 }), Type.String({ maxLength: 65536 }))),
-    recommends: Type.Optional(Type.Boolean()),
-    rootfs: Type.Optional(Type.Union([Type.Literal('initramfs'), Type.Literal('disk'), Type.Literal('auto')])),
-  },
-  { additionalProperties: false },
-);
+/** A recipe file (JSON or YAML), and the body of the daemon's image build request: one schema, the daemon's. */
+export const RecipeSchema = ImageRecipeSchema;
 export type RecipeFile = Static<typeof RecipeSchema>;
 
 /** Reads a recipe file; relative copy sources are taken from the file's own directory. */

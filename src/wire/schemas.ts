@@ -170,7 +170,7 @@ const Name = Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' });
 const CopyItem = Type.Union([Type.String({ minLength: 3, maxLength: 8192 }), Type.Object({ from: Type.String({ minLength: 1, maxLength: 4096 }), to: Type.String({ minLength: 1, maxLength: 4096 }) }, { additionalProperties: false })]);
 const RootfsChoice = Type.Union([Type.Literal('initramfs'), Type.Literal('disk'), Type.Literal('auto')]);
 
-/** An image recipe: the same shape as a recipe file (src/images/recipe.ts; a unit test keeps the two equal). */
+/** An image recipe: the body of POST /v1/images and the shape of a recipe file (src/images/recipe.ts reads files with it). */
 export const ImageRecipe = Type.Object(
   {
     name: Type.Optional(Name),
@@ -227,7 +227,7 @@ export const ImageBuildResult = Type.Object({
 export const ImageRefParams = Type.Object({ ref: Type.String({ minLength: 1, maxLength: 128 }) });
 export const NameParams = Type.Object({ name: Name });
 
-/** A template: the same shape as src/core/template-store.ts's spec (a unit test keeps the two equal). */
+/** A template's recipe: the body of POST /v1/templates and the record src/core/template-store.ts keeps. */
 export const TemplateBody = Type.Object(
   {
     name: Name,
