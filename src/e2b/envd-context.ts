@@ -1,6 +1,7 @@
 import { Code, ConnectError, createContextKey, type HandlerContext } from '@connectrpc/connect';
 import type { LiveSandbox } from '../core/sandbox.js';
 import { CladeError, errorMessage } from '../util/errors.js';
+import type { PacedQueue } from './paced.js';
 import type { E2bSandbox } from './state.js';
 
 /** The sandbox a Connect call is for, resolved and authorized before the handler runs (server.ts). */
@@ -79,4 +80,21 @@ export function keepAliveMs(ctx: HandlerContext): number {
   const asked = Number(ctx.requestHeader.get('keepalive-ping-interval'));
   const seconds = Number.isFinite(asked) && asked > 0 ? asked : 50;
   return Math.min(Math.max(seconds, 1), 300) * 1000;
+}
+
+/**
+ * What a queue gives one server stream, paced for the client: each item, and
+ * `{ idle: true }` for each keep-alive period without one. Ends with the
+ * queue; a failed queue or a client that went away throws a Connect error.
+ */
+export async function* pacedStream<T>(queue: PacedQueue<T>, ctx: HandlerContext): AsyncGenerator<{ idle: true } | { idle: false; value: T }> {
+  const idle = keepAliveMs(ctx);
+  for (;;) {
+    const next = await queue.next(idle, ctx.signal).catch((err: unknown) => {
+      throw toConnectError(err);
+    });
+    if (ctx.signal.aborted) throw ConnectError.from(ctx.signal.reason);
+    if (next.kind === 'end') return;
+    yield next.kind === 'idle' ? { idle: true } : { idle: false, value: next.value };
+  }
 }

@@ -5,7 +5,7 @@ import { runCommand, type CommandResult } from '../core/commands.js';
 import { guestPath, type FileEntry } from '../core/files.js';
 import type { LiveSandbox } from '../core/sandbox.js';
 import { CladeError } from '../util/errors.js';
-import { checkUser, connectErrors, keepAliveMs, targetOf, toConnectError } from './envd-context.js';
+import { checkUser, connectErrors, pacedStream, targetOf, toConnectError } from './envd-context.js';
 import { type EntryInfoSchema, Filesystem, FileType } from './gen/filesystem_pb.js';
 import { PacedQueue } from './paced.js';
 import { DirWatch, WatcherTable, type WatchEvent } from './watch.js';
@@ -112,18 +112,9 @@ async function* watchStream(sandbox: LiveSandbox, path: string, recursive: boole
   try {
     await connectErrors(() => watch.start());
     yield { event: { case: 'start' as const, value: {} } };
-    const idle = keepAliveMs(ctx);
-    for (;;) {
-      const next = await queue.next(idle, ctx.signal).catch((err: unknown) => {
-        throw toConnectError(err);
-      });
-      if (ctx.signal.aborted) throw ConnectError.from(ctx.signal.reason);
-      if (next.kind === 'end') return;
-      if (next.kind === 'idle') {
-        yield { event: { case: 'keepalive' as const, value: {} } };
-        continue;
-      }
-      for (const e of next.value) yield { event: { case: 'filesystem' as const, value: watchEvent(e) } };
+    for await (const next of pacedStream(queue, ctx)) {
+      if (next.idle) yield { event: { case: 'keepalive' as const, value: {} } };
+      else for (const e of next.value) yield { event: { case: 'filesystem' as const, value: watchEvent(e) } };
     }
   } finally {
     watch.stop();

@@ -3,7 +3,7 @@ import { Code, ConnectError, type HandlerContext, type ServiceImpl } from '@conn
 import { runCommand, type CommandHandle, type CommandResult } from '../core/commands.js';
 import type { LiveSandbox } from '../core/sandbox.js';
 import { CladeError } from '../util/errors.js';
-import { checkUser, connectErrors, keepAliveMs, targetOf, toConnectError } from './envd-context.js';
+import { checkUser, connectErrors, pacedStream, targetOf } from './envd-context.js';
 import { type ProcessConfig, ProcessConfigSchema, type ProcessEventSchema, type ProcessSelector, Process, Signal } from './gen/process_pb.js';
 import { PacedQueue } from './paced.js';
 import type { E2bSandbox } from './state.js';
@@ -147,14 +147,8 @@ function tableOf(e2b: E2bSandbox): ProcessTable {
 async function* follow(proc: E2bProcess, queue: PacedQueue<OutputEvent>, ctx: HandlerContext): AsyncGenerator<{ event: EventInit }> {
   try {
     yield { event: { event: { case: 'start', value: { pid: proc.pid } } } };
-    const idle = keepAliveMs(ctx);
-    for (;;) {
-      const next = await queue.next(idle, ctx.signal).catch((err: unknown) => {
-        throw toConnectError(err);
-      });
-      if (ctx.signal.aborted) throw ConnectError.from(ctx.signal.reason);
-      if (next.kind === 'end') return;
-      if (next.kind === 'idle') {
+    for await (const next of pacedStream(queue, ctx)) {
+      if (next.idle) {
         yield { event: { event: { case: 'keepalive', value: {} } } };
         continue;
       }
