@@ -59,8 +59,9 @@ async function forkInBatches(count) {
     const batches = Math.ceil(count / VMM_MAX_FORK_BATCH);
     const perBatch = r.timings.pauseUs / batches;
     console.log(`timing fork${count}-in-batches ${ms(t0)} pauses-total-us ${r.timings.pauseUs.toFixed(0)} per-batch-us ${perBatch.toFixed(0)} single-fork-pause-us ${single.toFixed(0)}`);
-    // Generous against the runner's noise: before the spawner a batch of 256 paused the parent ~256 times as long.
-    check('batch-pause-as-one-fork', perBatch < 3 * single + 2000, `${perBatch.toFixed(0)} us per batch against ${single.toFixed(0)} us for one child`);
+    // Generous against the runner's noise (a loaded CI run measured 3.7x one fork): before the spawner a
+    // batch of 256 paused the parent ~256 times as long as one fork, so 10x still tells the two apart.
+    check('batch-pause-as-one-fork', perBatch < 10 * single + 5000, `${perBatch.toFixed(0)} us per batch against ${single.toFixed(0)} us for one child`);
     const own = kids.every((k, i) => k.runDir === children[i].runDir && existsSync(join(children[i].runDir, 'control.sock')));
     check(`fork-${count}-in-batches`, kids.length === count && own && count > VMM_MAX_FORK_BATCH, `${kids.length} children`);
     const statuses = await Promise.all(kids.slice(-3).map((k) => k.status()));
