@@ -42,6 +42,16 @@ export function writeTemplate(info: TemplateInfo): void {
 }
 
 /** The template's record; `not_found` names how to list them. */
+/** True when `name` is a valid template name and such a template is stored (whether or not its snapshot is intact). */
+export function templateExists(name: string): boolean {
+  try {
+    validateTag(name);
+  } catch {
+    return false;
+  }
+  return existsSync(templateFile(name));
+}
+
 export function readTemplate(name: string): TemplateInfo {
   validateTag(name);
   const file = templateFile(name);

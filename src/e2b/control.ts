@@ -1,7 +1,9 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { runCommand, type CommandResult } from '../core/commands.js';
+import type { NetworkOptions } from '../core/manager.js';
 import type { LiveSandbox } from '../core/sandbox.js';
 import { listSnapshots, readSnapshotMeta, removeSnapshot, validateTag } from '../core/snapshots.js';
+import { templateExists } from '../core/template-store.js';
 import type { DaemonContext } from '../api/context.js';
 import { CladeError } from '../util/errors.js';
 import { MAX_FORK_COUNT } from '../util/limits.js';
@@ -55,12 +57,54 @@ export function refuseUnsupported(body: Body): void {
     throw new CladeError('bad_request', `${what} is not supported by clade: ${why}`);
   };
   if (body.mcp != null) no('mcp', 'clade runs no MCP gateway inside sandboxes; run `clade mcp` next to your agent instead');
-  if (body.network != null) no('network', 'clade sandboxes have no network interface');
-  if (body.allow_internet_access === true) no('allowInternetAccess: true', 'clade sandboxes have no network interface');
   if (Array.isArray(body.volumeMounts) && body.volumeMounts.length > 0) no('volumeMounts', 'clade has no volumes; copy files in with files.write');
   if (body.autoPause === true) no('lifecycle.onTimeout: pause', 'clade sandboxes are killed at their timeout; take a snapshot (createSnapshot) to keep one');
   if ((body.autoResume as { enabled?: unknown } | undefined)?.enabled === true) no('lifecycle.autoResume', 'clade sandboxes cannot be paused');
   if (body.iam != null) no('iam', 'clade issues no workload identity tokens');
+}
+
+/** E2B's "all traffic" in a deny list. */
+const ALL_TRAFFIC = '0.0.0.0/0';
+
+/**
+ * E2B's internet switch and egress lists as a clade network (docs/network.md),
+ * or undefined for no network. clade's egress is an allow-list: E2B's
+ * `allowInternetAccess: true` (or a network with no deny list) is egress
+ * "all", a deny list of all traffic (or `allowInternetAccess: false`) with
+ * `allowOut` is that list. Unlike E2B, a sandbox that asks for neither gets no
+ * network at all. What cannot be expressed is refused, never approximated.
+ */
+export function networkFromE2b(body: Body): NetworkOptions | undefined {
+  const internet = body.allow_internet_access;
+  if (internet != null && typeof internet !== 'boolean') throw new CladeError('bad_request', 'allow_internet_access must be true or false');
+  const net = body.network;
+  if (net == null) return internet === true ? { egress: 'all' } : undefined;
+  if (typeof net !== 'object' || Array.isArray(net)) throw new CladeError('bad_request', 'network must be an object');
+  const { allowOut, denyOut, allowPublicTraffic, ...rest } = net as Record<string, unknown>;
+  const other = Object.keys(rest).filter((k) => (rest as Record<string, unknown>)[k] != null);
+  if (other.length) throw new CladeError('bad_request', `network.${other[0]} is not supported by clade: its sandbox networks take allowOut and denyOut (all traffic) only; see docs/e2b.md`);
+  if (allowPublicTraffic === true) throw new CladeError('bad_request', 'network.allowPublicTraffic: true is not supported by clade: sandbox ports are reached on the host through clade\'s own network.ports (docs/network.md), never publicly');
+  const list = (v: unknown, what: string): string[] => {
+    if (v == null) return [];
+    if (!Array.isArray(v) || !v.every((x) => typeof x === 'string')) throw new CladeError('bad_request', `network.${what} must be a list of strings`);
+    return v as string[];
+  };
+  const allowed = list(allowOut, 'allowOut');
+  const denied = list(denyOut, 'denyOut');
+  if (denied.some((d) => d.trim() !== ALL_TRAFFIC)) {
+    throw new CladeError('bad_request', `network.denyOut lists ${JSON.stringify(denied.find((d) => d.trim() !== ALL_TRAFFIC))}: clade's egress is an allow-list, so it denies all traffic ("${ALL_TRAFFIC}") or nothing; deny all and list what to allow in allowOut`);
+  }
+  const denyAll = denied.length > 0 || internet === false;
+  if (!denyAll) return { egress: 'all' };
+  return { egress: allowed.length ? allowed : 'none' };
+}
+
+/** A clade network as E2B's sandbox detail reports it. */
+function e2bNetworkOf(live: LiveSandbox): { allowInternetAccess: boolean; network?: { allowOut?: string[]; denyOut: string[] } } {
+  const net = live.shape.network;
+  if (!net) return { allowInternetAccess: false };
+  if (net.egress === 'all') return { allowInternetAccess: true, network: { denyOut: [] } };
+  return { allowInternetAccess: false, network: { ...(net.egress === 'none' ? {} : { allowOut: net.egress }), denyOut: [ALL_TRAFFIC] } };
 }
 
 function stringMap(v: unknown, what: string): Record<string, string> {
@@ -74,10 +118,16 @@ function timeoutOf(body: Body, fallbackMs: number): number {
   return body.timeout === undefined || body.timeout === null ? fallbackMs : secondsToMs(body.timeout, 'timeout');
 }
 
-/** A template is clade's default image, a persistent snapshot's tag, or an image name. */
-async function startFromTemplate(ctx: DaemonContext, templateId: string, env: Record<string, string>): Promise<LiveSandbox> {
+/**
+ * A template is clade's default image, a clade template (`clade template
+ * create`), a persistent snapshot's tag, or an image name, looked up in that
+ * order. Templates and snapshots keep the network they were made with.
+ */
+async function startFromTemplate(ctx: DaemonContext, templateId: string, env: Record<string, string>, network: NetworkOptions | undefined): Promise<LiveSandbox> {
   const { manager } = ctx.registry;
-  if (DEFAULT_TEMPLATES.has(templateId)) return ctx.metrics.time('create', () => manager.create({ env }));
+  const withNetwork = network ? { network } : {};
+  if (DEFAULT_TEMPLATES.has(templateId)) return ctx.metrics.time('create', () => manager.create({ env, ...withNetwork }));
+  if (templateExists(templateId)) return ctx.metrics.time('create', () => manager.create({ template: templateId, env, ...withNetwork }));
   let isSnapshot = false;
   try {
     validateTag(templateId);
@@ -87,14 +137,15 @@ async function startFromTemplate(ctx: DaemonContext, templateId: string, env: Re
     isSnapshot = false;
   }
   if (isSnapshot) {
+    if (network) throw new CladeError('bad_request', `template ${JSON.stringify(templateId)} is a snapshot: its sandboxes keep the network it was taken with; leave allowInternetAccess and network out`);
     const [kid] = await ctx.forkGate.run(() => ctx.metrics.time('start', () => manager.fromSnapshot(templateId, { count: 1, env })));
     if (!kid || kid instanceof CladeError) throw kid ?? new CladeError('internal', `snapshot ${templateId} started no sandbox`);
     return kid;
   }
   try {
-    return await ctx.metrics.time('create', () => manager.create({ image: templateId, env }));
+    return await ctx.metrics.time('create', () => manager.create({ image: templateId, env, ...withNetwork }));
   } catch (err) {
-    if (err instanceof CladeError && err.code === 'not_found') throw new CladeError('not_found', `no template ${JSON.stringify(templateId)}: clade serves its images (\`clade image ls\`) and snapshots (\`clade snapshot ls\`) as templates, and "base" as its default image`);
+    if (err instanceof CladeError && err.code === 'not_found') throw new CladeError('not_found', `no template ${JSON.stringify(templateId)}: clade serves its templates (\`clade template ls\`), images (\`clade image ls\`) and snapshots (\`clade snapshot ls\`) as templates, and "base" as its default image`);
     throw err;
   }
 }
@@ -148,6 +199,7 @@ export function controlRoutes(app: FastifyInstance, ctx: DaemonContext, state: E
   const create = async (req: FastifyRequest, reply: FastifyReply) => {
     const body = (req.body ?? {}) as Body;
     refuseUnsupported(body);
+    const network = networkFromE2b(body);
     const templateId = typeof body.templateID === 'string' && body.templateID ? body.templateID : 'base';
     const metadata = stringMap(body.metadata, 'metadata');
     const env = stringMap(body.envVars, 'envVars');
@@ -155,7 +207,7 @@ export function controlRoutes(app: FastifyInstance, ctx: DaemonContext, state: E
     req.raw.socket?.setTimeout(0); // a boot takes seconds under emulation; its own deadline bounds it
     const release = registry.reserve(1);
     try {
-      const live = await startFromTemplate(ctx, templateId, env);
+      const live = await startFromTemplate(ctx, templateId, env, network);
       registry.add(live, timeoutMs);
       const e2b = state.adopt(live.id, templateId, metadata);
       return reply.status(201).send(sandboxObject(live, e2b));
@@ -203,7 +255,7 @@ export function controlRoutes(app: FastifyInstance, ctx: DaemonContext, state: E
 
   app.get<IdReq>('/sandboxes/:id', async (req) => {
     const { live } = e2bOf(req.params.id);
-    return { ...listed(ctx, state, live), domain: null, allowInternetAccess: false, lifecycle: { onTimeout: 'kill', autoResume: false } };
+    return { ...listed(ctx, state, live), domain: null, ...e2bNetworkOf(live), lifecycle: { onTimeout: 'kill', autoResume: false } };
   });
 
   app.delete<IdReq>('/sandboxes/:id', async (req, reply) => {
@@ -279,7 +331,7 @@ export function controlRoutes(app: FastifyInstance, ctx: DaemonContext, state: E
   app.post('/sandboxes/:id/pause', unsupported('pause', 'clade sandboxes keep running until killed; take a snapshot (createSnapshot) and start from it instead'));
   app.post('/sandboxes/:id/resume', unsupported('resume', 'clade sandboxes cannot be paused'));
   app.post('/v2/sandboxes/:id/resume', unsupported('resume', 'clade sandboxes cannot be paused'));
-  app.put('/sandboxes/:id/network', unsupported('network rules', 'clade sandboxes have no network interface'));
+  app.put('/sandboxes/:id/network', unsupported('updateNetwork', 'a clade sandbox keeps the network it was created with; create one with the allow-list you need (allowOut with denyOut ["0.0.0.0/0"])'));
   app.post('/templates', unsupported('template builds', 'build images with `clade image build`, or snapshot a warmed sandbox'));
   app.post('/v2/templates', unsupported('template builds', 'build images with `clade image build`, or snapshot a warmed sandbox'));
   app.post('/v3/templates', unsupported('template builds', 'build images with `clade image build`, or snapshot a warmed sandbox'));

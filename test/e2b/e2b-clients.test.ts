@@ -272,6 +272,20 @@ describe('E2B clients against clade serve --e2b (real VMs)', () => {
     expect(await Sandbox.deleteSnapshot(snapshotTag)).toBe(false);
   });
 
+  it("network.allowOut with all else denied gives the sandbox clade's default-deny network", async () => {
+    const sb = await BaseSandbox.create({ network: { allowOut: ['allowed.example'], denyOut: ['0.0.0.0/0'] }, timeoutMs: 120_000 });
+    ids.add(sb.sandboxId);
+    const info = await sb.getInfo();
+    expect(info.allowInternetAccess).toBe(false);
+    expect(info.network).toMatchObject({ allowOut: ['allowed.example'], denyOut: ['0.0.0.0/0'] });
+    expect((await sb.commands.run('cat /sys/class/net/eth0/address')).stdout.trim()).toBe('52:54:00:c1:ad:0f');
+    // A name outside the list is not resolved: clade's DNS answers NXDOMAIN without asking anyone.
+    const dns = await rejection(sb.commands.run(`python3 -c "import socket; socket.gethostbyname('blocked.example')"`));
+    expect(dns).toBeInstanceOf(CommandExitError);
+    expect((dns as CommandExitError).stderr).toMatch(/gaierror/);
+    expect(await sb.kill()).toBe(true);
+  });
+
   it('kill ends the sandbox; calls to it then fail as not running', async () => {
     expect(await sbx.kill()).toBe(true);
     expect(await rejection(Sandbox.connect(sbx.sandboxId))).toBeInstanceOf(SandboxNotFoundError);

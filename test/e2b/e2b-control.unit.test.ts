@@ -11,6 +11,8 @@ import { Metrics } from '../../src/api/metrics.js';
 import { SandboxRegistry } from '../../src/api/registry.js';
 import { StateStore } from '../../src/api/state.js';
 import { SandboxManager } from '../../src/core/manager.js';
+import { createTemplate } from '../../src/core/templates.js';
+import { networkFromE2b } from '../../src/e2b/control.js';
 import { buildE2bApp } from '../../src/e2b/server.js';
 import { FakeEngine, fakeImage } from '../helpers/fake-engine.js';
 
@@ -119,10 +121,45 @@ describe('E2B control plane on a fake engine', () => {
     expect(await rejection(Sandbox.fork('sb-000000000000', { ...opts(), count: 1 }))).toBeInstanceOf(SandboxNotFoundError);
   });
 
-  it('refuses what clade does not do with a clear error, never a silent no-op', async () => {
-    const e = await rejection(Sandbox.create({ ...opts(), allowInternetAccess: true }));
+  it("maps E2B's internet switch and egress lists onto clade's allow-list network, and refuses what it cannot express", async () => {
+    expect(networkFromE2b({})).toBeUndefined();
+    expect(networkFromE2b({ allow_internet_access: false })).toBeUndefined();
+    expect(networkFromE2b({ allow_internet_access: true })).toEqual({ egress: 'all' });
+    expect(networkFromE2b({ network: { allowOut: ['pypi.org'] } })).toEqual({ egress: 'all' }); // nothing denied: E2B allows all
+    expect(networkFromE2b({ network: { denyOut: ['0.0.0.0/0'] } })).toEqual({ egress: 'none' });
+    expect(networkFromE2b({ network: { allowOut: ['pypi.org', '203.0.113.0/24'], denyOut: ['0.0.0.0/0'] } })).toEqual({ egress: ['pypi.org', '203.0.113.0/24'] });
+    expect(networkFromE2b({ allow_internet_access: false, network: { allowOut: ['pypi.org'] } })).toEqual({ egress: ['pypi.org'] });
+    expect(networkFromE2b({ network: { allowPublicTraffic: false } })).toEqual({ egress: 'all' });
+    expect(() => networkFromE2b({ network: { denyOut: ['198.51.100.7'] } })).toThrow(/clade's egress is an allow-list/);
+    expect(() => networkFromE2b({ network: { egressProxy: { address: 'proxy:1080' } } })).toThrow(/network.egressProxy is not supported by clade/);
+    expect(() => networkFromE2b({ network: { allowPublicTraffic: true } })).toThrow(/allowPublicTraffic: true is not supported/);
+    expect(() => networkFromE2b({ network: { allowOut: 'pypi.org' } })).toThrow(/allowOut must be a list of strings/);
+    expect(() => networkFromE2b({ allow_internet_access: 'yes' })).toThrow(/must be true or false/);
+    // Through the unmodified client: refused before anything starts.
+    const before = registry.size;
+    const e = await rejection(Sandbox.create({ ...opts(), network: { denyOut: ['198.51.100.7'] } }));
     expect(e).toBeInstanceOf(SandboxError);
-    expect(String(e)).toMatch(/allowInternetAccess: true is not supported by clade/);
+    expect(String(e)).toMatch(/allow-list/);
+    expect(registry.size).toBe(before);
+  });
+
+  it('starts a sandbox from a clade template named as the E2B template', async () => {
+    await createTemplate(registry.manager, { name: 'e2b-unit-tpl', env: { FROM_TEMPLATE: '1' } });
+    const sb = await Sandbox.create('e2b-unit-tpl', opts());
+    try {
+      expect((await sb.getInfo()).templateId).toBe('e2b-unit-tpl');
+      expect(registry.manager.get(sb.sandboxId).snapshotTag).toBe('e2b-unit-tpl');
+      const e = await rejection(Sandbox.create('e2b-unit-tpl', { ...opts(), allowInternetAccess: true }));
+      expect(String(e)).toMatch(/template e2b-unit-tpl fixes the sandbox's network/);
+    } finally {
+      await sb.kill();
+    }
+  });
+
+  it('refuses what clade does not do with a clear error, never a silent no-op', async () => {
+    const e = await rejection(Sandbox.create({ ...opts(), volumeMounts: { '/data': 'vol' } }));
+    expect(e).toBeInstanceOf(SandboxError);
+    expect(String(e)).toMatch(/volumeMounts is not supported by clade/);
     const sb = await Sandbox.create(opts());
     try {
       const paused = await rejection(sb.pause());
