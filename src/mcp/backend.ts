@@ -1,9 +1,12 @@
 import type { CommandResult } from '../core/commands.js';
 import type { EntryInfo } from '../core/files.js';
 import type { CodeResult } from '../core/interpreter.js';
+import type { NetworkOptions, PortMapping } from '../core/manager.js';
 
 /** A sandbox as the MCP tools describe it. */
-export type SandboxSummary = { sandboxId: string; parentId?: string; snapshotTag?: string; startedAt?: string; expiresAt?: string | null };
+export type SandboxSummary = { sandboxId: string; parentId?: string; snapshotTag?: string; startedAt?: string; expiresAt?: string | null; ports?: PortMapping[] };
+/** What create_sandbox asks for. */
+export type CreateOptions = { image?: string; template?: string; env?: Record<string, string>; timeoutMs?: number; network?: NetworkOptions };
 /** One child of a fork or a start from a snapshot: its id, or why it failed. */
 export type ChildOutcome = { sandboxId: string } | { error: string };
 
@@ -15,7 +18,7 @@ export type ChildOutcome = { sandboxId: string } | { error: string };
 export interface McpBackend {
   /** Where sandboxes run, for the server's instructions. */
   readonly where: string;
-  create(opts: { image?: string; env?: Record<string, string>; timeoutMs?: number }): Promise<SandboxSummary>;
+  create(opts: CreateOptions): Promise<SandboxSummary>;
   run(sandboxId: string, command: string, opts: { timeoutMs?: number; cwd?: string; env?: Record<string, string> }): Promise<CommandResult>;
   runCode(sandboxId: string, code: string, opts: { timeoutMs?: number }): Promise<CodeResult>;
   readFile(sandboxId: string, path: string, maxBytes: number): Promise<Uint8Array>;

@@ -5,7 +5,7 @@ import { runCode } from '../core/interpreter.js';
 import type { LiveSandbox } from '../core/sandbox.js';
 import { readSnapshotMeta } from '../core/snapshots.js';
 import { CladeError } from '../util/errors.js';
-import type { ChildOutcome, McpBackend, SandboxSummary } from './backend.js';
+import type { ChildOutcome, CreateOptions, McpBackend, SandboxSummary } from './backend.js';
 
 /**
  * The MCP tools on the daemon's own registry, as its routes use it: the same
@@ -18,7 +18,8 @@ export class DaemonBackend implements McpBackend {
 
   private summary(id: string): SandboxSummary {
     const v = this.ctx.registry.view(id);
-    return { sandboxId: v.sandboxId, ...(v.parentId ? { parentId: v.parentId } : {}), ...(v.snapshotTag ? { snapshotTag: v.snapshotTag } : {}), startedAt: v.startedAt, expiresAt: v.expiresAt };
+    const ports = this.ctx.registry.get(id).ports;
+    return { sandboxId: v.sandboxId, ...(v.parentId ? { parentId: v.parentId } : {}), ...(v.snapshotTag ? { snapshotTag: v.snapshotTag } : {}), startedAt: v.startedAt, expiresAt: v.expiresAt, ...(ports.length ? { ports: [...ports] } : {}) };
   }
 
   private sandbox(id: string): LiveSandbox {
@@ -33,11 +34,11 @@ export class DaemonBackend implements McpBackend {
     return timeoutMs ?? this.ctx.defaultTimeoutMs;
   }
 
-  async create(opts: { image?: string; env?: Record<string, string>; timeoutMs?: number }): Promise<SandboxSummary> {
+  async create({ timeoutMs, ...opts }: CreateOptions): Promise<SandboxSummary> {
     const release = this.ctx.registry.reserve(1);
     try {
-      const live = await this.ctx.metrics.time('create', () => this.ctx.registry.manager.create({ ...(opts.image ? { image: opts.image } : {}), ...(opts.env ? { env: opts.env } : {}) }));
-      return this.summary(this.ctx.registry.add(live, this.lifetime(opts.timeoutMs)).sandboxId);
+      const live = await this.ctx.metrics.time('create', () => this.ctx.registry.manager.create(opts));
+      return this.summary(this.ctx.registry.add(live, this.lifetime(timeoutMs)).sandboxId);
     } finally {
       release();
     }

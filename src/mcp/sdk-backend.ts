@@ -4,7 +4,7 @@ import type { DaemonOptions } from '../sdk/remote.js';
 import { DaemonClient, parseDaemonAddress } from '../sdk/daemon-client.js';
 import type { SandboxView } from '../wire/schemas.js';
 import { CladeError } from '../util/errors.js';
-import type { ChildOutcome, McpBackend, SandboxSummary } from './backend.js';
+import type { ChildOutcome, CreateOptions, McpBackend, SandboxSummary } from './backend.js';
 
 /**
  * The MCP tools on the public SDK: against a daemon (sandboxes outlive this
@@ -37,10 +37,10 @@ export class SdkBackend implements McpBackend {
   private keep(sb: Sandbox): SandboxSummary {
     this.mine.set(sb.sandboxId, sb);
     const info = sb.getInfo();
-    return { sandboxId: sb.sandboxId, ...(info.parentId ? { parentId: info.parentId } : {}), ...(info.snapshotTag ? { snapshotTag: info.snapshotTag } : {}) };
+    return { sandboxId: sb.sandboxId, ...(info.parentId ? { parentId: info.parentId } : {}), ...(info.snapshotTag ? { snapshotTag: info.snapshotTag } : {}), ...(sb.ports.length ? { ports: sb.ports } : {}) };
   }
 
-  async create(opts: { image?: string; env?: Record<string, string>; timeoutMs?: number }): Promise<SandboxSummary> {
+  async create(opts: CreateOptions): Promise<SandboxSummary> {
     return this.keep(await Sandbox.create({ ...opts, ...this.opts() }));
   }
 

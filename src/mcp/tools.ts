@@ -49,17 +49,38 @@ export function buildMcpServer(backend: McpBackend): McpServer {
     'create_sandbox',
     {
       title: 'Create a sandbox',
-      description: 'Boots a new Linux sandbox (Debian, bash, python3 with numpy), or starts one from a snapshot. Returns its id.',
-      inputSchema: { image: z.string().max(128).optional().describe('image name (default: the default image)'), snapshot: tag.optional().describe('start from this snapshot instead of booting'), env, timeoutMs: timeoutMs.describe('lifetime in ms; the sandbox is killed after it (default: the daemon\'s)') },
+      description:
+        'Boots a new Linux sandbox (Debian, bash, python3 with numpy; or an image of your own), or starts one warm from a template or a snapshot. ' +
+        'It has no network unless you give egress or ports: egress "none", "all" or a list of allowed hosts, *.domains and IPv4 CIDRs; ports are guest TCP ports the host reaches (their host addresses come back in ports). Returns its id.',
+      inputSchema: {
+        image: z.string().max(128).optional().describe('image name (default: the default image)'),
+        template: tag.optional().describe('start from this template (clade template create): set up and already running'),
+        snapshot: tag.optional().describe('start from this snapshot instead of booting'),
+        env,
+        timeoutMs: timeoutMs.describe("lifetime in ms; the sandbox is killed after it (default: the daemon's)"),
+        egress: z.union([z.enum(['none', 'all']), z.array(z.string().max(253)).max(64)]).optional().describe('where the sandbox may connect (default: nowhere); giving egress or ports gives it a network'),
+        ports: z.array(z.number().int().min(1).max(65535)).max(32).optional().describe('guest TCP ports to reach from the host'),
+      },
     },
     async (args) => {
-      if (args.snapshot && args.image) throw new CladeError('bad_request', 'give image or snapshot, not both');
+      const from = (['image', 'template', 'snapshot'] as const).filter((k) => args[k] !== undefined);
+      if (from.length > 1) throw new CladeError('bad_request', `give one of image, template or snapshot, not ${from.join(' and ')}`);
+      const network = args.egress !== undefined || args.ports !== undefined ? { ...(args.egress !== undefined ? { egress: args.egress } : {}), ...(args.ports ? { ports: args.ports } : {}) } : undefined;
       if (args.snapshot) {
+        if (network) throw new CladeError('bad_request', "a snapshot's sandboxes keep the network it was taken with; leave egress and ports out");
         const [kid] = await backend.fromSnapshot(args.snapshot, 1, args.timeoutMs);
         if (!kid || 'error' in kid) throw new CladeError('boot_failed', kid ? kid.error : 'no sandbox started');
         return json(kid);
       }
-      return json(await backend.create({ ...(args.image ? { image: args.image } : {}), ...(args.env ? { env: args.env } : {}), ...(args.timeoutMs !== undefined ? { timeoutMs: args.timeoutMs } : {}) }));
+      return json(
+        await backend.create({
+          ...(args.image ? { image: args.image } : {}),
+          ...(args.template ? { template: args.template } : {}),
+          ...(args.env ? { env: args.env } : {}),
+          ...(args.timeoutMs !== undefined ? { timeoutMs: args.timeoutMs } : {}),
+          ...(network ? { network } : {}),
+        }),
+      );
     },
   );
 

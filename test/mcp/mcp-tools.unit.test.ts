@@ -10,6 +10,7 @@ import { Metrics } from '../../src/api/metrics.js';
 import { SandboxRegistry } from '../../src/api/registry.js';
 import { StateStore } from '../../src/api/state.js';
 import { SandboxManager } from '../../src/core/manager.js';
+import { createTemplate } from '../../src/core/templates.js';
 import { DaemonBackend } from '../../src/mcp/daemon-backend.js';
 import { buildMcpServer, MAX_TOOL_OUTPUT_CHARS, truncate } from '../../src/mcp/tools.js';
 import { FakeEngine, fakeImage } from '../helpers/fake-engine.js';
@@ -88,6 +89,25 @@ describe('clade MCP tools (fake engine)', () => {
     const missing = await call('start_from_snapshot', { tag: 'no-such-tag', count: 1 });
     expect(missing.isError).toBe(true);
     for (const s of [sb, again, ...started]) await call('kill_sandbox', { sandboxId: s.sandboxId });
+    expect(registry.size).toBe(0);
+  });
+
+  it('creates a sandbox from a template, and refuses mixed sources and bad networks before anything starts', async () => {
+    await createTemplate(registry.manager, { name: 'mcp-unit-tpl', env: { FROM_TEMPLATE: '1' } });
+    const sb = JSON.parse(text(await call('create_sandbox', { template: 'mcp-unit-tpl' }))) as { sandboxId: string; snapshotTag?: string };
+    expect(sb.snapshotTag).toBe('mcp-unit-tpl');
+    await call('kill_sandbox', { sandboxId: sb.sandboxId });
+    const both = await call('create_sandbox', { image: 'default', template: 'mcp-unit-tpl' });
+    expect(both.isError).toBe(true);
+    expect(text(both)).toMatch(/give one of image, template or snapshot, not image and template/);
+    const snapNet = await call('create_sandbox', { snapshot: 'mcp-unit-tpl', egress: 'all' });
+    expect(snapNet.isError).toBe(true);
+    expect(text(snapNet)).toMatch(/keep the network it was taken with/);
+    const badEntry = await call('create_sandbox', { egress: ['not a host'] });
+    expect(badEntry.isError).toBe(true);
+    expect(text(badEntry)).toMatch(/is not a host name/);
+    const badPort = await call('create_sandbox', { ports: [70000] });
+    expect(badPort.isError).toBe(true);
     expect(registry.size).toBe(0);
   });
 
