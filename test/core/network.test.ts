@@ -167,6 +167,17 @@ describe('network', () => {
     expect(await guestFetch(sb, `http://10.0.2.2:${GUEST_PORT}/`)).toMatch(/^error/);
   });
 
+  it('egress "all": any outside address and name, but still never the host through the gateway', async () => {
+    const open = okAndTracked([await Sandbox.create({ network: { egress: 'all' } })], everyone)[0]!;
+    try {
+      expect(await guestFetch(open, `http://${SUBNET}.4:8080/`)).toBe(`ok ns:${SUBNET}.4`);
+      expect(await guestResolve(open, 'blocked.clade.test')).toMatch(/^ok 10\.231\.77\./);
+      expect(await guestFetch(open, `http://10.0.2.2:${GUEST_PORT}/`)).toMatch(/^error/);
+    } finally {
+      await open.kill();
+    }
+  });
+
   it('DNS answers allowed names only; an allowed name\'s addresses become reachable', async () => {
     expect(await guestFetch(sb, `http://${SUBNET}.2:8080/`)).toMatch(/^error .*refused/i);
     const before = dnsQuestions.length;
@@ -212,7 +223,7 @@ describe('network', () => {
     }
   });
 
-  it('through the daemon: create with a network, ports in the view, a fork with its own', async () => {
+  it('through the daemon: create with a network, ports in the view, a fork with its own, both adopted with their networks after a SIGKILL', async () => {
     const daemon = new TestDaemon();
     await daemon.start();
     try {
@@ -229,7 +240,16 @@ describe('network', () => {
       const kidView = await daemon.client().json<{ ports?: { port: number; host: string }[] }>('GET', `/v1/sandboxes/${kid!.sandboxId}`);
       expect(kidView.ports?.[0]?.host).not.toBe(remote.getHost(GUEST_PORT));
       expect(await httpGet(kidView.ports![0]!.host, '/who')).toBe('remote\n');
+      // A daemon killed and restarted adopts the sandboxes with their networks: the same ports, still answering.
+      await daemon.stop('SIGKILL');
+      await daemon.start();
+      const adopted = await daemon.client().json<{ ports?: { port: number; host: string }[] }>('GET', `/v1/sandboxes/${kid!.sandboxId}`);
+      expect(adopted.ports).toEqual(kidView.ports);
+      expect(await httpGet(adopted.ports![0]!.host, '/who')).toBe('remote\n');
+      expect(await httpGet(remote.getHost(GUEST_PORT), '/who')).toBe('remote\n');
       await daemon.client().json('DELETE', `/v1/sandboxes/${kid!.sandboxId}`);
+      // Its network went with it.
+      expect((await sh('pgrep', ['-f', `${homePaths.sandboxes()}/${kid!.sandboxId}/`])).out.trim()).toBe('');
     } finally {
       await daemon.stop('SIGTERM');
     }
