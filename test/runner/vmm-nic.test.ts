@@ -9,7 +9,8 @@ import { runInRunner, runnerAvailable, runnerTraces } from './harness.js';
 // default image boots with --net on vmm-agent's stand-in network process; the
 // guest's eth0 has the fixed MAC and carrier, its frames reach the socket and
 // one frame from the socket reaches it; a fork into a run directory connects
-// the child to that directory's net.sock while the parent keeps its own.
+// the child to that directory's net.sock while the parent keeps its own; a
+// snapshot needs --net to start, and starts connected with eth0 up.
 const root = join(import.meta.dirname, '../..');
 const TIMEOUT_MS = 480_000;
 
@@ -35,7 +36,7 @@ describe('clade-vmm NIC (runner)', () => {
     const failed = output.split('\n').filter((l) => l.startsWith('check FAIL'));
     expect(failed, output).toEqual([]);
     for (const name of ['hello', 'status-net', 'mac', 'carrier', 'guest-sent', 'guest-received', 'forks-needs-dirs', 'child-net',
-      'child-agent', 'parent-net', 'root-sink-frames']) {
+      'child-agent', 'snapshot-written', 'restore-needs-net', 'restored-net', 'restored-carrier', 'parent-net', 'root-sink-frames']) {
       expect(output, output).toContain(`check ok ${name}`);
     }
     expect(output).toContain('done');

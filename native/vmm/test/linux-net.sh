@@ -48,6 +48,26 @@ check child-net "$(echo "$st" | grep -o "\"net\":\"$D/child/net.sock\",\"netConn
 check child-agent "$($A exec $D/child/agent.sock $T 'cat /sys/class/net/eth0/carrier')" "1"
 check parent-net "$($A ctl $D/root.sock status | grep -o '"netConnected":true')" '"netConnected":true'
 $A ctl $D/child/control.sock quit > /dev/null
+# A snapshot records the NIC: a start without --net is refused (exit 2), one with it connects and the guest's
+# eth0 is still up.
+mkdir -p $D/snap
+$A ctl $D/root.sock "snapshot $D/snap" > /dev/null
+w=0; while [ ! -f $D/snap/done ] && [ $w -lt 500 ]; do usleep 20000; w=$((w+1)); done
+check snapshot-written "$(grep -o '"ok":true' $D/snap/done)" '"ok":true'
+$VMM run --socket $D/nonet.sock --restore $D/snap > $D/nonet.out 2>&1
+check restore-needs-net "$?:$(grep -c 'has a network' $D/nonet.out)" "2:1"
+$A netsink $D/restored-net.sock 60 > $D/restored.net 2>&1 &
+RSINK=$!
+w=0; while [ ! -S $D/restored-net.sock ] && [ $w -lt 100 ]; do usleep 20000; w=$((w+1)); done
+$VMM run --socket $D/restored.sock --agent-socket $D/restored.agent --restore $D/snap --net $D/restored-net.sock > $D/restored.out 2>&1 &
+RESTORED=$!
+w=0; while [ ! -S $D/restored.agent ] && [ $w -lt 250 ]; do usleep 20000; w=$((w+1)); done
+check restored-net "$($A ctl $D/restored.sock status | grep -o '"netConnected":true')" '"netConnected":true'
+check restored-carrier "$($A exec $D/restored.agent $T 'cat /sys/class/net/eth0/carrier')" "1"
+$A ctl $D/restored.sock quit > /dev/null
+wait $RESTORED
+kill $RSINK 2>/dev/null
+wait $RSINK 2>/dev/null
 $A ctl $D/root.sock quit > /dev/null
 wait $ROOT
 sleep 1
