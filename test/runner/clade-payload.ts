@@ -5,9 +5,9 @@ import { CLADE_IN_RUNNER, cladeCarry, runInRunner, runnerTraces } from './harnes
 
 const root = join(import.meta.dirname, '../..');
 
-/** What the runner carries is built from the working tree: clade-vmm, kvm-probe and dist/. */
+/** What the runner carries is built from the working tree: clade-vmm, kvm-probe, clade-net and dist/. */
 async function buildAll(): Promise<void> {
-  for (const target of ['native/vmm', 'native/kvm-probe']) await make(join(root, target));
+  for (const target of ['native/vmm', 'native/kvm-probe', 'native/net']) await make(join(root, target));
   const tsc = await run('npx', ['tsc', '-p', 'tsconfig.json'], { cwd: root });
   expect(tsc.status, tsc.stdout + tsc.stderr).toBe(0);
 }
@@ -17,17 +17,18 @@ async function buildAll(): Promise<void> {
  * clade carried in (cladeCarry), and asserts what every payload promises: no
  * "check FAIL" line, each of `required` reported as "check ok", a final
  * "done", exit code 0, and no runner left behind on the host. `image` (a
- * built image's name) is carried as the runner's default image instead of "default". At the time limit
+ * built image's name) is carried as the runner's default image instead of "default"; with `network`,
+ * clade-net and passt come along (networkCarry). At the time limit
  * the runner is killed and this throws a CladeError 'timeout' naming the last
  * stage reached.
  */
-export async function runCladePayload(script: string, opts: { required: string[]; timeoutMs: number; image?: string }): Promise<void> {
+export async function runCladePayload(script: string, opts: { required: string[]; timeoutMs: number; image?: string; network?: boolean }): Promise<void> {
   await buildAll();
   const pkg = CLADE_IN_RUNNER.package;
   const before = runnerTraces();
   const r = await runInRunner({
     // The run-time npm packages come along for every payload: the SDK's core needs some of them too (schemas).
-    files: [...(await cladeCarry({ daemon: true, ...(opts.image ? { image: opts.image } : {}) })), { hostPath: join(root, 'test/runner/payload'), guestPath: `${pkg}/check` }],
+    files: [...(await cladeCarry({ daemon: true, ...(opts.image ? { image: opts.image } : {}), ...(opts.network ? { network: true } : {}) })), { hostPath: join(root, 'test/runner/payload'), guestPath: `${pkg}/check` }],
     command: `CLADE_HOME=${CLADE_IN_RUNNER.home} /opt/node/bin/node ${pkg}/check/${script} ${pkg}`,
     timeoutMs: opts.timeoutMs,
   });
