@@ -5,8 +5,9 @@
  * threads); this file wires them to KVM exits and to the control thread.
  *
  *   ports 0x3f8-0x3ff   8250 UART (ttyS0), IRQ 4 by KVM_IRQ_LINE, output to --serial-log (size-capped)
- *   ports 0xcf8-0xcff   PCI configuration mechanism #1 (bus 0: host bridge, virtio-console, and with --disk
- *                       a read-only virtio-blk disk, the guest's /dev/vda)
+ *   ports 0xcf8-0xcff   PCI configuration mechanism #1 (bus 0: host bridge, virtio-console, with --disk
+ *                       a read-only virtio-blk disk, the guest's /dev/vda, and with --net a virtio-net NIC
+ *                       at the next free slot, the guest's eth0)
  *   ports 0x70-0x71     a read-only CMOS clock (devices/cmos.c), so RTC reads are sane
  *   port  0x64 / 0xcf9  keyboard-controller and PCI resets: the guest asks to reboot
  *   MMIO  0xe0000000+   PCI BARs (virtio-pci modern registers, MSI-X table)
@@ -16,7 +17,7 @@
  * The vCPU loop reaches it through board_guest_ops.
  *
  * Threads: the vCPU thread calls board_io/board_mmio on exits, the control
- * thread moves agent-socket data (board_poll_*). One mutex keeps them apart;
+ * thread moves agent-socket and network-socket data (board_poll_*). One mutex keeps them apart;
  * neither holds it while parked or forking, so a forked child starts with it
  * free and re-initialises it anyway.
  */
@@ -145,12 +146,31 @@ int board_disk_open(struct board_disk *disk, const char *path, char *err, size_t
     return r;
 }
 
+/* ---- the network ----------------------------------------------------------- */
+
+int board_net_connect(struct board_net *net, const char *path, char *err, size_t errlen) {
+    *net = (struct board_net){.present = true, .fd = -1};
+    if (path[0] != '/') return snprintf(err, errlen, "--net %s: give the network socket's absolute path", path), -1;
+    if (strlen(path) >= sizeof net->path) return snprintf(err, errlen, "--net %s: longer than %zu bytes", path, sizeof net->path - 1), -1;
+    net->fd = unix_connect(path);
+    if (net->fd < 0)
+        return snprintf(err, errlen, "cannot connect to the network socket %s: %s (is the sandbox's network process running?)", path,
+                        strerror(errno)),
+               -1;
+    snprintf(net->path, sizeof net->path, "%s", path);
+    return 0;
+}
+
+static const uint8_t nic_mac[6] = BOARD_NET_MAC;
+
 int board_init(struct board *b, struct vm *vm, const struct serial_log *serial, int agent_listen_fd, const char *agent_path,
-               const struct board_disk *disk) {
+               const struct board_disk *disk, const struct board_net *net) {
     memset(b, 0, sizeof *b);
     b->vm = vm;
     b->disk.fd = -1;
+    b->net.fd = -1;
     if (disk && disk->fd >= 0) b->disk = *disk;
+    if (net && net->present) b->net = *net;
     b->serial = *serial;
     b->agent_listen_fd = agent_listen_fd;
     b->agent_fd = -1;
@@ -166,17 +186,23 @@ int board_init(struct board *b, struct vm *vm, const struct serial_log *serial, 
     cmos_init(&b->cmos);
     if (!virtio_console_init(&b->con, agent_port_spec, 1, &b->mem, deliver_msi, b)) return errno = EINVAL, -1;
     if (pci_bus_add(&b->pci, &b->con.vp.pci) < 0) return errno = ENOSPC, -1;
-    if (b->disk.fd < 0) return 0;
-    if (!virtio_blk_init(&b->blk, b->disk.fd, b->disk.bytes, DISK_ID, &b->mem, deliver_msi, b)) return errno = EINVAL, -1;
-    if (pci_bus_add(&b->pci, &b->blk.vp.pci) < 0) return errno = ENOSPC, -1;
+    if (b->disk.fd >= 0) {
+        if (!virtio_blk_init(&b->blk, b->disk.fd, b->disk.bytes, DISK_ID, &b->mem, deliver_msi, b)) return errno = EINVAL, -1;
+        if (pci_bus_add(&b->pci, &b->blk.vp.pci) < 0) return errno = ENOSPC, -1;
+    }
+    if (!b->net.present) return 0;
+    if (!virtio_net_init(&b->nic, nic_mac, &b->mem, deliver_msi, b)) return errno = EINVAL, -1;
+    if (pci_bus_add(&b->pci, &b->nic.vp.pci) < 0) return errno = ENOSPC, -1;
+    if (b->net.fd >= 0) virtio_net_set_fd(&b->nic, b->net.fd);
     return 0;
 }
 
 void board_destroy(struct board *b) {
-    const int fds[] = {b->serial.fd, b->agent_listen_fd, b->agent_fd, b->wake_fd, b->disk.fd};
+    int hungup_net = b->net.present ? virtio_net_take_hungup_fd(&b->nic) : -1;
+    const int fds[] = {b->serial.fd, b->agent_listen_fd, b->agent_fd, b->wake_fd, b->disk.fd, b->net.fd, hungup_net};
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
-        if (fds[i] >= 0) close(fds[i]);
-    b->serial.fd = b->agent_listen_fd = b->agent_fd = b->wake_fd = b->disk.fd = -1;
+        if (fds[i] >= 0 && (i < 6 || fds[i] != b->net.fd)) close(fds[i]);
+    b->serial.fd = b->agent_listen_fd = b->agent_fd = b->wake_fd = b->disk.fd = b->net.fd = -1;
     pthread_mutex_destroy(&b->lock);
 }
 
@@ -198,7 +224,16 @@ static unsigned agent_wants(const struct board *b) {
  * comparison can see no change while the control thread still waits on a
  * stale poll set, and the agent socket then goes unread for ever.
  */
-static bool control_thread_is_behind(const struct board *b) { return agent_wants(b) != b->agent_polled; }
+/* Under b->lock: the same for the network socket. */
+static unsigned net_wants(const struct board *b) {
+    if (!b->net.present) return 0;
+    unsigned ev = b->net.fd >= 0 ? (unsigned)(uint16_t)virtio_net_poll_events(&b->nic) : 0;
+    return ev | (b->nic.hungup_fd >= 0 ? AGENT_HUNGUP : 0);
+}
+
+static bool control_thread_is_behind(const struct board *b) {
+    return agent_wants(b) != b->agent_polled || net_wants(b) != b->net_polled;
+}
 
 static void wake_control_thread(struct board *b) {
     uint64_t one = 1;
@@ -256,10 +291,12 @@ int board_poll_fill(struct board *b, struct pollfd *pfd) {
     if (b->agent_fd < 0 && b->agent_listen_fd >= 0) pfd[n++] = (struct pollfd){.fd = b->agent_listen_fd, .events = POLLIN};
     pthread_mutex_lock(&b->lock);
     b->agent_polled = agent_wants(b); /* from now on the vCPU thread wakes us when this goes stale */
-    short ev = (short)(b->agent_polled & 0xffffu);
+    b->net_polled = net_wants(b);
+    short ev = (short)(b->agent_polled & 0xffffu), net_ev = (short)(b->net_polled & 0xffffu);
     pthread_mutex_unlock(&b->lock);
     /* With no interest, leave it out: a hung-up peer would poll as POLLHUP for ever; EOF is seen when the guest reads. */
     if (ev) pfd[n++] = (struct pollfd){.fd = b->agent_fd, .events = ev};
+    if (net_ev) pfd[n++] = (struct pollfd){.fd = b->net.fd, .events = net_ev};
     return n;
 }
 
@@ -282,6 +319,20 @@ static void reap_hungup_agent(struct board *b) {
     if (fd >= 0) close(fd);
 }
 
+/* The device dropped its network connection (the network process went away, or broke the framing): close it, say why.
+   The guest's link stays up; its frames are dropped until a restart gives the VM a network again. */
+static void reap_hungup_net(struct board *b) {
+    if (!b->net.present) return;
+    pthread_mutex_lock(&b->lock);
+    int fd = virtio_net_take_hungup_fd(&b->nic);
+    const char *why = b->nic.hangup_reason;
+    if (fd >= 0 && fd == b->net.fd) b->net.fd = -1;
+    pthread_mutex_unlock(&b->lock);
+    if (fd < 0) return;
+    close(fd);
+    fprintf(stderr, "clade-vmm: network %s disconnected: %s\n", b->net.path, why ? why : "?");
+}
+
 void board_poll_handle(struct board *b, const struct pollfd *pfd, int n) {
     for (int i = 0; i < n; i++) {
         if (!pfd[i].revents) continue;
@@ -295,9 +346,14 @@ void board_poll_handle(struct board *b, const struct pollfd *pfd, int n) {
             pthread_mutex_lock(&b->lock);
             virtio_console_port_io(&b->con, BOARD_AGENT_PORT);
             pthread_mutex_unlock(&b->lock);
+        } else if (b->net.present && pfd[i].fd == b->net.fd) {
+            pthread_mutex_lock(&b->lock);
+            virtio_net_io(&b->nic);
+            pthread_mutex_unlock(&b->lock);
         }
     }
     reap_hungup_agent(b);
+    reap_hungup_net(b);
 }
 
 /* ---- fork ------------------------------------------------------------------ */
@@ -310,9 +366,9 @@ void board_poll_handle(struct board *b, const struct pollfd *pfd, int n) {
  * were in flight are raised again on the new VM's irqchip.
  */
 void board_child_rebind(struct board *b, int agent_listen_fd, const char *agent_path, const struct serial_log *serial,
-                        struct board_stale *stale) {
+                        int net_fd, const char *net_path, struct board_stale *stale) {
     *stale = (struct board_stale){.agent_fd = b->agent_fd, .agent_listen_fd = b->agent_listen_fd, .wake_fd = b->wake_fd,
-                                  .serial_fd = b->serial.fd};
+                                  .serial_fd = b->serial.fd, .net_fd = b->net.fd, .net_hungup_fd = -1};
     pthread_mutex_init(&b->lock, NULL);
     b->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     b->agent_listen_fd = agent_listen_fd;
@@ -324,20 +380,31 @@ void board_child_rebind(struct board *b, int agent_listen_fd, const char *agent_
     virtio_console_port_discard_output(&b->con, BOARD_AGENT_PORT); /* the parent's half-sent bytes are the parent's */
     virtio_console_port_set_fd(&b->con, BOARD_AGENT_PORT, -1);
     stale->hungup_fd = virtio_console_port_take_hungup_fd(&b->con, BOARD_AGENT_PORT);
+    if (!b->net.present) return;
+    /* The child's own network: the parent's connection, and any frame half-way along it, stay the parent's. */
+    stale->net_hungup_fd = virtio_net_take_hungup_fd(&b->nic);
+    b->net.fd = net_fd;
+    b->net_polled = 0;
+    snprintf(b->net.path, sizeof b->net.path, "%s", net_path);
+    virtio_net_set_fd(&b->nic, net_fd);
 }
 
 void board_close_stale(const struct board_stale *stale) {
     const int fds[] = {stale->agent_fd, stale->agent_listen_fd, stale->wake_fd, stale->serial_fd, stale->hungup_fd};
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
         if (fds[i] >= 0 && (i == 0 || fds[i] != fds[0])) close(fds[i]);
+    if (stale->net_fd >= 0) close(stale->net_fd);
+    if (stale->net_hungup_fd >= 0 && stale->net_hungup_fd != stale->net_fd) close(stale->net_hungup_fd);
 }
 
 /* ---- snapshots -------------------------------------------------------------- */
 
 _Static_assert(sizeof(struct board_disk_state) == 16 + BOARD_DISK_PATH_MAX + sizeof(struct virtio_blk_state),
                "no implicit padding in saved state");
+_Static_assert(sizeof(struct board_net_state) == 8 + sizeof(struct virtio_net_state), "no implicit padding in saved state");
 _Static_assert(sizeof(struct board_state) == sizeof(struct pci_bus_state) + sizeof(struct virtio_console_state) +
-                                                 sizeof(struct uart_state) + sizeof(struct cmos_state) + sizeof(struct board_disk_state),
+                                                 sizeof(struct uart_state) + sizeof(struct cmos_state) + sizeof(struct board_disk_state) +
+                                                 sizeof(struct board_net_state),
                "no implicit padding in saved state");
 
 void board_save(const struct board *b, struct board_state *s) {
@@ -351,6 +418,10 @@ void board_save(const struct board *b, struct board_state *s) {
         s->disk.bytes = b->disk.bytes;
         memcpy(s->disk.path, b->disk.path, sizeof s->disk.path); /* zero-padded by board_disk_open */
         virtio_blk_save(&b->blk, &s->disk.blk);
+    }
+    if (b->net.present) {
+        s->net.present = 1;
+        virtio_net_save(&b->nic, &s->net.nic);
     }
 }
 
@@ -367,6 +438,14 @@ static bool disk_restore(struct board *b, const struct board_disk_state *s) {
     return virtio_blk_restore(&b->blk, &s->blk);
 }
 
+/* The saved network part against this board: a NIC exactly when the snapshot had one. */
+static bool net_restore(struct board *b, const struct board_net_state *s) {
+    static const struct board_net_state none;
+    if (s->present > 1 || s->reserved) return false;
+    if (!s->present) return !b->net.present && memcmp(s, &none, sizeof none) == 0;
+    return b->net.present && virtio_net_restore(&b->nic, &s->nic);
+}
+
 /*
  * Each device checks its own part against itself as board_init just built
  * it: this process's RAM, callbacks and descriptors stay as they are, only
@@ -376,11 +455,15 @@ static bool disk_restore(struct board *b, const struct board_disk_state *s) {
  */
 int board_restore(struct board *b, const struct board_state *s) {
     if (!cmos_restore(&b->cmos, &s->cmos) || !pci_bus_restore(&b->pci, &s->pci) || !virtio_console_restore(&b->con, &s->con) ||
-        !uart_restore(&b->uart, &s->uart) || !disk_restore(b, &s->disk))
+        !uart_restore(&b->uart, &s->uart) || !disk_restore(b, &s->disk) || !net_restore(b, &s->net))
         return errno = EINVAL, -1;
     virtio_console_port_set_fd(&b->con, BOARD_AGENT_PORT, -1); /* flushes the PORT_OPEN 0 the restore queued */
     virtio_pci_resignal(&b->con.vp);
     if (b->disk.fd >= 0) virtio_pci_resignal(&b->blk.vp);
+    if (b->net.present) {
+        virtio_net_set_fd(&b->nic, b->net.fd); /* the restore left it disconnected: this run's connection */
+        virtio_pci_resignal(&b->nic.vp);
+    }
     uart_resync_irq(&b->uart);
     return 0;
 }
@@ -401,6 +484,7 @@ static void board_op_forked(void *guest) {
     struct board *b = guest;
     virtio_pci_resignal(&b->con.vp);
     if (b->disk.fd >= 0) virtio_pci_resignal(&b->blk.vp);
+    if (b->net.present) virtio_pci_resignal(&b->nic.vp);
     uart_resync_irq(&b->uart);
 }
 
@@ -409,10 +493,17 @@ static void board_op_status(void *guest, struct text_buf *out) {
     tb_printf(out, ",\"agentSocket\":");
     tb_json_string(out, b->agent_path);
     tb_printf(out, ",\"agentConnected\":%s,\"serialLogBytes\":%" PRIu64, b->agent_fd >= 0 ? "true" : "false", b->serial.bytes);
-    if (b->disk.fd < 0) return;
-    tb_printf(out, ",\"disk\":");
-    tb_json_string(out, b->disk.path);
-    tb_printf(out, ",\"diskReads\":%" PRIu64 ",\"diskErrors\":%" PRIu64, b->blk.reads, b->blk.errors);
+    if (b->disk.fd >= 0) {
+        tb_printf(out, ",\"disk\":");
+        tb_json_string(out, b->disk.path);
+        tb_printf(out, ",\"diskReads\":%" PRIu64 ",\"diskErrors\":%" PRIu64, b->blk.reads, b->blk.errors);
+    }
+    if (!b->net.present) return;
+    tb_printf(out, ",\"net\":");
+    tb_json_string(out, b->net.path);
+    tb_printf(out, ",\"netConnected\":%s,\"netTxFrames\":%" PRIu64 ",\"netRxFrames\":%" PRIu64 ",\"netTxDropped\":%" PRIu64
+                   ",\"netRxDropped\":%" PRIu64,
+              b->net.fd >= 0 ? "true" : "false", b->nic.tx_frames, b->nic.rx_frames, b->nic.tx_dropped, b->nic.rx_dropped);
 }
 
 const struct guest_ops board_guest_ops = {

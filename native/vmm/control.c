@@ -237,6 +237,11 @@ static enum line_outcome cmd_fork(struct vmm *v, struct control_client *cl, int 
         control_reply_error(&out, "usage: fork [SOCKET_PATH [AGENT_SOCKET_PATH [SERIAL_LOG_PATH]]]");
         return LINE_OK;
     }
+    if (v->board && v->board->net.present && (!batch || argc == 2)) {
+        control_reply_error(&out, "this VM has a network: fork it with `forks COUNT RUN_DIR...` (each child connects to the network "
+                                  "socket RUN_DIR/" BOARD_NET_SOCKET_NAME ", started before the request)");
+        return LINE_OK;
+    }
     for (int i = batch ? 2 : 1; i < argc; i++)
         if (!plain_absolute_path(argv[i])) return control_reply_error(&out, "paths must be absolute and plain"), LINE_OK;
     for (int i = 2; batch && i < argc; i++) chosen[i - 2].run_dir = argv[i];

@@ -44,6 +44,7 @@ struct child_slot {
     int agent_fd; /* -1 without a board */
     char agent_path[108];
     struct serial_log serial; /* fd -1: the child has no serial log */
+    char net_path[108];       /* with a NIC: RUN_DIR/net.sock, which the child connects to itself */
 };
 
 /* What the child's new thread tidies up, after the vCPU already runs. */
@@ -95,6 +96,9 @@ static void remember_takeover(struct vmm *v, const struct child_slot *slots, int
     takeover.stale_stop_fd = v->cpu.stop_fd;
     takeover.stale_spawner_fd = spawner_fd;
     takeover.stale_run = v->vm.run;
+    /* Nothing to close unless board_child_rebind runs (a child whose restore failed never rebinds). */
+    takeover.board = (struct board_stale){.agent_fd = -1, .agent_listen_fd = -1, .wake_fd = -1, .serial_fd = -1, .hungup_fd = -1,
+                                          .net_fd = -1, .net_hungup_fd = -1};
 }
 
 static void unlink_own_sockets(const struct child_slot *own) {
@@ -121,7 +125,11 @@ static _Noreturn void child_continue(struct vmm *v, const struct child_slot *slo
     int ok = vm_build_kvm_objects(&v->vm) == 0;
     v->cpu.timing.built_ns = now_ns();
     ok = ok && state_restore(&v->vm, &v->state, &failed) == 0;
-    if (ok && v->board) board_child_rebind(v->board, own->agent_fd, own->agent_path, &own->serial, &takeover.board);
+    int net_fd = -1;
+    /* The child's own network process listens in its run directory: without it this child has no network, so it fails alone. */
+    if (ok && v->board && v->board->net.present && (net_fd = unix_connect(own->net_path)) < 0) ok = 0, failed = "connect to the network socket";
+    if (ok && v->board)
+        board_child_rebind(v->board, own->agent_fd, own->agent_path, &own->serial, net_fd, own->net_path, &takeover.board);
     if (ok) v->cpu.ops->forked(v->cpu.guest);
     v->cpu.timing.restored_ns = now_ns();
     if (vcpu_init_sync(&v->cpu) < 0) ok = 0, failed = "vcpu-sync";
@@ -174,6 +182,16 @@ static int prepare_slot(struct vmm *v, const struct fork_paths *chosen, const ch
         unix_listen(s->ctl_path, &s->ctl_fd) < 0)
         return snprintf(err, errlen, "cannot listen on child socket %s: %s", s->ctl_path, strerror(errno)), -1;
     if (!v->board) return 0;
+    if (v->board->net.present && !chosen->run_dir) {
+        snprintf(err, errlen, "this VM has a network: fork it with `forks COUNT RUN_DIR...`, each child connecting to RUN_DIR/%s",
+                 BOARD_NET_SOCKET_NAME);
+        return close_slots(s, 1, 1), -1;
+    }
+    if (v->board->net.present &&
+        set_slot_path(s->net_path, sizeof s->net_path, NULL, chosen->run_dir, BOARD_NET_SOCKET_NAME, default_dir, seq, "") < 0) {
+        snprintf(err, errlen, "child network socket path %s/%s is too long", chosen->run_dir, BOARD_NET_SOCKET_NAME);
+        return close_slots(s, 1, 1), -1;
+    }
     if (set_slot_path(s->agent_path, sizeof s->agent_path, chosen->agent_socket, chosen->run_dir, "agent.sock", default_dir, seq,
                       ".agent.sock") < 0 ||
         unix_listen(s->agent_path, &s->agent_fd) < 0) {

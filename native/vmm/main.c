@@ -4,8 +4,9 @@
  *   clade-vmm run --socket PATH [--mem-mib N] [--idle-us N]
  *   clade-vmm run --socket PATH --kernel VMLINUX --initramfs FILE [--cmdline TEXT | --cmdline-fd FD]
  *                 [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--mem-mib N] [--disk FILE]
+ *                 [--net SOCKET]
  *   clade-vmm run --socket PATH (--restore DIR | --restore-fds MEM_FD,STATE_FD)
- *                 [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--idle-us N]
+ *                 [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--idle-us N] [--net SOCKET]
  *
  * Starts one VM, running the CPL3 test guest or (with --kernel) a Linux
  * guest booted by PVH, and serves the control protocol (docs/vmm.md) on
@@ -16,6 +17,13 @@
  * backed by FILE, opened read-only; forked children share it. A snapshot
  * records the file's absolute path and size, and a restore opens that path
  * again, refusing a file of another size.
+ *
+ * --net SOCKET gives a Linux guest a virtio-net NIC (eth0, MAC
+ * 52:54:00:c1:ad:0f) whose frames go over the unix stream socket SOCKET
+ * (an absolute path; QEMU's stream-netdev framing), connected before any VM
+ * is made. A forked child connects to RUN_DIR/net.sock instead. A snapshot
+ * records whether the VM had a NIC: restoring one needs --net, restoring
+ * one without refuses it.
  *
  * Nothing secret belongs on the command line (every local user can read
  * it): a kernel command line holding a token comes through --cmdline-fd.
@@ -48,7 +56,7 @@ struct options {
     uint64_t serial_log_max;
     int cmdline_fd;              /* -1: none */
     int restore_fds[2];          /* memory.raw, state.bin; -1: none */
-    const char *kernel, *initramfs, *cmdline, *serial_log, *agent_socket, *restore, *disk;
+    const char *kernel, *initramfs, *cmdline, *serial_log, *agent_socket, *restore, *disk, *net;
 };
 
 static struct board linux_board;
@@ -58,8 +66,10 @@ static int usage(void) {
     fprintf(stderr, "usage: clade-vmm run --socket PATH [--mem-mib N] [--idle-us N]\n"
                     "       clade-vmm run --socket PATH --kernel VMLINUX --initramfs FILE [--cmdline TEXT | --cmdline-fd FD]\n"
                     "                     [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--mem-mib N] [--disk FILE]\n"
+                    "                     [--net SOCKET]\n"
                     "       clade-vmm run --socket PATH (--restore DIR | --restore-fds MEM_FD,STATE_FD)\n"
-                    "                     [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--idle-us N]\n");
+                    "                     [--serial-log FILE [--serial-log-max BYTES]] [--agent-socket PATH] [--idle-us N] [--net SOCKET]\n"
+                    "  --net SOCKET: a virtio-net NIC over that unix stream socket (absolute path; Linux guests only)\n");
     return VMM_EXIT_USAGE;
 }
 
@@ -81,6 +91,7 @@ static const char **string_option(struct options *o, const char *name) {
     if (!strcmp(name, "--agent-socket")) return &o->agent_socket;
     if (!strcmp(name, "--restore")) return &o->restore;
     if (!strcmp(name, "--disk")) return &o->disk;
+    if (!strcmp(name, "--net")) return &o->net;
     return NULL;
 }
 
@@ -129,7 +140,7 @@ static int parse_options(int argc, char **argv, struct options *o) {
         return o->socket_path && !o->kernel && !o->initramfs && !o->mem_mib && !o->cmdline && o->cmdline_fd < 0 && !o->disk ? 0 : -1;
     if (!o->mem_mib) o->mem_mib = o->kernel ? DEFAULT_LINUX_MEM_MIB : DEFAULT_MEM_MIB;
     if (!o->kernel && (o->mem_mib > MAX_MEM_MIB || o->initramfs || o->serial_log || o->agent_socket || o->cmdline || o->cmdline_fd >= 0 ||
-                       o->disk))
+                       o->disk || o->net))
         return -1;
     if (o->kernel && !o->initramfs) return -1;
     return o->socket_path ? 0 : -1;
@@ -185,7 +196,7 @@ static void attach_board(struct vmm *v, struct board *board) {
     v->exit_on_stop = 1;
 }
 
-static int install_linux(struct vmm *v, const struct options *o, const struct board_disk *disk) {
+static int install_linux(struct vmm *v, const struct options *o, const struct board_disk *disk, const struct board_net *net) {
     struct board *board = &linux_board;
     static char given[CMDLINE_MAX], cmdline[CMDLINE_MAX];
     snprintf(given, sizeof given, "%s", o->cmdline ? o->cmdline : DEFAULT_CMDLINE);
@@ -201,7 +212,7 @@ static int install_linux(struct vmm *v, const struct options *o, const struct bo
     struct serial_log serial;
     int agent_fd;
     if (open_host_ends(o, &serial, &agent_fd)) return VMM_EXIT_FAILURE;
-    if (board_init(board, &v->vm, &serial, agent_fd, o->agent_socket, disk) < 0) return fail("devices");
+    if (board_init(board, &v->vm, &serial, agent_fd, o->agent_socket, disk, net) < 0) return fail("devices");
     attach_board(v, board);
     return 0;
 }
@@ -212,13 +223,15 @@ static int build_root_vm(struct vmm *v, const struct options *o) {
     char err[BOARD_DISK_PATH_MAX + 200];
     /* First: a disk that cannot be used is the caller's mistake, told before any VM is made. */
     if (o->disk && board_disk_open(&disk, o->disk, err, sizeof err) < 0) return fprintf(stderr, "clade-vmm: %s\n", err), VMM_EXIT_FAILURE;
+    struct board_net net = {.fd = -1};
+    if (o->net && board_net_connect(&net, o->net, err, sizeof err) < 0) return fprintf(stderr, "clade-vmm: %s\n", err), VMM_EXIT_FAILURE;
     if (vm_open(&v->vm, o->mem_mib << 20) < 0) return fail("open /dev/kvm and guest RAM");
     if (o->kernel) mark_hypervisor_present(v->vm.cpuid);
     if (vm_build_kvm_objects(&v->vm) < 0) return fail("create VM");
     vm_learn_features(&v->vm);
     if (vm_probe_msrs(&v->vm) < 0) return fail("list MSRs");
     if (o->kernel) {
-        int r = install_linux(v, o, &disk);
+        int r = install_linux(v, o, &disk, &net);
         if (r) return r;
     } else if (cpl3_guest_install(&v->vm, &test_guest, &v->cpu) < 0) {
         return fail("install CPL3 test guest");
@@ -291,16 +304,30 @@ static int reopen_snapshot_disk(const struct board_disk_state *saved, struct boa
  * memory.raw mapped copy-on-write, the state is restored with the same code
  * as a forked child's, and a fresh board takes the checked device state.
  */
+/* Whether the snapshot had a NIC decides whether --net must be given: a guest with eth0 needs its network, one without has no NIC to give it. */
+static int check_snapshot_net(const struct options *o, const struct board_state *devices) {
+    bool had_nic = devices && devices->net.present;
+    if (had_nic && !o->net)
+        return restore_failed(VMM_EXIT_USAGE, "the snapshot's VM has a network: give its socket with --net SOCKET");
+    if (!had_nic && o->net)
+        return restore_failed(VMM_EXIT_USAGE, "the snapshot's VM has no network: start it without --net");
+    return 0;
+}
+
 static int restore_root_vm(struct vmm *v, const struct options *o) {
     char err[300];
     struct board_state *devices = NULL;
     int fds[2];
     v->cpu.timing.fork_ns = now_ns(); /* status: a restored root's time zero is the start of its restore */
+    struct board_net net = {.fd = -1};
+    /* First: a network that cannot be reached is the caller's mistake, told before any VM is made. */
+    if (o->net && board_net_connect(&net, o->net, err, sizeof err) < 0) return fprintf(stderr, "clade-vmm: %s\n", err), VMM_EXIT_FAILURE;
     int r = snapshot_fds(o, fds);
     if (r) return r;
     if (vm_open_kvm(&v->vm) < 0) return close(fds[0]), close(fds[1]), fail("open /dev/kvm");
     r = snapshot_load(v, fds[0], fds[1], &devices, err, sizeof err);
     if (r) return restore_failed(r, err);
+    if ((r = check_snapshot_net(o, devices)) != 0) return free(devices), r;
     const char *failed = "vm";
     if (vm_build_kvm_objects(&v->vm) < 0) r = errno == EINVAL || errno == E2BIG ? restore_step_failed("CPUID") : fail("create VM");
     else if (snapshot_check_host(&v->vm, err, sizeof err) < 0) r = restore_failed(VMM_EXIT_SNAPSHOT_FOREIGN, err);
@@ -311,7 +338,7 @@ static int restore_root_vm(struct vmm *v, const struct options *o) {
         int agent_fd = -1;
         if ((r = reopen_snapshot_disk(&devices->disk, &disk)) != 0) {
         } else if (open_host_ends(o, &serial, &agent_fd)) r = VMM_EXIT_FAILURE;
-        else if (board_init(&linux_board, &v->vm, &serial, agent_fd, o->agent_socket, &disk) < 0) r = fail("devices");
+        else if (board_init(&linux_board, &v->vm, &serial, agent_fd, o->agent_socket, &disk, &net) < 0) r = fail("devices");
         else if (board_restore(&linux_board, devices) < 0)
             r = restore_failed(VMM_EXIT_SNAPSHOT_REFUSED, "state.bin: the device state holds a value the devices cannot have");
         if (r == 0) attach_board(v, &linux_board);

@@ -6,6 +6,7 @@
 #include "vmm.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,6 +58,20 @@ int unix_listen(const char *path, int *fd_out) {
     }
     *fd_out = fd;
     return 0;
+}
+
+int unix_connect(const char *path) {
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof addr.sun_path) return errno = ENAMETOOLONG, -1;
+    strcpy(addr.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0 || fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0) {
+        int saved = errno;
+        close(fd);
+        return errno = saved, -1;
+    }
+    return fd;
 }
 
 int parse_u64(const char *s, uint64_t *out) {

@@ -33,6 +33,7 @@
 #include "devices/uart8250.h"
 #include "devices/virtio_blk.h"
 #include "devices/virtio_console.h"
+#include "devices/virtio_net.h"
 
 #define VMM_MAX_MSRS 256
 #define VMM_MAX_CPUID_ENTRIES 256
@@ -54,6 +55,8 @@ int read_exact(int fd, void *buf, size_t len, off_t off);
 int write_all_at(int fd, const void *buf, size_t len, off_t at);
 /* A bound, listening, non-blocking, close-on-exec unix stream socket at path; 0, or -1 with errno. */
 int unix_listen(const char *path, int *fd_out);
+/* A unix stream socket connected to path (blocking connect, then non-blocking, close-on-exec); the descriptor, or -1 with errno. */
+int unix_connect(const char *path);
 /* A decimal or 0x hex number that must parse completely (no sign); 0 or -1. */
 int parse_u64(const char *s, uint64_t *out);
 
@@ -301,6 +304,23 @@ struct board_disk {
 /* Opens PATH read-only as the board's disk (path made absolute); 0, or -1 with a message in err. */
 int board_disk_open(struct board_disk *disk, const char *path, char *err, size_t errlen);
 
+/*
+ * The network (--net): a connected unix stream socket to the sandbox's
+ * network process, which speaks QEMU's stream-netdev framing. Each forked
+ * child connects to its own (RUN_DIR/net.sock).
+ */
+#define BOARD_NET_PATH_MAX 108
+#define BOARD_NET_SOCKET_NAME "net.sock" /* a forked child's, in its run directory */
+#define BOARD_NET_MAC {0x52, 0x54, 0x00, 0xc1, 0xad, 0x0f} /* the same in every sandbox: each has its own network */
+
+struct board_net {
+    bool present;
+    int fd; /* the connection, -1 once it is gone */
+    char path[BOARD_NET_PATH_MAX];
+};
+
+/* Connects to the absolute unix socket PATH; 0, or -1 with a message in err. */
+int board_net_connect(struct board_net *net, const char *path, char *err, size_t errlen);
 struct board {
     pthread_mutex_t lock; /* devices are single-threaded: vCPU exits and the control thread take turns */
     struct vm *vm;
@@ -310,6 +330,9 @@ struct board {
     struct virtio_console con;
     struct virtio_blk blk; /* set up only when disk.fd >= 0 */
     struct board_disk disk; /* one descriptor shared by every forked child: nothing ever writes it */
+    struct virtio_net nic;  /* set up only when net.present */
+    struct board_net net;   /* each forked child has its own connection */
+    unsigned net_polled;    /* under lock: what the control thread's poll set waits for on the network socket */
     struct cmos cmos;
     struct serial_log serial;
     int agent_listen_fd;
@@ -335,36 +358,48 @@ struct board_disk_state {
     struct virtio_blk_state blk;
 };
 
+/* The network's part: whether the VM has a NIC, and its state. Zeros: none. The
+ * socket is not saved: a restore is given one (--net). */
+struct board_net_state {
+    uint32_t present;
+    uint32_t reserved; /* 0 */
+    struct virtio_net_state nic;
+};
+
 struct board_state {
     struct pci_bus_state pci;
     struct virtio_console_state con;
     struct uart_state uart;
     struct cmos_state cmos;
     struct board_disk_state disk;
+    struct board_net_state net;
 };
 
 /* Host descriptors a forked child inherited and closes once its vCPU runs. */
 struct board_stale {
     int agent_fd, agent_listen_fd, wake_fd, serial_fd, hungup_fd;
+    int net_fd, net_hungup_fd; /* the parent's network connection */
 };
 
-#define BOARD_MAX_POLLFDS 3
+#define BOARD_MAX_POLLFDS 4
 
 /* The board as the vCPU loop sees it (ctx: struct board *). */
 extern const struct guest_ops board_guest_ops;
 
-/* The board takes over `serial` (its descriptor), agent_listen_fd and the disk's descriptor (disk NULL or fd -1: no disk). */
+/* The board takes over `serial` (its descriptor), agent_listen_fd, the disk's descriptor (disk NULL or fd -1: no disk)
+ * and the network's connection (net NULL or not present: no NIC). */
 int board_init(struct board *b, struct vm *vm, const struct serial_log *serial, int agent_listen_fd, const char *agent_path,
-               const struct board_disk *disk);
+               const struct board_disk *disk, const struct board_net *net);
 /* Closes what the board holds (not the agent socket's path). */
 void board_destroy(struct board *b);
 enum guest_exit_result board_io(struct board *b, uint16_t port, bool is_write, uint8_t *data, unsigned size);
 void board_mmio(struct board *b, uint64_t gpa, bool is_write, uint8_t *data, unsigned len);
 int board_poll_fill(struct board *b, struct pollfd *pfd); /* at most BOARD_MAX_POLLFDS */
 void board_poll_handle(struct board *b, const struct pollfd *pfd, int n);
-/* In a forked child: its own host ends. serial->fd < 0: the child logs nowhere (never into its parent's log). */
+/* In a forked child: its own host ends. serial->fd < 0: the child logs nowhere (never into its parent's log).
+ * net_fd: the child's own network connection (with a NIC), net_path where it leads. */
 void board_child_rebind(struct board *b, int agent_listen_fd, const char *agent_path, const struct serial_log *serial,
-                        struct board_stale *stale);
+                        int net_fd, const char *net_path, struct board_stale *stale);
 void board_close_stale(const struct board_stale *stale);
 void board_save(const struct board *b, struct board_state *s);
 /*
@@ -453,13 +488,13 @@ int vmm_snapshot(struct vmm *v, const char *dir, struct snapshot_report *rep, ch
 /* ---- snapshot_format.c, snapshot.c ------------------------------------ */
 
 /*
- * state.bin, format 3 (docs/snapshots.md, "vmm engine"): a header, then
+ * state.bin, format 4 (docs/snapshots.md, "vmm engine"): a header, then
  * sections. Little-endian (x86-64 only). Every section is plain data: KVM's
  * own structs for the CPU and VM, and the devices' *_state structs; nothing
  * in it is a host address, a descriptor or a function.
  */
 #define SNAPSHOT_MAGIC "CLADEVMS"
-#define SNAPSHOT_FORMAT 3u /* 3: the board state has the disk's part */
+#define SNAPSHOT_FORMAT 4u /* 3: the board state has the disk's part; 4: and the network's */
 #define SNAPSHOT_BUILD_ID_MAX 64u
 #define SNAPSHOT_STATE_MAX (16u << 20) /* far above any real state.bin: a bigger one is refused unread */
 #define SNAPSHOT_MAX_XSAVE (1u << 20)

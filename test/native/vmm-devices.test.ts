@@ -7,7 +7,8 @@ import { hasLibFuzzer, run } from '../helpers/run.js';
 // program plays the guest's PCI, virtio and 8250 drivers against fake guest
 // RAM, including hostile rings and registers, and saves and restores the
 // devices' plain-data state (hostile states refused); the fuzz targets (rings,
-// PCI, and the loader of a snapshot's state.bin) replay their seed corpus, and
+// PCI, the disk, the NIC against a hostile network socket, and the loader of a
+// snapshot's state.bin) replay their seed corpus, and
 // when clang's libFuzzer is installed each fuzzer also runs for a bounded time
 // (native/vmm/devices/Makefile: fuzz-run).
 const root = join(import.meta.dirname, '../..');
@@ -35,12 +36,13 @@ describe('vmm devices', () => {
   }, 360_000);
 
   it.skipIf(!hasLibFuzzer())('survive a bounded fuzzing run', async () => {
-    // 3 targets x 20 s keeps the suite's fuzzing budget near one minute.
-    const r = await make('fuzz-run', 'FUZZ_SECONDS=20');
+    // 4 targets x 20 s, and the NIC's 15 s, keep the suite's fuzzing budget near a minute and a half.
+    const r = await make('fuzz-run', 'FUZZ_SECONDS=20', 'FUZZ_SECONDS_NET=15');
     const out = r.output;
     expect(out).not.toMatch(/ERROR: (AddressSanitizer|libFuzzer|UndefinedBehaviorSanitizer)|runtime error|deadly signal/);
     expect(existsSync(join(build, 'fuzz-virtq'))).toBe(true);
     expect(existsSync(join(build, 'fuzz-state'))).toBe(true);
+    expect(existsSync(join(build, 'fuzz-net'))).toBe(true);
     expect(r.status).toBe(0);
   }, 360_000);
 });

@@ -19,13 +19,20 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-static void exercise(struct board *b)
+static void notify_all(struct board *b, struct virtio_pci *vp)
 {
-    uint64_t bar = pci_bar_address(&b->con.vp.pci, VIRTIO_PCI_BAR);
+    uint64_t bar = pci_bar_address(&vp->pci, VIRTIO_PCI_BAR);
     for (unsigned q = 0; q < VIRTIO_PCI_MAX_QUEUES; q++) {
         uint8_t v[2] = {(uint8_t)q, 0};
         board_mmio(b, bar + VIRTIO_PCI_NOTIFY_OFFSET + VIRTIO_PCI_NOTIFY_MULTIPLIER * q, true, v, 2);
     }
+}
+
+static void exercise(struct board *b)
+{
+    notify_all(b, &b->con.vp);
+    if (b->net.present)
+        notify_all(b, &b->nic.vp);
     for (unsigned off = 0; off < PCI_CONFIG_SIZE; off += 4) {
         uint8_t addr[4], word[4];
         pci_put_le(addr, 4, 0x80000000u | 1u << 11 | off);
@@ -58,7 +65,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (vm.ram != MAP_FAILED) {
             struct serial_log log;
             serial_log_none(&log, SERIAL_LOG_DEFAULT_MAX);
-            if (board_init(&board, &vm, &log, -1, "", NULL) == 0 && board_restore(&board, &img.board) == 0)
+            /* A NIC exactly when the file says so (the command line's --net), never connected. */
+            const struct board_net net = {.present = img.board.net.present == 1, .fd = -1};
+            if (board_init(&board, &vm, &log, -1, "", NULL, &net) == 0 && board_restore(&board, &img.board) == 0)
                 exercise(&board);
             board_destroy(&board);
             munmap(vm.ram, img.ram_size);

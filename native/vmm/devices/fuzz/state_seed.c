@@ -1,9 +1,11 @@
 /*
  * Writes seed inputs for fuzz_state: state.bin files as clade-vmm writes
  * them, built from plain values (no KVM needed). `state_seed DIR` writes
- * DIR/cpl3 (no devices) and DIR/fresh-board (a Linux guest's board as
- * board_init builds it). A Linux guest's real snapshot, taken after boot,
- * is checked in beside them (linux-booted).
+ * DIR/cpl3 (no devices), DIR/fresh-board (a Linux guest's board as
+ * board_init builds it) and DIR/fresh-board-net (the same with a NIC). A
+ * Linux guest's real snapshot, taken after boot, is checked in beside them
+ * (linux-booted; its device section was widened with zeros, no disk and no
+ * NIC, when the format grew).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,7 +54,7 @@ int main(int argc, char **argv)
     static struct board b;
     struct serial_log log;
     serial_log_none(&log, SERIAL_LOG_DEFAULT_MAX);
-    if (vm.ram == MAP_FAILED || board_init(&b, &vm, &log, -1, "", NULL) < 0)
+    if (vm.ram == MAP_FAILED || board_init(&b, &vm, &log, -1, "", NULL, NULL) < 0)
         return perror("board"), 1;
     img.facts.guest_linux = 1;
     img.has_board = 1;
@@ -60,5 +62,14 @@ int main(int argc, char **argv)
     board_destroy(&b);
     if (write_seed(argv[1], "fresh-board", &img) < 0)
         return perror("fresh-board"), 1;
+
+    /* The same board with a NIC (--net), as board_init builds it before the network socket is connected. */
+    const struct board_net net = {.present = true, .fd = -1};
+    if (board_init(&b, &vm, &log, -1, "", NULL, &net) < 0)
+        return perror("board with a NIC"), 1;
+    board_save(&b, &img.board);
+    board_destroy(&b);
+    if (write_seed(argv[1], "fresh-board-net", &img) < 0)
+        return perror("fresh-board-net"), 1;
     return 0;
 }

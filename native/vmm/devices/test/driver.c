@@ -103,6 +103,19 @@ bool drv_create_blk(struct drv *d, uint8_t *ram, int fd, uint64_t disk_bytes)
     return pci_bus_add(&d->bus, &d->blk.vp.pci) > 0;
 }
 
+bool drv_create_net(struct drv *d, uint8_t *ram)
+{
+    static const uint8_t mac[6] = {0x52, 0x54, 0x00, 0xc1, 0xad, 0x0f};
+    memset(d, 0, sizeof *d);
+    d->ram = ram;
+    if (!guest_mem_add(&d->mem, 0, DRV_RAM_SIZE, ram))
+        return false;
+    pci_bus_init(&d->bus, DRV_MMIO_BASE, DRV_MMIO_SIZE);
+    if (!virtio_net_init(&d->net, mac, &d->mem, drv_msi, d))
+        return false;
+    return pci_bus_add(&d->bus, &d->net.vp.pci) > 0;
+}
+
 bool drv_probe(struct drv *d) { return drv_probe_device(d, 0x1043); }
 
 bool drv_probe_device(struct drv *d, uint16_t device_id)

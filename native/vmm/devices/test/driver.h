@@ -14,6 +14,7 @@
 #include "../pci.h"
 #include "../virtio_blk.h"
 #include "../virtio_console.h"
+#include "../virtio_net.h"
 
 #define DRV_RAM_SIZE (1u << 20)
 #define DRV_MMIO_BASE 0xC0000000ull
@@ -32,6 +33,7 @@ struct drv {
     struct pci_bus bus;
     struct virtio_console con;
     struct virtio_blk blk; /* on a bus of its own: drv_create_blk */
+    struct virtio_net net; /* on a bus of its own: drv_create_net */
     unsigned slot;
     uint64_t bar, common, notify, isr, devcfg, msix_table, pba;
     uint32_t notify_mult;
@@ -53,9 +55,11 @@ void drv_mw(struct drv *d, uint64_t gpa, unsigned len, uint64_t v);
 bool drv_create(struct drv *d, uint8_t *ram);
 /* Creates RAM and a bus with only a read-only disk over fd (disk_bytes long). */
 bool drv_create_blk(struct drv *d, uint8_t *ram, int fd, uint64_t disk_bytes);
+/* Creates RAM and a bus with only a NIC (MAC 52:54:00:c1:ad:0f), disconnected. */
+bool drv_create_net(struct drv *d, uint8_t *ram);
 /* Finds the console, maps its capabilities, enables MSI-X. */
 bool drv_probe(struct drv *d);
-/* The same for the virtio device with PCI device id device_id (0x1042: the disk). */
+/* The same for the virtio device with PCI device id device_id (0x1042: the disk, 0x1041: the NIC). */
 bool drv_probe_device(struct drv *d, uint16_t device_id);
 /* reset .. DRIVER_OK with all queues set up; false if the device refused. */
 bool drv_start(struct drv *d, uint64_t features);
