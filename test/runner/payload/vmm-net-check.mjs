@@ -12,7 +12,7 @@
 // process is left. Prints "check ok NAME" / "check FAIL NAME: why", "timing"
 // and "note" lines, then "done" (read by test/runner/vmm-net.test.ts).
 import { execFile } from 'node:child_process';
-import { readdirSync, readlinkSync } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { get } from 'node:http';
 import { createServer } from 'node:net';
 import { promisify } from 'node:util';
@@ -77,17 +77,34 @@ function processesNamed(names) {
   return found;
 }
 
+/** Why a forwarded port may not answer: the network's log, its processes, and what listens (for a failed check). */
+function printNetworkState(sb) {
+  const log = `${process.env.CLADE_HOME}/sandboxes/${sb.sandboxId}/net/net.log`;
+  const text = (path) => {
+    try {
+      return readFileSync(path, 'utf8').trim();
+    } catch (e) {
+      return `(${e.code ?? e})`;
+    }
+  };
+  for (const line of [`net.log: ${text(log)}`, `processes: ${processesNamed(['clade-net', 'passt', 'passt.avx2']).join(' ')}`, `tcp listeners: ${text('/proc/net/tcp').split('\n').filter((l) => / 0A /.test(l)).map((l) => l.trim().split(/\s+/)[1]).join(' ')}`]) {
+    console.log(`note ${line.replace(/\n/g, ' | ')}`);
+  }
+}
+
 const sandboxes = [];
 let outside;
 try {
   // The runner's loopback is down until someone brings it up: forwarded ports are bound on 127.0.0.1.
+  // The runner has no NIC, and passt wants the interface of a default route: lo is all there is.
   await run('ip', ['link', 'set', 'lo', 'up']);
   for (const addr of [LISTED, UNLISTED]) await run('ip', ['addr', 'add', `${addr}/32`, 'dev', 'lo']);
+  await run('ip', ['route', 'add', 'default', 'dev', 'lo']);
   outside = createServer((c) => c.end(`outside:${c.localAddress}\n`));
   await new Promise((resolve) => outside.listen(OUTSIDE_PORT, '0.0.0.0', resolve));
 
   let t0 = performance.now();
-  const sb = await Sandbox.create({ memoryMiB: 256, engine: 'vmm', network: { egress: 'none', ports: [PORT] } });
+  const sb = await Sandbox.create({ memoryMiB: 512, engine: 'vmm', network: { egress: 'none', ports: [PORT] } });
   sandboxes.push(sb);
   console.log(`timing create-with-network-to-ready ${ms(t0)}`);
   check('engine-vmm', sb.getInfo().engine === 'vmm', JSON.stringify(sb.getInfo()));
@@ -99,13 +116,14 @@ try {
   await startGuestServer(sb, 'parent');
   const first = await who(sb.getHost(PORT));
   console.log(`timing guest-server-to-first-answer ${ms(t0)}`);
-  check('port-forward-answers', first === 'parent', first);
+  if (!check('port-forward-answers', first === 'parent', first)) printNetworkState(sb);
 
   t0 = performance.now();
   const outbound = await guestConnect(sb, LISTED, OUTSIDE_PORT);
-  check('egress-none-refuses-tcp', outbound.startsWith('error') && performance.now() - t0 < 8_000, `${outbound} after ${ms(t0)} ms`);
+  // Refused by clade-net with a reset (not a dead link's timeout or unreachable route); NXDOMAIN from its DNS (not no answer).
+  check('egress-none-refuses-tcp', /refused/i.test(outbound) && performance.now() - t0 < 8_000, `${outbound} after ${ms(t0)} ms`);
   const resolved = await guestResolve(sb, 'example.com');
-  check('dns-outside-list-fails', resolved.startsWith('error'), resolved);
+  check('dns-outside-list-fails', /not known|no address/i.test(resolved), resolved);
 
   t0 = performance.now();
   const kids = await sb.fork(2);
@@ -124,12 +142,13 @@ try {
   check('child-b-serves-own-state', answers[1] === 'child-b', answers[1]);
   check('parent-serves-own-state', answers[2] === 'parent', answers[2]);
   const childOut = await guestConnect(a, LISTED, OUTSIDE_PORT);
-  check('child-keeps-egress-none', childOut.startsWith('error'), childOut);
+  check('child-keeps-egress-none', /refused/i.test(childOut), childOut);
 
+  const hostOfA = a.getHost(PORT);
   await a.kill();
   const afterKill = await who(b.getHost(PORT));
   check('sibling-unaffected', afterKill === 'child-b', afterKill);
-  const goneA = await who(a.getHost(PORT));
+  const goneA = await who(hostOfA);
   check('killed-child-port-closed', goneA.startsWith('error'), goneA);
 
   t0 = performance.now();
@@ -144,12 +163,12 @@ try {
     check('restored-serves-on-own-port', answer === 'parent' && own !== sb.getHost(PORT), `${own}: ${answer}`);
   }
 
-  const listed = await Sandbox.create({ memoryMiB: 256, engine: 'vmm', network: { egress: [LISTED] } });
+  const listed = await Sandbox.create({ memoryMiB: 512, engine: 'vmm', network: { egress: [LISTED] } });
   sandboxes.push(listed);
   const allowed = await guestConnect(listed, LISTED, OUTSIDE_PORT);
   check('egress-list-allows-named-address', allowed === `ok outside:${LISTED}`, allowed);
   const refused = await guestConnect(listed, UNLISTED, OUTSIDE_PORT);
-  check('egress-list-refuses-other-address', refused.startsWith('error'), refused);
+  check('egress-list-refuses-other-address', /refused/i.test(refused), refused);
 } catch (e) {
   check('no-exception', false, e?.stack ?? String(e));
 } finally {
