@@ -245,15 +245,20 @@ static bool fill_in(struct virtio_net *net)
     return false;
 }
 
+/* Reads per call: a guest whose buffers take nothing (all too small) must not keep a thread reading a flood for ever;
+   what is left in the socket polls readable again. */
+#define RX_READS_PER_CALL 16
+
 static void pump_rx(struct virtio_net *net)
 {
     bool used = false;
+    unsigned reads = 0;
     while (net->fd >= 0 && virtio_pci_queue_live(&net->vp, VNET_RX_QUEUE)) {
         enum rx_result r = deliver_one(net, &used);
         if (r == RX_MOVED)
             continue;
         /* Backpressure: read only while the guest has somewhere to put a frame. */
-        if (r != RX_NEED_BYTES || !guest_can_receive(net) || !fill_in(net))
+        if (r != RX_NEED_BYTES || reads++ == RX_READS_PER_CALL || !guest_can_receive(net) || !fill_in(net))
             break;
     }
     if (used)

@@ -215,7 +215,7 @@ def take_snapshot(fleet, root, directory):
     check("memory.raw is guest RAM, sparse", memory.st_size == fleet.mem_mib << 20 and memory.st_blocks * 512 < memory.st_size // 4,
           (memory.st_size, memory.st_blocks))
     with open(os.path.join(directory, "state.bin"), "rb") as f:
-        check("state.bin starts with its magic and format", f.read(12) == b"CLADEVMS\x02\x00\x00\x00")
+        check("state.bin starts with its magic and format", f.read(12) == b"CLADEVMS\x04\x00\x00\x00")
     return done
 
 

@@ -11,6 +11,8 @@
  *   vmm-agent parks CTL_SOCKET N
  *        N park/resume cycles back to back on one connection ("state", "pause", "resume"), each
  *        answered within 10 s; exit 0 if all were ok
+ *   vmm-agent netsink PATH SECONDS
+ *        a stand-in for a sandbox's network process: sends the NIC that connects one frame, counts its frames
  *   vmm-agent churn AGENT_SOCKET CTL_SOCKET TOKEN MS [half]
  *        for MS milliseconds: connect to the agent socket and go away again (at once or after
  *        a whole HELLO; with "half" also after half a frame header), each time checking that
@@ -583,6 +585,57 @@ static int tamper(const char *vmm, const char *snap, const char *work, size_t st
     return ok ? 0 : 1;
 }
 
+/*
+ * netsink PATH SECONDS: a stand-in for a sandbox's network process. Listens on
+ * PATH, takes one connection (a VM's NIC), sends it one broadcast frame (the
+ * stream framing: a 4-byte big-endian length, then the frame), then reads
+ * frames for SECONDS and prints "netsink: N frames, M bytes" (or why the
+ * stream broke: a length above 65535 or a truncated frame).
+ */
+static int netsink(const char *path, double seconds) {
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path);
+    int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (lfd < 0 || bind(lfd, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(lfd, 4) < 0) return perror("netsink: listen"), 1;
+    double end = now_ms() + seconds * 1000;
+    struct pollfd p = {.fd = lfd, .events = POLLIN};
+    if (poll(&p, 1, (int)(seconds * 1000)) <= 0) return printf("netsink: nobody connected\n"), unlink(path), 1;
+    int fd = accept(lfd, NULL, NULL);
+    close(lfd);
+    unlink(path);
+    if (fd < 0) return perror("netsink: accept"), 1;
+    uint8_t hello[4 + 60] = {0, 0, 0, 60, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 0x88, 0xb5};
+    send_all(fd, hello, sizeof hello);
+    static uint8_t buf[4 + 65536];
+    size_t have = 0;
+    unsigned long frames = 0, bytes = 0;
+    const char *broke = NULL;
+    while (!broke && now_ms() < end) {
+        p = (struct pollfd){.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, (int)(end - now_ms()) + 1) <= 0) continue;
+        ssize_t n = read(fd, buf + have, sizeof buf - have);
+        if (n <= 0) {
+            broke = have ? "a truncated frame, then EOF" : "EOF";
+            break;
+        }
+        have += (size_t)n;
+        while (have >= 4) {
+            uint32_t len = (uint32_t)buf[0] << 24 | (uint32_t)buf[1] << 16 | (uint32_t)buf[2] << 8 | buf[3];
+            if (len > 65535) {
+                broke = "a length above 65535";
+                break;
+            }
+            if (have < 4 + len) break;
+            frames++, bytes += len;
+            memmove(buf, buf + 4 + len, have - 4 - len);
+            have -= 4 + len;
+        }
+    }
+    printf("netsink: %lu frames, %lu bytes%s%s\n", frames, bytes, broke ? "; " : "", broke ? broke : "");
+    close(fd);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     uint8_t token[TOKEN_LEN], new_token[TOKEN_LEN];
     char reply[65536];
@@ -607,6 +660,7 @@ int main(int argc, char **argv) {
     }
     if (argc == 7 && !strcmp(argv[1], "fork-exec")) return cmd_fork_exec(argv);
     if (argc == 4 && !strcmp(argv[1], "parks")) return parks(argv[2], atoi(argv[3]));
+    if (argc == 4 && !strcmp(argv[1], "netsink")) return netsink(argv[2], atof(argv[3]));
     if ((argc == 6 || (argc == 7 && !strcmp(argv[6], "half"))) && !strcmp(argv[1], "churn")) {
         if (token_arg(argv[4], token) < 0) return 2;
         return churn(argv[2], argv[3], token, atof(argv[5]), argc == 7 ? 3 : 2);

@@ -84,11 +84,11 @@ class Fleet:
         self.roots = []
         self.conns = []
 
-    def start_root(self, name="root", restore=None):
+    def start_root(self, name="root", restore=None, extra=()):
         path = os.path.join(self.dir, f"{name}.sock")
         source = ["--restore", restore] if restore else ["--mem-mib", str(self.mem_mib)]
         proc = subprocess.Popen(
-            [BINARY, "run", "--socket", path, "--idle-us", str(self.idle_us)] + source,
+            [BINARY, "run", "--socket", path, "--idle-us", str(self.idle_us)] + source + list(extra),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         self.roots.append(proc)
         self.pids.add(proc.pid)
