@@ -559,6 +559,10 @@ int main(int argc, char **argv)
 	open_dns();
 	start_passt();
 	wait_passt_ready();
+	/* passt learns where the guest is before any VM has said a word (net_guest_announcement). */
+	uint8_t announce[NET_ANNOUNCE_LEN];
+	net_guest_announcement(announce);
+	send_to_passt(announce, sizeof announce);
 	listen_socket();
 	drop_privileges();
 	printf("ready\n");

@@ -328,6 +328,24 @@ static size_t tcp_reset(const uint8_t *frame, const struct ip4 *ip, uint8_t *out
 	return NET_ETH_HLEN + 40;
 }
 
+void net_guest_announcement(uint8_t out[NET_ANNOUNCE_LEN])
+{
+	static const uint8_t guest_mac[6] = NET_GUEST_MAC;
+	memset(out, 0, NET_ANNOUNCE_LEN);
+	memset(out, 0xff, 6); /* broadcast */
+	memcpy(out + 6, guest_mac, 6);
+	put16(out + 12, ETH_P_ARP);
+	uint8_t *arp = out + NET_ETH_HLEN;
+	put16(arp, 1);            /* Ethernet */
+	put16(arp + 2, ETH_P_IP); /* IPv4 */
+	arp[4] = 6;
+	arp[5] = 4;
+	put16(arp + 6, 1); /* request */
+	memcpy(arp + 8, guest_mac, 6);
+	put32(arp + 14, NET_GUEST_IP);
+	put32(arp + 24, NET_GUEST_IP); /* target hardware address stays zero */
+}
+
 struct net_verdict net_filter_guest_frame(struct net_policy *p, const uint8_t *frame, size_t len)
 {
 	struct net_verdict v = {.action = NET_DROP};

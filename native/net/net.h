@@ -20,6 +20,9 @@
 #define NET_DNS_STR "10.0.2.3"
 #define NET_GATEWAY_MAC_STR "52:54:00:c1:ad:02"
 #define NET_GATEWAY_MAC {0x52, 0x54, 0x00, 0xc1, 0xad, 0x02}
+/* Every sandbox's NIC has this address (both engines give it). */
+#define NET_GUEST_MAC {0x52, 0x54, 0x00, 0xc1, 0xad, 0x0f}
+#define NET_ANNOUNCE_LEN 42
 
 #define NET_ETH_HLEN 14
 #define NET_FRAME_MAX 65550 /* 802.3 header + the largest IPv4 packet + slack; passt's own limit */
@@ -77,6 +80,16 @@ struct net_verdict {
 
 /* Judges one Ethernet frame the guest sent. Learns the guest's MAC address. */
 struct net_verdict net_filter_guest_frame(struct net_policy *p, const uint8_t *frame, size_t len);
+
+/*
+ * The guest's gratuitous ARP (who-has 10.0.2.15, from 10.0.2.15 at
+ * NET_GUEST_MAC), for passt: passt sends the guest's frames to the MAC
+ * address it last saw the guest use, and a VM that joins a new stack mid-life
+ * (a fork's child, a start from a snapshot) may send nothing before the first
+ * forwarded connection arrives. passt learns the address from this and
+ * answers nothing.
+ */
+void net_guest_announcement(uint8_t out[NET_ANNOUNCE_LEN]);
 
 struct net_dns_pending {
 	bool used;

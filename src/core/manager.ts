@@ -93,8 +93,8 @@ export class SandboxManager {
 
   /**
    * The engine a new sandbox runs on: the one asked for (or CLADE_ENGINE), else
-   * vmm where it can run here, else qemu. An engine that refuses the shape (clade-vmm
-   * has no network or disk device yet) is passed over, or refuses when asked by name.
+   * vmm where it can run here, else qemu. An engine that refuses the shape (an engine
+   * without a device the shape needs) is passed over, or refuses when asked by name.
    */
   async chooseEngine(asked: EngineName | undefined, shape?: MachineShape): Promise<EngineName> {
     const name = asked ?? (process.env.CLADE_ENGINE as EngineName | undefined);
@@ -106,7 +106,7 @@ export class SandboxManager {
       if (refused) throw new CladeError('unavailable', refused);
       return name;
     }
-    // Unasked, an engine that cannot run this shape (clade-vmm and a disk image) is passed over for the next.
+    // Unasked, an engine that cannot run this shape is passed over for the next.
     for (const candidate of ['vmm', 'qemu'] as const) {
       const engine = this.engines[candidate];
       if (engine && !(shape && engine.refusesShape?.(shape)) && !(await engine.unavailableReason())) return candidate;

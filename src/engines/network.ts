@@ -182,20 +182,23 @@ export class NetRelay {
     readonly startTicks: string | undefined,
     readonly dir: string,
     readonly ports: PortMapping[],
+    /** Where the VM connects: in `dir` unless the caller named another place. */
+    readonly socket: string = join(dir, 'net.sock'),
   ) {}
 
-  get socket(): string {
-    return join(this.dir, 'net.sock');
-  }
-
-  static async start(spec: NetworkSpec, dir: string): Promise<NetRelay> {
+  /**
+   * Starts a network whose log lives in `dir` (removed by the last release).
+   * `socket` is where it listens, `dir`/net.sock unless given: clade-vmm's
+   * forked children connect to a socket in their own run directory.
+   */
+  static async start(spec: NetworkSpec, dir: string, socket = join(dir, 'net.sock')): Promise<NetRelay> {
     const whyNot = networkUnavailableReason();
     if (whyNot) throw new CladeError('unavailable', `sandbox networking is unavailable: ${whyNot}`);
     ensurePrivateDir(dir);
     let last: unknown;
     for (let attempt = 1; attempt <= START_ATTEMPTS; attempt++) {
       try {
-        return await NetRelay.startOnce(spec, dir);
+        return await NetRelay.startOnce(spec, dir, socket);
       } catch (err) {
         last = err;
         if (!(err instanceof PasstFailed)) break;
@@ -205,10 +208,9 @@ export class NetRelay {
     throw last instanceof CladeError ? last : new CladeError('unavailable', `the sandbox's network did not start: ${errorMessage(last)}`, { cause: last });
   }
 
-  private static async startOnce(spec: NetworkSpec, dir: string): Promise<NetRelay> {
+  private static async startOnce(spec: NetworkSpec, dir: string, socket: string): Promise<NetRelay> {
     const hostPorts = await freeLoopbackPorts(spec.ports.length);
     const ports = spec.ports.map((port, i) => ({ port, hostPort: hostPorts[i]!, host: `127.0.0.1:${hostPorts[i]}` }));
-    const socket = join(dir, 'net.sock');
     const upstream = dnsUpstream();
     const args = ['--socket', socket, '--passt', passtBinary()!, ...policyArgs(spec.egress), ...(upstream ? ['--dns', upstream] : []), ...ports.flatMap((p) => ['--tcp', `${p.hostPort}:${p.port}`])];
     const logPath = join(dir, 'net.log');
@@ -243,12 +245,13 @@ export class NetRelay {
       throw ready.code === EXIT_PASST_FAILED ? new PasstFailed(message) : new CladeError('unavailable', message);
     }
     child.removeAllListeners('exit');
-    return new NetRelay(child.pid!, processStartTicks(child.pid!), dir, ports);
+    return new NetRelay(child.pid!, processStartTicks(child.pid!), dir, ports, socket);
   }
 
   /** Takes over the network of a recorded VM (a restarted daemon). */
-  static adopt(rec: NetRecord, runDir: string): NetRelay {
-    return new NetRelay(rec.pid, rec.startTicks, netDirOf(runDir), rec.ports.map((p) => ({ ...p, host: `127.0.0.1:${p.hostPort}` })));
+  static adopt(rec: NetRecord, runDir: string, socket?: string): NetRelay {
+    const dir = netDirOf(runDir);
+    return new NetRelay(rec.pid, rec.startTicks, dir, rec.ports.map((p) => ({ ...p, host: `127.0.0.1:${p.hostPort}` })), socket ?? join(dir, 'net.sock'));
   }
 
   toRecord(): NetRecord {

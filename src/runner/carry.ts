@@ -7,6 +7,7 @@ import { CladeError, errorMessage } from '../util/errors.js';
 import { ensurePrivateDir } from '../util/home.js';
 import { packageRoot } from '../util/paths.js';
 import { QEMU_BINARY } from '../engines/qemu/qemu-vm.js';
+import { netBinary, passtBinary } from '../engines/network.js';
 import { resolveImage } from '../images/store.js';
 import { ensureVmlinux } from '../images/vmlinux.js';
 import { runnerCacheDir } from './base.js';
@@ -90,10 +91,11 @@ export const CLADE_IN_RUNNER = { package: '/opt/clade', home: '/root/clade-home'
  * clade itself, for a payload that runs it inside the runner (the SDK or the
  * daemon on the vmm engine): this Node.js, the built package (package.json,
  * bin/, dist/), clade-vmm, a static kvm-probe, with `daemon` the npm packages
- * the daemon needs at run time, and the image `image` ("default" unless told)
- * as the default image of a clade home of its own (CLADE_IN_RUNNER.home).
+ * the daemon needs at run time, with `network` what sandbox networks need
+ * (networkCarry), and the image `image` ("default" unless told) as the
+ * default image of a clade home of its own (CLADE_IN_RUNNER.home).
  */
-export async function cladeCarry(opts: { daemon?: boolean; image?: string } = {}): Promise<Carry[]> {
+export async function cladeCarry(opts: { daemon?: boolean; image?: string; network?: boolean } = {}): Promise<Carry[]> {
   const root = packageRoot();
   const pkg = CLADE_IN_RUNNER.package;
   const vmm = join(root, 'native', 'vmm', 'build', 'clade-vmm');
@@ -110,7 +112,37 @@ export async function cladeCarry(opts: { daemon?: boolean; image?: string } = {}
     ...(opts.daemon ? runtimePackages(root).map((path) => ({ hostPath: join(root, path), guestPath: `${pkg}/${path}` })) : []),
     { hostPath: vmm, guestPath: `${pkg}/native/vmm/build/clade-vmm` },
     { ...probe, guestPath: `${pkg}/native/kvm-probe/build/kvm-probe` },
+    ...(opts.network ? await networkCarry(`${pkg}/native/net/build/clade-net`) : []),
     ...(await imageInHome(opts.image ?? 'default', CLADE_IN_RUNNER.home)),
+  ];
+}
+
+/** The user and group both clade-net and passt become once their sockets are open. */
+const NOBODY_PASSWD = 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n';
+const NOBODY_GROUP = 'root:x:0:\nnogroup:x:65534:\n';
+
+/**
+ * What sandbox networks need in the runner: clade-net (at `netGuestPath`,
+ * where the carried package looks for it) and the host's passt at
+ * /usr/bin/passt, where clade finds it on PATH. clade-net starts passt with an
+ * empty environment, so their C library goes where the dynamic loader looks
+ * without being told (the paths it has here), and /etc/passwd names nobody,
+ * the user passt looks up to drop root.
+ */
+export async function networkCarry(netGuestPath: string): Promise<Carry[]> {
+  const net = netBinary();
+  const passt = passtBinary();
+  if (!existsSync(net)) throw new CladeError('unavailable', `${net} is missing: run \`make -C native/net\` first`);
+  if (!passt) throw new CladeError('unavailable', 'passt is not installed: run `sudo apt-get install passt`');
+  return [
+    { hostPath: net, guestPath: netGuestPath },
+    ...(await libraryCarry(net)),
+    { hostPath: passt, guestPath: '/usr/bin/passt' },
+    ...(await libraryCarry(passt)),
+    // passt runs its AVX2 build instead, found beside it, when the CPU has AVX2.
+    ...(existsSync(`${passt}.avx2`) ? [{ hostPath: `${passt}.avx2`, guestPath: '/usr/bin/passt.avx2' }, ...(await libraryCarry(`${passt}.avx2`))] : []),
+    { guestPath: '/etc/passwd', content: NOBODY_PASSWD },
+    { guestPath: '/etc/group', content: NOBODY_GROUP },
   ];
 }
 
@@ -144,8 +176,12 @@ function runtimePackages(root: string): string[] {
   return runtime.filter((path) => !runtime.some((outer) => path.startsWith(`${outer}/`)));
 }
 
-/** The shared libraries `ldd` lists for a binary, into `libDir`; the dynamic loader goes where the binary names it. */
-async function libraryCarry(binary: string, libDir: string): Promise<Carry[]> {
+/**
+ * The shared libraries `ldd` lists for a binary, into `libDir` (for a wrapper's
+ * LD_LIBRARY_PATH), or without one where they are here; the dynamic loader
+ * goes where the binary names it.
+ */
+async function libraryCarry(binary: string, libDir?: string): Promise<Carry[]> {
   const { stdout } = await run('ldd', [binary]).catch((err: unknown) => {
     throw new CladeError('unavailable', `cannot list ${binary}'s libraries with ldd: ${errorMessage(err)}`);
   });
@@ -153,7 +189,7 @@ async function libraryCarry(binary: string, libDir: string): Promise<Carry[]> {
   for (const line of stdout.split('\n')) {
     const lib = /^\s*(\S+) => (\/\S+)/.exec(line);
     const loader = /^\s*(\/\S+) \(0x/.exec(line);
-    if (lib) carry.push({ hostPath: lib[2]!, guestPath: `${libDir}/${lib[1]!}` });
+    if (lib) carry.push({ hostPath: lib[2]!, guestPath: libDir ? `${libDir}/${lib[1]!}` : lib[2]! });
     else if (loader) carry.push({ hostPath: loader[1]!, guestPath: loader[1]! });
   }
   return carry;

@@ -1,12 +1,12 @@
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Value } from '@sinclair/typebox/value';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SandboxManager } from '../../src/core/manager.js';
-import { normalizeNetwork } from '../../src/engines/network.js';
-import { VmmEngine } from '../../src/engines/vmm/vmm-engine.js';
+import { NetRelay, netDirOf, normalizeNetwork } from '../../src/engines/network.js';
+import { VmmEngine, VmmVm } from '../../src/engines/vmm/vmm-engine.js';
 import { CladeError } from '../../src/util/errors.js';
 import { homePaths } from '../../src/util/home.js';
 import { CreateBody } from '../../src/wire/schemas.js';
@@ -98,22 +98,47 @@ describe('network options', () => {
     }
   });
 
-  it('a sandbox with a network runs on qemu unless asked otherwise (clade-vmm has no network device yet)', async () => {
+  it('a sandbox with a network runs on vmm where vmm is the default, and on qemu when asked', async () => {
     const saved = process.env.CLADE_ENGINE;
     delete process.env.CLADE_ENGINE;
     try {
-      // A fake that refuses shapes the way clade-vmm does.
+      // A fake that judges shapes the way clade-vmm does.
       const vmm = Object.assign(new FakeEngine(), { refusesShape: (shape: never) => VmmEngine.prototype.refusesShape.call(undefined as never, shape) });
       const manager = new SandboxManager({ qemu: new FakeEngine(), vmm: vmm as never }, { requestMs: 3000 });
-      const networked = { image: { manifest: { name: 'default' } }, memoryMiB: 512, cpus: 1, network: { egress: 'none', ports: [] } } as never;
+      const networked = { image: { manifest: { name: 'default' } }, memoryMiB: 512, cpus: 1, network: { egress: 'none', ports: [8000] } } as never;
+      expect(new VmmEngine().refusesShape(networked)).toBeUndefined();
       expect(await manager.chooseEngine(undefined)).toBe('vmm');
-      expect(await manager.chooseEngine(undefined, networked)).toBe('qemu');
-      await expect(manager.chooseEngine('vmm', networked)).rejects.toThrow(/networking runs on the qemu engine for now .*use engine "qemu"/);
-      const boot = await new VmmEngine().boot({ network: { egress: 'none', ports: [] }, image: { manifest: { name: 'default' } } } as never).catch((e: unknown) => e);
-      expect((boot as CladeError).message).toMatch(/networking runs on the qemu engine for now .*use engine "qemu"/);
+      expect(await manager.chooseEngine(undefined, networked)).toBe('vmm');
+      expect(await manager.chooseEngine('vmm', networked)).toBe('vmm');
+      expect(await manager.chooseEngine('qemu', networked)).toBe('qemu');
     } finally {
       if (saved !== undefined) process.env.CLADE_ENGINE = saved;
     }
+  });
+
+  it('a vmm VM with a network records it, shows its ports, and releases it when killed', async () => {
+    const sandbox = join(home, 'sandboxes', 'sb-vmm-net');
+    const runDir = join(sandbox, 'vm-0');
+    const netDir = netDirOf(runDir);
+    mkdirSync(runDir, { recursive: true });
+    mkdirSync(netDir, { recursive: true });
+    // A recorded network whose process is gone: the VM takes it over as a restarted daemon would.
+    const net = NetRelay.adopt({ pid: 999_999_999, ports: [{ port: 8000, hostPort: 41234 }] }, runDir, join(runDir, 'net.sock'));
+    expect(net.socket).toBe(join(runDir, 'net.sock'));
+    const shape = { image: { manifest: { name: 'default', digest: 'd'.repeat(64) } }, memoryMiB: 256, cpus: 1, network: { egress: 'none', ports: [8000] } } as never;
+    const files = { control: join(runDir, 'control.sock'), agent: join(runDir, 'agent.sock'), serial: join(runDir, 'serial.log'), net: join(runDir, 'net.sock') };
+    const vm = new VmmVm('sb-vmm-net', 999_999_999, shape, runDir, files as never, undefined, net);
+    expect(vm.ports).toEqual([{ port: 8000, hostPort: 41234, host: '127.0.0.1:41234' }]);
+    const record = vm.toRecord();
+    expect(record.net).toEqual({ pid: 999_999_999, ports: [{ port: 8000, hostPort: 41234 }] });
+    expect(record.shape.network).toEqual({ egress: 'none', ports: [8000] });
+    expect(vm.pids()).toEqual([999_999_999, 999_999_999]);
+    await vm.kill();
+    await vm.kill(); // twice is safe: the network is released once
+    expect(existsSync(runDir)).toBe(false);
+    expect(existsSync(netDir)).toBe(false);
+    expect(vm.ports).toEqual([]);
+    rmSync(sandbox, { recursive: true, force: true });
   });
 
   it('the CLI refuses bad --port and --egress values with the same errors, in --json too', async () => {

@@ -408,8 +408,25 @@ static void test_random(void)
 	CHECK(1);
 }
 
+/* The announcement is a well-formed gratuitous ARP from the guest, which the filter itself would pass. */
+static void test_announcement(void)
+{
+	uint8_t f[NET_ANNOUNCE_LEN];
+	net_guest_announcement(f);
+	const uint8_t mac[6] = NET_GUEST_MAC, bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+	const uint8_t ip[4] = {10, 0, 2, 15}, head[8] = {0, 1, 8, 0, 6, 4, 0, 1};
+	CHECK(!memcmp(f, bcast, 6) && !memcmp(f + 6, mac, 6) && f[12] == 0x08 && f[13] == 0x06);
+	CHECK(!memcmp(f + 14, head, 8) && !memcmp(f + 22, mac, 6) && !memcmp(f + 28, ip, 4));
+	CHECK(!memcmp(f + 38, ip, 4));
+	struct net_policy p;
+	net_policy_init(&p);
+	CHECK(net_filter_guest_frame(&p, f, sizeof f).action == NET_PASS);
+	CHECK(!memcmp(p.guest_mac, mac, 6));
+}
+
 int main(void)
 {
+	test_announcement();
 	test_policy();
 	test_filter();
 	test_dns();

@@ -11,6 +11,7 @@ import { killPidQuietly, processStartTicks, procStatFields } from '../../util/pr
 import { assertSocketPath, type BootSpec, type Engine, type ForkResult, type MachineShape, type NewTarget, type PauseHooks, type SnapshotResult, type SnapshotSource, type Vm, type VmRecord } from '../engine.js';
 import { probeKvm } from '../../util/kvm-probe.js';
 import { VmmControl, VmmRefusal } from './control.js';
+import { GUEST_NET_CMDLINE, killNet, NetRelay, netDirOf, type NetRecord, type NetworkSpec, type PortMapping } from '../network.js';
 
 /** clade-vmm keeps guest RAM below the 32-bit PCI hole. */
 export const VMM_MAX_MEMORY_MIB = 3072;
@@ -51,11 +52,15 @@ export async function vmmUnavailableReason(): Promise<string | undefined> {
   return undefined;
 }
 
-type Files = { control: string; agent: string; serial: string };
+type Files = { control: string; agent: string; serial: string; net: string };
 
-/** A VM's files in its run directory; clade-vmm binds a forked child's in the child's own (`forks N DIR...`). */
+/**
+ * A VM's files in its run directory; clade-vmm binds a forked child's in the
+ * child's own (`forks N DIR...`), and a child of a VM with a network connects
+ * to the child's `net.sock`, which clade-net listens on before the fork.
+ */
 function runFiles(runDir: string): Files {
-  const files = { control: join(runDir, 'control.sock'), agent: join(runDir, 'agent.sock'), serial: join(runDir, 'serial.log') };
+  const files = { control: join(runDir, 'control.sock'), agent: join(runDir, 'agent.sock'), serial: join(runDir, 'serial.log'), net: join(runDir, 'net.sock') };
   assertSocketPath(files.control); // the longest of the two socket names
   return files;
 }
@@ -79,9 +84,8 @@ export class VmmEngine implements Engine {
     return vmmUnavailableReason();
   }
 
-  refusesShape(shape: MachineShape): string | undefined {
-    if (shape.network) return 'sandbox networking runs on the qemu engine for now (clade-vmm has no virtio-net device yet); use engine "qemu" (docs/network.md)';
-    return undefined;
+  refusesShape(_shape: MachineShape): string | undefined {
+    return undefined; // every shape: networks (virtio-net) and disk images (virtio-blk) included
   }
 
   /** One pause of the parent per VMM_MAX_FORK_BATCH children; the parent keeps running in its own process. */
@@ -101,7 +105,7 @@ export class VmmEngine implements Engine {
   }
 
   async adopt(record: VmRecord, shape: MachineShape): Promise<VmmVm> {
-    return VmmVm.adopt({ id: record.id, pid: record.pid, ...(record.startTicks ? { startTicks: record.startTicks } : {}), shape, runDir: record.runDir });
+    return VmmVm.adopt({ id: record.id, pid: record.pid, ...(record.startTicks ? { startTicks: record.startTicks } : {}), shape, runDir: record.runDir, ...(record.net ? { net: record.net } : {}) });
   }
 
   recordedAlive(record: VmRecord): boolean {
@@ -109,6 +113,7 @@ export class VmmEngine implements Engine {
   }
   killRecorded(record: VmRecord): void {
     if (this.recordedAlive(record)) killPidQuietly(record.pid);
+    if (record.net) killNet(record.net);
   }
 
 
@@ -132,13 +137,14 @@ export class VmmEngine implements Engine {
     const files = runFiles(spec.runDir);
     const kernel = await ensureVmlinux(spec.image);
     const cmdline = ['console=ttyS0', 'quiet', 'panic=-1', 'mitigations=off', 'random.trust_cpu=on', 'i8042.noaux', ...QUIET_GUEST_KERNEL, ...imageKernelArgs(spec.image), `clade.token=${spec.token.toString('hex')}`, `clade.id=${spec.id}`, `clade.hostname=${spec.hostname}`];
+    if (spec.network) cmdline.push(GUEST_NET_CMDLINE);
     // The command line carries the agent's token: it goes through a pipe, never into clade-vmm's own argv,
     // which every local user can read in /proc.
     const args = ['run', '--socket', files.control, '--agent-socket', files.agent, '--serial-log', files.serial, '--kernel', kernel, '--initramfs', spec.image.initramfs, '--mem-mib', String(spec.memoryMiB), '--cmdline-fd', String(CMDLINE_FD)];
     // A disk image's root filesystem: a read-only virtio-blk disk that every fork shares (clade-vmm opens it O_RDONLY);
     // a snapshot records its path, and a start from the snapshot opens that path again.
     if (spec.image.disk) args.push('--disk', spec.image.disk);
-    return startVmm(spec.id, spec, spec.runDir, files, args, { cmdline: cmdline.join(' ') });
+    return withNetwork(spec.network, spec.runDir, (net) => startVmm(spec.id, spec, spec.runDir, files, [...args, ...netArgs(net)], { cmdline: cmdline.join(' '), ...(net ? { net } : {}) }));
   }
 
   /**
@@ -158,8 +164,28 @@ export class VmmEngine implements Engine {
   private async restoreOne(target: { id: string; runDir: string }, shape: MachineShape, fds: VmmSnapshotFds): Promise<VmmVm> {
     const files = runFiles(target.runDir);
     const args = ['run', '--socket', files.control, '--agent-socket', files.agent, '--serial-log', files.serial, '--restore-fds', SNAPSHOT_FDS.join(',')];
-    return startVmm(target.id, shape, target.runDir, files, args, { snapshot: fds });
+    // A snapshot of a VM with a NIC needs a network to start (clade-vmm refuses it without one, and one without a NIC with one).
+    return withNetwork(shape.network, target.runDir, (net) => startVmm(target.id, shape, target.runDir, files, [...args, ...netArgs(net)], { snapshot: fds, ...(net ? { net } : {}) }));
   }
+}
+
+/**
+ * Starts the network of a new VM in `runDir` (when its shape has one) and
+ * hands it to `start`, which owns it from then on (startVmm releases it if
+ * the VM does not start). It listens on the run directory's net.sock, where
+ * clade-vmm's forked children expect theirs.
+ */
+async function withNetwork(network: NetworkSpec | undefined, runDir: string, start: (net: NetRelay | undefined) => Promise<VmmVm>): Promise<VmmVm> {
+  return start(network ? await startNet(network, runDir) : undefined);
+}
+
+function startNet(network: NetworkSpec, runDir: string): Promise<NetRelay> {
+  return NetRelay.start(network, netDirOf(runDir), runFiles(runDir).net);
+}
+
+/** clade-vmm's virtio-net on the VM's clade-net socket (QEMU's stream framing, which clade-net speaks). */
+function netArgs(net: NetRelay | undefined): string[] {
+  return net ? ['--net', net.socket] : [];
 }
 
 function asVmm(vm: Vm): VmmVm {
@@ -190,9 +216,11 @@ export function openSnapshotFiles(dir: string): VmmSnapshotFds {
  * Spawns one root clade-vmm process and connects its control socket; a VMM
  * that exits at once reports why. What it inherits is only what it needs:
  * no environment (nothing of ours, secrets included, reaches it), the kernel
- * command line through a pipe, or a snapshot's two descriptors.
+ * command line through a pipe, or a snapshot's two descriptors. `pass.net`,
+ * the VM's network, becomes the VM's (its kill releases it), or is released
+ * here when the VM does not start.
  */
-async function startVmm(id: string, shape: MachineShape, runDir: string, files: Files, args: string[], pass: { cmdline?: string; snapshot?: VmmSnapshotFds }): Promise<VmmVm> {
+async function startVmm(id: string, shape: MachineShape, runDir: string, files: Files, args: string[], pass: { cmdline?: string; snapshot?: VmmSnapshotFds; net?: NetRelay }): Promise<VmmVm> {
   const stdio: ('ignore' | 'pipe' | number)[] = ['ignore', 'ignore', 'pipe'];
   if (pass.cmdline !== undefined) stdio[CMDLINE_FD] = 'pipe';
   if (pass.snapshot) stdio.push(pass.snapshot.memory, pass.snapshot.state); // become fds 3 and 4 (SNAPSHOT_FDS)
@@ -204,16 +232,21 @@ async function startVmm(id: string, shape: MachineShape, runDir: string, files: 
   child.once('exit', (code) => (exitCode = code));
   // 'close' comes after the exit and the end of its stderr: the reason it printed is all there then.
   const closed = new Promise<void>((resolve) => child.once('close', () => resolve()));
-  await new Promise<void>((resolve, reject) => {
-    child.once('spawn', resolve);
-    child.once('error', (err) => reject(new CladeError('unavailable', `cannot start clade-vmm: ${err.message}`)));
-  });
+  try {
+    await new Promise<void>((resolve, reject) => {
+      child.once('spawn', resolve);
+      child.once('error', (err) => reject(new CladeError('unavailable', `cannot start clade-vmm: ${err.message}`)));
+    });
+  } catch (err) {
+    await pass.net?.release();
+    throw err;
+  }
   if (pass.cmdline !== undefined) {
     const pipe = child.stdio[CMDLINE_FD] as NodeJS.WritableStream & { on(e: 'error', f: () => void): void };
     pipe.on('error', () => undefined); // a VMM that died at once is reported below, by its exit
     pipe.end(pass.cmdline);
   }
-  const vm = new VmmVm(id, child.pid!, shape, runDir, files, () => stderr);
+  const vm = new VmmVm(id, child.pid!, shape, runDir, files, () => stderr, pass.net);
   try {
     await vm.connect(Date.now() + 10_000);
   } catch (err) {
@@ -244,7 +277,6 @@ export class VmmVm implements Vm {
   readonly engine = 'vmm' as const;
   readonly accelerator = 'kvm' as const;
   readonly memory = { file: '', shared: false }; // anonymous memory inside the process, nothing on disk
-  readonly ports = [] as const; // no network on this engine yet
   readonly agentSocket: string;
   readonly exited: Promise<{ code: number | null; signal: string | null }>;
   private running = true;
@@ -259,6 +291,8 @@ export class VmmVm implements Vm {
     readonly runDir: string,
     private readonly files: Files,
     private readonly stderrTail: () => string = () => '',
+    /** The VM's network, its own (a fork's child gets a new one): released when the VM is killed. */
+    private net?: NetRelay,
   ) {
     this.agentSocket = files.agent;
     this.startTicks = processStartTicks(pid);
@@ -282,10 +316,20 @@ export class VmmVm implements Vm {
    * Takes over a VMM another clade process started (a daemon restarted after
    * SIGKILL); the pid must still be that clade-vmm process.
    */
-  static async adopt(a: { id: string; pid: number; startTicks?: string; shape: MachineShape; runDir: string }): Promise<VmmVm> {
-    if (!a.startTicks || !isVmmProcess(a.pid, a.startTicks)) throw new CladeError('killed', `the VMM process of ${a.id} is gone`);
-    const vm = new VmmVm(a.id, a.pid, a.shape, a.runDir, runFiles(a.runDir));
-    await vm.connect(Date.now() + 10_000);
+  static async adopt(a: { id: string; pid: number; startTicks?: string; shape: MachineShape; runDir: string; net?: NetRecord }): Promise<VmmVm> {
+    const files = runFiles(a.runDir);
+    const net = a.net ? NetRelay.adopt(a.net, a.runDir, files.net) : undefined;
+    if (!a.startTicks || !isVmmProcess(a.pid, a.startTicks)) {
+      await net?.release(); // clade-net leaves once its VM is gone; this makes sure, and removes its directory
+      throw new CladeError('killed', `the VMM process of ${a.id} is gone`);
+    }
+    const vm = new VmmVm(a.id, a.pid, a.shape, a.runDir, files, undefined, net);
+    try {
+      await vm.connect(Date.now() + 10_000);
+    } catch (err) {
+      await vm.kill();
+      throw err;
+    }
     return vm;
   }
 
@@ -301,11 +345,16 @@ export class VmmVm implements Vm {
 
   toRecord(): VmRecord {
     const { manifest } = this.shape.image;
-    return { engine: 'vmm', id: this.id, pid: this.pid, ...(this.startTicks ? { startTicks: this.startTicks } : {}), runDir: this.runDir, accelerator: this.accelerator, memory: { ...this.memory }, shape: { imageDigest: manifest.digest, memoryMiB: this.shape.memoryMiB, cpus: this.shape.cpus } };
+    const shape = { imageDigest: manifest.digest, memoryMiB: this.shape.memoryMiB, cpus: this.shape.cpus, ...(this.shape.network ? { network: this.shape.network } : {}) };
+    return { engine: 'vmm', id: this.id, pid: this.pid, ...(this.startTicks ? { startTicks: this.startTicks } : {}), runDir: this.runDir, accelerator: this.accelerator, memory: { ...this.memory }, shape, ...(this.net ? { net: this.net.toRecord() } : {}) };
+  }
+
+  get ports(): readonly PortMapping[] {
+    return this.net?.ports ?? [];
   }
 
   pids(): number[] {
-    return [this.pid];
+    return [this.pid, ...(this.net ? [this.net.pid] : [])];
   }
 
   alive(): boolean {
@@ -337,10 +386,19 @@ export class VmmVm implements Vm {
     return { vms, timings };
   }
 
-  /** One `forks N DIR...` request: one pause of this VM for up to VMM_MAX_FORK_BATCH children. */
+  /**
+   * One `forks N DIR...` request: one pause of this VM for up to
+   * VMM_MAX_FORK_BATCH children. A VM with a network first starts each
+   * child's clade-net on the child's net.sock, which the child connects to
+   * right after fork(2); a child's network goes with the child.
+   */
   private async forkBatch(children: { id: string; runDir: string }[], timings: VmmForkTimings): Promise<VmmVm[]> {
     if (!this.control) throw new CladeError('killed', `sandbox ${this.id}'s VMM is not connected`);
     const files = children.map((c) => runFiles(c.runDir));
+    const nets = await this.startChildNetworks(children);
+    const childVm = (c: VmmChild, i: number) => new VmmVm(children[i]!.id, c.pid, this.shape, children[i]!.runDir, files[i]!, undefined, nets[i]);
+    // Networks of children clade-vmm did not make (those past the last one it made) have no VM to release them.
+    const releaseUnmade = (made: number) => Promise.all(nets.slice(made).map((net) => net?.release()));
     let reply: Record<string, unknown>;
     try {
       // clade-vmm answers once its spawner has made every child, or after 60 s with those it made: wait longer than that.
@@ -348,11 +406,13 @@ export class VmmVm implements Vm {
     } catch (err) {
       // A fork that failed half-way still made children: they run, and are ours to end.
       const made = err instanceof VmmRefusal ? ((err.reply.children as VmmChild[] | undefined) ?? []) : [];
-      await Promise.all(made.map((c, i) => new VmmVm(children[i]!.id, c.pid, this.shape, children[i]!.runDir, files[i]!).kill()));
+      await Promise.all(made.map((c, i) => childVm(c, i).kill()));
+      await releaseUnmade(made.length);
       throw err;
     }
     const made = (reply.children as VmmChild[] | undefined) ?? [];
-    const vms = made.map((c, i) => new VmmVm(children[i]!.id, c.pid, this.shape, children[i]!.runDir, files[i]!));
+    const vms = made.map(childVm);
+    await releaseUnmade(made.length);
     for (const key of ['pauseUs', 'forkUs', 'captureUs', 'parkUs', 'spawnUs'] as const) timings[key] += Number(reply[key] ?? 0);
     const connected = await Promise.allSettled(vms.map((vm) => vm.connect(Date.now() + 10_000)));
     const failed = connected.find((r): r is PromiseRejectedResult => r.status === 'rejected');
@@ -361,6 +421,17 @@ export class VmmVm implements Vm {
       throw failed.reason;
     }
     return vms;
+  }
+
+  /** A network per child when this VM has one (none when it has not); all or none of them start. */
+  private async startChildNetworks(children: { runDir: string }[]): Promise<(NetRelay | undefined)[]> {
+    const network = this.shape.network;
+    if (!network) return children.map(() => undefined);
+    const started = await Promise.allSettled(children.map((c) => startNet(network, c.runDir)));
+    const failed = started.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (!failed) return started.map((r) => (r as PromiseFulfilledResult<NetRelay>).value);
+    await Promise.all(started.map((r) => (r.status === 'fulfilled' ? r.value.release() : undefined)));
+    throw failed.reason;
   }
 
   /**
@@ -414,6 +485,9 @@ export class VmmVm implements Vm {
     }
     this.markExited();
     rmSync(this.runDir, { recursive: true, force: true });
+    const net = this.net;
+    this.net = undefined; // released once, however often the VM is killed
+    await net?.release();
   }
 }
 
