@@ -1,8 +1,5 @@
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { cladeHome } from '../util/home.js';
 import { Sandbox } from '../sdk/sandbox.js';
-import { summarize, type Summary } from './stats.js';
+import { saveBenchResult, summarize, type Summary } from './stats.js';
 
 export type BootBenchResult = {
   benchmark: 'boot';
@@ -53,9 +50,5 @@ export async function benchBoot(runs: number, onRun?: (i: number, ms: number) =>
     coldNumpyImportMs: summarize(numpy),
     raw: { toFirstResultMs: first, toReadyMs: ready, coldNumpyImportMs: numpy },
   };
-  const dir = join(cladeHome(), 'bench');
-  mkdirSync(dir, { recursive: true });
-  result.jsonPath = join(dir, `boot-${result.date.replace(/[:.]/g, '-')}.json`);
-  writeFileSync(result.jsonPath, JSON.stringify(result, null, 2) + '\n');
-  return result;
+  return saveBenchResult(result);
 }

@@ -1,12 +1,10 @@
-import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { rmSync } from 'node:fs';
 import { CladeError } from '../util/errors.js';
-import { cladeHome } from '../util/home.js';
 import { defaultManager } from '../core/default.js';
 import { snapshotDir } from '../core/snapshots.js';
 import { Sandbox } from '../sdk/sandbox.js';
 import { hostUsedBytes, privateBytes, pssBytes } from './memory.js';
-import { summarize, type Summary } from './stats.js';
+import { saveBenchResult, summarize, type Summary } from './stats.js';
 
 const PROBE = 'numpy.zeros(5).tolist()';
 const EXPECTED = '[0.0, 0.0, 0.0, 0.0, 0.0]';
@@ -166,9 +164,5 @@ export async function benchFork(opts: ForkBenchOptions): Promise<ForkBenchResult
     memory: { childPssMiB: summarize(childPss), childPrivateMiB: summarize(childPrivate), hostUsedByFanoutMiB: hostUsedByFanout / 2 ** 20, fanout: opts.fanout },
     raw,
   };
-  const dir = join(cladeHome(), 'bench');
-  mkdirSync(dir, { recursive: true });
-  result.jsonPath = join(dir, `fork-${result.date.replace(/[:.]/g, '-')}.json`);
-  writeFileSync(result.jsonPath, JSON.stringify(result, null, 2) + '\n');
-  return result;
+  return saveBenchResult(result);
 }

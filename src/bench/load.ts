@@ -1,10 +1,7 @@
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
 import type { DaemonClient } from '../sdk/daemon-client.js';
 import type { SandboxView } from '../wire/schemas.js';
-import { cladeHome } from '../util/home.js';
 import { CladeError } from '../util/errors.js';
-import { summarize, type Summary } from './stats.js';
+import { saveBenchResult, summarize, type Summary } from './stats.js';
 
 export type LoadMode = 'fork' | 'create';
 export type LoadOptions = { client: DaemonClient; clients: number; seconds: number; mode: LoadMode };
@@ -55,11 +52,7 @@ export async function benchLoad(o: LoadOptions): Promise<LoadResult> {
     errors,
     latencyMs: { acquire: summarize(times.acquire), exec: summarize(times.exec), delete: summarize(times.delete), iteration: summarize(times.iteration) },
   };
-  const dir = join(cladeHome(), 'bench');
-  mkdirSync(dir, { recursive: true });
-  result.jsonPath = join(dir, `load-${result.date.replace(/[:.]/g, '-')}.json`);
-  writeFileSync(result.jsonPath, JSON.stringify(result, null, 2) + '\n');
-  return result;
+  return saveBenchResult(result);
 }
 
 function checkBounds(o: LoadOptions): void {

@@ -1,12 +1,11 @@
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { CladeError } from '../util/errors.js';
-import { cladeHome } from '../util/home.js';
 import { packageRoot } from '../util/paths.js';
 import { CLADE_IN_RUNNER, cladeCarry, GUEST_PATHS, qemuCarry } from '../runner/carry.js';
 import { shellQuote, type Carry } from '../runner/payload.js';
 import { runInRunner } from '../runner/runner.js';
-import { summarize, type Summary } from './stats.js';
+import { saveBenchResult, summarize, type Summary } from './stats.js';
 import type { EngineUnderTest, VmmBenchPlan } from './vmm-payload.js';
 
 export type { EngineUnderTest, VmmBenchPlan } from './vmm-payload.js';
@@ -125,11 +124,7 @@ export async function benchVmm(opts: VmmBenchOptions): Promise<VmmBenchResult> {
     ratios: { hostForkWorkQemuOverVmm: median('qemu', 'hostForkWorkUs') / median('vmm', 'hostForkWorkUs'), deepestOverDepth1 },
     runner: { bootMs: r.timings.bootMs, payloadMs: r.timings.payloadMs, exitCode: r.exitCode },
   };
-  const dir = join(cladeHome(), 'bench');
-  mkdirSync(dir, { recursive: true });
-  result.jsonPath = join(dir, `vmm-${result.date.replace(/[:.]/g, '-')}.json`);
-  writeFileSync(result.jsonPath, JSON.stringify(result, null, 2) + '\n');
-  return result;
+  return saveBenchResult(result);
 }
 
 type Row = { key: string; label: string; unit: 'ms' | 'µs' | 'MiB' };

@@ -1,6 +1,7 @@
 import { Command, Option } from 'commander';
 import { benchBoot } from '../bench/boot.js';
 import { benchFork } from '../bench/fork.js';
+import { benchNetwork } from '../bench/network.js';
 import { benchLoad, type LoadMode } from '../bench/load.js';
 import { benchVmm, vmmBenchRows, type EngineUnderTest } from '../bench/vmm.js';
 import { buildImage } from '../images/build.js';
@@ -345,6 +346,24 @@ export function buildProgram(): Command {
             `JSON: ${r.jsonPath}`,
           ].join('\n'),
         );
+      }),
+    );
+  bench
+    .command('network')
+    .description('what a network costs: create and fork of one child to its first command result, with and without a network, interleaved in one run')
+    .option('-n, --runs <n>', 'forks of each parent', (v) => parseInt(v, 10), 5)
+    .action(
+      action(async (json: boolean, opts: { runs: number }) => {
+        const r = await benchNetwork({ ...opts, log: (l) => !json && process.stderr.write(l + '\n') });
+        const names: Record<string, string> = {
+          createPlainMs: 'create -> first command result, no network (1 run)',
+          createNetworkMs: 'create -> first command result, with a network (1 run)',
+          forkPlainToResultMs: 'fork 1 child -> its result, no network',
+          forkNetworkToResultMs: 'fork 1 child -> its result, with a network',
+          forkNetworkToPortAnswerMs: "fork 1 child -> the guest server answers on the child's own port",
+        };
+        const rows = Object.entries(r.metrics).map(([k, s]) => [names[k] ?? k, s.median.toFixed(0), s.p90.toFixed(0), String(s.n)]);
+        emit(json, r, () => [`network benchmark, ${r.runs} runs, engine ${r.engine}, accelerator ${r.accelerator}`, table([['METRIC (ms)', 'MEDIAN', 'P90', 'N'], ...rows]), `JSON: ${r.jsonPath}`].join('\n'));
       }),
     );
   bench
