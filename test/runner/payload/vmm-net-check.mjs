@@ -12,11 +12,11 @@
 // process is left. Prints "check ok NAME" / "check FAIL NAME: why", "timing"
 // and "note" lines, then "done" (read by test/runner/vmm-net.test.ts).
 import { execFile } from 'node:child_process';
-import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { get } from 'node:http';
 import { createServer } from 'node:net';
 import { promisify } from 'node:util';
-import { check, checkNoVmmLeft, done, ms, waitUntil } from './checks.mjs';
+import { check, checkNoNetworkLeft, checkNoVmmLeft, done, ms, networkProcesses } from './checks.mjs';
 
 const root = process.argv[2];
 const { Sandbox } = await import(`${root}/dist/sdk/index.js`);
@@ -64,19 +64,6 @@ async function startGuestServer(sb, who) {
 /** What the guest's server at `host` answers for /who, or "error ...". */
 const who = (host) => httpGet(host, '/who').then((b) => b.trim(), (e) => `error ${e.message}`);
 
-function processesNamed(names) {
-  const found = [];
-  for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
-    try {
-      const exe = readlinkSync(`/proc/${pid}/exe`);
-      if (names.some((n) => exe.endsWith(`/${n}`))) found.push(`${pid}:${exe}`);
-    } catch {
-      // Gone, a zombie, or a kernel thread.
-    }
-  }
-  return found;
-}
-
 /** Why a forwarded port may not answer: the network's log, its processes, and what listens (for a failed check). */
 function printNetworkState(sb) {
   const log = `${process.env.CLADE_HOME}/sandboxes/${sb.sandboxId}/net/net.log`;
@@ -87,7 +74,7 @@ function printNetworkState(sb) {
       return `(${e.code ?? e})`;
     }
   };
-  for (const line of [`net.log: ${text(log)}`, `processes: ${processesNamed(['clade-net', 'passt', 'passt.avx2']).join(' ')}`, `tcp listeners: ${text('/proc/net/tcp').split('\n').filter((l) => / 0A /.test(l)).map((l) => l.trim().split(/\s+/)[1]).join(' ')}`]) {
+  for (const line of [`net.log: ${text(log)}`, `processes: ${networkProcesses().join(' ')}`, `tcp listeners: ${text('/proc/net/tcp').split('\n').filter((l) => / 0A /.test(l)).map((l) => l.trim().split(/\s+/)[1]).join(' ')}`]) {
     console.log(`note ${line.replace(/\n/g, ' | ')}`);
   }
 }
@@ -175,7 +162,6 @@ try {
   await Promise.all(sandboxes.map((s) => s.kill().catch(() => undefined)));
   outside?.close();
   await checkNoVmmLeft();
-  const left = () => processesNamed(['clade-net', 'passt', 'passt.avx2']);
-  check('no-network-left', await waitUntil(() => left().length === 0, 5_000), left().join(' '));
+  await checkNoNetworkLeft();
   done();
 }
