@@ -1,6 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createSocket, type Socket } from 'node:dgram';
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { get } from 'node:http';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -252,6 +252,7 @@ describe('network', () => {
       expect((await sh('pgrep', ['-f', `${homePaths.sandboxes()}/${kid!.sandboxId}/`])).out.trim()).toBe('');
     } finally {
       await daemon.stop('SIGTERM');
+      rmSync(daemon.dir, { recursive: true, force: true });
     }
   });
 

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { rmSync } from 'node:fs';
 import { request } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Sandbox } from '@e2b/code-interpreter';
@@ -62,6 +63,7 @@ describe('E2B clients against clade serve --e2b (real VMs)', () => {
 
   afterAll(async () => {
     await daemon.stop('SIGTERM');
+    rmSync(daemon.dir, { recursive: true, force: true });
     process.env = saved;
     try {
       removeSnapshot(snapshotTag);
