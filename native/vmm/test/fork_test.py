@@ -125,14 +125,26 @@ def test_hundred(fleet, root, count=100):
     print(f"     {count} children: reply after {replied_ms:.1f} ms, "
           f"last child in the guest {(last - t0) / 1e6:.1f} ms after the request; parent paused {reply['pauseUs']:.0f} us "
           f"(one child: {single:.0f} us), spawner forked them in {reply['spawnUs'] / 1e3:.1f} ms")
-    # One fork(2) in the pause whatever the count (the spawner forks the children); generous against noise.
-    check(f"the parent's pause for {count} children stays that of one fork", reply["pauseUs"] < 3 * single + 500, (reply["pauseUs"], single))
     root_pid = status(root)["pid"]
     check("the spawner's children are re-parented to their parent",
           wait_for(lambda: all(status(c)["ppid"] == root_pid for c in conns), 5), [status(c)["ppid"] for c in conns[:3]])
+    quit_all(conns, pids)
+    check(f"all {count} children quit", not [p for p in pids if vmmctl.pid_exists(p)])
+    # One fork(2) in the pause whatever the count (the spawner forks the children). A pause that
+    # did per-child work would take ~count single forks every time; a busy machine (the rest of
+    # a test suite on two cores) can stretch any one pause, so the best of up to three batches counts.
+    pauses = [reply["pauseUs"]]
+    while min(pauses) >= 3 * single + 500 and len(pauses) < 3:
+        again = fleet.forks(root, count)
+        pauses.append(again["pauseUs"])
+        quit_all([fleet.connect(c["socket"]) for c in again["children"]], [c["pid"] for c in again["children"]])
+    check(f"the parent's pause for {count} children stays that of one fork", min(pauses) < 3 * single + 500, (pauses, single))
+
+
+def quit_all(conns, pids):
     for c in conns:
         c.req("quit")
-    check(f"all {count} children quit", wait_for(lambda: not [p for p in pids if vmmctl.pid_exists(p)], 10))
+    wait_for(lambda: not [p for p in pids if vmmctl.pid_exists(p)], 10)
 
 
 def test_faults(fleet, root):
