@@ -228,7 +228,7 @@ describe('network', () => {
     const tag = `net-test-${process.pid}`;
     try {
       const meta = await sb.snapshot({ tag });
-      expect(meta.network).toEqual({ egress: ['allowed.clade.test', `${SUBNET}.3`], ports: [GUEST_PORT] }); // as normalized
+      expect(meta.network).toEqual({ egress: ['allowed.clade.test', 'lan.clade.test', `${SUBNET}.3`, `${LAN}.6`], ports: [GUEST_PORT] }); // as normalized
       const [copy] = okAndTracked(await Sandbox.fromSnapshot(tag, { count: 1 }), everyone);
       expect(copy!.getHost(GUEST_PORT)).not.toBe(sb.getHost(GUEST_PORT));
       expect(await httpGet(copy!.getHost(GUEST_PORT), '/who')).toBe('parent\n');
