@@ -506,7 +506,8 @@ static void note_host_addresses(void)
 		die_errno("getifaddrs");
 	for (struct ifaddrs *i = ifs; i; i = i->ifa_next)
 		if (i->ifa_addr && i->ifa_addr->sa_family == AF_INET)
-			net_policy_add_host_address(&st.policy, ntohl(((struct sockaddr_in *)i->ifa_addr)->sin_addr.s_addr));
+			if (!net_policy_add_host_address(&st.policy, ntohl(((struct sockaddr_in *)i->ifa_addr)->sin_addr.s_addr)))
+				usage("this host has more IPv4 addresses than clade-net can keep unreachable (256); remove some or ask for no network");
 	freeifaddrs(ifs);
 }
 

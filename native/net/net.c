@@ -63,6 +63,20 @@ bool net_never_reachable(uint32_t a)
 	       in_cidr(a, 0xE0000000u, 3) || in_cidr(a, NET_SUBNET, 24);
 }
 
+/*
+ * Internal addresses: private networks (the host's LAN, containers, other
+ * VMs), carrier-grade NAT (where some clouds put their metadata service),
+ * IETF protocol assignments, benchmarking, and Azure's host endpoint. Egress
+ * "all" means the internet, and a name's DNS answer must not open the LAN:
+ * only a CIDR the user lists reaches these.
+ */
+bool net_internal(uint32_t a)
+{
+	return in_cidr(a, 0x0A000000u, 8) || in_cidr(a, 0xAC100000u, 12) || in_cidr(a, 0xC0A80000u, 16) ||
+	       in_cidr(a, 0x64400000u, 10) || in_cidr(a, 0xC0000000u, 24) || in_cidr(a, 0xC6120000u, 15) ||
+	       a == 0xA83F8110u /* 168.63.129.16 */;
+}
+
 bool net_policy_add_cidr(struct net_policy *p, const char *text)
 {
 	char buf[32];
@@ -161,14 +175,18 @@ static bool forwarded_reply(const struct net_policy *p, uint32_t dst, uint8_t pr
 	return false;
 }
 
-void net_policy_add_host_address(struct net_policy *p, uint32_t addr)
+bool net_policy_add_host_address(struct net_policy *p, uint32_t addr)
 {
-	if (p->nhost < NET_MAX_HOST_ADDRS)
-		p->host_addrs[p->nhost++] = addr;
+	if (p->nhost == NET_MAX_HOST_ADDRS)
+		return false;
+	p->host_addrs[p->nhost++] = addr;
+	return true;
 }
 
 void net_policy_add_resolved(struct net_policy *p, uint32_t addr)
 {
+	if (net_never_reachable(addr) || net_internal(addr))
+		return;
 	for (int i = 0; i < p->nresolved; i++)
 		if (p->resolved[i] == addr)
 			return;
@@ -193,7 +211,7 @@ bool net_allowed(const struct net_policy *p, uint32_t dst)
 		return false;
 	}
 	if (p->mode == NET_EGRESS_ALL)
-		return true;
+		return !net_internal(dst);
 	if (p->mode == NET_EGRESS_NONE)
 		return false;
 	for (int i = 0; i < p->nallow; i++)
@@ -349,12 +367,14 @@ void net_guest_announcement(uint8_t out[NET_ANNOUNCE_LEN])
 struct net_verdict net_filter_guest_frame(struct net_policy *p, const uint8_t *frame, size_t len)
 {
 	struct net_verdict v = {.action = NET_DROP};
-	if (len < NET_ETH_HLEN)
-		return v;
+	if (len < NET_ETH_HLEN || len > NET_GUEST_FRAME_MAX)
+		return v; /* passt would end the whole network over a longer one */
 	if (!(frame[6] & 1))
 		memcpy(p->guest_mac, frame + 6, 6);
 	uint16_t type = get16(frame + 12);
 	if (type == ETH_P_ARP) {
+		if (len > NET_ARP_FRAME_MAX)
+			return v;
 		v.action = NET_PASS; /* passt answers ARP itself and opens nothing for it */
 		return v;
 	}
@@ -392,7 +412,8 @@ static bool read_qname(const uint8_t *msg, size_t len, size_t *off, char name[NE
 		uint8_t l = msg[o++];
 		if (l == 0)
 			break;
-		if (l > 63 || o + l > len || n + l + 1 > NET_NAME_MAX + 1)
+		/* the label, and the dot before it unless it is the first, must fit in NET_NAME_MAX */
+		if (l > 63 || o + l > len || n + (n ? 1u : 0u) + l > NET_NAME_MAX)
 			return false;
 		if (n)
 			name[n++] = '.';

@@ -25,10 +25,12 @@
 #define NET_ANNOUNCE_LEN 42
 
 #define NET_ETH_HLEN 14
-#define NET_FRAME_MAX 65550 /* 802.3 header + the largest IPv4 packet + slack; passt's own limit */
+#define NET_FRAME_MAX 65550 /* 802.3 header + the largest IPv4 packet + slack: what the stream framing accepts */
+#define NET_GUEST_FRAME_MAX 65535 /* the longest frame passed to passt (and what clade-vmm's NIC sends) */
+#define NET_ARP_FRAME_MAX 128   /* an ARP frame with generous padding */
 #define NET_MAX_ENTRIES 64
 #define NET_MAX_PORTS 32
-#define NET_MAX_HOST_ADDRS 64
+#define NET_MAX_HOST_ADDRS 256
 #define NET_RESOLVED_MAX 4096
 #define NET_NAME_MAX 253
 #define NET_DNS_MAX 4096
@@ -63,11 +65,15 @@ bool net_policy_add_cidr(struct net_policy *p, const char *text);
 bool net_policy_add_name(struct net_policy *p, const char *text);
 /* A guest TCP port forwarded from the host; false when full. */
 bool net_policy_add_forwarded(struct net_policy *p, uint16_t guest_port);
-void net_policy_add_host_address(struct net_policy *p, uint32_t addr);
+/* One of this host's own addresses; false when full (the caller must not run with a partial list). */
+bool net_policy_add_host_address(struct net_policy *p, uint32_t addr);
+/* An address DNS gave for an allowed name; internal and never-reachable addresses are not learnt. */
 void net_policy_add_resolved(struct net_policy *p, uint32_t addr);
 /* Whether the guest may send to `dst` (host byte order). */
 bool net_allowed(const struct net_policy *p, uint32_t dst);
 bool net_never_reachable(uint32_t addr);
+/* Private networks and the like: reachable only through an explicit CIDR in the allow-list. */
+bool net_internal(uint32_t addr);
 bool net_name_allowed(const struct net_policy *p, const char *name);
 
 enum net_action { NET_DROP, NET_PASS, NET_REPLY, NET_DNS_QUERY };

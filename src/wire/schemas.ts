@@ -22,7 +22,7 @@ const NetworkBody = Type.Object(
   {
     egress: Type.Optional(
       Type.Union([Type.Literal('none'), Type.Literal('all'), Type.Array(Type.String({ minLength: 1, maxLength: 255 }), { maxItems: 64 })], {
-        description: 'where the sandbox may connect: "none" (default), "all" (anything but the host itself, link-local and multicast), or a list of host names, *.domains, IPv4 addresses and CIDRs; DNS answers allowed names only',
+        description: 'where the sandbox may connect: "none" (default), "all" (the internet: anything but the host itself, private networks, link-local and multicast; list a CIDR to reach a private network), or a list of host names, *.domains, IPv4 addresses and CIDRs; DNS answers allowed names only',
       }),
     ),
     ports: Type.Optional(Type.Array(Type.Integer({ minimum: 1, maximum: 65535 }), { maxItems: 32, description: 'guest TCP ports reachable from the host (each sandbox, each fork, gets host ports of its own)' })),

@@ -13,19 +13,24 @@ import { okAndTracked, remains } from '../helpers/leaks.js';
 // One warm sandbox with a network, forked three times. Egress is checked
 // against servers in a network namespace this file makes (never an outside
 // address): the host reaches it over a veth pair, and so does the sandbox's
-// user-mode stack, which opens its connections from the host.
+// user-mode stack, which opens its connections from the host. Two subnets:
+// a documentation range that stands for the internet, and a private one that
+// stands for the host's LAN.
 //
-//   10.231.77.2  allowed only once DNS answered it for allowed.clade.test
-//   10.231.77.3  allowed by the CIDR in the allow-list
-//   10.231.77.4  never allowed
-// A DNS server on the host side (10.231.77.1:5353) answers allowed.clade.test
-// and blocked.clade.test alike, and counts the questions it gets.
+//   203.0.113.2  allowed only once DNS answered it for allowed.clade.test
+//   203.0.113.3  allowed by the CIDR in the allow-list
+//   203.0.113.4  never allowed
+//   10.231.77.5  private, what DNS answers for lan.clade.test: never learnt
+//   10.231.77.6  private, allowed by an explicit CIDR in the allow-list
+// A DNS server on the host side (203.0.113.1:5353) answers every name alike
+// but lan.clade.test, and counts the questions it gets.
 
 const NS = `clade-net-test-${process.pid}`;
 const VETH = `cnt${process.pid % 100000}`;
-const SUBNET = '10.231.77';
+const SUBNET = '203.0.113';
+const LAN = '10.231.77';
 const GUEST_PORT = 8000;
-const EGRESS = ['allowed.clade.test', `${SUBNET}.3/32`];
+const EGRESS = ['allowed.clade.test', 'lan.clade.test', `${SUBNET}.3/32`, `${LAN}.6/32`];
 
 let sb: Sandbox;
 const everyone: Sandbox[] = [];
@@ -55,8 +60,10 @@ async function makeNamespace(): Promise<void> {
   await mustSh('ip', 'link', 'add', VETH, 'type', 'veth', 'peer', 'name', `${VETH}p`);
   await mustSh('ip', 'link', 'set', `${VETH}p`, 'netns', NS);
   await mustSh('ip', 'addr', 'add', `${SUBNET}.1/24`, 'dev', VETH);
+  await mustSh('ip', 'addr', 'add', `${LAN}.1/24`, 'dev', VETH);
   await mustSh('ip', 'link', 'set', VETH, 'up');
   for (const host of [2, 3, 4]) await mustSh('ip', 'netns', 'exec', NS, 'ip', 'addr', 'add', `${SUBNET}.${host}/24`, 'dev', `${VETH}p`);
+  for (const host of [5, 6]) await mustSh('ip', 'netns', 'exec', NS, 'ip', 'addr', 'add', `${LAN}.${host}/24`, 'dev', `${VETH}p`);
   await mustSh('ip', 'netns', 'exec', NS, 'ip', 'link', 'set', `${VETH}p`, 'up');
   await mustSh('ip', 'netns', 'exec', NS, 'ip', 'link', 'set', 'lo', 'up');
   // One server on every address of the namespace; it answers with the address it was reached at.
@@ -88,7 +95,8 @@ function startDns(): Promise<void> {
     header.writeUInt16BE(qtype === 1 ? 1 : 0, 6);
     header.writeUInt16BE(0, 8);
     header.writeUInt16BE(0, 10);
-    const answer = Buffer.from([0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 231, 77, 2]);
+    const address = (name === 'lan.clade.test' ? `${LAN}.5` : `${SUBNET}.2`).split('.').map(Number);
+    const answer = Buffer.from([0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, ...address]);
     dns!.send(qtype === 1 ? Buffer.concat([header, answer]) : header, from.port, from.address);
   });
   return new Promise((resolve) => dns!.bind(5353, `${SUBNET}.1`, () => resolve()));
@@ -171,8 +179,10 @@ describe('network', () => {
     const open = okAndTracked([await Sandbox.create({ network: { egress: 'all' } })], everyone)[0]!;
     try {
       expect(await guestFetch(open, `http://${SUBNET}.4:8080/`)).toBe(`ok ns:${SUBNET}.4`);
-      expect(await guestResolve(open, 'blocked.clade.test')).toMatch(/^ok 10\.231\.77\./);
+      expect(await guestResolve(open, 'blocked.clade.test')).toBe(`ok ${SUBNET}.2`);
       expect(await guestFetch(open, `http://10.0.2.2:${GUEST_PORT}/`)).toMatch(/^error/);
+      // "all" is the internet: private networks (the host's LAN) stay closed.
+      expect(await guestFetch(open, `http://${LAN}.6:8080/`)).toMatch(/^error .*refused/i);
     } finally {
       await open.kill();
     }
@@ -186,6 +196,12 @@ describe('network', () => {
     expect(await guestResolve(sb, 'allowed.clade.test')).toBe(`ok ${SUBNET}.2`);
     expect(dnsQuestions).toContain('allowed.clade.test');
     expect(await guestFetch(sb, 'http://allowed.clade.test:8080/')).toBe(`ok ns:${SUBNET}.2`);
+  });
+
+  it('an allowed name that answers with a private address opens nothing; a listed private CIDR is reachable', async () => {
+    expect(await guestResolve(sb, 'lan.clade.test')).toBe(`ok ${LAN}.5`);
+    expect(await guestFetch(sb, `http://${LAN}.5:8080/`)).toMatch(/^error .*refused/i);
+    expect(await guestFetch(sb, `http://${LAN}.6:8080/`)).toBe(`ok ns:${LAN}.6`);
   });
 
   it('each of 3 forked children has its own host port and its own state', async () => {
@@ -212,7 +228,7 @@ describe('network', () => {
     const tag = `net-test-${process.pid}`;
     try {
       const meta = await sb.snapshot({ tag });
-      expect(meta.network).toEqual({ egress: ['allowed.clade.test', `${SUBNET}.3`], ports: [GUEST_PORT] }); // as normalized
+      expect(meta.network).toEqual({ egress: ['allowed.clade.test', 'lan.clade.test', `${SUBNET}.3`, `${LAN}.6`], ports: [GUEST_PORT] }); // as normalized
       const [copy] = okAndTracked(await Sandbox.fromSnapshot(tag, { count: 1 }), everyone);
       expect(copy!.getHost(GUEST_PORT)).not.toBe(sb.getHost(GUEST_PORT));
       expect(await httpGet(copy!.getHost(GUEST_PORT), '/who')).toBe('parent\n');

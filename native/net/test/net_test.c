@@ -5,6 +5,7 @@
  * ASan/UBSan (make check), so a read past a frame fails the test.
  */
 #include <arpa/inet.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -168,10 +169,41 @@ static void test_policy(void)
 	net_policy_init(&p);
 	p.mode = NET_EGRESS_LIST;
 	for (uint32_t i = 0; i < NET_RESOLVED_MAX + 10; i++)
-		net_policy_add_resolved(&p, ip("100.64.0.0") + i);
+		net_policy_add_resolved(&p, ip("203.0.0.0") + i);
 	CHECK(p.nresolved == NET_RESOLVED_MAX);
-	CHECK(net_allowed(&p, ip("100.64.0.0") + NET_RESOLVED_MAX + 9));
-	CHECK(!net_allowed(&p, ip("100.64.0.0")));
+	CHECK(net_allowed(&p, ip("203.0.0.0") + NET_RESOLVED_MAX + 9));
+	CHECK(!net_allowed(&p, ip("203.0.0.0")));
+
+	/* Internal networks: never through "all" or a DNS answer, only through a CIDR the user lists. */
+	static const char *internal[] = {"10.1.2.3",     "172.16.0.1",  "172.31.255.254", "192.168.1.1", "100.64.0.1",
+					 "100.100.100.200", "192.0.0.170", "198.18.0.1", "198.19.255.1", "168.63.129.16"};
+	static const char *public[] = {"8.8.8.8", "172.32.0.1", "100.128.0.1", "198.20.0.1", "192.0.2.1", "168.63.129.17"};
+	net_policy_init(&p);
+	p.mode = NET_EGRESS_ALL;
+	for (size_t i = 0; i < sizeof internal / sizeof *internal; i++) {
+		CHECK(net_internal(ip(internal[i])));
+		CHECK(!net_allowed(&p, ip(internal[i])));
+	}
+	for (size_t i = 0; i < sizeof public / sizeof *public; i++) {
+		CHECK(!net_internal(ip(public[i])));
+		CHECK(net_allowed(&p, ip(public[i])));
+	}
+	p.mode = NET_EGRESS_LIST;
+	net_policy_add_resolved(&p, ip("10.9.9.9"));
+	net_policy_add_resolved(&p, ip("100.100.100.200"));
+	net_policy_add_resolved(&p, ip("127.0.0.1"));
+	net_policy_add_resolved(&p, ip("169.254.169.254"));
+	CHECK(p.nresolved == 0);
+	CHECK(!net_allowed(&p, ip("10.9.9.9")));
+	CHECK(net_policy_add_cidr(&p, "10.9.0.0/16"));
+	CHECK(net_allowed(&p, ip("10.9.9.9")));
+	CHECK(!net_allowed(&p, ip("10.8.9.9")));
+
+	/* The host's addresses: a full table is an error, never a silently shorter list. */
+	net_policy_init(&p);
+	for (int i = 0; i < NET_MAX_HOST_ADDRS; i++)
+		CHECK(net_policy_add_host_address(&p, ip("203.0.113.0") + (uint32_t)i));
+	CHECK(!net_policy_add_host_address(&p, ip("198.51.100.1")));
 }
 
 static void test_filter(void)
@@ -219,6 +251,18 @@ static void test_filter(void)
 	CHECK(net_filter_guest_frame(&p, f, 42).action == NET_PASS);
 	put16(f + 12, 0x86dd);
 	CHECK(net_filter_guest_frame(&p, f, 64).action == NET_DROP);
+	/* Frames passt would take as a reason to end the network: never passed on. */
+	{
+		uint8_t *big = calloc(1, NET_GUEST_FRAME_MAX + 1);
+		put16(big + 12, 0x0806);
+		CHECK(net_filter_guest_frame(&p, big, NET_ARP_FRAME_MAX).action == NET_PASS);
+		CHECK(net_filter_guest_frame(&p, big, NET_ARP_FRAME_MAX + 1).action == NET_DROP);
+		CHECK(net_filter_guest_frame(&p, big, NET_GUEST_FRAME_MAX + 1).action == NET_DROP);
+		size_t syn = tcp_syn(big, ip("203.0.113.5"), 443);
+		CHECK(net_filter_guest_frame(&p, big, syn).action == NET_PASS);
+		CHECK(net_filter_guest_frame(&p, big, NET_GUEST_FRAME_MAX + 1).action == NET_DROP);
+		free(big);
+	}
 
 	/* The gateway (the host) and loopback are never reachable, even with egress all. */
 	p.mode = NET_EGRESS_ALL;
@@ -357,6 +401,43 @@ static void test_dns(void)
 	net_dns_expire(pending, 4, NET_DNS_TIMEOUT_MS + 1);
 	net_dns_query(&p, pending, 4, f, n, NET_DNS_TIMEOUT_MS + 1, true, &out);
 	CHECK(out.upstream_len > 0);
+
+	/* Names at the limit: 253 characters are a name, 254 are refused (no answer, nothing upstream). */
+	{
+		struct net_policy all;
+		net_policy_init(&all);
+		all.mode = NET_EGRESS_ALL;
+		char name[300], l63[64], l62[63], l61[62];
+		memset(l63, 'a', 63), l63[63] = '\0';
+		memset(l62, 'b', 62), l62[62] = '\0';
+		memset(l61, 'c', 61), l61[61] = '\0';
+		struct net_dns_pending pend[2] = {0};
+		snprintf(name, sizeof name, "%s.%s.%s.%s", l63, l63, l63, l61);
+		CHECK(strlen(name) == 253);
+		n = dns_query(f, name, 7, 1);
+		net_dns_query(&all, pend, 2, f, n, 0, true, &out);
+		CHECK(out.upstream_len > 0 && strlen(pend[0].name) == 253);
+		snprintf(name, sizeof name, "%s.%s.%s.%s", l63, l63, l63, l62);
+		CHECK(strlen(name) == 254);
+		n = dns_query(f, name, 8, 1);
+		net_dns_query(&all, pend, 2, f, n, 0, true, &out);
+		CHECK(out.upstream_len == 0 && out.reply_len == 0 && !pend[1].used);
+	}
+
+	/* An allowed name that answers with an internal address opens nothing: the LAN stays closed. */
+	net_dns_expire(pending, 4, INT64_MAX);
+	n = dns_query(f, "allowed.test", 0x3333, 1);
+	net_dns_query(&p, pending, 4, f, n, 0, true, &out);
+	memcpy(ans, out.upstream, out.upstream_len);
+	al = out.upstream_len;
+	put16(ans + 2, 0x8180);
+	put16(ans + 6, 1);
+	const uint8_t lan[] = {0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 168, 1, 1};
+	memcpy(ans + al, lan, sizeof lan);
+	al += sizeof lan;
+	net_dns_answer(&p, pending, 4, ans, al, &out);
+	CHECK(out.reply_len > 0); /* the guest gets its answer */
+	CHECK(!net_allowed(&p, ip("192.168.1.1")));
 
 	/* Hostile queries: a UDP length past the packet, a label past the end, every truncation. */
 	n = dns_query(f, "allowed.test", 1, 1);
