@@ -18,7 +18,7 @@ import { imageDir, type ImageManifest, readManifest, setRef, validateName } from
 const run = promisify(execFile);
 
 /** Bump when the way an image is assembled changes, so old cache entries stop matching. */
-const RECIPE_VERSION = 2;
+const RECIPE_VERSION = 3;
 const KERNEL_PATTERN = '^linux-image-6\\.12\\..*-cloud-amd64$';
 /** clade's base: what the agent, the interpreter and the default image need. A recipe's packages come on top. */
 const ROOTFS_PACKAGES = ['busybox-static', 'bash', 'coreutils', 'python3', 'python3-numpy'];
@@ -94,13 +94,16 @@ export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> 
     if (linked.length) progress({ phase: 'assemble', message: `alternatives: ${linked.join(', ')}` });
     const certs = buildCaBundle(root);
     if (certs) progress({ phase: 'assemble', message: `CA bundle of ${certs} certificates` });
+    await buildLdCache(root, progress);
+    await installNetworkModules(kernelDir, root);
+    await precompilePython(root, progress);
+    // The user's files go in last, over the finished tree: the steps above
+    // write into the tree with ordinary path operations, which would follow a
+    // copied symlink out of it onto the host. From here on the tree is only read.
     for (const c of copies) {
       progress({ phase: 'copy', message: `${c.from} -> ${c.to} (${c.entries.length} entries)` });
       copyIntoRoot(root, c.from, c.to, c.entries);
     }
-    await buildLdCache(root, progress);
-    await installNetworkModules(kernelDir, root);
-    await precompilePython(root, progress);
     const bytes = treeBytes(root);
     const kind: RootfsKind = recipe.rootfs === 'auto' ? (bytes > AUTO_DISK_BYTES ? 'disk' : 'initramfs') : recipe.rootfs;
 

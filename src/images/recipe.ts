@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { closeSync, lstatSync, openSync, readdirSync, readFileSync, readlinkSync, readSync } from 'node:fs';
+import { closeSync, constants, fstatSync, lstatSync, openSync, readdirSync, readFileSync, readlinkSync, readSync } from 'node:fs';
 import { dirname, isAbsolute, join, posix, resolve } from 'node:path';
 import type { Static } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
@@ -170,16 +170,30 @@ export function walkCopySource(from: string): { entries: CopyEntry[]; skipped: s
 
 function hashFile(path: string): string {
   const h = createHash('sha256');
-  const fd = openSync(path, 'r');
+  readRegularFile(path, Infinity, (chunk) => h.update(chunk));
+  return h.digest('hex');
+}
+
+/**
+ * Reads a regular file in chunks, without following a link or blocking on a
+ * FIFO that took its place since it was looked at, and stops once more than
+ * `maxBytes` came (`complete` false): a file that grows, or a kernel file that
+ * never ends, cannot keep the reader going.
+ */
+export function readRegularFile(path: string, maxBytes: number, onChunk: (chunk: Buffer) => void): { bytes: number; complete: boolean } {
+  const fd = openSync(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
   try {
+    if (!fstatSync(fd).isFile()) throw new CladeError('conflict', `${path} is no longer a regular file; build again once it stops changing`);
     const buf = Buffer.allocUnsafe(1 << 20);
+    let bytes = 0;
     for (;;) {
       const n = readSync(fd, buf, 0, buf.length, null);
-      if (n === 0) break;
-      h.update(buf.subarray(0, n));
+      if (n === 0) return { bytes, complete: true };
+      bytes += n;
+      if (bytes > maxBytes) return { bytes, complete: false };
+      onChunk(buf.subarray(0, n));
     }
   } finally {
     closeSync(fd);
   }
-  return h.digest('hex');
 }

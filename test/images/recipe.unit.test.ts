@@ -1,4 +1,4 @@
-import { mkdirSync, mkdtempSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -116,6 +116,43 @@ describe('copies into the image tree', () => {
     expect(readlinkSync(join(root, 'opt/app/link'))).toBe('run.sh');
     writeFileSync(join(src, 'sub/data'), 'y');
     expect(walkCopySource(src).entries.find((e) => e.rel === 'sub/data')!.sha256).not.toBe(walked.entries.find((e) => e.rel === 'sub/data')!.sha256);
+  });
+});
+
+describe('copies that meet links', () => {
+  it('write later entries through an earlier copy\'s link inside the tree, never onto the host', () => {
+    const outside = join(dir, 'outside');
+    mkdirSync(outside);
+    const root = join(dir, 'link-root');
+    mkdirSync(root);
+    const absolute = join(dir, 'abs-link');
+    symlinkSync(outside, absolute);
+    const relativeUp = join(dir, 'rel-link');
+    symlinkSync(`${'../'.repeat(12)}${outside.slice(1)}`, relativeUp);
+    const src = join(dir, 'payload');
+    mkdirSync(src);
+    writeFileSync(join(src, 'f'), 'x');
+    for (const [link, to] of [[absolute, '/opt/a'], [relativeUp, '/opt/b']] as const) {
+      copyIntoRoot(root, link, to, walkCopySource(link).entries);
+      copyIntoRoot(root, src, to, walkCopySource(src).entries);
+      copyIntoRoot(root, join(src, 'f'), `${to}/g`, walkCopySource(join(src, 'f')).entries);
+    }
+    expect(readdirSync(outside)).toEqual([]);
+    expect(readdirSync(join(root, outside)).sort()).toEqual(['f', 'g']);
+  });
+
+  it('refuse a destination whose parent is a file, and a source that changed since it was hashed', () => {
+    const root = join(dir, 'strict-root');
+    mkdirSync(join(root, 'etc'), { recursive: true });
+    writeFileSync(join(root, 'etc/passwd'), 'root\n');
+    const file = join(dir, 'changing');
+    writeFileSync(file, 'before');
+    const walked = walkCopySource(file).entries;
+    expect(() => copyIntoRoot(root, file, '/etc/passwd/x', walked)).toThrow(/\/etc\/passwd in the image is not a directory/);
+    writeFileSync(file, 'after!');
+    expect(() => copyIntoRoot(root, file, '/opt/changing', walked)).toThrow(/changed while the image was being built/);
+    writeFileSync(file, 'before and longer');
+    expect(() => copyIntoRoot(root, file, '/opt/longer', walked)).toThrow(/changed while the image was being built/);
   });
 });
 
