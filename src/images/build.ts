@@ -3,7 +3,7 @@ import { createHash } from 'node:crypto';
 import { chmodSync, copyFileSync, cpSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { CladeError } from '../util/errors.js';
+import { CladeError, errorMessage } from '../util/errors.js';
 import { ensurePrivateDir, homePaths } from '../util/home.js';
 import { agentBinaryPath, guestFilesDir, packageRoot } from '../util/paths.js';
 import { noProgress, type ProgressFn } from '../util/progress.js';
@@ -62,8 +62,8 @@ export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> 
   const digest = imageDigest(kernel, packages, agent, guestFiles, recipe, copies);
   progress({ phase: 'resolve', message: `${packages.length} packages + ${kernel.name}, image ${digest.slice(0, 12)}` });
 
-  const existing = readManifest(digest);
-  if (existing && !opts.force) {
+  const existing = opts.force ? undefined : builtBefore(digest, progress);
+  if (existing) {
     setRef(name, digest);
     return { manifest: existing, cached: true, seconds: (Date.now() - started) / 1000 };
   }
@@ -145,6 +145,16 @@ export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> 
   } finally {
     rmSync(work, { recursive: true, force: true });
     rmSync(staging, { recursive: true, force: true }); // gone already when the build succeeded
+  }
+}
+
+/** The manifest of an identical image built before; a damaged one is built again over it. */
+function builtBefore(digest: string, progress: ProgressFn): ImageManifest | undefined {
+  try {
+    return readManifest(digest);
+  } catch (err) {
+    progress({ phase: 'resolve', message: `${errorMessage(err).split(';')[0]}: building it again` });
+    return undefined;
   }
 }
 

@@ -53,7 +53,9 @@ export type NormalizedRecipe = {
 };
 
 const PACKAGE_RE = /^[a-z0-9][a-z0-9+.-]{0,99}(=[A-Za-z0-9.+~:-]{1,100})?$/;
-const ENV_KEY_RE = /^[A-Za-z_][A-Za-z0-9_]{0,127}$/;
+/** An environment variable name a recipe may set (also checked in manifests read back from disk). */
+export const ENV_KEY_PATTERN = '^[A-Za-z_][A-Za-z0-9_]{0,127}$';
+const ENV_KEY_RE = new RegExp(ENV_KEY_PATTERN);
 /** Guest directories that boot mounts over (or that the kernel owns): a copy there would be hidden or refused. */
 const MOUNTED_AT_BOOT = ['/proc', '/sys', '/dev', '/tmp', '/run'];
 
