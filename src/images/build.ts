@@ -108,7 +108,7 @@ export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> 
     const kind: RootfsKind = recipe.rootfs === 'auto' ? (bytes > AUTO_DISK_BYTES ? 'disk' : 'initramfs') : recipe.rootfs;
 
     rmSync(staging, { recursive: true, force: true });
-    mkdirSync(staging, { recursive: true });
+    ensurePrivateDir(staging); // the image holds host files and env; its parents, the clade home included, are made private too
     copyFileSync(join(kernelDir, 'boot', vmlinuz), join(staging, 'vmlinuz'));
     let rootfs: ImageManifest['rootfs'] = { kind: 'initramfs' };
     let bootRoot = root;
@@ -137,7 +137,7 @@ export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> 
       rootfs,
       treeBytes: bytes,
     };
-    writeFileSync(join(staging, 'image.json'), JSON.stringify(manifest, null, 2) + '\n');
+    writeFileSync(join(staging, 'image.json'), JSON.stringify(manifest, null, 2) + '\n', { mode: 0o600 }); // the env values
     rmSync(imageDir(digest), { recursive: true, force: true });
     renameSync(staging, imageDir(digest));
     setRef(name, digest);

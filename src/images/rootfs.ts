@@ -38,6 +38,7 @@ export async function writeErofs(root: string, out: string, digest: string): Pro
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new CladeError('unavailable', 'disk images need mkfs.erofs: run `apt-get install erofs-utils` (or `npm run setup` as root)');
     throw new CladeError('internal', `mkfs.erofs failed: ${errorMessage(err)}`);
   }
+  chmodSync(out, 0o600); // it holds the image's copied host files: its owner's to read
   return statSync(out).size;
 }
 

@@ -1,9 +1,13 @@
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
+import { AptUniverse } from '../../src/images/apt.js';
+import { writeCpio } from '../../src/images/cpio.js';
+import { writeErofs } from '../../src/images/rootfs.js';
 import { imageKernelArgs, listImages, removeImage, resolveImage } from '../../src/images/store.js';
-import { homePaths } from '../../src/util/home.js';
+import { ensurePrivateDir, homePaths } from '../../src/util/home.js';
 
 // The image store reading what is on disk: image.json and the name refs are
 // checked before anything in them is used, and a damaged image can still be
@@ -104,5 +108,36 @@ describe('removing images', () => {
     expect(() => resolveImage('evil')).toThrow(/unknown image "evil"/);
     expect(() => removeImage('evil')).toThrow(/unknown image "evil"/);
     expect(existsSync(join(home, 'keep'))).toBe(true);
+  });
+});
+
+describe('what a build writes', () => {
+  const mode = (path: string) => statSync(path).mode & 0o777;
+  const hasMkfsErofs = (() => {
+    try {
+      execFileSync('mkfs.erofs', ['--help'], { stdio: 'ignore' });
+      return true;
+    } catch {
+      return false;
+    }
+  })();
+
+  it('makes the clade home and the image directories private when it creates them', () => {
+    rmSync(home, { recursive: true, force: true });
+    new AptUniverse().prepare(); // the first thing a build writes
+    for (const dir of [home, join(home, 'cache'), homePaths.aptCache(), join(homePaths.aptCache(), 'lists/partial')]) expect(mode(dir)).toBe(0o700);
+    rmSync(home, { recursive: true, force: true });
+    const staging = ensurePrivateDir(`${join(homePaths.images(), GOOD)}.partial-1`); // as the build makes its staging directory
+    for (const dir of [home, homePaths.images(), staging]) expect(mode(dir)).toBe(0o700);
+  });
+
+  it.runIf(hasMkfsErofs)('writes the initramfs and the disk readable by their owner only', async () => {
+    const tree = join(home, 'tree');
+    mkdirSync(tree);
+    writeFileSync(join(tree, 'secret'), 'copied host file', { mode: 0o644 });
+    writeCpio(tree, join(home, 'initramfs.cpio'));
+    expect(mode(join(home, 'initramfs.cpio'))).toBe(0o600);
+    await writeErofs(tree, join(home, 'rootfs.erofs'), GOOD);
+    expect(mode(join(home, 'rootfs.erofs'))).toBe(0o600);
   });
 });
