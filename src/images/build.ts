@@ -43,7 +43,8 @@ export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> 
   validateName(opts.name ?? 'default');
   const recipe = normalizeRecipe(opts); // bad names, paths and missing copy sources fail before any work
   const name = recipe.name;
-  const copies = recipe.copy.map((c) => ({ ...c, ...walkCopySource(c.from) }));
+  const copyBudget = { bytes: 0, entries: 0 }; // the copy limits hold for the recipe, not for each copy
+  const copies = recipe.copy.map((c) => ({ ...c, ...walkCopySource(c.from, copyBudget) }));
   for (const c of copies) if (c.skipped.length) progress({ phase: 'resolve', message: `${c.from}: skipping ${c.skipped.length} entries that are not files, directories or links (${c.skipped.slice(0, 3).join(', ')})` });
   const apt = new AptUniverse();
 
