@@ -1,5 +1,5 @@
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
@@ -129,6 +129,19 @@ describe('what a build writes', () => {
     rmSync(home, { recursive: true, force: true });
     const staging = ensurePrivateDir(`${join(homePaths.images(), GOOD)}.partial-1`); // as the build makes its staging directory
     for (const dir of [home, homePaths.images(), staging]) expect(mode(dir)).toBe(0o700);
+  });
+
+  it('closes a clade home an older clade left open to other users', () => {
+    const older = mkdtempSync(join(tmpdir(), 'clade-older-home-'));
+    chmodSync(older, 0o755);
+    process.env.CLADE_HOME = older;
+    try {
+      ensurePrivateDir(homePaths.tmp());
+      expect(mode(older)).toBe(0o700);
+    } finally {
+      process.env.CLADE_HOME = home;
+      rmSync(older, { recursive: true, force: true });
+    }
   });
 
   it.runIf(hasMkfsErofs)('writes the initramfs and the disk readable by their owner only', async () => {
