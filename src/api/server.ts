@@ -112,7 +112,7 @@ export async function buildApp(ctx: DaemonContext, log: Logger, auth?: { token: 
   sandboxRoutes(app, ctx);
   commandRoutes(app, ctx);
   fileRoutes(app, ctx);
-  environmentRoutes(app, ctx);
+  environmentRoutes(app, ctx, { readsHostFiles: auth === undefined }); // the unix socket is the owner's
   snapshotRoutes(app, ctx);
   for (const more of routes) more(app, ctx);
   await app.ready();

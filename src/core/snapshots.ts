@@ -1,5 +1,5 @@
 import { createHash, createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
-import { closeSync as closeSyncRaw, constants, existsSync, linkSync, lstatSync, openSync as openSyncRaw, readdirSync, readFileSync, readSync as readSyncRaw, renameSync, rmSync, writeSync } from 'node:fs';
+import { closeSync as closeSyncRaw, constants, existsSync, linkSync, lstatSync, openSync as openSyncRaw, readdirSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Type, type Static } from '@sinclair/typebox';
@@ -8,13 +8,14 @@ import type { MachineShape, SnapshotSource } from '../engines/engine.js';
 import { resolveImage } from '../images/store.js';
 import { CladeError, errorMessage } from '../util/errors.js';
 import { cladeHome, ensurePrivateDir, homePaths } from '../util/home.js';
+import { readFileNoFollow } from '../util/json-file.js';
 import { processAlive } from '../util/process.js';
 import { NetworkSpecSchema } from './records.js';
 
 // ---------------------------------------------------------------------------
 // Persistent snapshots: <home>/snapshots/<tag>/{memory.raw,state.bin,snapshot.json}
 
-const TAG_PATTERN = '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$';
+export const TAG_PATTERN = '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$';
 const TAG_RE = new RegExp(TAG_PATTERN);
 const HEX64 = '^[0-9a-f]{64}$';
 const FILE_NAMES = ['memory.raw', 'state.bin'] as const;
@@ -375,21 +376,4 @@ async function readWhole(handle: FileHandle, size: number): Promise<Buffer> {
     off += bytesRead;
   }
   return buf;
-}
-
-function readFileNoFollow(path: string, maxBytes: number): string {
-  const fd = openSyncRaw(path, constants.O_RDONLY | constants.O_NOFOLLOW);
-  try {
-    const buf = Buffer.alloc(maxBytes + 1);
-    let n = 0;
-    for (;;) {
-      const got = readSyncRaw(fd, buf, n, buf.length - n, null);
-      if (got === 0) break;
-      n += got;
-      if (n > maxBytes) throw new Error('too big');
-    }
-    return buf.toString('utf8', 0, n);
-  } finally {
-    closeSyncRaw(fd);
-  }
 }

@@ -1,9 +1,9 @@
 import { execFile } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { CladeError } from '../util/errors.js';
-import { homePaths } from '../util/home.js';
+import { ensurePrivateDir, homePaths } from '../util/home.js';
 
 const run = promisify(execFile);
 
@@ -43,8 +43,9 @@ export class AptUniverse {
     return Object.entries(o).flatMap(([k, v]) => ['-o', `${k}=${v}`]);
   }
 
-  private prepare(): void {
-    for (const d of ['lists/partial', 'archives/partial', 'sources.list.d', 'preferences.d']) mkdirSync(join(this.dir, d), { recursive: true });
+  /** Creates the universe's directories (private, like the clade home they may create), its sources and its empty dpkg status. */
+  prepare(): void {
+    for (const d of ['lists/partial', 'archives/partial', 'sources.list.d', 'preferences.d']) ensurePrivateDir(join(this.dir, d));
     writeFileSync(join(this.dir, 'sources.list'), SOURCES.join('\n') + '\n');
     writeFileSync(join(this.dir, 'status'), '');
   }

@@ -3,7 +3,7 @@ import { createHash } from 'node:crypto';
 import { chmodSync, copyFileSync, cpSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { CladeError } from '../util/errors.js';
+import { CladeError, errorMessage } from '../util/errors.js';
 import { ensurePrivateDir, homePaths } from '../util/home.js';
 import { agentBinaryPath, guestFilesDir, packageRoot } from '../util/paths.js';
 import { noProgress, type ProgressFn } from '../util/progress.js';
@@ -18,7 +18,7 @@ import { imageDir, type ImageManifest, readManifest, setRef, validateName } from
 const run = promisify(execFile);
 
 /** Bump when the way an image is assembled changes, so old cache entries stop matching. */
-const RECIPE_VERSION = 2;
+const RECIPE_VERSION = 3;
 const KERNEL_PATTERN = '^linux-image-6\\.12\\..*-cloud-amd64$';
 /** clade's base: what the agent, the interpreter and the default image need. A recipe's packages come on top. */
 const ROOTFS_PACKAGES = ['busybox-static', 'bash', 'coreutils', 'python3', 'python3-numpy'];
@@ -43,7 +43,8 @@ export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> 
   validateName(opts.name ?? 'default');
   const recipe = normalizeRecipe(opts); // bad names, paths and missing copy sources fail before any work
   const name = recipe.name;
-  const copies = recipe.copy.map((c) => ({ ...c, ...walkCopySource(c.from) }));
+  const copyBudget = { bytes: 0, entries: 0 }; // the copy limits hold for the recipe, not for each copy
+  const copies = recipe.copy.map((c) => ({ ...c, ...walkCopySource(c.from, copyBudget) }));
   for (const c of copies) if (c.skipped.length) progress({ phase: 'resolve', message: `${c.from}: skipping ${c.skipped.length} entries that are not files, directories or links (${c.skipped.slice(0, 3).join(', ')})` });
   const apt = new AptUniverse();
 
@@ -62,8 +63,8 @@ export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> 
   const digest = imageDigest(kernel, packages, agent, guestFiles, recipe, copies);
   progress({ phase: 'resolve', message: `${packages.length} packages + ${kernel.name}, image ${digest.slice(0, 12)}` });
 
-  const existing = readManifest(digest);
-  if (existing && !opts.force) {
+  const existing = opts.force ? undefined : builtBefore(digest, progress);
+  if (existing) {
     setRef(name, digest);
     return { manifest: existing, cached: true, seconds: (Date.now() - started) / 1000 };
   }
@@ -94,18 +95,21 @@ export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> 
     if (linked.length) progress({ phase: 'assemble', message: `alternatives: ${linked.join(', ')}` });
     const certs = buildCaBundle(root);
     if (certs) progress({ phase: 'assemble', message: `CA bundle of ${certs} certificates` });
+    await buildLdCache(root, progress);
+    await installNetworkModules(kernelDir, root);
+    await precompilePython(root, progress);
+    // The user's files go in last, over the finished tree: the steps above
+    // write into the tree with ordinary path operations, which would follow a
+    // copied symlink out of it onto the host. From here on the tree is only read.
     for (const c of copies) {
       progress({ phase: 'copy', message: `${c.from} -> ${c.to} (${c.entries.length} entries)` });
       copyIntoRoot(root, c.from, c.to, c.entries);
     }
-    await buildLdCache(root, progress);
-    await installNetworkModules(kernelDir, root);
-    await precompilePython(root, progress);
     const bytes = treeBytes(root);
     const kind: RootfsKind = recipe.rootfs === 'auto' ? (bytes > AUTO_DISK_BYTES ? 'disk' : 'initramfs') : recipe.rootfs;
 
     rmSync(staging, { recursive: true, force: true });
-    mkdirSync(staging, { recursive: true });
+    ensurePrivateDir(staging); // the image holds host files and env; its parents, the clade home included, are made private too
     copyFileSync(join(kernelDir, 'boot', vmlinuz), join(staging, 'vmlinuz'));
     let rootfs: ImageManifest['rootfs'] = { kind: 'initramfs' };
     let bootRoot = root;
@@ -134,7 +138,7 @@ export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> 
       rootfs,
       treeBytes: bytes,
     };
-    writeFileSync(join(staging, 'image.json'), JSON.stringify(manifest, null, 2) + '\n');
+    writeFileSync(join(staging, 'image.json'), JSON.stringify(manifest, null, 2) + '\n', { mode: 0o600 }); // the env values
     rmSync(imageDir(digest), { recursive: true, force: true });
     renameSync(staging, imageDir(digest));
     setRef(name, digest);
@@ -142,6 +146,16 @@ export async function buildImage(opts: BuildOptions = {}): Promise<BuildResult> 
   } finally {
     rmSync(work, { recursive: true, force: true });
     rmSync(staging, { recursive: true, force: true }); // gone already when the build succeeded
+  }
+}
+
+/** The manifest of an identical image built before; a damaged one is built again over it. */
+function builtBefore(digest: string, progress: ProgressFn): ImageManifest | undefined {
+  try {
+    return readManifest(digest);
+  } catch (err) {
+    progress({ phase: 'resolve', message: `${errorMessage(err).split(';')[0]}: building it again` });
+    return undefined;
   }
 }
 

@@ -7,7 +7,7 @@ import { join } from 'node:path';
  * same tree always gives the same bytes: image digests stay reproducible.
  */
 export function writeCpio(rootDir: string, outFile: string, onFile?: (count: number) => void): { files: number; bytes: number } {
-  const fd = openSync(outFile, 'w', 0o644);
+  const fd = openSync(outFile, 'w', 0o600); // it holds the image's copied host files: its owner's to read
   let written = 0;
   let files = 0;
   let ino = 1;

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
-import { closeSync, lstatSync, openSync, readdirSync, readFileSync, readlinkSync, readSync } from 'node:fs';
-import { dirname, isAbsolute, join, posix, resolve } from 'node:path';
+import { closeSync, constants, fstatSync, lstatSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, realpathSync, type Stats, statfsSync } from 'node:fs';
+import { basename, dirname, isAbsolute, join, posix, resolve } from 'node:path';
 import type { Static } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
 import { parse as parseYaml } from 'yaml';
@@ -53,7 +53,9 @@ export type NormalizedRecipe = {
 };
 
 const PACKAGE_RE = /^[a-z0-9][a-z0-9+.-]{0,99}(=[A-Za-z0-9.+~:-]{1,100})?$/;
-const ENV_KEY_RE = /^[A-Za-z_][A-Za-z0-9_]{0,127}$/;
+/** An environment variable name a recipe may set (also checked in manifests read back from disk). */
+export const ENV_KEY_PATTERN = '^[A-Za-z_][A-Za-z0-9_]{0,127}$';
+const ENV_KEY_RE = new RegExp(ENV_KEY_PATTERN);
 /** Guest directories that boot mounts over (or that the kernel owns): a copy there would be hidden or refused. */
 const MOUNTED_AT_BOOT = ['/proc', '/sys', '/dev', '/tmp', '/run'];
 
@@ -146,20 +148,41 @@ export function normalizeRecipe(r: ImageRecipe): NormalizedRecipe {
 /** One entry of a copy source, as it goes into the guest and into the image digest. */
 export type CopyEntry = { rel: string; kind: 'file' | 'dir' | 'symlink'; mode: number; size: number; sha256: string; target?: string };
 
+/** Most bytes the copies of one recipe may read: an image is a system plus a project, not a host's data. */
+export const MAX_COPY_BYTES = 8 * 2 ** 30;
+/** Most entries (files, directories, links) the copies of one recipe may hold. */
+export const MAX_COPY_ENTRIES = 200_000;
+/** Host trees of kernel state and devices: their files can block, never end, or hold what no image should. */
+const KERNEL_TREES = ['/proc', '/sys', '/dev'];
+/** statfs types of procfs and sysfs, for such a tree mounted somewhere else (a chroot's /proc). */
+const KERNEL_FS_TYPES = [0x9fa0, 0x62656572];
+
+/** What the copies of one recipe used so far: shared by their walks, so the limits hold for the recipe. */
+export type CopyBudget = { bytes: number; entries: number };
+
 /**
  * Walks a copy source in sorted order and hashes it (contents, modes, link
  * targets): the digest of an image changes exactly when what it copies does.
- * Sockets, FIFOs and devices are skipped; they cannot be carried in a file tree.
+ * Links are kept as links, never followed. Sockets, FIFOs and devices inside
+ * a directory are skipped (they cannot be carried in a file tree); as the
+ * source itself they are refused, as are kernel trees (/proc, /sys, /dev) and
+ * copies beyond MAX_COPY_BYTES or MAX_COPY_ENTRIES.
  */
-export function walkCopySource(from: string): { entries: CopyEntry[]; skipped: string[] } {
+export function walkCopySource(from: string, budget: CopyBudget = { bytes: 0, entries: 0 }): { entries: CopyEntry[]; skipped: string[] } {
+  const real = join(realpathSync(dirname(from)), basename(from)); // the last component is copied as it is, a link included
+  const top = lstatSync(from);
+  refuseKernelTree(from, from, real, top);
+  if (!top.isFile() && !top.isDirectory() && !top.isSymbolicLink()) throw new CladeError('bad_request', `copy source ${from} is ${specialKind(top)}: only files, directories and symlinks can be copied into an image`);
   const entries: CopyEntry[] = [];
   const skipped: string[] = [];
   const visit = (abs: string, rel: string) => {
+    if (++budget.entries > MAX_COPY_ENTRIES) throw new CladeError('too_large', `the copies hold more than ${MAX_COPY_ENTRIES} files, directories and links (reached at ${abs}): copy less, or an archive of the tree to unpack in the sandbox`);
     const st = lstatSync(abs);
     const mode = st.mode & 0o7777;
     if (st.isSymbolicLink()) entries.push({ rel, kind: 'symlink', mode: 0o777, size: 0, sha256: '', target: readlinkSync(abs) });
-    else if (st.isFile()) entries.push({ rel, kind: 'file', mode, size: st.size, sha256: hashFile(abs) });
+    else if (st.isFile()) entries.push({ rel, kind: 'file', mode, size: st.size, sha256: hashWithinBudget(abs, st.size, budget) });
     else if (st.isDirectory()) {
+      refuseKernelTree(from, abs, join(real, rel), st);
       entries.push({ rel, kind: 'dir', mode, size: 0, sha256: '' });
       for (const name of readdirSync(abs).sort()) visit(join(abs, name), rel ? `${rel}/${name}` : name);
     } else skipped.push(rel || abs);
@@ -168,18 +191,50 @@ export function walkCopySource(from: string): { entries: CopyEntry[]; skipped: s
   return { entries, skipped };
 }
 
-function hashFile(path: string): string {
+/** Refuses `path` (at `real`, with lstat `st`) when it is in a kernel tree, by its real path or by the file system it is on. */
+function refuseKernelTree(from: string, path: string, real: string, st: Stats): void {
+  const tree = KERNEL_TREES.find((t) => real === t || real.startsWith(`${t}/`));
+  const mounted = !tree && KERNEL_FS_TYPES.includes(statfsSync(st.isDirectory() ? real : dirname(real)).type);
+  if (!tree && !mounted) return;
+  const what = path === from ? `copy source ${from}` : `${path} in copy source ${from}`;
+  const where = tree ? `under ${tree}${real === path ? '' : ` (it is ${real})`}` : 'on a proc or sys file system';
+  throw new CladeError('bad_request', `${what} is ${where}: kernel state and devices are not files to copy into an image; copy regular files instead`);
+}
+
+function specialKind(st: Stats): string {
+  return st.isFIFO() ? 'a FIFO' : st.isSocket() ? 'a socket' : 'a device';
+}
+
+/** A file's SHA-256, reading at most its size and what is left of the budget. */
+function hashWithinBudget(path: string, size: number, budget: CopyBudget): string {
+  if (budget.bytes + size > MAX_COPY_BYTES) throw new CladeError('too_large', `the copies hold more than ${MAX_COPY_BYTES / 2 ** 30} GiB (reached at ${path}): copy less (leave out build outputs and caches), or fetch large data from inside the sandbox`);
   const h = createHash('sha256');
-  const fd = openSync(path, 'r');
+  const read = readRegularFile(path, size, (chunk) => h.update(chunk));
+  budget.bytes += read.bytes;
+  if (!read.complete) throw new CladeError('conflict', `copy source ${path} grew while it was read, or never ends (a kernel or device file?): copy files that are not being written`);
+  return h.digest('hex');
+}
+
+/**
+ * Reads a regular file in chunks, without following a link or blocking on a
+ * FIFO that took its place since it was looked at, and stops once more than
+ * `maxBytes` came (`complete` false): a file that grows, or a kernel file that
+ * never ends, cannot keep the reader going.
+ */
+export function readRegularFile(path: string, maxBytes: number, onChunk: (chunk: Buffer) => void): { bytes: number; complete: boolean } {
+  const fd = openSync(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
   try {
+    if (!fstatSync(fd).isFile()) throw new CladeError('conflict', `${path} is no longer a regular file; build again once it stops changing`);
     const buf = Buffer.allocUnsafe(1 << 20);
+    let bytes = 0;
     for (;;) {
       const n = readSync(fd, buf, 0, buf.length, null);
-      if (n === 0) break;
-      h.update(buf.subarray(0, n));
+      if (n === 0) return { bytes, complete: true };
+      bytes += n;
+      if (bytes > maxBytes) return { bytes, complete: false };
+      onChunk(buf.subarray(0, n));
     }
   } finally {
     closeSync(fd);
   }
-  return h.digest('hex');
 }

@@ -1,9 +1,10 @@
 import { execFile } from 'node:child_process';
-import { chmodSync, copyFileSync, lstatSync, mkdirSync, readdirSync, readlinkSync, rmSync, statSync, symlinkSync } from 'node:fs';
-import { join, posix } from 'node:path';
+import { createHash } from 'node:crypto';
+import { chmodSync, closeSync, constants, copyFileSync, fchmodSync, lstatSync, mkdirSync, openSync, readdirSync, readlinkSync, rmSync, statSync, symlinkSync, writeSync } from 'node:fs';
+import { dirname, join, posix, relative, sep } from 'node:path';
 import { promisify } from 'node:util';
 import { CladeError, errorMessage } from '../util/errors.js';
-import type { CopyEntry } from './recipe.js';
+import { type CopyEntry, readRegularFile } from './recipe.js';
 
 const run = promisify(execFile);
 
@@ -37,6 +38,7 @@ export async function writeErofs(root: string, out: string, digest: string): Pro
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new CladeError('unavailable', 'disk images need mkfs.erofs: run `apt-get install erofs-utils` (or `npm run setup` as root)');
     throw new CladeError('internal', `mkfs.erofs failed: ${errorMessage(err)}`);
   }
+  chmodSync(out, 0o600); // it holds the image's copied host files: its owner's to read
   return statSync(out).size;
 }
 
@@ -133,27 +135,63 @@ export function pathInRoot(root: string, guest: string, followLast = false): str
 /**
  * Copies one walked source into the tree at guest path `to`: a directory's
  * contents merge into the guest directory, a file (or link) becomes `to`.
+ * Links already in the tree (the packages', or ones an earlier entry or copy
+ * made) are resolved inside the tree by pathInRoot; nothing here lets the
+ * host kernel follow one: every parent is checked with lstat, and files and
+ * links are created new (O_EXCL, O_NOFOLLOW).
  */
 export function copyIntoRoot(root: string, from: string, to: string, entries: CopyEntry[]): void {
   for (const e of entries) {
     const guest = e.rel ? posix.join(to, e.rel) : to;
     const dest = pathInRoot(root, guest, e.kind === 'dir');
-    mkdirSync(join(dest, '..'), { recursive: true });
+    if (dest !== root) makeRealDirs(root, dirname(dest), guest);
     const src = e.rel ? join(from, e.rel) : from;
     const existing = existsOrLink(dest);
     if (e.kind === 'dir') {
       if (existing && !existing.isDirectory()) rmSync(dest, { force: true });
-      mkdirSync(dest, { recursive: true });
-      chmodSync(dest, e.mode);
+      makeRealDirs(root, dest, guest);
+      chmodSync(dest, e.mode); // a real directory: makeRealDirs checked it with lstat
       continue;
     }
     if (existing?.isDirectory()) throw new CladeError('bad_request', `cannot copy ${src} over the directory ${guest} in the image`);
     if (existing) rmSync(dest, { force: true });
-    if (e.kind === 'symlink') symlinkSync(e.target!, dest);
-    else {
-      copyFileSync(src, dest);
-      chmodSync(dest, e.mode);
+    if (e.kind === 'symlink') symlinkSync(e.target!, dest); // symlink(2) never follows an existing name
+    else copyWalkedFile(src, dest, e);
+  }
+}
+
+/** Creates `dir` (inside `root`) and its parents one at a time, refusing any that is not a real directory. */
+function makeRealDirs(root: string, dir: string, guest: string): void {
+  let at = root;
+  for (const part of relative(root, dir).split(sep).filter((p) => p.length > 0)) {
+    at = join(at, part);
+    try {
+      mkdirSync(at);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
     }
+    const st = lstatSync(at);
+    if (st.isSymbolicLink() || !st.isDirectory()) throw new CladeError('bad_request', `cannot copy to ${guest}: /${relative(root, at)} in the image is ${st.isSymbolicLink() ? 'a symlink' : 'not a directory'}`);
+  }
+}
+
+/**
+ * Copies a file the walk hashed, checking it against the walk: a file that
+ * changed since (or was swapped for a link or a FIFO) would make the image
+ * differ from what its digest says, so the build stops instead.
+ */
+function copyWalkedFile(src: string, dest: string, e: CopyEntry): void {
+  const out = openSync(dest, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+  const h = createHash('sha256');
+  try {
+    const read = readRegularFile(src, e.size, (chunk) => {
+      h.update(chunk);
+      for (let off = 0; off < chunk.length; ) off += writeSync(out, chunk, off, chunk.length - off);
+    });
+    if (!read.complete || h.digest('hex') !== e.sha256) throw new CladeError('conflict', `copy source ${src} changed while the image was being built; build again once it stops changing`);
+    fchmodSync(out, e.mode);
+  } finally {
+    closeSync(out);
   }
 }
 

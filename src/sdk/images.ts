@@ -10,7 +10,8 @@ export type ImageBuildResult = ImageManifest & { cached: boolean; seconds: numbe
  * Guest images: clade's base plus your Debian packages, host files and env,
  * content-addressed (the same recipe and package versions are a cache hit).
  * Built in this process, or by a daemon when one is named; copy sources are
- * paths on the machine that builds.
+ * paths on the machine that builds, so a daemon takes them on its unix socket
+ * only (over TCP they would read the daemon host's files).
  */
 export const Image = {
   async build(recipe: ImageRecipe, opts: { onProgress?: (e: ProgressEvent) => void; force?: boolean } & DaemonOptions = {}): Promise<ImageBuildResult> {

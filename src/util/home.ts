@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { closeSync, constants, existsSync, lstatSync, mkdirSync, openSync, statfsSync } from 'node:fs';
+import { chmodSync, closeSync, constants, existsSync, lstatSync, mkdirSync, openSync, statfsSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { CladeError } from './errors.js';
@@ -23,10 +23,30 @@ export const homePaths = {
   tmp: () => join(cladeHome(), 'tmp'),
 };
 
-/** Creates a directory (and parents) readable only by its owner. */
+/** Creates a directory (and parents) readable only by its owner; a clade home made looser by an older clade is tightened. */
 export function ensurePrivateDir(path: string): string {
   mkdirSync(path, { recursive: true, mode: 0o700 });
+  tightenHome();
   return path;
+}
+
+const tightened = new Set<string>();
+
+/**
+ * Older clades created the home 0755, so other local users could read image
+ * recipes (their env values) and copied files. The home is clade's own
+ * directory: once per process, if it is ours and open to others, it is closed.
+ */
+function tightenHome(): void {
+  const home = cladeHome();
+  if (tightened.has(home)) return;
+  tightened.add(home);
+  try {
+    const st = lstatSync(home);
+    if (st.isDirectory() && st.uid === process.getuid?.() && st.mode & 0o077) chmodSync(home, 0o700);
+  } catch {
+    // no home yet (the caller made a directory elsewhere): nothing to tighten
+  }
 }
 
 /**

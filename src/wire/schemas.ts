@@ -185,7 +185,7 @@ export const ImageRecipe = Type.Object(
 
 export const BuildImageBody = Type.Object(
   { ...ImageRecipe.properties, force: Type.Optional(Type.Boolean({ description: 'rebuild even if an identical image exists' })) },
-  { additionalProperties: false, description: 'copy sources are paths on the daemon\'s machine' },
+  { additionalProperties: false, description: 'copy sources are paths on the daemon\'s machine, taken on the unix socket only (over TCP, copy is refused)' },
 );
 export type BuildImageBody = Static<typeof BuildImageBody>;
 

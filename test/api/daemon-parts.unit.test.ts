@@ -2,10 +2,16 @@ import { mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { pino } from 'pino';
 import { bearerMatches, loadOrCreateToken } from '../../src/api/auth.js';
+import { ConcurrencyGate, type DaemonContext } from '../../src/api/context.js';
+import { Metrics } from '../../src/api/metrics.js';
+import { SandboxRegistry } from '../../src/api/registry.js';
+import { buildApp } from '../../src/api/server.js';
 import { errorFromAnswer, parseDaemonAddress } from '../../src/sdk/daemon-client.js';
 import { STATUS_OF, toErrorBody } from '../../src/api/errors.js';
 import { StateStore, type SandboxRecord } from '../../src/api/state.js';
+import { SandboxManager } from '../../src/core/manager.js';
 import { sandboxDir } from '../../src/core/sandbox.js';
 import { CladeError } from '../../src/util/errors.js';
 import { memoryDir } from '../../src/util/home.js';
@@ -64,6 +70,22 @@ describe('daemon building blocks (no VMs)', () => {
       expect(back).toMatchObject({ code, message: 'm' });
     }
     expect(errorFromAnswer(502, Buffer.from('<html>'))).toMatchObject({ code: 'internal' });
+  });
+
+  it('an image build over TCP may not copy the daemon host\'s files, and is refused before any work', async () => {
+    const dir = scratch();
+    const log = pino({ level: 'silent' });
+    const registry = new SandboxRegistry(new SandboxManager({}), new StateStore(join(dir, 'state')), 10, log);
+    const ctx: DaemonContext = { registry, metrics: new Metrics(() => 0, () => 0), forkGate: new ConcurrencyGate(1, 'forks'), defaultTimeoutMs: 0, startedAt: Date.now(), version: 'test' };
+    const tcp = await buildApp(ctx, log, { token: 't'.repeat(64) });
+    try {
+      const r = await tcp.inject({ method: 'POST', url: '/v1/images', headers: { authorization: `Bearer ${'t'.repeat(64)}` }, payload: { name: 'x', copy: ['/etc:/opt/etc'] } });
+      expect(r.statusCode).toBe(400);
+      expect(r.json()).toEqual({ code: 'bad_request', message: 'copy reads files on the daemon\'s host: build the image with the CLI on that host or through the unix socket' });
+    } finally {
+      await tcp.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('daemon addresses are unix:// or http://', () => {

@@ -73,7 +73,7 @@ describe('sandbox lifecycle', () => {
       mkdirSync(dir, { recursive: true });
       copyFileSync(kernel, join(dir, 'vmlinuz'));
       writeCpio(root, join(dir, 'initramfs.cpio'));
-      writeFileSync(join(dir, 'image.json'), JSON.stringify({ digest, name: 'hang', createdAt: new Date().toISOString(), kernel: { release: 'x' }, packages: [] }));
+      writeFileSync(join(dir, 'image.json'), JSON.stringify({ digest, name: 'hang', createdAt: new Date().toISOString(), kernel: { package: 'x', version: '0', release: 'x' }, packages: [], agentSha256: '0'.repeat(64), initramfsBytes: 0, kernelBytes: 0, files: 0, recipe: 1 }));
       const t0 = Date.now();
       const err = await Sandbox.create({ image: digest, bootTimeoutMs: 8000 }).catch((e: unknown) => e);
       expect(err).toMatchObject({ code: 'timeout', message: expect.stringMatching(/did not start/) });

@@ -259,7 +259,7 @@ export function fakeImage(): string {
   mkdirSync(dir, { recursive: true });
   writeFileSync(
     join(dir, 'image.json'),
-    JSON.stringify({ digest, name: 'default', createdAt: new Date(0).toISOString(), kernel: { package: 'fake', version: '0', release: '0' }, packages: [], agentSha256: '', initramfsBytes: 0, kernelBytes: 0, files: 0, recipe: 0 }),
+    JSON.stringify({ digest, name: 'default', createdAt: new Date(0).toISOString(), kernel: { package: 'fake', version: '0', release: '0' }, packages: [], agentSha256: '0'.repeat(64), initramfsBytes: 0, kernelBytes: 0, files: 0, recipe: 1 }),
   );
   setRef('default', digest);
   return digest;

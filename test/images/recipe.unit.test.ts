@@ -1,10 +1,11 @@
-import { mkdirSync, mkdtempSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { missingPackages } from '../../src/images/apt.js';
 import { applyAlternatives, buildCaBundle, parseAlternatives } from '../../src/images/maintainer.js';
-import { normalizeRecipe, parseCopy, readRecipeFile, walkCopySource } from '../../src/images/recipe.js';
+import { MAX_COPY_BYTES, MAX_COPY_ENTRIES, normalizeRecipe, parseCopy, readRecipeFile, walkCopySource } from '../../src/images/recipe.js';
 import { copyIntoRoot, pathInRoot } from '../../src/images/rootfs.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'clade-recipe-'));
@@ -116,6 +117,78 @@ describe('copies into the image tree', () => {
     expect(readlinkSync(join(root, 'opt/app/link'))).toBe('run.sh');
     writeFileSync(join(src, 'sub/data'), 'y');
     expect(walkCopySource(src).entries.find((e) => e.rel === 'sub/data')!.sha256).not.toBe(walked.entries.find((e) => e.rel === 'sub/data')!.sha256);
+  });
+});
+
+describe('copies that meet links', () => {
+  it('write later entries through an earlier copy\'s link inside the tree, never onto the host', () => {
+    const outside = join(dir, 'outside');
+    mkdirSync(outside);
+    const root = join(dir, 'link-root');
+    mkdirSync(root);
+    const absolute = join(dir, 'abs-link');
+    symlinkSync(outside, absolute);
+    const relativeUp = join(dir, 'rel-link');
+    symlinkSync(`${'../'.repeat(12)}${outside.slice(1)}`, relativeUp);
+    const src = join(dir, 'payload');
+    mkdirSync(src);
+    writeFileSync(join(src, 'f'), 'x');
+    for (const [link, to] of [[absolute, '/opt/a'], [relativeUp, '/opt/b']] as const) {
+      copyIntoRoot(root, link, to, walkCopySource(link).entries);
+      copyIntoRoot(root, src, to, walkCopySource(src).entries);
+      copyIntoRoot(root, join(src, 'f'), `${to}/g`, walkCopySource(join(src, 'f')).entries);
+    }
+    expect(readdirSync(outside)).toEqual([]);
+    expect(readdirSync(join(root, outside)).sort()).toEqual(['f', 'g']);
+  });
+
+  it('refuse a destination whose parent is a file, and a source that changed since it was hashed', () => {
+    const root = join(dir, 'strict-root');
+    mkdirSync(join(root, 'etc'), { recursive: true });
+    writeFileSync(join(root, 'etc/passwd'), 'root\n');
+    const file = join(dir, 'changing');
+    writeFileSync(file, 'before');
+    const walked = walkCopySource(file).entries;
+    expect(() => copyIntoRoot(root, file, '/etc/passwd/x', walked)).toThrow(/\/etc\/passwd in the image is not a directory/);
+    writeFileSync(file, 'after!');
+    expect(() => copyIntoRoot(root, file, '/opt/changing', walked)).toThrow(/changed while the image was being built/);
+    writeFileSync(file, 'before and longer');
+    expect(() => copyIntoRoot(root, file, '/opt/longer', walked)).toThrow(/changed while the image was being built/);
+  });
+});
+
+describe('copy sources', () => {
+  it('refuse kernel and device files, by path or through a link, before reading them', () => {
+    expect(() => walkCopySource('/proc/self/pagemap')).toThrow(/copy source \/proc\/self\/pagemap is under \/proc \(it is \/proc\/\d+\/pagemap\): kernel state and devices are not files/);
+    expect(() => walkCopySource('/dev/zero')).toThrow(/under \/dev/);
+    expect(() => walkCopySource('/sys/kernel')).toThrow(/under \/sys/);
+    const viaLink = join(dir, 'proc-link');
+    symlinkSync('/proc/self', viaLink);
+    expect(() => walkCopySource(join(viaLink, 'pagemap'))).toThrow(/under \/proc \(it is \/proc\/\d+\/pagemap\)/);
+    expect(walkCopySource(viaLink).entries).toEqual([{ rel: '', kind: 'symlink', mode: 0o777, size: 0, sha256: '', target: '/proc/self' }]); // a link is copied as a link, not read
+  });
+
+  it('refuse a FIFO as the source without blocking on it, and skip one inside a directory', () => {
+    const fifo = join(dir, 'fifo');
+    execFileSync('mkfifo', [fifo]);
+    expect(() => walkCopySource(fifo)).toThrow(/copy source .*fifo is a FIFO: only files, directories and symlinks/);
+    const tree = join(dir, 'with-fifo');
+    mkdirSync(tree);
+    writeFileSync(join(tree, 'a'), 'a');
+    execFileSync('mkfifo', [join(tree, 'pipe')]);
+    expect(walkCopySource(tree)).toMatchObject({ entries: [{ rel: '' }, { rel: 'a' }], skipped: ['pipe'] });
+  });
+
+  it('stop at the total size and entry count a recipe may copy', () => {
+    const tree = join(dir, 'budget');
+    mkdirSync(tree);
+    writeFileSync(join(tree, 'a'), 'ab');
+    expect(() => walkCopySource(tree, { bytes: MAX_COPY_BYTES - 1, entries: 0 })).toThrow(/the copies hold more than 8 GiB \(reached at .*budget\/a\)/);
+    expect(() => walkCopySource(tree, { bytes: 0, entries: MAX_COPY_ENTRIES - 1 })).toThrow(/more than 200000 files, directories and links/);
+    const budget = { bytes: 0, entries: 0 };
+    walkCopySource(tree, budget);
+    walkCopySource(tree, budget);
+    expect(budget).toEqual({ bytes: 4, entries: 4 }); // shared by the copies of one recipe
   });
 });
 

@@ -3,14 +3,20 @@ import { Type } from '@sinclair/typebox';
 import { buildImage, listImages, removeImage } from '../../core/images.js';
 import { createTemplate } from '../../core/templates.js';
 import { listTemplates, removeTemplate } from '../../core/template-store.js';
+import { CladeError } from '../../util/errors.js';
 import type { ProgressEvent } from '../../util/progress.js';
 import type { DaemonContext } from '../context.js';
 import { BuildImageBody, ImageBuildResult, ImageRefParams, ImageSchema, NameParams, StreamQuery, TemplateBody, TemplateSchema } from '../../wire/schemas.js';
 import { ndjsonReply } from './commands.js';
 import { allowLongWait } from './replies.js';
 
-/** Images (build from a recipe, list, remove) and templates (create, list, remove). */
-export function environmentRoutes(app: FastifyInstance, ctx: DaemonContext): void {
+/**
+ * Images (build from a recipe, list, remove) and templates (create, list,
+ * remove). `readsHostFiles`: whether this listener's clients may have a
+ * recipe copy the daemon host's files, i.e. they are the owner on the unix
+ * socket; a token-holder over TCP is not thereby allowed to read the host.
+ */
+export function environmentRoutes(app: FastifyInstance, ctx: DaemonContext, listener: { readsHostFiles: boolean }): void {
   app.get('/v1/images', { schema: { tags: ['images'], summary: 'list images with their recipe', response: { 200: Type.Array(ImageSchema) } } }, async () => listImages());
 
   app.post<{ Body: BuildImageBody }>(
@@ -25,8 +31,9 @@ export function environmentRoutes(app: FastifyInstance, ctx: DaemonContext): voi
       },
     },
     async (req, reply) => {
-      allowLongWait(req);
       const { force, ...recipe } = req.body;
+      if (recipe.copy?.length && !listener.readsHostFiles) throw new CladeError('bad_request', 'copy reads files on the daemon\'s host: build the image with the CLI on that host or through the unix socket');
+      allowLongWait(req);
       const build = async (progress?: (e: ProgressEvent) => void) => {
         const r = await buildImage({ ...recipe, ...(force ? { force } : {}), ...(progress ? { progress } : {}) });
         return { ...r.manifest, cached: r.cached, seconds: r.seconds };
