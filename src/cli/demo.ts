@@ -36,9 +36,11 @@ export async function runDemo(json: boolean): Promise<void> {
   const forkMs = performance.now() - f0;
   say(`forked 3 children in ${forkMs.toFixed(0)} ms (parent paused ${sb.lastForkTimings!.parentPauseMs.toFixed(1)} ms)`);
   const children: { sandboxId: string; firstResultMs: number; value?: string }[] = [];
+  const failed: { code: string; message: string }[] = [];
   for (const kid of kids) {
     if (kid instanceof CladeError) {
-      say(`  a child failed: ${kid.message}`);
+      failed.push({ code: kid.code, message: kid.message });
+      process.stderr.write(`clade demo: a child failed: ${kid.message}\n`);
       continue;
     }
     await using child = kid;
@@ -50,5 +52,6 @@ export async function runDemo(json: boolean): Promise<void> {
     say(`  ${host.stdout.trim()}: (weights.sum(), random.randint) = ${r.value}   numpy already imported, own RNG (${ms.toFixed(0)} ms)`);
   }
   say(`killing ${sb.sandboxId} and its children; nothing is left behind.`);
-  emit(json, { sandboxId: sb.sandboxId, accelerator: info.accelerator, bootMs, numpyMs, numpy: numpy.stdout.trim(), uname: uname.stdout.trim(), forkMs, children }, () => '');
+  emit(json, { sandboxId: sb.sandboxId, accelerator: info.accelerator, bootMs, numpyMs, numpy: numpy.stdout.trim(), uname: uname.stdout.trim(), forkMs, children, failed }, () => '');
+  if (failed.length) process.exitCode = 1; // the demo shows a fork of 3: fewer is a failure, not a quieter success
 }

@@ -47,6 +47,13 @@ export const DEFAULTS = { memoryMiB: 1024, cpus: 1, bootTimeoutMs: 90_000 } as c
 const LIMITS = { memoryMiB: [256, 16384], cpus: [1, 64] } as const;
 /** Children turned into sandboxes at once after a fork: each is a connect and a fixup round trip. */
 const FIXUP_CONCURRENCY = 16;
+/**
+ * How long a resumed guest (a fork's child, a start from a snapshot) has to
+ * answer its agent connection and its fixup. On an emulated CPU with many VMs
+ * sharing two cores this took several seconds in a full test run; a VM that
+ * died is noticed at once (vm.alive()), so only a hung guest waits this long.
+ */
+const RESUME_TIMEOUT_MS = 30_000;
 
 export type ForkOutcome = { children: (LiveSandbox | CladeError)[]; timings: ForkTimings };
 export type SnapshotOutcome = { meta: SnapshotMeta; timings: Record<string, number> };
@@ -430,7 +437,7 @@ export class SandboxManager {
     const agent = new AgentClient(origin.token, this.deadlines);
     agent.idCursor = origin.nextId;
     try {
-      await agent.connect(vm.agentSocket, Date.now() + 10_000, () => vm.alive());
+      await agent.connect(vm.agentSocket, Date.now() + RESUME_TIMEOUT_MS, () => vm.alive());
       const token = await becomeNewMachine(agent, vm.id);
       const sb = new LiveSandbox(vm.id, vm, agent, token, origin.shape, { ...origin.env }, new Date(), performance.now() - t0, origin.parentId, this.forget);
       if (origin.snapshotTag) sb.snapshotTag = origin.snapshotTag;
@@ -461,7 +468,7 @@ async function becomeNewMachine(agent: AgentClient, id: string): Promise<Buffer>
     .str(Tag.HOSTNAME, id)
     .str(Tag.SANDBOX_ID, id)
     .bytes(Tag.NEW_TOKEN, token);
-  await agent.request(MessageType.FORK_FIXUP, body, 10_000);
+  await agent.request(MessageType.FORK_FIXUP, body, RESUME_TIMEOUT_MS);
   agent.setToken(token);
   return token;
 }

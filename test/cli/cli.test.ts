@@ -66,8 +66,9 @@ describe('clade CLI', async () => {
 
   it('demo boots, forks and reports as JSON', async () => {
     const r = await clade(['--json', 'demo']);
-    expect(r.code).toBe(0);
-    const out = JSON.parse(r.stdout) as { numpy: string; children: { value: string }[] };
+    const out = JSON.parse(r.stdout) as { numpy: string; children: { value: string }[]; failed: { message: string }[] };
+    expect(out.failed, 'children that failed').toEqual([]);
+    expect(r.code, r.stderr).toBe(0);
     expect(out.numpy).toBe('[1.0, 3.0]');
     expect(out.children).toHaveLength(3);
     for (const c of out.children) expect(c.value).toMatch(/^\(6\.0, \d+\)$/);
