@@ -27,7 +27,8 @@
  * Usage: clade-net --socket PATH --passt PATH --egress none|all|list
  *          [--allow A.B.C.D[/N]]... [--allow-name NAME|*.NAME]...
  *          [--dns IP[:PORT]] [--tcp HOSTPORT:GUESTPORT]...
- * Runs as nobody once its sockets are open (when started as root).
+ * Runs as nobody once its sockets are open (when started as root), under a
+ * seccomp filter that allows only relaying (sandbox.h).
  * Prints "ready" on stdout once passt runs (with its forwarded ports bound)
  * and the socket listens. Exit status: 0 when the last client left, 2 bad
  * usage, 3 passt failed (its last words go to stderr), 4 a system call failed.
@@ -56,6 +57,7 @@
 #include <unistd.h>
 
 #include "net.h"
+#include "sandbox.h"
 
 #define MAX_CLIENTS 4
 #define FIRST_CLIENT_MS 120000 /* a VM that never connects: its owner died while starting it */
@@ -188,11 +190,12 @@ static struct {
 	struct net_policy policy;
 	uint32_t dns_upstream;
 	uint16_t dns_port;
+	struct sockaddr_in dns_addr;
 	char tcp_specs[NET_MAX_PORTS][32];
 	uint16_t host_ports[NET_MAX_PORTS];
 	int nports;
 
-	int listen_fd, dns_fd, passt_err_fd;
+	int listen_fd, passt_err_fd;
 	pid_t passt_pid;
 	struct stream passt;
 	struct client clients[MAX_CLIENTS];
@@ -202,6 +205,7 @@ static struct {
 	char passt_err[2048];
 	size_t passt_err_len;
 	struct net_dns_pending pending[NET_DNS_PENDING];
+	int dns_fds[NET_DNS_PENDING]; /* the socket each pending query was asked from, -1 when none */
 } st;
 
 /* ---- passt ---- */
@@ -344,6 +348,7 @@ static void wait_passt_ready(void)
 /* ---- frames from the guest ---- */
 
 static void frame_to_guest(const uint8_t *frame, size_t len);
+static void ask_upstream(const struct net_dns_out *out);
 
 static void send_to_passt(const uint8_t *frame, size_t len)
 {
@@ -367,8 +372,8 @@ static void client_frame(void *ctx, uint8_t *frame, size_t len)
 		net_dns_query(&st.policy, st.pending, NET_DNS_PENDING, frame, len, now_ms(), st.dns_upstream != 0, &out);
 		if (out.reply_len)
 			frame_to_guest(out.reply, out.reply_len);
-		if (out.upstream_len && st.dns_fd >= 0)
-			send(st.dns_fd, out.upstream, out.upstream_len, MSG_DONTWAIT | MSG_NOSIGNAL);
+		if (out.upstream_len)
+			ask_upstream(&out);
 		break;
 	}
 	case NET_DROP:
@@ -417,18 +422,54 @@ static void accept_client(void)
 	st.had_client = true;
 }
 
-static void dns_answer(void)
+/*
+ * Each query goes upstream from a socket of its own, connected to the
+ * resolver: a fresh source port per query, so a forged answer has to guess
+ * the port as well as the 16-bit id (one socket for life left only the id).
+ */
+static void ask_upstream(const struct net_dns_out *out)
+{
+	int i = out->slot;
+	if (st.dns_fds[i] >= 0)
+		close(st.dns_fds[i]); /* the entry was answered and asked again before the loop came round */
+	st.dns_fds[i] = -1;
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&st.dns_addr, sizeof st.dns_addr) < 0 ||
+	    send(fd, out->upstream, out->upstream_len, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
+		if (fd >= 0)
+			close(fd);
+		st.pending[i].used = false; /* the guest asks again */
+		return;
+	}
+	st.dns_fds[i] = fd;
+}
+
+/* Datagrams on query i's socket: only that query's entry can take them. */
+static void dns_answer(int i)
 {
 	uint8_t buf[NET_DNS_MAX];
-	for (;;) {
-		ssize_t n = recv(st.dns_fd, buf, sizeof buf, MSG_DONTWAIT);
-		if (n < 0)
+	while (st.pending[i].used) {
+		ssize_t n = recv(st.dns_fds[i], buf, sizeof buf, MSG_DONTWAIT);
+		if (n < 0) {
+			if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+				st.pending[i].used = false; /* refused by the resolver's host: the guest asks again */
 			return;
+		}
 		struct net_dns_out out;
-		net_dns_answer(&st.policy, st.pending, NET_DNS_PENDING, buf, (size_t)n, &out);
+		net_dns_answer(&st.policy, &st.pending[i], 1, buf, (size_t)n, &out);
 		if (out.reply_len)
 			frame_to_guest(out.reply, out.reply_len);
 	}
+}
+
+/* Closes the sockets of queries answered or expired. */
+static void close_finished_queries(void)
+{
+	for (int i = 0; i < NET_DNS_PENDING; i++)
+		if (st.dns_fds[i] >= 0 && !st.pending[i].used) {
+			close(st.dns_fds[i]);
+			st.dns_fds[i] = -1;
+		}
 }
 
 /* ---- set-up ---- */
@@ -513,15 +554,9 @@ static void note_host_addresses(void)
 
 static void open_dns(void)
 {
-	st.dns_fd = -1;
-	if (!st.dns_upstream)
-		return;
-	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(st.dns_port), .sin_addr.s_addr = htonl(st.dns_upstream)};
-	/* Connected: only datagrams from the upstream resolver are read. */
-	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
-		die_errno("DNS upstream socket");
-	st.dns_fd = fd;
+	for (int i = 0; i < NET_DNS_PENDING; i++)
+		st.dns_fds[i] = -1;
+	st.dns_addr = (struct sockaddr_in){.sin_family = AF_INET, .sin_port = htons(st.dns_port), .sin_addr.s_addr = htonl(st.dns_upstream)};
 }
 
 static void listen_socket(void)
@@ -569,26 +604,38 @@ int main(int argc, char **argv)
 	printf("ready\n");
 	fflush(stdout);
 	int devnull = open("/dev/null", O_WRONLY);
-	if (devnull >= 0)
+	if (devnull >= 0) {
 		dup2(devnull, 1);
+		close(devnull);
+	}
+	if (!net_sandbox_enter(st.passt_pid))
+		die_errno("seccomp filter");
 	int64_t first_deadline = now_ms() + FIRST_CLIENT_MS;
 
 	for (;;) {
-		struct pollfd p[4 + MAX_CLIENTS];
+		/* listen, passt, passt's stderr, then the clients, then one socket per DNS query in flight */
+		struct pollfd p[3 + MAX_CLIENTS + NET_DNS_PENDING];
+		int query_of[NET_DNS_PENDING];
 		int n = 0;
 		p[n++] = (struct pollfd){.fd = st.listen_fd, .events = POLLIN};
 		p[n++] = (struct pollfd){.fd = st.passt.fd, .events = POLLIN | (st.passt.wlen ? POLLOUT : 0)};
 		p[n++] = (struct pollfd){.fd = st.passt_err_fd, .events = POLLIN};
-		p[n++] = (struct pollfd){.fd = st.dns_fd, .events = POLLIN};
 		for (int i = 0; i < st.nclients; i++)
 			p[n++] = (struct pollfd){.fd = st.clients[i].s.fd, .events = POLLIN | (st.clients[i].s.wlen ? POLLOUT : 0)};
+		int first_query = n;
+		for (int i = 0; i < NET_DNS_PENDING; i++)
+			if (st.dns_fds[i] >= 0) {
+				query_of[n - first_query] = i;
+				p[n++] = (struct pollfd){.fd = st.dns_fds[i], .events = POLLIN};
+			}
 		if (poll(p, (nfds_t)n, 1000) < 0 && errno != EINTR)
 			die_errno("poll");
 		passt_exited();
 		if (p[2].revents & (POLLIN | POLLHUP))
 			read_passt_err();
-		if (p[3].revents & POLLIN)
-			dns_answer();
+		for (int k = first_query; k < n; k++)
+			if (p[k].revents & (POLLIN | POLLERR))
+				dns_answer(query_of[k - first_query]);
 		if (p[1].revents & POLLOUT)
 			stream_flush(&st.passt);
 		if (p[1].revents & (POLLIN | POLLHUP | POLLERR)) {
@@ -601,7 +648,7 @@ int main(int argc, char **argv)
 		}
 		/* Clients by index from the end, as drop_client moves the last one into a freed slot. */
 		for (int i = st.nclients - 1; i >= 0; i--) {
-			short re = p[4 + i].revents;
+			short re = p[3 + i].revents;
 			struct client *c = &st.clients[i];
 			bool ok = true;
 			if (re & POLLOUT)
@@ -620,8 +667,9 @@ int main(int argc, char **argv)
 			break;
 		}
 		net_dns_expire(st.pending, NET_DNS_PENDING, now_ms());
+		close_finished_queries();
 	}
-	unlink(st.socket_path);
+	/* The socket file stays: the sandbox's run directory, which holds it, is removed by its owner. */
 	kill(st.passt_pid, SIGTERM);
 	return 0;
 }

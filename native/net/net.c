@@ -491,6 +491,7 @@ void net_dns_query(struct net_policy *p, struct net_dns_pending *pending, int np
 		   int64_t now, bool have_upstream, struct net_dns_out *out)
 {
 	out->reply_len = out->upstream_len = 0;
+	out->slot = -1;
 	struct ip4 ip;
 	if (!parse_ip4(frame, len, &ip) || ip.proto != PROTO_UDP)
 		return;
@@ -543,12 +544,14 @@ void net_dns_query(struct net_policy *p, struct net_dns_pending *pending, int np
 	memcpy(out->upstream, q, qlen);
 	put16(out->upstream, id);
 	out->upstream_len = qlen;
+	out->slot = (int)(slot - pending);
 }
 
 void net_dns_answer(struct net_policy *p, struct net_dns_pending *pending, int npending, const uint8_t *msg, size_t len,
 		    struct net_dns_out *out)
 {
 	out->reply_len = out->upstream_len = 0;
+	out->slot = -1;
 	if (len < 12 || len > NET_DNS_MAX || !(msg[2] & 0x80) || get16(msg + 4) != 1)
 		return;
 	struct net_dns_pending *slot = NULL;

@@ -110,12 +110,17 @@ struct net_dns_out {
 	size_t reply_len;
 	uint8_t upstream[NET_DNS_MAX]; /* a query for the host's resolver */
 	size_t upstream_len;
+	int slot; /* the pending entry the upstream query belongs to, -1 when none */
 };
 
 /* A guest's DNS query frame (NET_DNS_QUERY): an answer for the guest, a query upstream, or nothing. */
 void net_dns_query(struct net_policy *p, struct net_dns_pending *pending, int npending, const uint8_t *frame, size_t len,
 		   int64_t now, bool have_upstream, struct net_dns_out *out);
-/* The upstream resolver's datagram: the guest's answer (and allowed addresses learnt), or nothing. */
+/*
+ * The upstream resolver's datagram: the guest's answer (and allowed addresses
+ * learnt), or nothing. clade-net asks each query from a socket of its own
+ * (a fresh source port) and passes only that query's entry as `pending`.
+ */
 void net_dns_answer(struct net_policy *p, struct net_dns_pending *pending, int npending, const uint8_t *msg, size_t len,
 		    struct net_dns_out *out);
 void net_dns_expire(struct net_dns_pending *pending, int npending, int64_t now);

@@ -1,6 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createSocket, type Socket } from 'node:dgram';
-import { existsSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { get } from 'node:http';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -164,6 +164,14 @@ describe('network', () => {
     expect(sb.getHost(GUEST_PORT)).toMatch(/^127\.0\.0\.1:\d+$/);
     expect(await httpGet(sb.getHost(GUEST_PORT), '/who')).toBe('parent\n');
     expect(() => sb.getHost(9999)).toThrow(/not forwarded.*8000/);
+  });
+
+  it('its network process runs confined: no new privileges, a seccomp filter', async () => {
+    const pids = (await sh('pgrep', ['-f', `clade-net --socket ${homePaths.sandboxes()}/${sb.sandboxId}/`])).out.trim().split('\n');
+    expect(pids).toHaveLength(1);
+    const status = readFileSync(`/proc/${pids[0]}/status`, 'utf8');
+    expect(status).toMatch(/^NoNewPrivs:\s+1$/m);
+    expect(status).toMatch(/^Seccomp:\s+2$/m);
   });
 
   it('egress: a listed CIDR is reachable, other addresses are refused at once', async () => {

@@ -347,6 +347,8 @@ static void test_dns(void)
 	net_dns_query(&p, pending, 4, f, n, 0, true, &out);
 	CHECK(out.reply_len == 0 && out.upstream_len > 12);
 	uint16_t up_id = get16(out.upstream);
+	/* clade-net asks from this entry's own socket and hands back only this entry with the answer. */
+	CHECK(out.slot >= 0 && out.slot < 4 && pending[out.slot].used && pending[out.slot].upstream_id == up_id);
 	uint8_t ans[512];
 	memcpy(ans, out.upstream, out.upstream_len);
 	size_t al = out.upstream_len;
