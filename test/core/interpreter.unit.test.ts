@@ -197,36 +197,45 @@ describe('InterpreterSession', () => {
     const s = new InterpreterSession(f.sb, 7);
     // Fresh chunks, as a socket delivers them: whatever the session keeps of them stays alive.
     const chunk = () => Buffer.alloc(1024 * 1024, 0x62);
-    /** Memory in buffers after a full collection, so garbage not yet collected does not count. */
-    const held = () => (gc(), process.memoryUsage().arrayBuffers);
+    /**
+     * Memory in buffers the session still holds. V8 frees dead buffers on a background thread after a
+     * collection, so the least of a few collections a moment apart counts (nothing is fed meanwhile).
+     */
+    const held = async () => {
+      let least = Infinity;
+      for (let i = 0; i < 3; i++) {
+        gc();
+        least = Math.min(least, process.memoryUsage().arrayBuffers);
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      return least;
+    };
     const first = await start(s, f);
-    const base = held();
+    const base = await held();
     let peak = 0;
-    const t0 = performance.now();
     for (let i = 0; i < 100; i++) {
       s.onStdout(chunk());
-      if (i % 10 === 9) peak = Math.max(peak, held() - base);
+      if (i % 10 === 9) peak = Math.max(peak, (await held()) - base);
     }
     s.onStdout(marker(first.nonce, '{"value":"1"}'));
     s.onStderr(marker(first.nonce, 'end'));
     const r = await first.result;
     expect(r.truncated?.stdout).toBe(100 * 1024 * 1024 - MAX_CAPTURE_BYTES);
-    // Growing the capture copies it once into a buffer twice its size; V8 frees the old one (and the
-    // chunks fed so far) in the background, so a few chunks may still count: 100 MB went in.
+    // Growing the capture copies it once into a buffer twice its size; a few chunks may still be in
+    // flight: 100 MB went in.
     expect(peak).toBeLessThan(2 * MAX_CAPTURE_BYTES + 12 * 1024 * 1024);
 
     // A marker with the right nonce whose line never ends: cut at the payload limit.
     const second = await start(s, f);
     s.onStdout(Buffer.from(`\x1eclade:${second.nonce}:`));
-    const base2 = held();
+    const base2 = await held();
     let peak2 = 0;
     for (let i = 0; i < 100; i++) {
       s.onStdout(chunk());
-      if (i % 10 === 9) peak2 = Math.max(peak2, held() - base2);
+      if (i % 10 === 9) peak2 = Math.max(peak2, (await held()) - base2);
     }
     await expect(second.result).rejects.toMatchObject({ code: 'protocol_error' });
     expect(peak2).toBeLessThan(MAX_MARKER_PAYLOAD + 4 * 1024 * 1024);
-    expect(performance.now() - t0).toBeLessThan(30_000);
     s.onStdout(Buffer.from('\n')); // the runaway line ends
 
     const third = await start(s, f);
