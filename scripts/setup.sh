@@ -23,6 +23,8 @@ command -v mkfs.erofs >/dev/null || missing+=(erofs-utils)
 # Sandbox networks: passt is the user-mode TCP/IP stack behind clade-net; ip (iproute2) makes the tests' network namespace.
 command -v passt >/dev/null || missing+=(passt)
 command -v ip >/dev/null || missing+=(iproute2)
+# The leak checks look for left-over VM and network processes with pgrep.
+command -v pgrep >/dev/null || missing+=(procps)
 command -v clang >/dev/null || missing+=(clang) # fuzzing native/vmm/devices
 [ -n "$(ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a 2>/dev/null)" ] || missing+=(libclang-rt-14-dev)
 if [ ${#missing[@]} -gt 0 ]; then
