@@ -425,7 +425,7 @@ static void accept_client(void)
 /*
  * Each query goes upstream from a socket of its own, connected to the
  * resolver: a fresh source port per query, so a forged answer has to guess
- * the port as well as the 16-bit id (one socket for life left only the id).
+ * the port as well as the 16-bit id (a socket kept for life would leave only the id).
  */
 static void ask_upstream(const struct net_dns_out *out)
 {
