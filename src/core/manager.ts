@@ -1,6 +1,5 @@
 import { randomBytes } from 'node:crypto';
 import { rmSync } from 'node:fs';
-import { join } from 'node:path';
 import { AgentClient, type AgentDeadlines } from '../agent-protocol/client.js';
 import { MessageType, Tag } from '../agent-protocol/constants.js';
 import { FieldWriter } from '../agent-protocol/fields.js';
@@ -9,7 +8,6 @@ import { normalizeNetwork, type NetworkOptions, type NetworkSpec } from '../engi
 import { imageEnv, minimumMemoryMiB, resolveImage } from '../images/store.js';
 import { mapLimited } from '../util/concurrency.js';
 import { asCladeError, CladeError, errorMessage } from '../util/errors.js';
-import { ensurePrivateDir } from '../util/home.js';
 import { MAX_FORK_COUNT } from '../util/limits.js';
 import { killPidQuietly } from '../util/process.js';
 import { type CommandResult, runCommand } from './commands.js';
@@ -17,7 +15,7 @@ import { attachInterpreter, reseedInterpreter } from './interpreter.js';
 import { reapOrphans, removeMemoryDirIfEmpty } from './reaper.js';
 import { readTemplate } from './template-store.js';
 import type { SandboxRecord } from './records.js';
-import { LiveSandbox, type NamedInterpreterRecord, newSandboxId, sandboxDir } from './sandbox.js';
+import { LiveSandbox, type NamedInterpreterRecord, newRunDir, newSandboxId, sandboxDir } from './sandbox.js';
 import { assertSnapshotEngine, assertTagFree, commitSnapshot, openSnapshot, readSnapshotMeta, type SnapshotMeta, stagingDir } from './snapshots.js';
 
 export type { EngineName, ForkTimings } from '../engines/engine.js';
@@ -158,7 +156,7 @@ export class SandboxManager {
     const shape = this.resolveShape(opts);
     const bootTimeoutMs = opts.bootTimeoutMs ?? DEFAULTS.bootTimeoutMs;
     const id = newSandboxId();
-    const runDir = ensurePrivateDir(join(sandboxDir(id), 'vm-0'));
+    const runDir = newRunDir(id);
     const token = randomBytes(32);
     const started = Date.now();
     let vm: Vm | undefined;
@@ -296,7 +294,10 @@ export class SandboxManager {
     try {
       const shape: MachineShape = { image: resolveImage(meta.image), memoryMiB: meta.memoryMiB, cpus: meta.cpus, ...withNetwork(meta.network) };
       const t0 = performance.now();
-      const vms = await engine.restore(opened.source(shape), count, targets.next);
+      const vms = await engine.restore(opened.source(shape), count, targets.next).catch((err: unknown) => {
+        targets.removeUnused([]);
+        throw err;
+      });
       targets.removeUnused(vms.filter((v): v is Vm => !(v instanceof CladeError)));
       const origin: GuestOrigin = { token: Buffer.from(meta.agent.token, 'hex'), nextId: meta.agent.nextId, interpreterExecId: meta.agent.interpreterExecId, shape, env: { ...imageEnv(shape.image), ...(opts.env ?? {}) }, parentId: undefined, snapshotTag: tag };
       const resumed = await mapInOrder(vms, (v) => (v instanceof CladeError ? Promise.reject(v) : this.resumeAsNewSandbox(v, origin, t0)));
@@ -416,7 +417,7 @@ export class SandboxManager {
     return {
       next: () => {
         const id = newSandboxId();
-        const target = { id, runDir: ensurePrivateDir(join(sandboxDir(id), 'vm-0')) };
+        const target = { id, runDir: newRunDir(id) };
         made.push(target);
         return target;
       },

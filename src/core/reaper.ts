@@ -4,7 +4,7 @@ import type { Engine } from '../engines/engine.js';
 import { homePaths, memoryDir } from '../util/home.js';
 import { killPidQuietly, processAlive, procStatFields } from '../util/process.js';
 import { validVmFile, type VmFile } from './records.js';
-import { type LiveSandbox, sandboxDir } from './sandbox.js';
+import { type LiveSandbox, makerGone, sandboxDir } from './sandbox.js';
 
 /** A run directory or RAM file this young, with no owner recorded yet, may belong to a VM still starting. */
 const STARTING_GRACE_MS = 120_000;
@@ -30,7 +30,9 @@ export function reapOrphans(live: LiveSandbox[], engines: Engine[]): { killed: n
     const vms = readdirSync(sbDir).filter((d) => /^vm-\d+$/.test(d));
     const files = vms.map((v) => readVmFile(join(sbDir, v, 'vm.json'))).filter((m): m is VmFile => m !== undefined && m.id === id);
     if (files.length === 0) {
-      if (Date.now() - statSync(sbDir).mtimeMs > STARTING_GRACE_MS) (rmSync(sbDir, { recursive: true, force: true }), removed++);
+      // No VM record yet: its maker may still be starting it. Gone makers are judged at once, unmarked directories by age.
+      const gone = makerGone(id);
+      if (gone ?? Date.now() - statSync(sbDir).mtimeMs > STARTING_GRACE_MS) (rmSync(sbDir, { recursive: true, force: true }), removed++);
       continue;
     }
     if (files.some((m) => processAlive(m.ownerPid))) {

@@ -1,10 +1,11 @@
 import { randomBytes } from 'node:crypto';
-import { rmSync } from 'node:fs';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { AgentClient } from '../agent-protocol/client.js';
 import type { EngineName, MachineShape, Vm } from '../engines/engine.js';
 import type { PortMapping } from '../engines/network.js';
-import { homePaths } from '../util/home.js';
+import { ensurePrivateDir, homePaths } from '../util/home.js';
+import { processAlive, processStartTicks } from '../util/process.js';
 import type { CommandHost } from './commands.js';
 import type { InterpreterHost, InterpreterSession } from './interpreter.js';
 
@@ -15,6 +16,32 @@ export function newSandboxId(): string {
 /** A sandbox's directory: one run directory per VM process it has had (vm-<n>). */
 export function sandboxDir(id: string): string {
   return join(homePaths.sandboxes(), id);
+}
+
+/**
+ * Makes a new sandbox's directory and its first run directory, marked with the
+ * process that made it (pid and start time). Until the VM's record exists, the
+ * mark is how a reaper tells a sandbox still starting from one whose maker was
+ * killed before it got that far.
+ */
+export function newRunDir(id: string): string {
+  const runDir = ensurePrivateDir(join(sandboxDir(id), 'vm-0'));
+  writeFileSync(join(sandboxDir(id), 'maker'), `${process.pid} ${processStartTicks(process.pid) ?? ''}\n`, { mode: 0o600, flag: 'wx' });
+  return runDir;
+}
+
+/** Whether the process that made a sandbox's directory is gone: true, false, or undefined when the mark is missing or unreadable. */
+export function makerGone(id: string): boolean | undefined {
+  let mark: string;
+  try {
+    mark = readFileSync(join(sandboxDir(id), 'maker'), 'utf8');
+  } catch {
+    return undefined;
+  }
+  const m = /^(\d{1,7}) (\d{1,20})\n$/.exec(mark);
+  if (!m) return undefined;
+  const pid = Number(m[1]);
+  return !processAlive(pid) || processStartTicks(pid) !== m[2];
 }
 
 /**

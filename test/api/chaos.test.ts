@@ -1,4 +1,4 @@
-import { readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { homePaths } from '../../src/util/home.js';
 import { TestDaemon } from '../helpers/daemon.js';
@@ -7,7 +7,7 @@ import { waitFor } from '../helpers/leaks.js';
 // The daemon is SIGKILLed at a random moment while a client creates a sandbox
 // and forks it 20 times, then restarted: every VM process must end up adopted
 // (and answering) or killed, none orphaned, and every sandbox the client was
-// told about must still be there.
+// told about must still be there, and no sandbox directory may be left.
 
 const ROUNDS = 20;
 const FORK_COUNT = 20;
@@ -35,6 +35,10 @@ function homeVmPids(): number[] {
   return pids;
 }
 
+/** Sandbox directories of this clade home that were not there before this file ran. */
+const before = new Set<string>();
+const sandboxDirs = () => (existsSync(homePaths.sandboxes()) ? readdirSync(homePaths.sandboxes()) : []).filter((d) => d.startsWith('sb-') && !before.has(d));
+
 /** The counts the restarted daemon logged when it recovered its state. */
 function recovered(log: string): { adopted: number; dropped: number; killed: number } {
   const line = log.split('\n').filter((l) => l.includes('"msg":"state recovered"')).at(-1);
@@ -44,6 +48,7 @@ function recovered(log: string): { adopted: number; dropped: number; killed: num
 
 beforeAll(async () => {
   await daemon.start();
+  for (const d of sandboxDirs()) before.add(d);
 });
 
 afterAll(async () => {
@@ -101,6 +106,8 @@ describe('chaos: the daemon killed at random moments', () => {
 
       await Promise.all(views.map((v) => client.json('DELETE', `/v1/sandboxes/${v.sandboxId}`)));
       expect(await waitFor(() => homeVmPids().length === 0, 15_000)).toBe(true);
+      // Nor is anything left on disk, not even the directory of a VM the killed daemon never got to start.
+      expect(sandboxDirs(), `round ${round}: sandbox directories left behind`).toEqual([]);
     }
     console.log(`chaos totals over ${ROUNDS} rounds: ${JSON.stringify(totals)}`);
   }, 900_000);

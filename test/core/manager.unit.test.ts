@@ -1,5 +1,5 @@
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
@@ -8,7 +8,7 @@ import { SandboxRegistry } from '../../src/api/registry.js';
 import { StateStore } from '../../src/api/state.js';
 import { runCommand, type CommandResult } from '../../src/core/commands.js';
 import { SandboxManager } from '../../src/core/manager.js';
-import { type LiveSandbox, sandboxDir } from '../../src/core/sandbox.js';
+import { type LiveSandbox, newRunDir, newSandboxId, sandboxDir } from '../../src/core/sandbox.js';
 import { CladeError } from '../../src/util/errors.js';
 import { homePaths } from '../../src/util/home.js';
 import { FakeEngine, type FakeVm, fakeImage } from '../helpers/fake-engine.js';
@@ -169,6 +169,28 @@ describe('SandboxManager on a fake engine', () => {
     expect(existsSync(sandboxDir(orphan.id))).toBe(false);
     expect(live.vm.alive()).toBe(true);
     expect(existsSync(sandboxDir(live.id))).toBe(true);
+  });
+
+  it('removes at once a sandbox directory whose maker died before any VM was recorded, and waits on one still starting', () => {
+    const dead = spawnSync(process.execPath, ['-e', '0']).pid!;
+    const starting = newSandboxId();
+    const abandoned = newSandboxId();
+    const unmarked = newSandboxId();
+    newRunDir(starting); // made by this process, which lives
+    newRunDir(abandoned);
+    writeFileSync(join(sandboxDir(abandoned), 'maker'), `${dead} 12345\n`);
+    mkdirSync(join(sandboxDir(unmarked), 'vm-0'), { recursive: true }); // an older clade's: judged by age
+    new SandboxManager({ qemu: engine }).reapOrphans();
+    expect(existsSync(sandboxDir(abandoned))).toBe(false);
+    expect(existsSync(sandboxDir(starting))).toBe(true);
+    expect(existsSync(sandboxDir(unmarked))).toBe(true);
+    const old = new Date(Date.now() - 5 * 60_000);
+    utimesSync(sandboxDir(unmarked), old, old);
+    // A pid reused by another process does not keep a directory alive: the start time must match too.
+    writeFileSync(join(sandboxDir(starting), 'maker'), `${process.pid} 1\n`);
+    new SandboxManager({ qemu: engine }).reapOrphans();
+    expect(existsSync(sandboxDir(unmarked))).toBe(false);
+    expect(existsSync(sandboxDir(starting))).toBe(false);
   });
 
   it('ignores a vm.json that points outside the clade home', async () => {
