@@ -61,7 +61,8 @@ RSINK=$!
 w=0; while [ ! -S $D/restored-net.sock ] && [ $w -lt 100 ]; do usleep 20000; w=$((w+1)); done
 $VMM run --socket $D/restored.sock --agent-socket $D/restored.agent --restore $D/snap --net $D/restored-net.sock > $D/restored.out 2>&1 &
 RESTORED=$!
-w=0; while [ ! -S $D/restored.agent ] && [ $w -lt 250 ]; do usleep 20000; w=$((w+1)); done
+# Both sockets: the agent's may be bound before the control socket, and a loaded runner restores slowly.
+w=0; while { [ ! -S $D/restored.agent ] || [ ! -S $D/restored.sock ]; } && [ $w -lt 750 ]; do usleep 20000; w=$((w+1)); done
 check restored-net "$($A ctl $D/restored.sock status | grep -o '"netConnected":true')" '"netConnected":true'
 check restored-carrier "$($A exec $D/restored.agent $T 'cat /sys/class/net/eth0/carrier')" "1"
 $A ctl $D/restored.sock quit > /dev/null
