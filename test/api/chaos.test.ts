@@ -108,7 +108,8 @@ describe('chaos: the daemon killed at random moments', () => {
       await Promise.all(views.map((v) => client.json('DELETE', `/v1/sandboxes/${v.sandboxId}`)));
       expect(await waitFor(() => homeVmPids().length === 0, 15_000)).toBe(true);
       // Nor is anything left on disk, not even the run directory of a VM the killed daemon never got to start.
-      // (An empty sandbox directory was seen left once, cause not yet found; the reaper removes it after two minutes.)
+      // (A kill inside newRunDir, between making a sandbox directory and its run directory and mark, leaves it
+      // empty and unmarked; the reaper removes it after two minutes.)
       const leftovers = sandboxDirs().filter((d) => readdirSync(join(homePaths.sandboxes(), d)).length > 0);
       expect(leftovers, `round ${round}: sandbox directories left behind`).toEqual([]);
     }
