@@ -25,6 +25,8 @@ command -v passt >/dev/null || missing+=(passt)
 command -v ip >/dev/null || missing+=(iproute2)
 # The leak checks look for left-over VM and network processes with pgrep.
 command -v pgrep >/dev/null || missing+=(procps)
+# Tests make FIFOs (a copy source that is one must be refused) with mkfifo.
+command -v mkfifo >/dev/null || missing+=(coreutils)
 command -v clang >/dev/null || missing+=(clang) # fuzzing native/vmm/devices
 [ -n "$(ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a 2>/dev/null)" ] || missing+=(libclang-rt-14-dev)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,6 +1,6 @@
 import { Command, Option } from 'commander';
 import { CladeError } from '../util/errors.js';
-import { processAlive, processStartTicks, procStatFields } from '../util/process.js';
+import { isSameProcess, processStartTicks } from '../util/process.js';
 import { daemonPaths, startDaemon, type ServeOptions } from '../api/server.js';
 import { DEFAULT_E2B_LISTEN, readApiKeyFile, startE2bListener } from '../e2b/server.js';
 import { mcpRoutes } from '../mcp/http.js';
@@ -87,19 +87,11 @@ function ownerStartTicks(pid: number): string {
 /** Calls `gone` once process `pid` has ended (or its pid was reused by another process). */
 function watchOwner(pid: number, ticks: string, gone: () => void): void {
   const timer = setInterval(() => {
-    if (processAlive(pid) && processStartTicks(pid) === ticks && !isZombie(pid)) return;
+    if (isSameProcess(pid, ticks)) return;
     clearInterval(timer);
     gone();
   }, 1000);
   timer.unref();
-}
-
-function isZombie(pid: number): boolean {
-  try {
-    return procStatFields(pid)[0] === 'Z';
-  } catch {
-    return true;
-  }
 }
 
 function parseListen(v: string): { host: string; port: number } {

@@ -5,7 +5,7 @@ import type { AgentClient } from '../agent-protocol/client.js';
 import type { EngineName, MachineShape, Vm } from '../engines/engine.js';
 import type { PortMapping } from '../engines/network.js';
 import { ensurePrivateDir, homePaths } from '../util/home.js';
-import { processAlive, processStartTicks } from '../util/process.js';
+import { isSameProcess, processStartTicks } from '../util/process.js';
 import type { CommandHost } from './commands.js';
 import type { InterpreterHost, InterpreterSession } from './interpreter.js';
 
@@ -40,8 +40,7 @@ export function makerGone(id: string): boolean | undefined {
   }
   const m = /^(\d{1,7}) (\d{1,20})\n$/.exec(mark);
   if (!m) return undefined;
-  const pid = Number(m[1]);
-  return !processAlive(pid) || processStartTicks(pid) !== m[2];
+  return !isSameProcess(Number(m[1]), m[2]);
 }
 
 /**

@@ -1,12 +1,12 @@
 import { spawn } from 'node:child_process';
-import { closeSync, constants, existsSync, openSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { closeSync, constants, existsSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { delimiter, dirname, join } from 'node:path';
 import { isIP } from 'node:net';
 import { CladeError, errorMessage } from '../util/errors.js';
 import { ensurePrivateDir } from '../util/home.js';
 import { packageRoot } from '../util/paths.js';
-import { killPidQuietly, procStatFields, processStartTicks } from '../util/process.js';
+import { isSameProcess, killPidQuietly, processStartTicks } from '../util/process.js';
 
 // A sandbox's network (docs/network.md): a user-mode stack of its own on the
 // host (passt), behind clade-net, which enforces the egress policy and
@@ -292,13 +292,7 @@ function readLog(path: string): string {
 
 /** True while `pid` is the clade-net process that started at `startTicks`. */
 export function isNetProcess(pid: number, startTicks: string | undefined): boolean {
-  try {
-    if (!readlinkSync(`/proc/${pid}/exe`).includes('clade-net')) return false;
-    const fields = procStatFields(pid);
-    return fields[0] !== 'Z' && (startTicks === undefined || fields[19] === startTicks);
-  } catch {
-    return false;
-  }
+  return isSameProcess(pid, startTicks, 'clade-net');
 }
 
 /** Kills a recorded network process if it still runs (its passt exits with it). */

@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { readFileSync, readlinkSync } from 'node:fs';
 
 /** Small questions about host processes, asked by pid. */
 
@@ -32,5 +32,20 @@ export function processStartTicks(pid: number): string | undefined {
     return procStatFields(pid)[19];
   } catch {
     return undefined;
+  }
+}
+
+/**
+ * True while `pid` is a live (not zombie) process that started at `startTicks`
+ * (any start time when undefined) and, when `binary` is given, runs a program
+ * whose path contains it: the process a record names, not one that reused its pid.
+ */
+export function isSameProcess(pid: number, startTicks: string | undefined, binary?: string): boolean {
+  try {
+    if (binary !== undefined && !readlinkSync(`/proc/${pid}/exe`).includes(binary)) return false;
+    const fields = procStatFields(pid);
+    return fields[0] !== 'Z' && (startTicks === undefined || fields[19] === startTicks);
+  } catch {
+    return false;
   }
 }

@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { closeSync, constants, existsSync, openSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, constants, existsSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { CladeError } from '../../util/errors.js';
 import { packageRoot } from '../../util/paths.js';
@@ -7,7 +7,7 @@ import { ensureVmlinux } from '../../images/vmlinux.js';
 import { imageKernelArgs } from '../../images/store.js';
 import { mapLimited } from '../../util/concurrency.js';
 import { asCladeError } from '../../util/errors.js';
-import { killPidQuietly, processStartTicks, procStatFields } from '../../util/process.js';
+import { isSameProcess, killPidQuietly, processStartTicks } from '../../util/process.js';
 import { assertSocketPath, type BootSpec, type Engine, type ForkResult, type MachineShape, type NewTarget, type PauseHooks, type SnapshotResult, type SnapshotSource, type Vm, type VmRecord } from '../engine.js';
 import { probeKvm } from '../../util/kvm-probe.js';
 import { VmmControl, VmmRefusal } from './control.js';
@@ -510,11 +510,5 @@ async function waitForWriter(donePath: string, writerPid: number, deadline: numb
 
 /** True while `pid` is the clade-vmm process that started at `startTicks` (and not a zombie). */
 export function isVmmProcess(pid: number, startTicks: string | undefined): boolean {
-  try {
-    if (!readlinkSync(`/proc/${pid}/exe`).includes('clade-vmm')) return false;
-    const fields = procStatFields(pid);
-    return fields[0] !== 'Z' && (startTicks === undefined || fields[19] === startTicks);
-  } catch {
-    return false;
-  }
+  return isSameProcess(pid, startTicks, 'clade-vmm');
 }
